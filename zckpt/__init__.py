@@ -1,0 +1,1 @@
+"""zckpt: sharded (ZeRO-style) training checkpoints without pickle."""
