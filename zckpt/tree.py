@@ -1,0 +1,265 @@
+"""Pytrees of tensors: flatten a state into a skeleton and leaves, and back.
+
+A *state* is any nesting of ``dict`` (str or int keys), ``list`` and ``tuple`` whose leaves are
+torch tensors or plain values (``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``). The
+:class:`Skeleton` is everything but the tensor bytes: the container structure, the plain values,
+and a :class:`TensorMeta` (dtype, shape) per tensor leaf. It is an immutable value, it travels in
+every blob header, and every plan is computed from it alone, so a checkpoint can be planned for a
+new world size without reading a single tensor byte.
+
+Example:
+    >>> import torch
+    >>> from zckpt.tree import flatten, unflatten
+    >>> skel, leaves = flatten({"w": torch.ones(2, 3), "step": 7})
+    >>> skel.paths, skel.tensors[0].shape
+    ((('w',),), (2, 3))
+    >>> unflatten(skel, leaves)["step"]
+    7
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+from zckpt.errors import StateError
+
+__all__ = [
+    "Key",
+    "Path",
+    "Skeleton",
+    "TensorMeta",
+    "flatten",
+    "format_path",
+    "skeleton_of",
+    "unflatten",
+]
+
+Key = Union[str, int]
+Path = tuple[Key, ...]
+
+# Node tags of the skeleton tree. They are also the on-disk codes (docs/format.md): never reuse.
+DICT, LIST, TUPLE, TENSOR, VALUE = 0, 1, 2, 3, 4
+
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a tensor leaf is, without its bytes.
+
+    Example:
+        >>> m = TensorMeta(torch.bfloat16, (3, 4))
+        >>> m.numel, m.nbytes
+        (12, 24)
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements (1 for a 0-d tensor, 0 for an empty one)."""
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole tensor."""
+        return self.numel * self.itemsize
+
+    @staticmethod
+    def of(t: torch.Tensor) -> TensorMeta:
+        """The meta of a tensor.
+
+        Example:
+            >>> TensorMeta.of(torch.zeros(2, dtype=torch.int8))
+            TensorMeta(dtype=torch.int8, shape=(2,))
+        """
+        return TensorMeta(t.dtype, tuple(int(s) for s in t.shape))
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """The structure of a state: containers, plain values and tensor metas, in flatten order.
+
+    ``node`` is a nested tuple tree: ``(DICT, ((key, node), ...))``, ``(LIST, (node, ...))``,
+    ``(TUPLE, (node, ...))``, ``(TENSOR, leaf_index)`` or ``(VALUE, value)``. ``tensors[i]`` and
+    ``paths[i]`` describe tensor leaf ``i``.
+
+    Example:
+        >>> skel, _ = flatten([torch.zeros(1), {"a": torch.ones(())}])
+        >>> skel.paths
+        ((0,), (1, 'a'))
+    """
+
+    node: Any
+    tensors: tuple[TensorMeta, ...]
+    paths: tuple[Path, ...] = field(compare=False)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def name(self, leaf: int) -> str:
+        """The printable path of tensor leaf ``leaf``, for messages.
+
+        Example:
+            >>> skel, _ = flatten({"opt": {0: {"exp_avg": torch.zeros(1)}}})
+            >>> skel.name(0)
+            'opt/0/exp_avg'
+        """
+        return format_path(self.paths[leaf])
+
+
+def format_path(path: Path) -> str:
+    """Render a key path for humans: keys joined by ``/``.
+
+    Example:
+        >>> format_path(("module", "fc1.weight"))
+        'module/fc1.weight'
+    """
+    return "/".join(str(k) for k in path) if path else "<root>"
+
+
+def _check_value(v: Any, path: Path) -> Any:
+    if v is None or isinstance(v, (bool, str, bytes)):
+        return v
+    if isinstance(v, int):
+        if not _INT_MIN <= v <= _UINT_MAX:
+            raise StateError(f"{format_path(path)}: integer {v} does not fit in 64 bits")
+        return int(v)
+    if isinstance(v, float):
+        return float(v)
+    raise StateError(
+        f"{format_path(path)}: cannot store a value of type {type(v).__module__}."
+        f"{type(v).__qualname__}; leaves must be tensors, None, bool, int, float, str or bytes"
+    )
+
+
+def _check_tensor(t: torch.Tensor, path: Path) -> torch.Tensor:
+    if t.layout != torch.strided:
+        raise StateError(f"{format_path(path)}: tensor layout {t.layout} is not supported")
+    if t.is_quantized or t.device.type == "meta":
+        raise StateError(f"{format_path(path)}: quantized and meta tensors have no bytes to store")
+    if t.is_complex() or t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return t.detach()
+
+
+def flatten(state: Any) -> tuple[Skeleton, list[torch.Tensor]]:
+    """Split a state into its skeleton and its tensor leaves (in depth-first, insertion order).
+
+    Dicts keep insertion order; ``OrderedDict`` and other mappings come back as ``dict``, tuple
+    and list subclasses (``torch.Size``, named tuples) as plain tuples and lists.
+
+    Args:
+        state: a pytree of tensors and plain values.
+
+    Returns:
+        ``(skeleton, leaves)`` with ``leaves[i]`` the i-th tensor (detached, not copied).
+
+    Raises:
+        StateError: for an unsupported leaf or key, naming its path.
+
+    Example:
+        >>> skel, leaves = flatten({"a": torch.arange(3), "b": (1.5, None)})
+        >>> len(leaves), unflatten(skel, leaves)["b"]
+        (1, (1.5, None))
+    """
+    tensors: list[torch.Tensor] = []
+    metas: list[TensorMeta] = []
+    paths: list[Path] = []
+    active: set[int] = set()
+
+    def walk(x: Any, path: Path) -> Any:
+        if isinstance(x, torch.Tensor):
+            t = _check_tensor(x, path)
+            tensors.append(t)
+            metas.append(TensorMeta.of(t))
+            paths.append(path)
+            return (TENSOR, len(tensors) - 1)
+        if isinstance(x, (Mapping, list, tuple)):
+            if id(x) in active:
+                raise StateError(f"{format_path(path)}: the state contains a reference cycle")
+            active.add(id(x))
+            try:
+                if isinstance(x, Mapping):
+                    items = []
+                    for k, v in x.items():
+                        if isinstance(k, bool) or not isinstance(k, (str, int)):
+                            raise StateError(
+                                f"{format_path(path)}: dict key {k!r} of type "
+                                f"{type(k).__qualname__} is not a str or int"
+                            )
+                        _check_value(k, path)
+                        items.append((k, walk(v, (*path, k))))
+                    return (DICT, tuple(items))
+                tag = LIST if isinstance(x, list) else TUPLE
+                return (tag, tuple(walk(v, (*path, i)) for i, v in enumerate(x)))
+            finally:
+                active.discard(id(x))
+        return (VALUE, _check_value(x, path))
+
+    node = walk(state, ())
+    return Skeleton(node, tuple(metas), tuple(paths)), tensors
+
+
+def unflatten(skeleton: Skeleton, leaves: Sequence[Any]) -> Any:
+    """Rebuild a state from its skeleton and one object per tensor leaf.
+
+    Example:
+        >>> skel, leaves = flatten({"x": [torch.ones(1), 2]})
+        >>> unflatten(skel, ["anything"])
+        {'x': ['anything', 2]}
+    """
+    if len(leaves) != len(skeleton.tensors):
+        raise StateError(f"expected {len(skeleton.tensors)} leaves, got {len(leaves)}")
+
+    def build(node: Any) -> Any:
+        tag, body = node
+        if tag == TENSOR:
+            return leaves[body]
+        if tag == VALUE:
+            return body
+        if tag == DICT:
+            return {k: build(v) for k, v in body}
+        items = [build(v) for v in body]
+        return items if tag == LIST else tuple(items)
+
+    return build(skeleton.node)
+
+
+def skeleton_of(state: Any) -> Skeleton:
+    """The skeleton of a state, or the state itself if it is already a skeleton.
+
+    Example:
+        >>> skeleton_of({"a": torch.zeros(2)}).tensors[0].shape
+        (2,)
+    """
+    return state if isinstance(state, Skeleton) else flatten(state)[0]
+
+
+def iter_nodes(node: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
+    """Every node of a skeleton tree with its path, depth first.
+
+    Example:
+        >>> skel, _ = flatten({"a": [1]})
+        >>> [p for p, _ in iter_nodes(skel.node)]
+        [(), ('a',), ('a', 0)]
+    """
+    yield path, node
+    tag, body = node
+    if tag == DICT:
+        for k, v in body:
+            yield from iter_nodes(v, (*path, k))
+    elif tag in (LIST, TUPLE):
+        for i, v in enumerate(body):
+            yield from iter_nodes(v, (*path, i))
