@@ -1,0 +1,24 @@
+"""Consolidation and resharding (pure): one overlap mechanism, several wanted layouts.
+
+Example:
+    >>> import torch, zckpt
+    >>> s = {"master": {"w": torch.arange(4.0)}}
+    >>> p = zckpt.plan_shards(s, zckpt.ZeroSpec(2, 1))
+    >>> zckpt.consolidate([zckpt.shard_state(s, p, r) for r in (1, 0)])["master"]["w"].tolist()
+    [0.0, 1.0, 2.0, 3.0]
+"""
+
+from zckpt.consolidate._consolidate import consolidate, fp32_state_dict, reshard, shard_sources
+from zckpt.consolidate._overlap import Source, SourceIndex, TensorSource, assemble, index_sources
+
+__all__ = [
+    "Source",
+    "SourceIndex",
+    "TensorSource",
+    "assemble",
+    "consolidate",
+    "fp32_state_dict",
+    "index_sources",
+    "reshard",
+    "shard_sources",
+]

@@ -1,0 +1,37 @@
+"""Hypothesis strategies and bitwise assertions, for zckpt's tests and users' own harnesses.
+
+Example:
+    >>> from hypothesis import given, settings
+    >>> import zckpt
+    >>> from zckpt.testing import assert_states_equal, specs, states
+    >>> @settings(max_examples=5)
+    ... @given(states(), specs())
+    ... def round_trip(state, spec):
+    ...     plan = zckpt.plan_shards(state, spec)
+    ...     shards = [zckpt.shard_state(state, plan, r) for r in range(spec.world_size)]
+    ...     assert_states_equal(zckpt.consolidate(shards), state)
+    >>> round_trip()
+"""
+
+from zckpt.testing._assertions import assert_states_equal, tensors_bitwise_equal
+from zckpt.testing._strategies import (
+    DTYPES,
+    FLOAT_DTYPES,
+    specs,
+    states,
+    tensors,
+    training_states,
+    trees,
+)
+
+__all__ = [
+    "DTYPES",
+    "FLOAT_DTYPES",
+    "assert_states_equal",
+    "specs",
+    "states",
+    "tensors",
+    "tensors_bitwise_equal",
+    "training_states",
+    "trees",
+]
