@@ -93,7 +93,8 @@ class Skeleton:
 
     ``node`` is a nested tuple tree: ``(DICT, ((key, node), ...))``, ``(LIST, (node, ...))``,
     ``(TUPLE, (node, ...))``, ``(TENSOR, leaf_index)`` or ``(VALUE, value)``. ``tensors[i]`` and
-    ``paths[i]`` describe tensor leaf ``i``.
+    ``paths[i]`` describe tensor leaf ``i`` (``paths[i]`` is its first path; a tied tensor's
+    other paths are further ``(TENSOR, i)`` nodes, listed by :meth:`tensor_paths`).
 
     Example:
         >>> skel, _ = flatten([torch.zeros(1), {"a": torch.ones(())}])
@@ -107,6 +108,16 @@ class Skeleton:
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+    def tensor_paths(self) -> list[tuple[Path, int]]:
+        """Every tensor node's ``(path, leaf)`` in tree order, tied aliases included.
+
+        Example:
+            >>> w = torch.ones(2)
+            >>> flatten({"a": w, "b": w})[0].tensor_paths()
+            [(('a',), 0), (('b',), 0)]
+        """
+        return [(p, n[1]) for p, n in iter_nodes(self.node) if n[0] == TENSOR]
 
     def name(self, leaf: int) -> str:
         """The printable path of tensor leaf ``leaf``, for messages.
@@ -154,11 +165,27 @@ def _check_tensor(t: torch.Tensor, path: Path) -> torch.Tensor:
     return t.detach()
 
 
+def _alias_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """Identity of a tensor's exact memory view: equal keys are the same (tied) tensor."""
+    if t.numel() == 0:
+        return None
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
+
+
 def flatten(state: Any) -> tuple[Skeleton, list[torch.Tensor]]:
     """Split a state into its skeleton and its tensor leaves (in depth-first, insertion order).
 
     Dicts keep insertion order; ``OrderedDict`` and other mappings come back as ``dict``, tuple
-    and list subclasses (``torch.Size``, named tuples) as plain tuples and lists.
+    and list subclasses (``torch.Size``, named tuples) as plain tuples and lists. Tied tensors
+    (the same memory viewed the same way, as ``model.state_dict()`` gives for shared weights)
+    become one leaf that several paths point at, so they are stored once and come back tied.
 
     Args:
         state: a pytree of tensors and plain values.
@@ -179,9 +206,16 @@ def flatten(state: Any) -> tuple[Skeleton, list[torch.Tensor]]:
     paths: list[Path] = []
     active: set[int] = set()
 
+    seen: dict[tuple[Any, ...], int] = {}
+
     def walk(x: Any, path: Path) -> Any:
         if isinstance(x, torch.Tensor):
             t = _check_tensor(x, path)
+            alias = _alias_key(t)
+            if alias is not None:
+                if alias in seen:  # a tied tensor: stored once, both paths point at one leaf
+                    return (TENSOR, seen[alias])
+                seen[alias] = len(tensors)
             tensors.append(t)
             metas.append(TensorMeta.of(t))
             paths.append(path)

@@ -8,11 +8,22 @@ Example:
     [0.0, 1.0, 2.0, 3.0]
 """
 
-from zckpt.consolidate._consolidate import consolidate, fp32_state_dict, reshard, shard_sources
+from zckpt.consolidate._consolidate import (
+    Fp32Entry,
+    assemble_fp32,
+    consolidate,
+    fp32_entries,
+    fp32_state_dict,
+    reshard,
+    shard_sources,
+)
 from zckpt.consolidate._overlap import Source, SourceIndex, TensorSource, assemble, index_sources
 
 __all__ = [
+    "Fp32Entry",
     "Source",
+    "assemble_fp32",
+    "fp32_entries",
     "SourceIndex",
     "TensorSource",
     "assemble",

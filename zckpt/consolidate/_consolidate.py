@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
-from zckpt.consolidate._overlap import TensorSource, assemble, index_sources, same_node
+from zckpt.consolidate._overlap import (
+    SourceIndex,
+    TensorSource,
+    assemble,
+    index_sources,
+    same_node,
+)
 from zckpt.errors import CoverageError
 from zckpt.shard import Shard
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
 from zckpt.tree import Skeleton, unflatten
 
-__all__ = ["consolidate", "fp32_state_dict", "reshard", "shard_sources"]
+__all__ = [
+    "Fp32Entry",
+    "assemble_fp32",
+    "consolidate",
+    "fp32_entries",
+    "fp32_state_dict",
+    "reshard",
+    "shard_sources",
+]
 
 
 def _common_skeleton(shards: Sequence[Shard]) -> Skeleton:
@@ -136,12 +150,84 @@ def reshard(shards: Sequence[Shard], new_spec: ZeroSpec) -> list[Shard]:
     return out
 
 
-def fp32_state_dict(shards: Sequence[Shard]) -> dict[str, torch.Tensor]:
+class Fp32Entry(NamedTuple):
+    """One key of an fp32 state dict: its name, the leaf it is read from, and its tie.
+
+    ``source`` is the fp32 master leaf when one exists, else the module leaf (upcast); ``tied_to``
+    names an earlier key holding the same module tensor, which the output shares.
+    """
+
+    name: str
+    source: int
+    dtype: torch.dtype
+    tied_to: str | None
+
+
+def fp32_entries(skel: Skeleton, spec: ZeroSpec, exclude: frozenset[str] = frozenset()) -> list[Fp32Entry]:
+    """The keys of the module's fp32 state dict, in module order, tied keys included.
+
+    Example:
+        >>> import torch, zckpt
+        >>> w = torch.ones(2)
+        >>> skel, _ = zckpt.tree.flatten({"module": {"a": w.half(), "n": torch.tensor(1)},
+        ...                               "master": {"a": w}})
+        >>> [(e.name, e.source, e.dtype) for e in fp32_entries(skel, zckpt.ZeroSpec(1, 1))]
+        [('a', 2, torch.float32), ('n', 1, torch.int64)]
+    """
+    by_path = {p: i for i, p in enumerate(skel.paths)}
+    first: dict[int, str] = {}
+    out = []
+    for path, leaf in skel.tensor_paths():
+        if not spec.is_module_path(path):
+            continue
+        name = ".".join(map(str, path[1:]))
+        if name in exclude:
+            continue
+        meta = skel.tensors[leaf]
+        if leaf in first:
+            out.append(Fp32Entry(name, leaf, _fp32(meta.dtype), first[leaf]))
+            continue
+        first[leaf] = name
+        src = by_path.get((spec.master, *path[1:]), leaf)
+        if skel.tensors[src].shape != meta.shape:
+            src = leaf
+        out.append(Fp32Entry(name, src, _fp32(meta.dtype), None))
+    return out
+
+
+def assemble_fp32(
+    index: SourceIndex, entries: Sequence[Fp32Entry]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, fp32 tensor)`` one at a time (tied names yield the same tensor object).
+
+    Working memory beyond the outputs is one tensor's read buffer at most (only for upcasts).
+    """
+    skel = index.skeleton
+    done: dict[str, torch.Tensor] = {}
+    for e in entries:
+        if e.tied_to is not None:
+            yield e.name, done[e.tied_to]
+            continue
+        meta = skel.tensors[e.source]
+        if meta.numel == 0:
+            t = torch.empty(meta.shape, dtype=e.dtype)
+        else:
+            (flat,) = assemble(index, [Fragment(e.source, 0, meta.numel)], [e.dtype])
+            t = flat.view(meta.shape)
+        done[e.name] = t
+        yield e.name, t
+
+
+def fp32_state_dict(shards: Sequence[Shard], *, exclude: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """The module's state dict in fp32: master weights where present, upcast weights otherwise.
 
     Tensors under the spec's ``module`` subtree become fp32 (integer buffers keep their dtype);
     a parameter with an fp32 master copy under ``master`` (same key) takes the master's exact
-    values instead of the upcast 16-bit ones.
+    values instead of the upcast 16-bit ones. Tied weights come back as one shared tensor.
+
+    Args:
+        shards: every rank's shard.
+        exclude: module keys to leave out (e.g. frozen parameters).
 
     Example:
         >>> import torch, zckpt
@@ -153,30 +239,9 @@ def fp32_state_dict(shards: Sequence[Shard]) -> dict[str, torch.Tensor]:
         (True, torch.int64)
     """
     skel = _common_skeleton(shards)
-    spec = shards[0].spec
-    by_path = {p: i for i, p in enumerate(skel.paths)}
-    names: list[str] = []
-    wanted: list[Fragment] = []
-    dtypes: list[torch.dtype] = []
-    empty: dict[str, torch.Tensor] = {}
-    for leaf, path in enumerate(skel.paths):
-        if not spec.is_module_path(path):
-            continue
-        name = ".".join(map(str, path[1:]))
-        meta = skel.tensors[leaf]
-        src = by_path.get((spec.master, *path[1:]), leaf)
-        if skel.tensors[src].shape != meta.shape:
-            src = leaf
-        dt = _fp32(meta.dtype)
-        if meta.numel == 0:
-            empty[name] = torch.empty(meta.shape, dtype=dt)
-            continue
-        names.append(name)
-        wanted.append(Fragment(src, 0, meta.numel))
-        dtypes.append(dt)
-    _, parts = _gather(shards, wanted, dtypes)
-    out = dict(empty)
-    for name, f, t in zip(names, wanted, parts):
-        out[name] = t.view(skel.tensors[f.leaf].shape)
-    order = [".".join(map(str, p[1:])) for p in skel.paths if spec.is_module_path(p)]
-    return {k: out[k] for k in order}
+    index = index_sources(skel, shard_sources(shards))
+    entries = fp32_entries(skel, shards[0].spec, frozenset(exclude))
+    try:
+        return dict(assemble_fp32(index, entries))
+    except CoverageError as e:
+        raise CoverageError(str(e) + _missing_ranks_hint(shards)) from None

@@ -164,7 +164,10 @@ def _copier(src_dtype: torch.dtype, dst_dtype: torch.dtype) -> Callable[..., Non
 
 
 def assemble(
-    index: SourceIndex, wanted: Sequence[Fragment], dtypes: Sequence[torch.dtype] | None = None
+    index: SourceIndex,
+    wanted: Sequence[Fragment],
+    dtypes: Sequence[torch.dtype] | None = None,
+    out: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Build each wanted fragment as a fresh 1-D tensor from the saved fragments it overlaps.
 
@@ -173,6 +176,8 @@ def assemble(
         wanted: the ranges to build.
         dtypes: the dtype of each result (default: the leaf's own, bit for bit); bf16/fp16 to fp32
             upcasts run in a fused kernel straight into the result.
+        out: preallocated 1-D destinations, one per wanted fragment (e.g. views of a ZeRO flat
+            partition buffer, or of the final tensor); default: fresh tensors.
 
     Raises:
         CoverageError: part of a wanted range was saved by no fragment (names tensor and range).
@@ -186,7 +191,7 @@ def assemble(
         [2.0, 3.0, 4.0]
     """
     skel = index.skeleton
-    out = []
+    result = []
     for i, want in enumerate(wanted):
         meta = skel.tensors[want.leaf]
         dtype = meta.dtype if dtypes is None else dtypes[i]
@@ -196,13 +201,24 @@ def assemble(
             raise CoverageError(
                 f"{skel.name(want.leaf)}: elements {shown} of {meta.numel} are in no saved shard"
             )
-        dst = torch.empty(want.numel, dtype=dtype)
+        dst = torch.empty(want.numel, dtype=dtype) if out is None else out[i]
+        if dst.dtype != dtype or dst.numel() != want.numel or not dst.is_contiguous():
+            raise ValueError(
+                f"{skel.name(want.leaf)}: destination must be a contiguous {dtype} tensor of "
+                f"{want.numel} elements"
+            )
         copy = _copier(meta.dtype, dtype)
         for src, lo, hi in index.overlapping(want):
             f = src.fragment
-            copy(dst, lo - want.start, src.read(lo - f.start, hi - f.start))
-        out.append(dst)
-    return out
+            a, b = lo - f.start, hi - f.start
+            read_into = getattr(src, "read_into", None)
+            if read_into is not None and dtype == meta.dtype:
+                # Decode straight into the destination: no temporary, no second copy.
+                read_into(a, b, dst[lo - want.start : hi - want.start])
+            else:
+                copy(dst, lo - want.start, src.read(a, b))
+        result.append(dst)
+    return result
 
 
 def same_node(a: Any, b: Any) -> bool:

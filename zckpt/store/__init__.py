@@ -1,0 +1,44 @@
+"""Checkpoint directories (effects): atomic durable writes, manifests, ``latest``, retention.
+
+Example:
+    >>> import tempfile, torch, zckpt
+    >>> d = tempfile.mkdtemp()
+    >>> state = {"master": {"w": torch.arange(8.0)}, "global_steps": 5}
+    >>> zckpt.save_checkpoint(d, state, zckpt.ZeroSpec(world_size=4, stage=2)).tag
+    'global_step5'
+    >>> zckpt.load_checkpoint(d).state["master"]["w"].tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+"""
+
+from zckpt.store._fp32 import LazyTensor, get_fp32_state_dict_from_zero_checkpoint
+from zckpt.store._layout import TagError, check_tag
+from zckpt.store._load import LoadError, Loaded, load_checkpoint
+from zckpt.store._read import Checkpoint, CheckpointNotFoundError, FileSource, open_checkpoint
+from zckpt.store._retention import CommittedTag, apply_retention, clean, list_tags
+from zckpt.store._save import SaveError, Saved, drop_frozen, save_checkpoint
+from zckpt.store._storage import LocalStorage, Storage, StorageError
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointNotFoundError",
+    "CommittedTag",
+    "FileSource",
+    "LazyTensor",
+    "LoadError",
+    "Loaded",
+    "LocalStorage",
+    "SaveError",
+    "Saved",
+    "Storage",
+    "StorageError",
+    "TagError",
+    "apply_retention",
+    "check_tag",
+    "clean",
+    "drop_frozen",
+    "get_fp32_state_dict_from_zero_checkpoint",
+    "list_tags",
+    "load_checkpoint",
+    "open_checkpoint",
+    "save_checkpoint",
+]

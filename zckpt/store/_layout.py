@@ -1,0 +1,176 @@
+"""Names inside a checkpoint directory, tag rules, and the ``latest`` pointer.
+
+::
+
+    save_dir/
+      latest                        the newest committed tag (text, no newline), replaced by rename
+      <tag>/
+        manifest.zckm               commits the tag; written last, replaced atomically
+        <gen>.rank00003-of-00008.zck  one blob per rank of save generation <gen>
+        <gen>.client.zck            client_state (when it is not empty)
+
+A tag directory without a valid manifest is invisible to loads (a save that was interrupted).
+Overwriting a tag writes a new generation beside the old one and then replaces the manifest, so
+at every instant one complete generation is the committed one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import warnings
+
+from zckpt.errors import ZckptError
+from zckpt.store._storage import Storage
+
+__all__ = [
+    "LATEST",
+    "LATEST_UNIVERSAL",
+    "MANIFEST",
+    "TagError",
+    "blob_name",
+    "check_tag",
+    "client_name",
+    "new_generation",
+    "read_latest",
+    "write_latest",
+]
+
+LATEST = "latest"
+LATEST_UNIVERSAL = "latest_universal"
+MANIFEST = "manifest.zckm"
+_BLOB = re.compile(r"^(?P<gen>[0-9a-f]{16})\.(rank(?P<rank>\d{5})-of-(?P<ws>\d{5})|client)\.zck$")
+_MAX_TAG_BYTES = 200
+
+
+class TagError(ZckptError, ValueError):
+    """A tag that is not a safe path component, or tags that differ between ranks.
+
+    Example:
+        >>> issubclass(TagError, ValueError)
+        True
+    """
+
+
+def check_tag(tag: object) -> str:
+    """Return ``tag`` if it is a safe directory name, else raise :class:`TagError`.
+
+    Safe: a non-empty ``str`` of at most 200 UTF-8 bytes, not ``.`` or ``..``, not starting
+    with ``.`` (zckpt's temporary names do), with no path separator and no control character.
+
+    Example:
+        >>> check_tag("global_step100")
+        'global_step100'
+        >>> check_tag("../etc")
+        Traceback (most recent call last):
+        ...
+        zckpt.store._layout.TagError: tag '../etc' is not a safe directory name: it contains a path separator
+    """
+    if not isinstance(tag, str):
+        raise TagError(f"tag must be a str, got {type(tag).__name__} {tag!r}")
+    why = None
+    if not tag:
+        why = "it is empty"
+    elif "/" in tag or "\\" in tag or (os.altsep and os.altsep in tag):
+        why = "it contains a path separator"
+    elif tag in (".", "..") or tag.startswith("."):
+        why = "it starts with '.'"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in tag):
+        why = "it contains a control character"
+    elif len(tag.encode("utf-8", "surrogatepass")) > _MAX_TAG_BYTES:
+        why = f"it is longer than {_MAX_TAG_BYTES} bytes"
+    elif tag in (LATEST, LATEST_UNIVERSAL):
+        why = "it is the name of the latest pointer"
+    if why:
+        raise TagError(f"tag {tag!r} is not a safe directory name: {why}")
+    return tag
+
+
+def check_same_tags(tags: list[str], mode: str) -> None:
+    """Check the tag every rank passed; ``mode`` is ``"fail"``, ``"warn"`` or ``"ignore"``.
+
+    Example:
+        >>> check_same_tags(["a", "a"], "fail")
+        >>> check_same_tags(["a", "b"], "fail")
+        Traceback (most recent call last):
+        ...
+        zckpt.store._layout.TagError: ranks passed different tags: rank 0 'a', rank 1 'b'
+    """
+    if mode not in ("fail", "warn", "ignore"):
+        raise TagError(f"tag_validation must be 'fail', 'warn' or 'ignore', got {mode!r}")
+    if len(set(tags)) <= 1 or mode == "ignore":
+        return
+    shown = ", ".join(f"rank {r} {t!r}" for r, t in enumerate(tags[:8]))
+    msg = f"ranks passed different tags: {shown}"
+    if mode == "fail":
+        raise TagError(msg)
+    warnings.warn(msg + f"; using rank 0's {tags[0]!r}", stacklevel=3)
+
+
+def new_generation() -> str:
+    """A fresh 16-hex-digit save generation.
+
+    Example:
+        >>> len(new_generation())
+        16
+    """
+    return secrets.token_hex(8)
+
+
+def blob_name(gen: str, rank: int, world_size: int) -> str:
+    """File name of rank ``rank``'s blob in generation ``gen``.
+
+    Example:
+        >>> blob_name("0123456789abcdef", 3, 8)
+        '0123456789abcdef.rank00003-of-00008.zck'
+    """
+    return f"{gen}.rank{rank:05d}-of-{world_size:05d}.zck"
+
+
+def client_name(gen: str) -> str:
+    """File name of the client_state blob of generation ``gen``.
+
+    Example:
+        >>> client_name("0123456789abcdef")
+        '0123456789abcdef.client.zck'
+    """
+    return f"{gen}.client.zck"
+
+
+def generation_of(name: str) -> str | None:
+    """The generation a blob file name belongs to, or None for other names.
+
+    Example:
+        >>> generation_of("0123456789abcdef.client.zck")
+        '0123456789abcdef'
+    """
+    m = _BLOB.match(name)
+    return m.group("gen") if m else None
+
+
+def read_latest(storage: Storage, save_dir: str, name: str = LATEST) -> str | None:
+    """The tag ``save_dir/latest`` names, or None when there is no such file.
+
+    Example:
+        >>> import tempfile
+        >>> from zckpt.store._storage import LocalStorage
+        >>> d = tempfile.mkdtemp()
+        >>> write_latest(LocalStorage(), d, "step3")
+        >>> read_latest(LocalStorage(), d)
+        'step3'
+    """
+    path = os.path.join(save_dir, name)
+    if not storage.exists(path):
+        return None
+    data = storage.read(path, 0, 4096)
+    try:
+        tag = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise TagError(f"{path}: not a UTF-8 tag name") from None
+    return check_tag(tag)
+
+
+def write_latest(storage: Storage, save_dir: str, tag: str, name: str = LATEST) -> None:
+    """Point ``save_dir/latest`` at ``tag`` (atomic replace; DeepSpeed's format: no newline)."""
+    storage.write_atomic(os.path.join(save_dir, name), [check_tag(tag).encode("utf-8")])

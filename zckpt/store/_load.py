@@ -1,0 +1,184 @@
+"""load_checkpoint: each rank reads only the byte ranges it must hold, at any world size/stage."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import torch
+
+from zckpt.consolidate import assemble, index_sources
+from zckpt.errors import CoverageError, SpecError, ZckptError
+from zckpt.spec import ShardPlan, ZeroSpec, plan_shards
+from zckpt.store._read import open_checkpoint, resolve
+from zckpt.store._storage import LocalStorage, Storage
+from zckpt.tree import DICT, TENSOR, Skeleton, iter_nodes, unflatten
+
+__all__ = ["LoadError", "Loaded", "load_checkpoint"]
+
+log = logging.getLogger("zckpt")
+
+OPTIMIZER, LR_SCHEDULER = "optimizer", "lr_scheduler"
+
+
+class LoadError(ZckptError, RuntimeError):
+    """The checkpoint cannot be loaded as asked (e.g. strict module keys do not match).
+
+    Example:
+        >>> issubclass(LoadError, RuntimeError)
+        True
+    """
+
+
+class Loaded(NamedTuple):
+    """What :func:`load_checkpoint` returns.
+
+    ``load_path`` is the tag directory (None when nothing could be loaded); ``state`` the
+    restored state: tensors this rank holds whole have their shape, partitioned tensors are this
+    rank's 1-D range (``plan.holds(rank)`` says which); ``plan`` the plan it was loaded with.
+
+    Example:
+        >>> Loaded(None, {}, None, None, (), ()).load_path is None
+        True
+    """
+
+    load_path: str | None
+    client_state: dict[str, Any]
+    state: Any
+    plan: ShardPlan | None
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+
+
+def _keep_top(skel: Skeleton, drop: set[str]) -> tuple[Any, list[int]]:
+    """The skeleton tree without the dropped top-level keys, and the leaves still referenced."""
+    tag, body = skel.node
+    node = (tag, tuple((k, v) for k, v in body if k not in drop)) if tag == DICT else skel.node
+    leaves = sorted({n[1] for _, n in iter_nodes(node) if n[0] == TENSOR})
+    return node, leaves
+
+
+def load_checkpoint(
+    load_dir: str | os.PathLike[str],
+    spec: ZeroSpec | None = None,
+    rank: int = 0,
+    *,
+    tag: str | None = None,
+    world_size: int | None = None,
+    stage: int | None = None,
+    load_module_strict: bool = True,
+    load_optimizer_states: bool = True,
+    load_lr_scheduler_states: bool = True,
+    load_module_only: bool = False,
+    custom_load_fn: Callable[[dict[str, Any]], Any] | None = None,
+    module_keys: Iterable[str] | None = None,
+    storage: Storage | None = None,
+) -> Loaded:
+    """Load a committed checkpoint at any world size and stage; rank ``rank`` reads only its ranges.
+
+    The state is read as the target spec says this rank holds it: its partition of every
+    partitioned tensor (as a 1-D tensor) and every replicated tensor whole. With no ``spec``
+    and no ``world_size`` the whole state is loaded (one process, or plain data parallelism).
+
+    Args:
+        load_dir: a ``save_dir`` (tag from ``tag``, else ``latest``, else ``latest_universal``)
+            or a tag directory.
+        spec: the target partition spec; default: the saved one, at ``world_size``/``stage``
+            when given, else at world size 1.
+        rank: this rank in the target spec.
+        tag: which tag of ``load_dir``.
+        world_size, stage: shorthand for the saved spec at another world size/stage.
+        load_module_strict: module keys must equal ``module_keys`` exactly (when given); else
+            missing keys are reported and unexpected ones dropped.
+        load_optimizer_states: load the ``optimizer`` subtree and the fp32 masters.
+        load_lr_scheduler_states: load the ``lr_scheduler`` subtree.
+        load_module_only: load only the ``module`` subtree (client_state is still returned).
+        custom_load_fn: replaces the module loading step: it receives the loaded module
+            subtree and returns what goes into the state's module slot (None drops it).
+        module_keys: the module keys your model expects, for strict/non-strict checks.
+        storage: the filesystem.
+
+    Returns:
+        :class:`Loaded` ``(load_path, client_state, state, plan, missing_keys, unexpected_keys)``;
+        ``load_path`` is None, with a warning logged, when there is no ``latest`` and no tag.
+
+    Raises:
+        CheckpointNotFoundError: a named tag (or the one ``latest`` names) is not committed.
+        FormatError: a manifest or blob is corrupt (names the file, tensor and offset).
+        LoadError: strict module keys do not match.
+
+    Example:
+        >>> import tempfile, torch, zckpt
+        >>> d = tempfile.mkdtemp()
+        >>> state = {"module": {"w": torch.arange(6.0)}, "master": {"w": torch.arange(6.0)}}
+        >>> _ = zckpt.save_checkpoint(d, state, zckpt.ZeroSpec(2, 2), tag="t")
+        >>> got = zckpt.load_checkpoint(d, world_size=3, rank=2)
+        >>> got.state["master"]["w"].tolist(), got.state["module"]["w"].shape
+        ([4.0, 5.0], torch.Size([6]))
+    """
+    storage = storage or LocalStorage()
+    load_dir = os.fspath(load_dir)
+    if resolve(storage, load_dir, tag) is None:
+        log.warning("zckpt: %s has no 'latest' file and no tag was given; nothing loaded", load_dir)
+        return Loaded(None, {}, None, None, (), ())
+    ck = open_checkpoint(load_dir, tag, storage=storage)
+    saved = ck.manifest.spec
+    if spec is None:
+        spec = saved.with_world_size(world_size or 1, stage)
+    elif world_size is not None or stage is not None:
+        raise SpecError("pass either spec or world_size/stage, not both")
+    skel = ck.manifest.skeleton
+    plan = plan_shards(skel, spec)
+    plan._check_rank(rank)
+
+    drop: set[str] = set()
+    if load_module_only:
+        drop = {str(k) for k, _ in skel.node[1]} - {saved.module} if skel.node[0] == DICT else set()
+    else:
+        if not load_optimizer_states:
+            drop |= {OPTIMIZER, saved.master}
+        if not load_lr_scheduler_states:
+            drop.add(LR_SCHEDULER)
+    node, keep = _keep_top(skel, drop)
+    kept = set(keep)
+
+    held = [f for f in plan.holds(rank) if f.leaf in kept]
+    index = index_sources(skel, ck.sources())
+    try:
+        parts = assemble(index, held)
+    except CoverageError as e:
+        raise CoverageError(f"{ck.path}: {e}") from None
+    leaves: list[Any] = [None] * len(skel.tensors)
+    for leaf in keep:
+        meta = skel.tensors[leaf]
+        leaves[leaf] = torch.empty(meta.shape, dtype=meta.dtype)  # empty tensors: no fragment
+    for f, t in zip(held, parts):
+        meta = skel.tensors[f.leaf]
+        whole = f.start == 0 and f.stop == meta.numel
+        leaves[f.leaf] = t.view(meta.shape) if whole else t
+    state = unflatten(Skeleton(node, skel.tensors, skel.paths), leaves)
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    if isinstance(state, dict) and saved.module in state:
+        module = state[saved.module]
+        if module_keys is not None and isinstance(module, dict):
+            expected = list(module_keys)
+            missing = tuple(k for k in expected if k not in module)
+            unexpected = tuple(k for k in module if k not in set(expected))
+            if load_module_strict and (missing or unexpected):
+                raise LoadError(
+                    f"{ck.path}: module keys do not match (strict): missing {list(missing)}, "
+                    f"unexpected {list(unexpected)}"
+                )
+            for k in unexpected:
+                del module[k]
+        if custom_load_fn is not None:
+            replaced = custom_load_fn(module)
+            if replaced is None:
+                del state[saved.module]
+            else:
+                state[saved.module] = replaced
+    return Loaded(ck.path, ck.client_state(), state, plan, missing, unexpected)

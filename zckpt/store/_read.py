@@ -1,0 +1,214 @@
+"""Opening committed checkpoints: resolve the tag, read the manifest, ranged reads of blobs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from zckpt.errors import FormatError, TruncatedError, ZckptError
+from zckpt.format import BlobHeader, decode_fragment, decode_header, read_header_size
+from zckpt.format import PREAMBLE_SIZE
+from zckpt.spec import Fragment
+from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, check_tag, read_latest
+from zckpt.store._manifest import FileRecord, Manifest, decode_manifest
+from zckpt.store._storage import LocalStorage, Storage, StorageError
+
+__all__ = ["Checkpoint", "CheckpointNotFoundError", "FileSource", "open_checkpoint", "read_manifest"]
+
+_MAX_MANIFEST = 1 << 31
+
+
+class CheckpointNotFoundError(ZckptError, FileNotFoundError):
+    """No committed checkpoint at the path or tag asked for.
+
+    Example:
+        >>> issubclass(CheckpointNotFoundError, FileNotFoundError)
+        True
+    """
+
+
+def read_manifest(storage: Storage, tag_dir: str) -> Manifest:
+    """The verified manifest of a tag directory.
+
+    Raises:
+        CheckpointNotFoundError: no manifest (the tag was never committed).
+        FormatError: the manifest is torn or corrupt.
+    """
+    path = os.path.join(tag_dir, MANIFEST)
+    if not storage.exists(path):
+        raise CheckpointNotFoundError(
+            errno.ENOENT, f"{tag_dir}: no committed checkpoint (missing {MANIFEST})"
+        )
+    size = storage.size(path)
+    if size > _MAX_MANIFEST:
+        raise FormatError(f"{path}: {size} bytes is too large for a manifest")
+    return decode_manifest(storage.read(path, 0, size), path)
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A committed checkpoint, opened: its manifest and lazy, cached access to blob headers.
+
+    Example:
+        >>> import tempfile, torch, zckpt
+        >>> d = tempfile.mkdtemp()
+        >>> _ = zckpt.save_checkpoint(d, {"w": torch.ones(3)}, zckpt.ZeroSpec(2, 3), tag="t")
+        >>> ck = zckpt.open_checkpoint(d)
+        >>> ck.tag, ck.manifest.spec.world_size, len(ck.sources())
+        ('t', 2, 2)
+    """
+
+    path: str
+    manifest: Manifest
+    storage: Storage
+    _headers: dict[str, BlobHeader] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def tag(self) -> str:
+        """The committed tag."""
+        return self.manifest.tag
+
+    def file_path(self, rec: FileRecord) -> str:
+        """Absolute path of one of the checkpoint's files."""
+        return os.path.join(self.path, rec.name)
+
+    def header(self, rec: FileRecord) -> BlobHeader:
+        """The blob header of ``rec`` (two small ranged reads, then cached)."""
+        with self._lock:
+            h = self._headers.get(rec.name)
+        if h is not None:
+            return h
+        path = self.file_path(rec)
+        size = self.storage.size(path)
+        if size != rec.size:
+            raise TruncatedError(f"{path}: {size} bytes on disk, the manifest says {rec.size}")
+        pre = self.storage.read(path, 0, PREAMBLE_SIZE)
+        n = read_header_size(pre)
+        try:
+            h = decode_header(self.storage.read(path, 0, n), blob_size=size)
+        except FormatError as e:
+            raise type(e)(f"{path}: {e}") from None
+        if tuple(f.fragment for f in h.fragments) != rec.fragments:
+            raise FormatError(f"{path}: its fragments differ from the manifest's record")
+        with self._lock:
+            self._headers[rec.name] = h
+        return h
+
+    def sources(self, files: tuple[FileRecord, ...] | None = None) -> list[FileSource]:
+        """Every fragment of the given files (default: all rank files), read lazily.
+
+        Nothing is read here: the manifest already says which file holds which range.
+        """
+        out = []
+        for rec in self.manifest.files if files is None else files:
+            for i, frag in enumerate(rec.fragments):
+                out.append(FileSource(frag, self, rec, i))
+        return out
+
+    def client_state(self) -> dict[str, Any]:
+        """The client_state saved with the checkpoint ({} when none)."""
+        from zckpt.consolidate import consolidate
+
+        rec = self.manifest.client
+        if rec is None:
+            return {}
+        path = self.file_path(rec)
+        from zckpt.format import decode_shard
+
+        try:
+            shard = decode_shard(self.storage.read(path, 0, rec.size))
+        except FormatError as e:
+            raise type(e)(f"{path}: {e}") from None
+        result: dict[str, Any] = consolidate([shard])
+        return result
+
+
+@dataclass(frozen=True, eq=False)
+class FileSource:
+    """One saved fragment in a blob file, read range by range (only overlapping chunks)."""
+
+    fragment: Fragment
+    checkpoint: Checkpoint
+    record: FileRecord
+    index: int
+
+    def _reader(self) -> Any:
+        storage, path = self.checkpoint.storage, self.checkpoint.file_path(self.record)
+
+        def read(offset: int, length: int) -> bytes:
+            data = storage.read(path, offset, length)
+            if len(data) != length:
+                raise TruncatedError(
+                    f"{path}: wanted {length} bytes at byte {offset}, the file ends first"
+                )
+            return data
+
+        return read
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the fragment, checksums verified."""
+        return self.read_into(start, stop, None)
+
+    def read_into(self, start: int, stop: int, out: torch.Tensor | None) -> torch.Tensor:
+        """Decode elements ``[start, stop)`` straight into ``out`` (or a new tensor)."""
+        h = self.checkpoint.header(self.record)
+        path = self.checkpoint.file_path(self.record)
+        try:
+            return decode_fragment(h, self.index, self._reader(), start=start, stop=stop, out=out)
+        except FormatError as e:
+            raise type(e)(f"{path}: {e}") from None
+
+
+def resolve(
+    storage: Storage, path: str, tag: str | None
+) -> tuple[str, str] | None:
+    """(tag directory, tag) for a save_dir or tag directory; None if nothing is committed there.
+
+    A directory holding a manifest is a tag directory. Otherwise the tag is ``tag``, else the
+    one ``latest`` names, else ``latest_universal`` (every zckpt checkpoint loads at any world
+    size, so DeepSpeed users' pointer is honoured the same way).
+    """
+    if tag is None and storage.exists(os.path.join(path, MANIFEST)):
+        return path, os.path.basename(os.path.normpath(path))
+    if tag is None:
+        tag = read_latest(storage, path, LATEST) or read_latest(storage, path, LATEST_UNIVERSAL)
+        if tag is None:
+            return None
+    return os.path.join(path, check_tag(tag)), tag
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str], tag: str | None = None, *, storage: Storage | None = None
+) -> Checkpoint:
+    """Open a committed zckpt checkpoint: a ``save_dir`` (tag from ``latest``) or a tag directory.
+
+    Raises:
+        CheckpointNotFoundError: no ``latest`` and no tag, or the tag is not committed.
+        FormatError: the manifest is corrupt.
+
+    Example:
+        >>> import tempfile, torch, zckpt
+        >>> d = tempfile.mkdtemp()
+        >>> _ = zckpt.save_checkpoint(d, {"w": torch.ones(3)}, zckpt.ZeroSpec(1, 1), tag="a")
+        >>> zckpt.open_checkpoint(f"{d}/a").tag
+        'a'
+    """
+    storage = storage or LocalStorage()
+    path = os.fspath(path)
+    found = resolve(storage, path, tag)
+    if found is None:
+        raise CheckpointNotFoundError(
+            errno.ENOENT, f"{path}: no '{LATEST}' file and no tag given, nothing to load"
+        )
+    tag_dir, _ = found
+    try:
+        manifest = read_manifest(storage, tag_dir)
+    except StorageError as e:
+        raise CheckpointNotFoundError(errno.ENOENT, str(e)) from None
+    return Checkpoint(tag_dir, manifest, storage)
