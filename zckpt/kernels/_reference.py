@@ -16,7 +16,9 @@ import numpy.typing as npt
 __all__ = ["copy_ranges", "f16_bits_to_f32_bits", "join_planes", "split_planes", "upcast_ranges"]
 
 
-def copy_ranges(dst: npt.NDArray[np.generic], src: npt.NDArray[np.generic], table: npt.NDArray[np.int64]) -> None:
+def copy_ranges(
+    dst: npt.NDArray[np.generic], src: npt.NDArray[np.generic], table: npt.NDArray[np.int64]
+) -> None:
     """Copy ``src[s:s+c]`` to ``dst[d:d+c]`` for every row ``(s, d, c)`` of ``table``, in order.
 
     Example:
@@ -49,7 +51,10 @@ def f16_bits_to_f32_bits(h: npt.NDArray[np.uint16]) -> npt.NDArray[np.uint32]:
 
 
 def upcast_ranges(
-    dst: npt.NDArray[np.float32], src: npt.NDArray[np.uint16], table: npt.NDArray[np.int64], kind: str
+    dst: npt.NDArray[np.float32],
+    src: npt.NDArray[np.uint16],
+    table: npt.NDArray[np.int64],
+    kind: str,
 ) -> None:
     """Like :func:`copy_ranges`, converting bf16 or fp16 bit patterns (``kind``) to float32.
 
@@ -68,7 +73,9 @@ def upcast_ranges(
             out[d : d + c] = f16_bits_to_f32_bits(part)
 
 
-def split_planes(src: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], start: int, stop: int) -> None:
+def split_planes(
+    src: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], start: int, stop: int
+) -> None:
     """Byte planes of elements ``[start, stop)``: ``out[b, i] = src[i * k + b]``, ``k = len(out)``.
 
     Example:
@@ -81,7 +88,9 @@ def split_planes(src: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], start: 
     out[:, start:stop] = src[start * k : stop * k].reshape(-1, k).T
 
 
-def join_planes(planes: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], start: int, stop: int) -> None:
+def join_planes(
+    planes: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], start: int, stop: int
+) -> None:
     """Inverse of :func:`split_planes` for elements ``[start, stop)``.
 
     Example:
