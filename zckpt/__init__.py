@@ -13,7 +13,10 @@ Example:
     (True, 3)
 """
 
+__version__ = "0.1.0"
+
 from zckpt import tree
+from zckpt.consolidate import consolidate, fp32_state_dict, reshard
 from zckpt.errors import (
     ChecksumError,
     CoverageError,
@@ -24,28 +27,76 @@ from zckpt.errors import (
     VersionError,
     ZckptError,
 )
+from zckpt.format import (
+    decode_fragment,
+    decode_header,
+    decode_shard,
+    encode_shard,
+    encode_shard_parts,
+    verify_blob,
+)
 from zckpt.shard import Shard, shard_from_local, shard_state
 from zckpt.spec import FlatGroup, Fragment, Placement, ShardPlan, ZeroSpec, plan_shards
-
-__version__ = "0.1.0"
+from zckpt.store import (
+    Checkpoint,
+    CheckpointNotFoundError,
+    LazyTensor,
+    LoadError,
+    Loaded,
+    SaveError,
+    Saved,
+    StorageError,
+    TagError,
+    apply_retention,
+    clean,
+    get_fp32_state_dict_from_zero_checkpoint,
+    list_tags,
+    load_checkpoint,
+    open_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
+    "Checkpoint",
+    "CheckpointNotFoundError",
     "ChecksumError",
     "CoverageError",
     "FlatGroup",
     "FormatError",
     "Fragment",
+    "LazyTensor",
+    "LoadError",
+    "Loaded",
     "Placement",
+    "SaveError",
+    "Saved",
     "Shard",
     "ShardPlan",
     "SpecError",
     "StateError",
+    "StorageError",
+    "TagError",
     "TruncatedError",
     "VersionError",
     "ZckptError",
     "ZeroSpec",
     "__version__",
+    "apply_retention",
+    "clean",
+    "consolidate",
+    "decode_fragment",
+    "decode_header",
+    "decode_shard",
+    "encode_shard",
+    "encode_shard_parts",
+    "fp32_state_dict",
+    "get_fp32_state_dict_from_zero_checkpoint",
+    "list_tags",
+    "load_checkpoint",
+    "open_checkpoint",
     "plan_shards",
+    "reshard",
+    "save_checkpoint",
     "shard_from_local",
     "shard_state",
     "tree",

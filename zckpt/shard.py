@@ -179,9 +179,10 @@ def shard_from_local(
             off = g.offsets[g.leaves.index(f.leaf)] + f.start - rank * g.partition_numel
             src, what = buf, f"flat group {p.group} ({g.key})"
         else:
-            src = tensors.get(f.leaf)
-            if src is None:
+            given = tensors.get(f.leaf)
+            if given is None:
                 raise SpecError(f"rank {rank}: no data given for {name}")
+            src = given
             off = 0 if p.kind == REPLICATED else f.start - rank * -(-meta.numel // plan.world_size)
             what = name
         src = _flat_view(src)

@@ -12,7 +12,7 @@ import bisect
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -134,7 +134,7 @@ def _bytes_view(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
 
 
-_UPCAST = {torch.bfloat16: "bf16", torch.float16: "f16"}
+_UPCAST: dict[torch.dtype, Literal["bf16", "f16"]] = {torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 def _copier(src_dtype: torch.dtype, dst_dtype: torch.dtype) -> Callable[..., None]:

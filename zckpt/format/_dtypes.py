@@ -84,7 +84,9 @@ def dtype_of_code(code: int, where: str = "index") -> torch.dtype:
     dt = DTYPE_OF.get(code)
     if dt is None:
         if code in _NAME:
-            raise FormatError(f"{where}: dtype {_NAME[code]} (code {code}) is missing in this torch")
+            raise FormatError(
+                f"{where}: dtype {_NAME[code]} (code {code}) is missing in this torch"
+            )
         raise FormatError(f"{where}: unknown dtype code {code!r}")
     return dt
 

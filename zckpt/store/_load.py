@@ -153,7 +153,9 @@ def load_checkpoint(
     leaves: list[Any] = [None] * len(skel.tensors)
     for leaf in keep:
         meta = skel.tensors[leaf]
-        leaves[leaf] = torch.empty(meta.shape, dtype=meta.dtype)  # empty tensors: no fragment
+        # Empty tensors have no fragment: their shape says it all. A partitioned tensor of which
+        # this rank holds nothing (more ranks than elements) is an empty 1-D range.
+        leaves[leaf] = torch.empty(meta.shape if meta.numel == 0 else (0,), dtype=meta.dtype)
     for f, t in zip(held, parts):
         meta = skel.tensors[f.leaf]
         whole = f.start == 0 and f.stop == meta.numel

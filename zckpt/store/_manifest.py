@@ -16,11 +16,12 @@ import msgpack
 import xxhash
 
 from zckpt.errors import FormatError, VersionError
-from zckpt.format import skeleton_from_obj, skeleton_to_obj
+from zckpt.format import skeleton_from_wire, skeleton_to_wire
 from zckpt.spec import Fragment, ZeroSpec
 from zckpt.tree import Skeleton
 
 __all__ = ["FileRecord", "Manifest", "decode_manifest", "encode_manifest"]
+
 
 MAGIC = b"\x89ZCKMAN\n"
 VERSION = 1
@@ -99,7 +100,7 @@ def encode_manifest(m: Manifest) -> bytes:
             "generation": m.generation,
             "committed_at": m.committed_at,
             "spec": m.spec.to_dict(),
-            "skeleton": skeleton_to_obj(m.skeleton),
+            "skeleton": skeleton_to_wire(m.skeleton),
             "files": [f.to_obj() for f in m.files],
             "client": None if m.client is None else m.client.to_obj(),
             "frozen": list(m.frozen),
@@ -131,7 +132,7 @@ def decode_manifest(data: bytes, where: str = "manifest") -> Manifest:
             generation=str(d["generation"]),
             committed_at=float(d["committed_at"]),
             spec=ZeroSpec.from_dict(d["spec"]),
-            skeleton=skeleton_from_obj(d["skeleton"]),
+            skeleton=skeleton_from_wire(d["skeleton"]),
             files=tuple(FileRecord.from_obj(f) for f in d["files"]),
             client=None if d["client"] is None else FileRecord.from_obj(d["client"]),
             frozen=tuple(str(x) for x in d.get("frozen", ())),

@@ -46,6 +46,9 @@ class SaveError(ZckptError, RuntimeError):
     def __init__(self, message: str, errors: Mapping[int, str] | None = None) -> None:
         super().__init__(message, dict(errors or {}))
 
+    def __str__(self) -> str:
+        return str(self.args[0])
+
     @property
     def errors(self) -> dict[int, str]:
         """Each failed rank's error."""
@@ -195,7 +198,8 @@ def save_checkpoint(
         >>> state = {"master": {"w": torch.arange(6.0)}, "global_steps": 10}
         >>> zckpt.save_checkpoint(d, state, zckpt.ZeroSpec(world_size=2, stage=1)).tag
         'global_step10'
-        >>> open(f"{d}/latest").read()
+        >>> import pathlib
+        >>> pathlib.Path(d, "latest").read_text()
         'global_step10'
     """
     storage = storage or LocalStorage()
@@ -228,9 +232,10 @@ def save_checkpoint(
 
     # Round 2: every rank writes its files durably and reports them (or its error).
     records: list[dict[str, Any]] = []
-    error: str | None = None
+    errors: dict[int, str] = {}
     first_error: BaseException | None = None
     skeleton: Skeleton | None = None
+    failing_rank = comm.rank
     try:
         if local_shard is not None:
             shards = [local_shard]
@@ -241,15 +246,17 @@ def save_checkpoint(
             shards = [shard_state(kept, plan, r) for r in ranks]
         skeleton = shards[0].skeleton
         for sh in shards:
+            failing_rank = sh.rank
             name = blob_name(gen, sh.rank, spec.world_size)
             records.append(_write_blob(storage, tag_dir, name, sh, sh.rank, codec, level).to_obj())
         if comm.rank == 0 and client:
+            failing_rank = 0
             c = _write_blob(storage, tag_dir, client_name(gen), _client_shard(client), -1, codec, level)
             records.append(c.to_obj())
-    except (ZckptError, OSError, ValueError, TypeError, RuntimeError) as e:
-        error, first_error = _failure_text(e), e
-    reports = comm.all_gather({"rank": comm.rank, "records": records, "error": error})
-    failed = {r["rank"]: r["error"] for r in reports if r["error"] is not None}
+    except Exception as e:  # reported to every rank below, then raised as a SaveError
+        errors[failing_rank], first_error = _failure_text(e), e
+    reports = comm.all_gather({"records": records, "errors": {str(k): v for k, v in errors.items()}})
+    failed = {int(k): v for r in reports for k, v in r["errors"].items()}
     if failed:
         if comm.rank == 0:
             _remove_generation(storage, tag_dir, gen)

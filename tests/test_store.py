@@ -1,0 +1,318 @@
+"""Checkpoint directories: save at N, load at M, flags, tags, retention, failures."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import zckpt
+from zckpt.store import _storage
+from zckpt.testing import assert_states_equal, tensors_bitwise_equal
+
+
+def model_state(seed: int = 0, frozen: bool = True) -> dict[str, Any]:
+    """A training state shaped like DeepSpeed's: odd sizes, two param groups, a tied weight."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"embed.weight": (11, 5), "fc.weight": (7, 5), "fc.bias": (7,), "norm.weight": (7,)}
+    master = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    module: dict[str, Any] = {n: t.bfloat16() for n, t in master.items()}
+    module["head.weight"] = module["embed.weight"]  # tied
+    if frozen:
+        module["frozen.weight"] = torch.randn(3, 5, generator=g).bfloat16()
+    module["num_batches"] = torch.tensor(3)
+    opt = {
+        n: {"exp_avg": torch.randn(s, generator=g), "exp_avg_sq": torch.rand(s, generator=g),
+            "step": torch.tensor(3.0)}
+        for n, s in shapes.items()
+    }  # fmt: skip
+    return {
+        "module": module,
+        "master": master,
+        "optimizer": {"state": opt, "param_groups": [{"lr": 0.005, "betas": (0.9, 0.999)}]},
+        "lr_scheduler": {"last_batch_iteration": 2},
+        "global_steps": 3,
+    }
+
+
+GROUPS = (("embed.weight", "fc.weight"), ("fc.bias", "norm.weight"))
+
+
+def spec(ws: int, stage: int) -> zckpt.ZeroSpec:
+    return zckpt.ZeroSpec(ws, stage, param_groups=GROUPS)
+
+
+def expected_holdings(state: Any, target: zckpt.ZeroSpec, rank: int) -> list[torch.Tensor]:
+    """What ``rank`` must hold under ``target``, leaf by leaf, cut from the full state."""
+    plan = zckpt.plan_shards(state, target)
+    _, full = zckpt.tree.flatten(state)
+    held = {f.leaf: f for f in plan.holds(rank)}
+    out = []
+    for leaf, t in enumerate(full):
+        f = held.get(leaf)
+        if t.numel() == 0:
+            out.append(t)
+        elif f is None:
+            out.append(torch.empty(0, dtype=t.dtype))
+        elif f.numel == t.numel():
+            out.append(t)
+        else:
+            out.append(t.reshape(-1)[f.start : f.stop])
+    return out
+
+
+@pytest.mark.parametrize("save_ws", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("save_stage", [1, 2, 3])
+def test_save_at_n_load_at_m_is_bitwise(tmp_path: Path, save_ws: int, save_stage: int) -> None:
+    state = model_state()
+    zckpt.save_checkpoint(tmp_path, state, spec(save_ws, save_stage), tag="t")
+    got = zckpt.load_checkpoint(tmp_path)
+    assert got.load_path == str(tmp_path / "t")
+    assert_states_equal(got.state, state)
+    assert got.state["module"]["head.weight"] is got.state["module"]["embed.weight"]
+    for load_ws, load_stage in [(1, 3), (2, 1), (3, 2), (5, 3), (8, 1)]:
+        target = spec(load_ws, load_stage)
+        for rank in range(load_ws):
+            got = zckpt.load_checkpoint(tmp_path, target, rank)
+            _, leaves = zckpt.tree.flatten(got.state)
+            want = expected_holdings(state, target, rank)
+            assert len(leaves) == len(want)
+            for leaf, (a, b) in enumerate(zip(leaves, want)):
+                assert tensors_bitwise_equal(a, b), (load_ws, load_stage, rank, leaf)
+
+
+def test_fp32_state_dict_equals_masters_and_handles_ties(tmp_path: Path) -> None:
+    state = model_state()
+    zckpt.save_checkpoint(tmp_path, state, spec(4, 2), tag="t", frozen=["frozen.weight"])
+    for path in (tmp_path, tmp_path / "t"):
+        sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(path)
+        assert list(sd) == list(state["module"])
+        for name, w in state["master"].items():
+            assert tensors_bitwise_equal(sd[name], w)
+        assert sd["head.weight"] is sd["embed.weight"]
+        assert tensors_bitwise_equal(sd["frozen.weight"], state["module"]["frozen.weight"].float())
+        assert sd["num_batches"].dtype == torch.int64
+    ex = zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path, exclude_frozen_parameters=True)
+    assert "frozen.weight" not in ex and "fc.weight" in ex
+
+
+class TiedLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(13, 6)
+        self.fc = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 13, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("steps", torch.tensor(4))
+
+
+def test_fp32_state_dict_loads_into_the_model(tmp_path: Path) -> None:
+    model = TiedLM()
+    names = [n for n, _ in model.named_parameters()]
+    lowp: dict[int, torch.Tensor] = {}  # convert each storage once, so ties stay ties
+    module = {
+        k: lowp.setdefault(v.data_ptr(), v.bfloat16() if v.is_floating_point() else v)
+        for k, v in model.state_dict().items()
+    }
+    state = {"module": module, "master": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    assert "head.weight" not in names  # named_parameters lists a tied weight once
+    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(3, 3, param_groups=(tuple(names),)), tag="t")
+    sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path)
+    fresh = TiedLM()
+    fresh.load_state_dict(sd, strict=True)
+    for (n, a), (_, b) in zip(fresh.state_dict().items(), model.state_dict().items()):
+        assert tensors_bitwise_equal(a, b), n
+    assert fresh.head.weight is fresh.embed.weight
+
+
+def test_lazy_mode_reads_on_materialisation(tmp_path: Path) -> None:
+    state = model_state()
+    zckpt.save_checkpoint(tmp_path, state, spec(3, 3), tag="t")
+    lazy = zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path, lazy_mode=True)
+    assert isinstance(lazy["fc.weight"], zckpt.LazyTensor)
+    assert lazy["fc.weight"].shape == torch.Size([7, 5])
+    assert tensors_bitwise_equal(lazy["fc.weight"].contiguous(), state["master"]["fc.weight"])
+    assert lazy["head.weight"] is lazy["embed.weight"]
+
+
+def test_exclude_frozen_parameters_at_save(tmp_path: Path) -> None:
+    state = model_state()
+    zckpt.save_checkpoint(
+        tmp_path, state, spec(2, 2), tag="t", frozen=["frozen.weight"], exclude_frozen_parameters=True
+    )
+    got = zckpt.load_checkpoint(tmp_path)
+    assert "frozen.weight" not in got.state["module"]
+    sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path)
+    assert "frozen.weight" not in sd
+
+
+def test_load_flags(tmp_path: Path) -> None:
+    state = model_state()
+    zckpt.save_checkpoint(tmp_path, state, spec(2, 2), tag="t", client_state={"epoch": 2, "t": torch.ones(2)})
+    keys = list(state["module"])
+
+    got = zckpt.load_checkpoint(tmp_path, module_keys=keys)
+    assert got.client_state["epoch"] == 2 and torch.equal(got.client_state["t"], torch.ones(2))
+    assert got.missing_keys == () and got.unexpected_keys == ()
+
+    renamed = [*keys[:-1], "renamed"]
+    with pytest.raises(zckpt.LoadError, match=r"missing \['renamed'\], unexpected \['num_batches'\]"):
+        zckpt.load_checkpoint(tmp_path, module_keys=renamed)
+    got = zckpt.load_checkpoint(tmp_path, module_keys=renamed, load_module_strict=False)
+    assert got.missing_keys == ("renamed",) and got.unexpected_keys == ("num_batches",)
+    assert "num_batches" not in got.state["module"]
+
+    got = zckpt.load_checkpoint(tmp_path, load_module_only=True)
+    assert list(got.state) == ["module"] and got.client_state["epoch"] == 2
+
+    got = zckpt.load_checkpoint(tmp_path, load_optimizer_states=False)
+    assert "optimizer" not in got.state and "master" not in got.state and "lr_scheduler" in got.state
+
+    got = zckpt.load_checkpoint(tmp_path, load_lr_scheduler_states=False)
+    assert "lr_scheduler" not in got.state and "optimizer" in got.state
+
+    seen: list[Any] = []
+    got = zckpt.load_checkpoint(tmp_path, custom_load_fn=lambda m: seen.append(m) or {"mine": 1})
+    assert got.state["module"] == {"mine": 1}
+    assert_states_equal(seen[0], state["module"])
+
+
+def test_missing_latest_returns_none_with_warning(tmp_path: Path, caplog: Any) -> None:
+    with caplog.at_level(logging.WARNING, logger="zckpt"):
+        got = zckpt.load_checkpoint(tmp_path)
+    assert got.load_path is None and got.state is None
+    assert "no 'latest'" in caplog.text
+
+
+def test_named_missing_or_torn_tag_raises(tmp_path: Path) -> None:
+    with pytest.raises(zckpt.CheckpointNotFoundError, match="nope"):
+        zckpt.load_checkpoint(tmp_path, tag="nope")
+    state = model_state()
+    zckpt.save_checkpoint(tmp_path, state, spec(2, 1), tag="t")
+    blob = next(p for p in (tmp_path / "t").iterdir() if p.name.endswith("rank00001-of-00002.zck"))
+    data = bytearray(blob.read_bytes())
+    data[-3] ^= 0x10
+    blob.write_bytes(bytes(data))
+    with pytest.raises(zckpt.FormatError, match=blob.name):
+        zckpt.load_checkpoint(tmp_path, tag="t")
+    blob.write_bytes(bytes(data[:-100]))
+    with pytest.raises(zckpt.FormatError, match=r"bytes on disk, the manifest says"):
+        zckpt.load_checkpoint(tmp_path, tag="t")
+    (tmp_path / "t" / "manifest.zckm").write_bytes(b"\x89ZCKMAN\n" + b"\0" * 10)
+    with pytest.raises(zckpt.FormatError, match=r"t/manifest.zckm: 18 bytes is too short"):
+        zckpt.load_checkpoint(tmp_path, tag="t")
+    (tmp_path / "t" / "manifest.zckm").unlink()
+    with pytest.raises(zckpt.CheckpointNotFoundError, match="no committed checkpoint"):
+        zckpt.load_checkpoint(tmp_path, tag="t")
+
+
+def test_tags(tmp_path: Path) -> None:
+    state = model_state()
+    assert zckpt.save_checkpoint(tmp_path, state, spec(2, 1)).tag == "global_step3"
+    assert zckpt.save_checkpoint(tmp_path, {"w": torch.ones(1)}, spec(1, 1), global_step=7).tag == "global_step7"
+    for bad in ["", "a/b", "..", ".hidden", "x\n", "a\\b", "latest", "x" * 201]:
+        with pytest.raises(zckpt.TagError):
+            zckpt.save_checkpoint(tmp_path, state, spec(2, 1), tag=bad)
+    with pytest.raises(zckpt.TagError, match="no tag given"):
+        zckpt.save_checkpoint(tmp_path, {"w": torch.ones(1)}, spec(1, 1))
+    with pytest.raises(zckpt.TagError, match="already holds a committed checkpoint"):
+        zckpt.save_checkpoint(tmp_path, state, spec(2, 1), tag="global_step3")
+    assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_save_latest_false_leaves_latest_alone(tmp_path: Path) -> None:
+    zckpt.save_checkpoint(tmp_path, model_state(0), spec(2, 1), tag="a")
+    zckpt.save_checkpoint(tmp_path, model_state(1), spec(2, 1), tag="b", save_latest=False)
+    assert (tmp_path / "latest").read_text() == "a"
+    assert_states_equal(zckpt.load_checkpoint(tmp_path, tag="b").state, model_state(1))
+
+
+def test_overwrite_replaces_generation(tmp_path: Path) -> None:
+    zckpt.save_checkpoint(tmp_path, model_state(0), spec(2, 1), tag="a")
+    zckpt.save_checkpoint(tmp_path, model_state(1), spec(3, 2), tag="a", overwrite=True)
+    assert_states_equal(zckpt.load_checkpoint(tmp_path).state, model_state(1))
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(names) == 3 + 1  # three rank files of the new generation and the manifest
+
+
+def test_keep_last_never_deletes_latest(tmp_path: Path) -> None:
+    for i, t in enumerate(["a", "b", "c"]):
+        zckpt.save_checkpoint(tmp_path, model_state(i), spec(2, 1), tag=t, keep_last=2)
+    assert [c.tag for c in zckpt.list_tags(str(tmp_path))] == ["b", "c"]
+    zckpt.save_checkpoint(tmp_path, model_state(3), spec(2, 1), tag="d", save_latest=False, keep_last=1)
+    assert (tmp_path / "latest").read_text() == "c"
+    assert [c.tag for c in zckpt.list_tags(str(tmp_path))] == ["c", "d"]
+
+
+def test_client_state_is_namespaced_and_checked(tmp_path: Path) -> None:
+    state = model_state()
+    client = {"module": "not the library's", "global_steps": -1, "nested": {"x": [1, 2.5, None]}}
+    zckpt.save_checkpoint(tmp_path, state, spec(2, 1), tag="t", client_state=client)
+    got = zckpt.load_checkpoint(tmp_path)
+    assert got.client_state == client
+    assert_states_equal(got.state, state)
+    with pytest.raises(zckpt.StateError, match=r"client_state: sched/fn: cannot store .*function"):
+        zckpt.save_checkpoint(tmp_path, state, spec(2, 1), tag="u", client_state={"sched": {"fn": print}})
+    assert not (tmp_path / "u" / "manifest.zckm").exists()
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = model_state(0)
+    zckpt.save_checkpoint(tmp_path, good, spec(4, 2), tag="good")
+    real_writev = os.writev
+    calls = {"n": 0}
+
+    def failing_writev(fd: int, buffers: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third file: some ranks' files are already durable
+            real_writev(fd, [memoryview(buffers[0])[:10]])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(_storage.os, "writev", failing_writev)
+    with pytest.raises(zckpt.SaveError, match=r"rank 2: StorageError: .*No space left on device") as info:
+        zckpt.save_checkpoint(tmp_path, model_state(1), spec(4, 2), tag="bad")
+    assert isinstance(info.value.__cause__, OSError)
+    monkeypatch.undo()
+    assert (tmp_path / "latest").read_text() == "good"
+    assert not (tmp_path / "bad" / "manifest.zckm").exists()
+    assert list((tmp_path / "bad").iterdir()) == []  # no temporary or orphaned files
+    assert_states_equal(zckpt.load_checkpoint(tmp_path).state, good)
+    with pytest.raises(zckpt.CheckpointNotFoundError):
+        zckpt.load_checkpoint(tmp_path, tag="bad")
+
+
+def test_failed_fsync_of_manifest_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = model_state(0)
+    zckpt.save_checkpoint(tmp_path, good, spec(2, 2), tag="good")
+    real_fsync = os.fsync
+
+    def eio(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(".manifest.zckm.tmp"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(_storage.os, "fsync", eio)
+    with pytest.raises(zckpt.SaveError, match="committing .* failed: .*Input/output error"):
+        zckpt.save_checkpoint(tmp_path, model_state(1), spec(2, 2), tag="good", overwrite=True)
+    monkeypatch.undo()
+    assert_states_equal(zckpt.load_checkpoint(tmp_path).state, good)
+    assert not [p for p in (tmp_path / "good").iterdir() if ".tmp." in p.name]
+
+
+def test_clean_removes_only_what_no_commit_references(tmp_path: Path) -> None:
+    zckpt.save_checkpoint(tmp_path, model_state(0), spec(2, 1), tag="a")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "0123456789abcdef.rank00000-of-00002.zck").write_bytes(b"x")
+    (tmp_path / "users_dir").mkdir()
+    (tmp_path / "users_dir" / "notes.txt").write_text("keep me")
+    (tmp_path / "a" / "fedcba9876543210.rank00000-of-00002.zck").write_bytes(b"stale")
+    removed = zckpt.clean(str(tmp_path))
+    assert sorted(removed) == ["a/fedcba9876543210.rank00000-of-00002.zck", "torn"]
+    assert (tmp_path / "users_dir" / "notes.txt").exists()
+    assert_states_equal(zckpt.load_checkpoint(tmp_path).state, model_state(0))

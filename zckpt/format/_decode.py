@@ -1,0 +1,277 @@
+"""Decoding blobs: whole shards, single fragments (ranged, read on demand), and verification."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from zckpt.errors import FormatError, TruncatedError, ZckptError
+from zckpt.format._checksum import check
+from zckpt.format._codecs import decode_chunk
+from zckpt.format._dtypes import ITEMSIZE, dtype_code
+from zckpt.format._encode import default_threads
+from zckpt.format._header import BlobHeader, as_bytes_view
+from zckpt.format._index import decode_header
+from zckpt.shard import Shard
+
+__all__ = ["decode_fragment", "decode_shard", "iter_problems", "verify_blob"]
+
+U8 = npt.NDArray[np.uint8]
+Read = Callable[[int, int], Any]
+_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _decode_one(h: BlobHeader, fi: int, ci: int, stored: Any, dst: U8) -> None:
+    """Check one frame's length and checksum, then decode it into ``dst`` (its raw bytes)."""
+    c = h.fragments[fi].chunks[ci]
+    where = h.describe(fi, ci)
+    mv = as_bytes_view(stored)
+    if len(mv) != c.length:
+        raise TruncatedError(f"{where}: read {len(mv)} of its {c.length} bytes")
+    check(mv, c.checksum, where)
+    meta = h.skeleton.tensors[h.fragments[fi].fragment.leaf]
+    decode_chunk(c.codec, c.planes, mv, dst, ITEMSIZE[dtype_code(meta.dtype)], where)
+    if meta.dtype == torch.bool and dst.max(initial=0) > 1:
+        raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
+
+
+def _run(thunks: Iterable[Callable[[], None]], threads: int) -> None:
+    """Run thunks in order, at most ``2 * threads`` in flight; the first failure (in order)
+    is raised. The generator producing them (which reads) runs in the calling thread only."""
+    if threads <= 1:
+        for t in thunks:
+            t()
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="zckpt-codec") as pool:
+        pending: deque[Future[None]] = deque()
+        try:
+            for t in thunks:
+                pending.append(pool.submit(t))
+                if len(pending) >= 2 * threads:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _threads_for(nbytes: int, nchunks: int, threads: int | None) -> int:
+    n = default_threads() if threads is None else threads
+    return n if nchunks > 1 and nbytes >= _PARALLEL_MIN_BYTES else 1
+
+
+def decode_fragment(
+    header: BlobHeader,
+    index: int,
+    read: Read,
+    *,
+    start: int | None = None,
+    stop: int | None = None,
+    out: torch.Tensor | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """Decode fragment ``index`` of a blob, or its elements ``[start, stop)``, reading only the
+    chunks that overlap them.
+
+    Args:
+        header: from :func:`decode_header`.
+        index: which of ``header.fragments``.
+        read: ``read(offset, length)`` returns ``length`` bytes of the blob at absolute byte
+            ``offset`` (a file's ``os.pread``, an object store's ranged GET). Called once per
+            overlapping chunk, in file order, from the calling thread only.
+        start: first element, relative to the fragment (default 0).
+        stop: end element, relative to the fragment (default the fragment's length).
+        out: a 1-D tensor of the fragment's dtype with ``stop - start`` elements to decode into
+            (raw chunks are copied straight into it); a new CPU tensor when None.
+        threads: decompression threads (None: the usable cores, at most 8).
+
+    Returns:
+        ``out``, or the new 1-D tensor.
+
+    Raises:
+        ChecksumError: a chunk's bytes are damaged; ``TruncatedError`` when ``read`` returns
+            short; ``FormatError`` for a frame that does not decode (each naming the tensor,
+            element range and byte offset). ``IndexError``/``ValueError`` for bad arguments.
+
+    Example:
+        >>> import torch, zckpt
+        >>> from zckpt.format import decode_header, encode_shard
+        >>> s = {"w": torch.arange(100.0)}
+        >>> shard = zckpt.shard_state(s, zckpt.plan_shards(s, zckpt.ZeroSpec(1, 3)), 0)
+        >>> blob = encode_shard(shard, codec="zstd", chunk_bytes=64)
+        >>> calls = []
+        >>> def read(offset, length):
+        ...     calls.append(offset)
+        ...     return blob[offset : offset + length]
+        >>> decode_fragment(decode_header(blob), 0, read, start=46, stop=50).tolist()
+        [46.0, 47.0, 48.0, 49.0]
+        >>> len(calls)
+        2
+    """
+    n_frag = len(header.fragments)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n_frag:
+        raise IndexError(f"fragment index {index!r} out of range ({n_frag} fragments)")
+    f, chunks = header.fragments[index]
+    lo = 0 if start is None else start
+    hi = f.numel if stop is None else stop
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not (
+        0 <= lo <= hi <= f.numel
+    ):
+        raise ValueError(f"{header.describe(index)}: bad range [{start}, {stop}) of {f.numel}")
+    dtype = header.skeleton.tensors[f.leaf].dtype
+    if out is None:
+        out = torch.empty(hi - lo, dtype=dtype)
+    elif out.dtype != dtype or out.dim() != 1 or out.numel() != hi - lo:
+        raise ValueError(
+            f"{header.describe(index)}: out must be a 1-D {dtype} tensor of {hi - lo} elements, "
+            f"got {out.dtype} of shape {tuple(out.shape)}"
+        )
+    if hi == lo:
+        return out
+    direct = out.device.type == "cpu" and out.is_contiguous() and not out.requires_grad
+    target = out if direct else torch.empty(hi - lo, dtype=dtype)
+    dst = target.view(torch.uint8).numpy()
+    size = ITEMSIZE[dtype_code(dtype)]
+    todo = [ci for ci, c in enumerate(chunks) if c.start_elem < hi and c.stop_elem > lo]
+
+    def thunks() -> Iterator[Callable[[], None]]:
+        for ci in todo:
+            c = chunks[ci]
+            stored = read(c.offset, c.length)
+            a, b = max(lo, c.start_elem), min(hi, c.stop_elem)
+            part = dst[(a - lo) * size : (b - lo) * size]
+            if (a, b) == (c.start_elem, c.stop_elem):
+                yield partial(_decode_one, header, index, ci, stored, part)
+            else:
+                skip = (a - c.start_elem) * size
+                yield partial(_decode_partial, header, index, ci, stored, part, skip)
+
+    work = sum(chunks[ci].raw_length for ci in todo)
+    _run(thunks(), _threads_for(work, len(todo), threads))
+    if not direct:
+        with torch.no_grad():
+            out.copy_(target)
+    return out
+
+
+def _decode_partial(h: BlobHeader, fi: int, ci: int, stored: Any, part: U8, skip: int) -> None:
+    tmp = np.empty(h.fragments[fi].chunks[ci].raw_length, np.uint8)
+    _decode_one(h, fi, ci, stored, tmp)
+    part[:] = tmp[skip : skip + len(part)]
+
+
+def decode_shard(data: bytes | bytearray | memoryview, *, threads: int | None = None) -> Shard:
+    """Decode a whole blob into a :class:`~zckpt.Shard` whose tensors own fresh memory.
+
+    Every chunk's checksum is verified; nothing in the result aliases ``data``.
+
+    Args:
+        data: the blob (any contiguous buffer: bytes, bytearray, memoryview, mmap).
+        threads: decompression threads (None: the usable cores, at most 8).
+
+    Raises:
+        FormatError: not a valid blob (``VersionError``, ``TruncatedError``, ``ChecksumError``
+            for the specific cases), naming the tensor, element range and byte offset.
+
+    Example:
+        >>> import torch, zckpt
+        >>> from zckpt.format import encode_shard
+        >>> s = {"w": torch.arange(6, dtype=torch.bfloat16), "n": [1, None]}
+        >>> shard = zckpt.shard_state(s, zckpt.plan_shards(s, zckpt.ZeroSpec(1, 1)), 0)
+        >>> back = decode_shard(encode_shard(shard, codec="zstd"))
+        >>> back.data[0].tolist(), zckpt.tree.unflatten(back.skeleton, back.data)["n"]
+        ([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [1, None])
+    """
+    mv = as_bytes_view(data)
+    h = decode_header(mv, blob_size=len(mv))
+    tensors: list[torch.Tensor] = []
+    jobs: list[tuple[int, int, U8]] = []
+    for fi, (f, chunks) in enumerate(h.fragments):
+        dtype = h.skeleton.tensors[f.leaf].dtype
+        t = torch.empty(f.numel, dtype=dtype)
+        tensors.append(t)
+        dst = t.view(torch.uint8).numpy()
+        size = ITEMSIZE[dtype_code(dtype)]
+        jobs.extend(
+            (fi, ci, dst[c.start_elem * size : c.stop_elem * size]) for ci, c in enumerate(chunks)
+        )
+
+    def thunks() -> Iterator[Callable[[], None]]:
+        for fi, ci, part in jobs:
+            c = h.fragments[fi].chunks[ci]
+            stored = mv[c.offset : c.offset + c.length]
+            yield partial(_decode_one, h, fi, ci, stored, part)
+
+    _run(thunks(), _threads_for(h.size, len(jobs), threads))
+    frags = tuple(e.fragment for e in h.fragments)
+    return Shard(h.rank, h.spec, h.skeleton, frags, tuple(tensors))
+
+
+def iter_problems(data: bytes | bytearray | memoryview) -> Iterator[ZckptError]:
+    """Every problem in a blob, in file order: header first (a bad header ends the list), then
+    each damaged frame and any non-zero padding.
+
+    Example:
+        >>> import torch, zckpt
+        >>> from zckpt.format import encode_shard
+        >>> s = {"w": torch.ones(64)}
+        >>> shard = zckpt.shard_state(s, zckpt.plan_shards(s, zckpt.ZeroSpec(1, 1)), 0)
+        >>> blob = bytearray(encode_shard(shard, chunk_bytes=64))
+        >>> blob[-1] ^= 1
+        >>> blob[-100] ^= 1
+        >>> [type(p).__name__ for p in iter_problems(blob)]
+        ['ChecksumError', 'ChecksumError']
+    """
+    mv = as_bytes_view(data)
+    try:
+        h = decode_header(mv, blob_size=len(mv))
+    except ZckptError as e:
+        yield e
+        return
+    frames = sorted(
+        (c.offset, c.length, fi, ci)
+        for fi, e in enumerate(h.fragments)
+        for ci, c in enumerate(e.chunks)
+    )
+    biggest = max((c.raw_length for e in h.fragments for c in e.chunks), default=0)
+    scratch = np.empty(biggest, np.uint8)
+    pos = h.index_size
+    for off, n, fi, ci in [*frames, (h.size, 0, -1, -1)]:
+        if np.frombuffer(mv[pos:off], np.uint8).any():
+            yield FormatError(f"rank {h.rank}: non-zero padding in bytes [{pos}, {off})")
+        if fi >= 0:
+            try:
+                raw = h.fragments[fi].chunks[ci].raw_length
+                _decode_one(h, fi, ci, mv[off : off + n], scratch[:raw])
+            except ZckptError as e:
+                yield e
+        pos = off + n
+
+
+def verify_blob(data: bytes | bytearray | memoryview) -> None:
+    """Check a whole blob: header, every frame's checksum and decoding, sizes, padding.
+
+    Raises:
+        FormatError: the first problem :func:`iter_problems` finds.
+
+    Example:
+        >>> import torch, zckpt
+        >>> from zckpt.format import encode_shard
+        >>> s = {"w": torch.ones(4)}
+        >>> blob = encode_shard(zckpt.shard_state(s, zckpt.plan_shards(s, zckpt.ZeroSpec(1, 1)), 0))
+        >>> verify_blob(blob)
+        >>> verify_blob(blob[:-1])
+        Traceback (most recent call last):
+        ...
+        zckpt.errors.TruncatedError: rank 0: blob is ... bytes but its index declares ...
+    """
+    for problem in iter_problems(data):
+        raise problem

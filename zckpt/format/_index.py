@@ -1,0 +1,289 @@
+"""The msgpack index: its schema, packed by the encoder and validated field by field on read.
+
+Parsing treats the index as untrusted even after its checksum matched (a checksum proves the
+bytes are the ones written, not that the writer was sane): every type, range, offset and element
+range is checked against the blob's size before a reader allocates anything from it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import msgpack
+
+from zckpt.errors import FormatError, SpecError, TruncatedError
+from zckpt.format._checksum import check
+from zckpt.format._codecs import BYTEPLANE, MAX_EXPANSION, RAW, ZSTD
+from zckpt.format._dtypes import ITEMSIZE, dtype_code
+from zckpt.format._header import (
+    ALIGN,
+    FORMAT_VERSION,
+    PREAMBLE_SIZE,
+    BlobHeader,
+    ChunkEntry,
+    FragmentEntry,
+    align,
+    as_bytes_view,
+    parse_preamble,
+)
+from zckpt.format._skeleton import (
+    VALUE_TYPES,
+    expect_int,
+    expect_list,
+    expect_map,
+    field,
+    parse_skeleton,
+    parse_tensors,
+    show,
+    skeleton_to_wire,
+)
+from zckpt.format._skeleton import wire_node as wire_node
+from zckpt.spec import Fragment, ZeroSpec
+from zckpt.tree import Skeleton
+
+__all__ = ["decode_header", "index_object", "pack_index", "parse_index"]
+
+# Aliases for zckpt.store._manifest, which imports these from here. New code should use
+# zckpt.format.skeleton_to_wire / skeleton_from_wire.
+_skeleton = parse_skeleton
+_tensors = parse_tensors
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def index_object(
+    rank: int,
+    spec: ZeroSpec,
+    skeleton: Skeleton,
+    fragments: list[tuple[Fragment, list[ChunkEntry]]],
+    extra: dict[str, Any],
+    size: int,
+) -> dict[str, Any]:
+    """The index as a msgpack-able map (key order is part of the deterministic output)."""
+    return {
+        "format": "zckpt",
+        "version": FORMAT_VERSION,
+        "rank": rank,
+        "spec": spec.to_dict(),
+        **skeleton_to_wire(skeleton),
+        "fragments": [
+            {
+                "leaf": f.leaf,
+                "start": f.start,
+                "stop": f.stop,
+                "chunks": [_wire_chunk(c) for c in chunks],
+            }
+            for f, chunks in fragments
+        ],
+        "extra": extra,
+        "size": size,
+    }
+
+
+def _wire_chunk(c: ChunkEntry) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "a": c.start_elem,
+        "b": c.stop_elem,
+        "c": c.codec,
+        "o": c.offset,
+        "n": c.length,
+        "r": c.raw_length,
+        "x": c.checksum,
+    }
+    if c.codec == BYTEPLANE:
+        m["p"] = [list(p) for p in c.planes]
+    return m
+
+
+def pack_index(obj: dict[str, Any]) -> bytes:
+    """The index map packed as msgpack (str as str, bytes as bin, floats as float64)."""
+    return bytes(msgpack.packb(obj, use_bin_type=True))
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def _unpack(index: memoryview, end: int) -> Any:
+    n = len(index)
+    try:
+        return msgpack.unpackb(
+            index,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n,
+            max_ext_len=n,
+        )
+    except Exception as e:  # any failure to parse untrusted bytes is a format error
+        raise FormatError(
+            f"index (bytes [{PREAMBLE_SIZE}, {end})): malformed msgpack ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _chunk(
+    v: Any, where: str, pos: int, numel: int, itemsize: int, lo: int, size: int
+) -> ChunkEntry:
+    m = expect_map(v, where)
+    a = expect_int(field(m, "a", where), f"{where} 'a'")
+    b = expect_int(field(m, "b", where), f"{where} 'b'", 0, numel)
+    if a != pos or b <= a:
+        raise FormatError(
+            f"{where}: element range [{a}, {b}) does not continue the chunks before it at {pos}"
+        )
+    where = f"{where} (elements [{a}, {b}) of the fragment)"
+    codec = expect_int(field(m, "c", where), f"{where} codec")
+    if codec > BYTEPLANE:
+        raise FormatError(f"{where}: unknown codec {codec} (this reader knows 0, 1 and 2)")
+    off = expect_int(field(m, "o", where), f"{where} offset", lo, size)
+    n = expect_int(field(m, "n", where), f"{where} length", 1, size - off)
+    raw = expect_int(field(m, "r", where), f"{where} raw length")
+    x = expect_int(field(m, "x", where), f"{where} checksum")
+    if off % ALIGN:
+        raise FormatError(f"{where}: frame offset {off} is not a multiple of {ALIGN}")
+    if raw != (b - a) * itemsize:
+        raise FormatError(f"{where}: raw length {raw} is not {b - a} elements of {itemsize} bytes")
+    planes: tuple[tuple[int, int], ...] = ()
+    if codec == RAW and n != raw:
+        raise FormatError(f"{where}: raw frame of {n} bytes holds {raw} bytes")
+    if codec == ZSTD and raw > n * MAX_EXPANSION:
+        raise FormatError(f"{where}: {n} zstd bytes cannot expand to {raw}")
+    if codec == BYTEPLANE:
+        table = []
+        for i, p in enumerate(expect_list(field(m, "p", where), f"{where} planes", itemsize)):
+            pw = f"{where} plane {i}"
+            c, ln = expect_list(p, pw, 2)
+            c, ln = expect_int(c, f"{pw} codec", RAW, ZSTD), expect_int(ln, f"{pw} length", 1, n)
+            if (c == RAW and ln != b - a) or (c == ZSTD and b - a > ln * MAX_EXPANSION):
+                raise FormatError(f"{pw}: {ln} stored bytes cannot hold {b - a} bytes")
+            table.append((c, ln))
+        if sum(ln for _, ln in table) != n:
+            raise FormatError(f"{where}: plane lengths do not add up to the frame's {n} bytes")
+        planes = tuple(table)
+    return ChunkEntry(a, b, codec, off, n, raw, x, planes)
+
+
+def _fragment(v: Any, i: int, skel: Skeleton, lo: int, size: int) -> FragmentEntry:
+    where = f"index 'fragments'[{i}]"
+    m = expect_map(v, where)
+    leaf = expect_int(field(m, "leaf", where), f"{where} leaf", 0, len(skel.tensors) - 1)
+    meta = skel.tensors[leaf]
+    start = expect_int(field(m, "start", where), f"{where} start", 0, meta.numel)
+    stop = expect_int(field(m, "stop", where), f"{where} stop", 0, meta.numel)
+    where = f"{where} ({skel.name(leaf)} elements [{start}, {stop}))"
+    if start >= stop:
+        raise FormatError(f"{where}: empty or inverted element range")
+    numel, itemsize = stop - start, ITEMSIZE[dtype_code(meta.dtype)]
+    chunks: list[ChunkEntry] = []
+    pos = 0
+    for j, c in enumerate(expect_list(field(m, "chunks", where), f"{where} chunks")):
+        chunks.append(_chunk(c, f"{where} chunk {j}", pos, numel, itemsize, lo, size))
+        pos = chunks[-1].stop_elem
+    if pos != numel:
+        raise FormatError(f"{where}: chunks cover elements [0, {pos}) of its {numel}")
+    return FragmentEntry(Fragment(leaf, start, stop), tuple(chunks))
+
+
+def _check_extra(v: Any) -> dict[str, Any]:
+    extra = expect_map(v, "index 'extra'")
+    stack: list[Any] = [extra]
+    while stack:  # iterative: msgpack allows nesting deeper than Python's recursion limit
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif type(x) not in VALUE_TYPES:
+            raise FormatError(f"index 'extra': {type(x).__name__} is not a plain msgpack value")
+    return extra
+
+
+def _check_layout(h: BlobHeader, blob_size: int | None) -> None:
+    frames = sorted(
+        (c.offset, c.length, i, j)
+        for i, e in enumerate(h.fragments)
+        for j, c in enumerate(e.chunks)
+    )
+    for (o1, n1, i1, j1), (o2, _, i2, j2) in itertools.pairwise(frames):
+        if o1 + n1 > o2:
+            raise FormatError(f"{h.describe(i2, j2)}: frame overlaps {h.describe(i1, j1)}")
+    if blob_size is not None and blob_size < h.size:
+        cut = [(i, j) for o, n, i, j in frames if o + n > blob_size]
+        what = f"; first damaged: {h.describe(*cut[0])}" if cut else ""
+        raise TruncatedError(
+            f"rank {h.rank}: blob is {blob_size} bytes but its index declares {h.size}{what}"
+        )
+    if blob_size is not None and blob_size > h.size:
+        raise FormatError(
+            f"rank {h.rank}: {blob_size - h.size} unexpected bytes after the blob's declared "
+            f"end at byte offset {h.size}"
+        )
+
+
+def parse_index(index: memoryview, index_size: int, blob_size: int | None) -> BlobHeader:
+    """Validate an unpacked index against the blob's geometry and build its header."""
+    obj = expect_map(_unpack(index, index_size), "index")
+    if obj.get("format") != "zckpt":
+        raise FormatError(f"index: 'format' is {show(obj.get('format'))}, expected 'zckpt'")
+    version = expect_int(field(obj, "version", "index"), "index 'version'")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"index: version {version} disagrees with the preamble's")
+    try:
+        spec = ZeroSpec.from_dict(field(obj, "spec", "index"))
+    except (SpecError, TypeError, ValueError, AttributeError) as e:
+        raise FormatError(f"index 'spec': {e}") from None
+    rank = expect_int(field(obj, "rank", "index"), "index 'rank'", 0, spec.world_size - 1)
+    skel = parse_skeleton(
+        field(obj, "skeleton", "index"), parse_tensors(field(obj, "tensors", "index"))
+    )
+    data_offset = align(index_size)
+    size = expect_int(field(obj, "size", "index"), "index 'size'", index_size)
+    frags = expect_list(field(obj, "fragments", "index"), "index 'fragments'")
+    fragments = tuple(_fragment(f, i, skel, data_offset, size) for i, f in enumerate(frags))
+    extra = _check_extra(obj.get("extra", {}))
+    h = BlobHeader(rank, spec, skel, fragments, extra, index_size, data_offset, size, version)
+    _check_layout(h, blob_size)
+    return h
+
+
+def decode_header(
+    buf: bytes | bytearray | memoryview, *, blob_size: int | None = None
+) -> BlobHeader:
+    """Parse and validate a blob's header from its first :func:`read_header_size` bytes.
+
+    Every size, offset and element range in the index is checked (against ``blob_size`` when
+    given) before anything is allocated from it.
+
+    Args:
+        buf: the blob, or at least its preamble and index.
+        blob_size: the blob's total size, if known; needed for the end-of-blob checks.
+
+    Raises:
+        FormatError: malformed or inconsistent index (naming the field and the tensor);
+            ``ChecksumError`` if the index bytes are damaged, ``TruncatedError`` if they are
+            missing, ``VersionError`` for a newer format.
+
+    Example:
+        >>> import torch, zckpt
+        >>> from zckpt.format import encode_shard
+        >>> s = {"w": torch.ones(4), "step": 3}
+        >>> blob = encode_shard(zckpt.shard_state(s, zckpt.plan_shards(s, zckpt.ZeroSpec(1, 1)), 0))
+        >>> h = decode_header(blob, blob_size=len(blob))
+        >>> zckpt.tree.unflatten(h.skeleton, [None])["step"], h.size == len(blob)
+        (3, True)
+    """
+    mv = as_bytes_view(buf)
+    n_index, checksum = parse_preamble(mv, blob_size)
+    end = PREAMBLE_SIZE + n_index
+    if len(mv) < end:
+        raise TruncatedError(
+            f"the buffer holds {len(mv)} bytes but the header needs {end} "
+            f"(bytes [0, {end}): preamble and index)"
+        )
+    index = mv[PREAMBLE_SIZE:end]
+    check(index, checksum, f"index (bytes [{PREAMBLE_SIZE}, {end}))")
+    return parse_index(index, end, blob_size)
