@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import zckpt
-from zckpt.consolidate import consolidate
+from zckpt.assemble import consolidate
 from zckpt.errors import (
     ChecksumError,
     FormatError,
@@ -257,11 +257,13 @@ def test_parts_join_to_the_blob_and_raw_frames_are_zero_copy() -> None:
 
 
 def test_output_is_deterministic() -> None:
-    shard = shard_of({"w": weights(50000), "v": weights(7000, torch.bfloat16) ** 2})
+    # Over 1 MiB, so that the threaded path runs.
+    shard = shard_of({"w": weights(300_000), "v": weights(70_000, torch.bfloat16) ** 2})
     for codec in CODECS:
-        one = encode_shard(shard, codec=codec, chunk_bytes=8192, threads=1)
-        assert one == encode_shard(shard, codec=codec, chunk_bytes=8192, threads=4)
-        assert one == encode_shard(shard, codec=codec, chunk_bytes=8192)
+        one = encode_shard(shard, codec=codec, chunk_bytes=65536, threads=1)
+        assert one == encode_shard(shard, codec=codec, chunk_bytes=65536, threads=4)
+        assert one == encode_shard(shard, codec=codec, chunk_bytes=65536)
+        assert decode_shard(one, threads=4).data[0].equal(shard.data[0])
 
 
 def test_non_contiguous_and_grad_tensors() -> None:

@@ -18,7 +18,7 @@ import torch
 import zstandard
 
 import zckpt
-from zckpt.consolidate import consolidate
+from zckpt.assemble import consolidate
 from zckpt.format import decode_header, decode_shard, encode_shard, verify_blob
 from zckpt.format._codecs import BYTEPLANE, RAW, ZSTD
 from zckpt.testing import assert_states_equal

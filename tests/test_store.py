@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import zckpt
+from zckpt.assemble import index_sources
 from zckpt.store import _storage
 from zckpt.testing import assert_states_equal, tensors_bitwise_equal
 
@@ -316,3 +317,47 @@ def test_clean_removes_only_what_no_commit_references(tmp_path: Path) -> None:
     assert sorted(removed) == ["a/fedcba9876543210.rank00000-of-00002.zck", "torn"]
     assert (tmp_path / "users_dir" / "notes.txt").exists()
     assert_states_equal(zckpt.load_checkpoint(tmp_path).state, model_state(0))
+
+
+class CountingStorage(zckpt.store.LocalStorage):
+    """Counts the bytes read from blob files."""
+
+    def __init__(self) -> None:
+        self.blob_bytes = 0
+        self.calls: list[tuple[str, int, int]] = []
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        data = super().read(path, offset, length)
+        if path.endswith(".zck"):
+            self.blob_bytes += len(data)
+            self.calls.append((os.path.basename(path), offset, len(data)))
+        return data
+
+
+@pytest.mark.parametrize(("save", "load"), [((4, 2), (3, 2)), ((2, 3), (5, 1)), ((8, 1), (1, 3))])
+def test_load_reads_only_overlapping_ranges(tmp_path: Path, save: tuple[int, int], load: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(0)
+    master = {f"p{i}": torch.randn(256, 129, generator=g) for i in range(8)}
+    state = {"module": {k: v.bfloat16() for k, v in master.items()}, "master": master}
+    chunk = 16 << 10
+    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(*save), tag="t", chunk_bytes=chunk)
+    files = sum(p.stat().st_size for p in (tmp_path / "t").glob("*.zck"))
+    target = zckpt.ZeroSpec(*load)
+    plan = zckpt.plan_shards(state, target)
+    ck = zckpt.open_checkpoint(tmp_path)
+    index = index_sources(ck.manifest.skeleton, ck.sources())
+    headers = sum(len(ck.storage.read(ck.file_path(r), 0, 4096)) for r in ck.manifest.files)
+    total = 0
+    for rank in range(target.world_size):
+        storage = CountingStorage()
+        zckpt.load_checkpoint(tmp_path, target, rank, storage=storage)
+        held = plan.holds(rank)
+        wanted = sum(f.numel * plan.skeleton.tensors[f.leaf].itemsize for f in held)
+        overlaps = sum(1 for f in held for _ in index.overlapping(f))
+        # What the rank holds, at most one chunk of slack at each end of each overlap, and the
+        # headers of the files it opens.
+        assert storage.blob_bytes <= wanted + overlaps * 2 * chunk + headers, rank
+        total += storage.blob_bytes
+    replicated = sum(t.numel() * 2 for t in state["module"].values()) if load[1] < 3 else 0
+    # No N-fold amplification: all ranks together read about the checkpoint once (+ replicas).
+    assert total <= 1.3 * files + replicated * (target.world_size - 1)

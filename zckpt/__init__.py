@@ -16,7 +16,7 @@ Example:
 __version__ = "0.1.0"
 
 from zckpt import tree
-from zckpt.consolidate import consolidate, fp32_state_dict, reshard
+from zckpt.assemble import consolidate, fp32_state_dict, reshard
 from zckpt.errors import (
     ChecksumError,
     CoverageError,

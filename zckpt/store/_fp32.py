@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from zckpt.consolidate import assemble_fp32, fp32_entries, index_sources
+from zckpt.assemble import assemble_fp32, fp32_entries, index_sources
 from zckpt.store._read import open_checkpoint
 from zckpt.store._storage import Storage
 

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from zckpt.consolidate import assemble, index_sources
+from zckpt.assemble import assemble, index_sources
 from zckpt.errors import CoverageError, SpecError, ZckptError
 from zckpt.spec import ShardPlan, ZeroSpec, plan_shards
 from zckpt.store._read import open_checkpoint, resolve

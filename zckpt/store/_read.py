@@ -113,7 +113,7 @@ class Checkpoint:
 
     def client_state(self) -> dict[str, Any]:
         """The client_state saved with the checkpoint ({} when none)."""
-        from zckpt.consolidate import consolidate
+        from zckpt.assemble import consolidate
 
         rec = self.manifest.client
         if rec is None:

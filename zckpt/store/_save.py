@@ -119,9 +119,9 @@ def _check_client_state(client_state: Any) -> Any:
 
 
 def _write_blob(
-    storage: Storage, tag_dir: str, name: str, shard: Shard, rank: int, codec: str, level: int
+    storage: Storage, tag_dir: str, name: str, shard: Shard, rank: int, enc: Mapping[str, Any]
 ) -> FileRecord:
-    parts = encode_shard_parts(shard, codec=codec, level=level)
+    parts = encode_shard_parts(shard, **enc)
     size, digest = storage.write_atomic(os.path.join(tag_dir, name), parts.buffers)
     return FileRecord(name, rank, size, digest, shard.fragments)
 
@@ -151,6 +151,7 @@ def save_checkpoint(
     keep_last: int | None = None,
     codec: str = "raw",
     level: int = 1,
+    chunk_bytes: int = 8 << 20,
     comm: Comm | None = None,
     storage: Storage | None = None,
 ) -> Saved:
@@ -181,6 +182,7 @@ def save_checkpoint(
             (never the one ``latest`` names).
         codec: ``"raw"`` (fastest), ``"zstd"`` or ``"byteplane"`` (float-aware, smallest).
         level: zstd level.
+        chunk_bytes: frame size: the unit of checksums, parallel compression and partial reads.
         comm: the process group (:mod:`zckpt.dist`); None for one process writing every rank.
         storage: the filesystem (default: local POSIX files).
 
@@ -215,6 +217,7 @@ def save_checkpoint(
     my_tag = check_tag(tag if tag is not None else _default_tag(state, global_step))
     client = _check_client_state(client_state)
     frozen_names = tuple(frozen)
+    enc = {"codec": codec, "level": level, "chunk_bytes": chunk_bytes}
 
     # Round 1: agree on the tag and generation, and learn whether the tag already exists.
     tag_dir = os.path.join(save_dir, my_tag)
@@ -248,10 +251,10 @@ def save_checkpoint(
         for sh in shards:
             failing_rank = sh.rank
             name = blob_name(gen, sh.rank, spec.world_size)
-            records.append(_write_blob(storage, tag_dir, name, sh, sh.rank, codec, level).to_obj())
+            records.append(_write_blob(storage, tag_dir, name, sh, sh.rank, enc).to_obj())
         if comm.rank == 0 and client:
             failing_rank = 0
-            c = _write_blob(storage, tag_dir, client_name(gen), _client_shard(client), -1, codec, level)
+            c = _write_blob(storage, tag_dir, client_name(gen), _client_shard(client), -1, enc)
             records.append(c.to_obj())
     except Exception as e:  # reported to every rank below, then raised as a SaveError
         errors[failing_rank], first_error = _failure_text(e), e

@@ -14,6 +14,7 @@ Example:
 """
 
 from zckpt.testing._assertions import assert_states_equal, tensors_bitwise_equal
+from zckpt.testing._threads import ThreadComm, gather_errors, run_ranks
 from zckpt.testing._strategies import (
     DTYPES,
     FLOAT_DTYPES,
@@ -27,7 +28,10 @@ from zckpt.testing._strategies import (
 __all__ = [
     "DTYPES",
     "FLOAT_DTYPES",
+    "ThreadComm",
     "assert_states_equal",
+    "gather_errors",
+    "run_ranks",
     "specs",
     "states",
     "tensors",

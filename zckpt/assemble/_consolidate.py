@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from zckpt.consolidate._overlap import (
+from zckpt.assemble._overlap import (
     SourceIndex,
     TensorSource,
     assemble,

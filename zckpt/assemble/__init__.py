@@ -1,4 +1,4 @@
-"""Consolidation and resharding (pure): one overlap mechanism, several wanted layouts.
+"""Assembling wanted ranges from saved ones (pure): consolidation, resharding, loading.
 
 Example:
     >>> import torch, zckpt
@@ -8,7 +8,7 @@ Example:
     [0.0, 1.0, 2.0, 3.0]
 """
 
-from zckpt.consolidate._consolidate import (
+from zckpt.assemble._consolidate import (
     Fp32Entry,
     assemble_fp32,
     consolidate,
@@ -17,7 +17,7 @@ from zckpt.consolidate._consolidate import (
     reshard,
     shard_sources,
 )
-from zckpt.consolidate._overlap import Source, SourceIndex, TensorSource, assemble, index_sources
+from zckpt.assemble._overlap import Source, SourceIndex, TensorSource, assemble, index_sources
 
 __all__ = [
     "Fp32Entry",
