@@ -36,7 +36,9 @@ def training_state(steps: int = 3) -> dict[str, Any]:
         "master": {n: p.detach().clone() for n, p in model.named_parameters()},
         "optimizer": {
             "state": {names[i]: s for i, s in osd["state"].items()},
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]],
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]
+            ],
         },
         "global_steps": steps,
     }
@@ -58,10 +60,14 @@ def main() -> None:
     t3 = time.perf_counter()
     raw = sum(s.nbytes for s in shards)
     print(f"state: {len(plan.skeleton.tensors)} tensors, {raw / 2**20:.2f} MiB")
-    print(f"4 ranks (stage 2) -> blobs of {[len(b) for b in blobs]} bytes "
-          f"(ratio {raw / sum(map(len, blobs)):.3f}) in {t1 - t0:.3f} s")
-    print(f"decoded in {t2 - t1:.3f} s; resharded to 3 ranks (stage 3) and consolidated "
-          f"in {t3 - t2:.3f} s")
+    print(
+        f"4 ranks (stage 2) -> blobs of {[len(b) for b in blobs]} bytes "
+        f"(ratio {raw / sum(map(len, blobs)):.3f}) in {t1 - t0:.3f} s"
+    )
+    print(
+        f"decoded in {t2 - t1:.3f} s; resharded to 3 ranks (stage 3) and consolidated "
+        f"in {t3 - t2:.3f} s"
+    )
     assert_states_equal(full, state)
     print("consolidated state is bitwise equal to the original: True")
 

@@ -17,7 +17,9 @@ def state_of(version: int) -> dict[str, Any]:
     return {
         "module": {k: v.bfloat16() for k, v in master.items()},
         "master": master,
-        "optimizer": {"state": {k: {"exp_avg": torch.randn(v.shape, generator=g)} for k, v in master.items()}},
+        "optimizer": {
+            "state": {k: {"exp_avg": torch.randn(v.shape, generator=g)} for k, v in master.items()}
+        },
         "version": version,
     }
 
@@ -32,7 +34,13 @@ def main() -> None:
             tag, overwrite = f"v{version}", False
         codec = ("raw", "zstd", "byteplane")[version % 3]
         zckpt.save_checkpoint(
-            save_dir, state_of(version), spec, tag=tag, overwrite=overwrite, keep_last=4, codec=codec
+            save_dir,
+            state_of(version),
+            spec,
+            tag=tag,
+            overwrite=overwrite,
+            keep_last=4,
+            codec=codec,
         )
         if version == first:
             print("ready", flush=True)

@@ -16,7 +16,11 @@ from zckpt.testing import ThreadComm, assert_states_equal, gather_errors, run_ra
 def state() -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(33, 7, generator=g)
-    return {"module": {"w": w.half()}, "master": {"w": w}, "opt": {"m": torch.randn(33, 7, generator=g)}}
+    return {
+        "module": {"w": w.half()},
+        "master": {"w": w},
+        "opt": {"m": torch.randn(33, 7, generator=g)},
+    }
 
 
 def test_each_rank_writes_its_own_file(tmp_path: Path) -> None:
@@ -38,7 +42,9 @@ def test_tag_mismatch_fails_on_every_rank(tmp_path: Path) -> None:
     spec = zckpt.ZeroSpec(3, 1)
 
     def rank_main(comm: ThreadComm) -> None:
-        zckpt.save_checkpoint(tmp_path, s, spec, tag=f"t{comm.rank % 2}", comm=comm, tag_validation="fail")
+        zckpt.save_checkpoint(
+            tmp_path, s, spec, tag=f"t{comm.rank % 2}", comm=comm, tag_validation="fail"
+        )
 
     errors = gather_errors(rank_main, 3)
     assert all(isinstance(e, zckpt.TagError) for e in errors), errors

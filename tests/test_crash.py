@@ -16,7 +16,7 @@ import zckpt
 from zckpt.testing import assert_states_equal
 
 sys.path.insert(0, str(Path(__file__).parent))
-from crash_child import state_of  # noqa: E402
+from crash_child import state_of
 
 CHILD = Path(__file__).parent / "crash_child.py"
 SCALE = float(os.environ.get("ZCKPT_SLOW_SCALE", "1"))

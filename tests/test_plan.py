@@ -144,14 +144,18 @@ def test_stage12_partitions_match_deepspeed(case: Path) -> None:
     )
     master = {p["name"]: torch.zeros(p["shape"]) for p in params}
     ws = info["world_size"]
-    plan = zckpt.plan_shards({"master": master}, zckpt.ZeroSpec(ws, info["stage"], 2, param_groups=groups))
+    plan = zckpt.plan_shards(
+        {"master": master}, zckpt.ZeroSpec(ws, info["stage"], 2, param_groups=groups)
+    )
     for rank in range(ws):
         name = next(
             f for f in info["files"] if re.search(rf"zero_pp_rank_{rank}_mp_rank_00_optim", f)
         )
         st_ = info["files"][name]["structure"]["optimizer_state_dict"]
-        sizes = [int(re.search(r"\[(\d+)\]", t).group(1))  # type: ignore[union-attr]
-                 for t in st_["single_partition_of_fp32_groups"][f"list[{ngroups}]"]]
+        sizes = [
+            int(re.search(r"\[(\d+)\]", t).group(1))  # type: ignore[union-attr]
+            for t in st_["single_partition_of_fp32_groups"][f"list[{ngroups}]"]
+        ]
         ours = [0] * ngroups
         for f in plan.writes[rank]:
             g = plan.placements[f.leaf].group
@@ -159,6 +163,9 @@ def test_stage12_partitions_match_deepspeed(case: Path) -> None:
         assert ours == sizes
         owned = [set(m) for m in st_["param_slice_mappings"][f"list[{ngroups}]"]]
         for g in range(ngroups):
-            ours_names = {plan.skeleton.paths[f.leaf][1] for f in plan.writes[rank]
-                          if plan.placements[f.leaf].group == g}
+            ours_names = {
+                plan.skeleton.paths[f.leaf][1]
+                for f in plan.writes[rank]
+                if plan.placements[f.leaf].group == g
+            }
             assert ours_names == owned[g]

@@ -1,4 +1,4 @@
-"""The core promise: shard -> encode -> decode -> consolidate is exact, and so is any reshard chain."""
+"""The core promise: shard, encode, decode, consolidate is exact; so is any reshard chain."""
 
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ def test_shard_from_local_buffers_meets_shard_state(case: Any) -> None:
         groups = {}
         for gi, g in enumerate(plan.groups):
             lo, hi = g.partition_range(rank)
-            buf = torch.cat([flat[i] for i in g.leaves] + [torch.zeros(g.padded_numel - g.numel, dtype=g.dtype)])
+            buf = torch.cat(
+                [flat[i] for i in g.leaves] + [torch.zeros(g.padded_numel - g.numel, dtype=g.dtype)]
+            )
             groups[gi] = buf[lo:hi].clone()
         tensors = {}
         for f in plan.writes[rank]:
@@ -104,7 +106,11 @@ def test_fp32_consolidation_upcasts_bitwise(case: Any) -> None:
 def test_fp32_state_dict_prefers_master_weights() -> None:
     w = torch.randn(7, 3)
     state = {
-        "module": {"w": w.bfloat16(), "b": torch.ones(3, dtype=torch.float16), "n": torch.tensor(5)},
+        "module": {
+            "w": w.bfloat16(),
+            "b": torch.ones(3, dtype=torch.float16),
+            "n": torch.tensor(5),
+        },
         "master": {"w": w},
     }
     sd = zckpt.fp32_state_dict(shards_of(state, zckpt.ZeroSpec(3, 3)))
@@ -116,7 +122,9 @@ def test_fp32_state_dict_prefers_master_weights() -> None:
 def test_missing_rank_is_named() -> None:
     state = {"master": {"w": torch.arange(20.0)}}
     shards = shards_of(state, zckpt.ZeroSpec(4, 1))
-    with pytest.raises(zckpt.CoverageError, match=r"master/w: elements \[12, 18\) .*rank\(s\) \[2\]"):
+    with pytest.raises(
+        zckpt.CoverageError, match=r"master/w: elements \[12, 18\) .*rank\(s\) \[2\]"
+    ):
         zckpt.consolidate([s for s in shards if s.rank != 2])
 
 

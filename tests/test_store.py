@@ -120,9 +120,14 @@ def test_fp32_state_dict_loads_into_the_model(tmp_path: Path) -> None:
         k: lowp.setdefault(v.data_ptr(), v.bfloat16() if v.is_floating_point() else v)
         for k, v in model.state_dict().items()
     }
-    state = {"module": module, "master": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    state = {
+        "module": module,
+        "master": {n: p.detach().clone() for n, p in model.named_parameters()},
+    }
     assert "head.weight" not in names  # named_parameters lists a tied weight once
-    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(3, 3, param_groups=(tuple(names),)), tag="t")
+    zckpt.save_checkpoint(
+        tmp_path, state, zckpt.ZeroSpec(3, 3, param_groups=(tuple(names),)), tag="t"
+    )
     sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path)
     fresh = TiedLM()
     fresh.load_state_dict(sd, strict=True)
@@ -144,7 +149,12 @@ def test_lazy_mode_reads_on_materialisation(tmp_path: Path) -> None:
 def test_exclude_frozen_parameters_at_save(tmp_path: Path) -> None:
     state = model_state()
     zckpt.save_checkpoint(
-        tmp_path, state, spec(2, 2), tag="t", frozen=["frozen.weight"], exclude_frozen_parameters=True
+        tmp_path,
+        state,
+        spec(2, 2),
+        tag="t",
+        frozen=["frozen.weight"],
+        exclude_frozen_parameters=True,
     )
     got = zckpt.load_checkpoint(tmp_path)
     assert "frozen.weight" not in got.state["module"]
@@ -154,7 +164,9 @@ def test_exclude_frozen_parameters_at_save(tmp_path: Path) -> None:
 
 def test_load_flags(tmp_path: Path) -> None:
     state = model_state()
-    zckpt.save_checkpoint(tmp_path, state, spec(2, 2), tag="t", client_state={"epoch": 2, "t": torch.ones(2)})
+    zckpt.save_checkpoint(
+        tmp_path, state, spec(2, 2), tag="t", client_state={"epoch": 2, "t": torch.ones(2)}
+    )
     keys = list(state["module"])
 
     got = zckpt.load_checkpoint(tmp_path, module_keys=keys)
@@ -162,7 +174,9 @@ def test_load_flags(tmp_path: Path) -> None:
     assert got.missing_keys == () and got.unexpected_keys == ()
 
     renamed = [*keys[:-1], "renamed"]
-    with pytest.raises(zckpt.LoadError, match=r"missing \['renamed'\], unexpected \['num_batches'\]"):
+    with pytest.raises(
+        zckpt.LoadError, match=r"missing \['renamed'\], unexpected \['num_batches'\]"
+    ):
         zckpt.load_checkpoint(tmp_path, module_keys=renamed)
     got = zckpt.load_checkpoint(tmp_path, module_keys=renamed, load_module_strict=False)
     assert got.missing_keys == ("renamed",) and got.unexpected_keys == ("num_batches",)
@@ -172,7 +186,9 @@ def test_load_flags(tmp_path: Path) -> None:
     assert list(got.state) == ["module"] and got.client_state["epoch"] == 2
 
     got = zckpt.load_checkpoint(tmp_path, load_optimizer_states=False)
-    assert "optimizer" not in got.state and "master" not in got.state and "lr_scheduler" in got.state
+    assert (
+        "optimizer" not in got.state and "master" not in got.state and "lr_scheduler" in got.state
+    )
 
     got = zckpt.load_checkpoint(tmp_path, load_lr_scheduler_states=False)
     assert "lr_scheduler" not in got.state and "optimizer" in got.state
@@ -215,7 +231,10 @@ def test_named_missing_or_torn_tag_raises(tmp_path: Path) -> None:
 def test_tags(tmp_path: Path) -> None:
     state = model_state()
     assert zckpt.save_checkpoint(tmp_path, state, spec(2, 1)).tag == "global_step3"
-    assert zckpt.save_checkpoint(tmp_path, {"w": torch.ones(1)}, spec(1, 1), global_step=7).tag == "global_step7"
+    assert (
+        zckpt.save_checkpoint(tmp_path, {"w": torch.ones(1)}, spec(1, 1), global_step=7).tag
+        == "global_step7"
+    )
     for bad in ["", "a/b", "..", ".hidden", "x\n", "a\\b", "latest", "x" * 201]:
         with pytest.raises(zckpt.TagError):
             zckpt.save_checkpoint(tmp_path, state, spec(2, 1), tag=bad)
@@ -245,7 +264,9 @@ def test_keep_last_never_deletes_latest(tmp_path: Path) -> None:
     for i, t in enumerate(["a", "b", "c"]):
         zckpt.save_checkpoint(tmp_path, model_state(i), spec(2, 1), tag=t, keep_last=2)
     assert [c.tag for c in zckpt.list_tags(str(tmp_path))] == ["b", "c"]
-    zckpt.save_checkpoint(tmp_path, model_state(3), spec(2, 1), tag="d", save_latest=False, keep_last=1)
+    zckpt.save_checkpoint(
+        tmp_path, model_state(3), spec(2, 1), tag="d", save_latest=False, keep_last=1
+    )
     assert (tmp_path / "latest").read_text() == "c"
     assert [c.tag for c in zckpt.list_tags(str(tmp_path))] == ["c", "d"]
 
@@ -258,11 +279,15 @@ def test_client_state_is_namespaced_and_checked(tmp_path: Path) -> None:
     assert got.client_state == client
     assert_states_equal(got.state, state)
     with pytest.raises(zckpt.StateError, match=r"client_state: sched/fn: cannot store .*function"):
-        zckpt.save_checkpoint(tmp_path, state, spec(2, 1), tag="u", client_state={"sched": {"fn": print}})
+        zckpt.save_checkpoint(
+            tmp_path, state, spec(2, 1), tag="u", client_state={"sched": {"fn": print}}
+        )
     assert not (tmp_path / "u" / "manifest.zckm").exists()
 
 
-def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_keeps_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     good = model_state(0)
     zckpt.save_checkpoint(tmp_path, good, spec(4, 2), tag="good")
     real_writev = os.writev
@@ -276,7 +301,9 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyt
         return real_writev(fd, buffers)
 
     monkeypatch.setattr(_storage.os, "writev", failing_writev)
-    with pytest.raises(zckpt.SaveError, match=r"rank 2: StorageError: .*No space left on device") as info:
+    with pytest.raises(
+        zckpt.SaveError, match=r"rank 2: StorageError: .*No space left on device"
+    ) as info:
         zckpt.save_checkpoint(tmp_path, model_state(1), spec(4, 2), tag="bad")
     assert isinstance(info.value.__cause__, OSError)
     monkeypatch.undo()
@@ -288,7 +315,9 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyt
         zckpt.load_checkpoint(tmp_path, tag="bad")
 
 
-def test_failed_fsync_of_manifest_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_fsync_of_manifest_keeps_previous(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     good = model_state(0)
     zckpt.save_checkpoint(tmp_path, good, spec(2, 2), tag="good")
     real_fsync = os.fsync
@@ -299,7 +328,7 @@ def test_failed_fsync_of_manifest_keeps_previous(tmp_path: Path, monkeypatch: py
         real_fsync(fd)
 
     monkeypatch.setattr(_storage.os, "fsync", eio)
-    with pytest.raises(zckpt.SaveError, match="committing .* failed: .*Input/output error"):
+    with pytest.raises(zckpt.SaveError, match=r"committing .* failed: .*Input/output error"):
         zckpt.save_checkpoint(tmp_path, model_state(1), spec(2, 2), tag="good", overwrite=True)
     monkeypatch.undo()
     assert_states_equal(zckpt.load_checkpoint(tmp_path).state, good)
@@ -335,7 +364,9 @@ class CountingStorage(zckpt.store.LocalStorage):
 
 
 @pytest.mark.parametrize(("save", "load"), [((4, 2), (3, 2)), ((2, 3), (5, 1)), ((8, 1), (1, 3))])
-def test_load_reads_only_overlapping_ranges(tmp_path: Path, save: tuple[int, int], load: tuple[int, int]) -> None:
+def test_load_reads_only_overlapping_ranges(
+    tmp_path: Path, save: tuple[int, int], load: tuple[int, int]
+) -> None:
     g = torch.Generator().manual_seed(0)
     master = {f"p{i}": torch.randn(256, 129, generator=g) for i in range(8)}
     state = {"module": {k: v.bfloat16() for k, v in master.items()}, "master": master}

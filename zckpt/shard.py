@@ -175,7 +175,9 @@ def shard_from_local(
             g = plan.groups[p.group]
             buf = groups.get(p.group)
             if buf is None:
-                raise SpecError(f"rank {rank}: no partition given for flat group {p.group} ({g.key})")
+                raise SpecError(
+                    f"rank {rank}: no partition given for flat group {p.group} ({g.key})"
+                )
             off = g.offsets[g.leaves.index(f.leaf)] + f.start - rank * g.partition_numel
             src, what = buf, f"flat group {p.group} ({g.key})"
         else:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -39,7 +39,7 @@ __all__ = [
     "unflatten",
 ]
 
-Key = Union[str, int]
+Key = str | int
 Path = tuple[Key, ...]
 
 # Node tags of the skeleton tree. They are also the on-disk codes (docs/format.md): never reuse.

@@ -163,7 +163,9 @@ class Fp32Entry(NamedTuple):
     tied_to: str | None
 
 
-def fp32_entries(skel: Skeleton, spec: ZeroSpec, exclude: frozenset[str] = frozenset()) -> list[Fp32Entry]:
+def fp32_entries(
+    skel: Skeleton, spec: ZeroSpec, exclude: frozenset[str] = frozenset()
+) -> list[Fp32Entry]:
     """The keys of the module's fp32 state dict, in module order, tied keys included.
 
     Example:
@@ -218,7 +220,9 @@ def assemble_fp32(
         yield e.name, t
 
 
-def fp32_state_dict(shards: Sequence[Shard], *, exclude: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+def fp32_state_dict(
+    shards: Sequence[Shard], *, exclude: Iterable[str] = ()
+) -> dict[str, torch.Tensor]:
     """The module's state dict in fp32: master weights where present, upcast weights otherwise.
 
     Tensors under the spec's ``module`` subtree become fp32 (integer buffers keep their dtype);

@@ -240,4 +240,3 @@ def plan_shards(state: Any, spec: ZeroSpec) -> ShardPlan:
         tuple(groups),
         tuple(tuple(sorted(w)) for w in writes),
     )
-

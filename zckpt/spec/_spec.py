@@ -171,4 +171,3 @@ class ZeroSpec:
             )
         except (KeyError, TypeError) as e:
             raise SpecError(f"malformed spec {d!r}: {e}") from None
-

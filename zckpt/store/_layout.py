@@ -65,7 +65,7 @@ def check_tag(tag: object) -> str:
         >>> check_tag("../etc")
         Traceback (most recent call last):
         ...
-        zckpt.store._layout.TagError: tag '../etc' is not a safe directory name: it contains a path separator
+        zckpt.store._layout.TagError: tag '../etc' is not a safe directory name: it contains a ...
     """
     if not isinstance(tag, str):
         raise TagError(f"tag must be a str, got {type(tag).__name__} {tag!r}")

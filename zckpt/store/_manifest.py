@@ -92,7 +92,7 @@ class Manifest:
 
 def encode_manifest(m: Manifest) -> bytes:
     """Manifest bytes: preamble + msgpack body."""
-    body = msgpack.packb(
+    body: bytes = msgpack.packb(
         {
             "format": VERSION,
             "zckpt_version": m.zckpt_version,
@@ -119,7 +119,9 @@ def decode_manifest(data: bytes, where: str = "manifest") -> Manifest:
     if magic != MAGIC:
         raise FormatError(f"{where}: not a zckpt manifest (bad magic at byte 0)")
     if version > VERSION:
-        raise VersionError(f"{where}: manifest format {version} is newer than this zckpt ({VERSION})")
+        raise VersionError(
+            f"{where}: manifest format {version} is newer than this zckpt ({VERSION})"
+        )
     body = data[_PRE.size :]
     if n > _MAX_BODY or len(body) != n:
         raise FormatError(f"{where}: body is {len(body)} bytes, the preamble says {n}")

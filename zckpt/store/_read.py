@@ -11,14 +11,19 @@ from typing import Any
 import torch
 
 from zckpt.errors import FormatError, TruncatedError, ZckptError
-from zckpt.format import BlobHeader, decode_fragment, decode_header, read_header_size
-from zckpt.format import PREAMBLE_SIZE
+from zckpt.format import PREAMBLE_SIZE, BlobHeader, decode_fragment, decode_header, read_header_size
 from zckpt.spec import Fragment
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, check_tag, read_latest
 from zckpt.store._manifest import FileRecord, Manifest, decode_manifest
 from zckpt.store._storage import LocalStorage, Storage, StorageError
 
-__all__ = ["Checkpoint", "CheckpointNotFoundError", "FileSource", "open_checkpoint", "read_manifest"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointNotFoundError",
+    "FileSource",
+    "open_checkpoint",
+    "read_manifest",
+]
 
 _MAX_MANIFEST = 1 << 31
 
@@ -165,9 +170,7 @@ class FileSource:
             raise type(e)(f"{path}: {e}") from None
 
 
-def resolve(
-    storage: Storage, path: str, tag: str | None
-) -> tuple[str, str] | None:
+def resolve(storage: Storage, path: str, tag: str | None) -> tuple[str, str] | None:
     """(tag directory, tag) for a save_dir or tag directory; None if nothing is committed there.
 
     A directory holding a manifest is a tag directory. Otherwise the tag is ``tag``, else the

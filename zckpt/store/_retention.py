@@ -76,7 +76,10 @@ def apply_retention(save_dir: str, keep_last: int, *, storage: Storage | None = 
     storage = storage or LocalStorage()
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
-    protected = {read_latest(storage, save_dir, LATEST), read_latest(storage, save_dir, LATEST_UNIVERSAL)}
+    protected = {
+        read_latest(storage, save_dir, LATEST),
+        read_latest(storage, save_dir, LATEST_UNIVERSAL),
+    }
     tags = list_tags(save_dir, storage=storage)
     doomed = [c.tag for c in tags[: max(0, len(tags) - keep_last)] if c.tag not in protected]
     for tag in doomed:
@@ -85,8 +88,10 @@ def apply_retention(save_dir: str, keep_last: int, *, storage: Storage | None = 
 
 
 def _ours(name: str) -> bool:
-    return generation_of(name) is not None or name == MANIFEST or (
-        name.startswith(".") and ".tmp." in name
+    return (
+        generation_of(name) is not None
+        or name == MANIFEST
+        or (name.startswith(".") and ".tmp." in name)
     )
 
 

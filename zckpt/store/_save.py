@@ -258,7 +258,9 @@ def save_checkpoint(
             records.append(c.to_obj())
     except Exception as e:  # reported to every rank below, then raised as a SaveError
         errors[failing_rank], first_error = _failure_text(e), e
-    reports = comm.all_gather({"records": records, "errors": {str(k): v for k, v in errors.items()}})
+    reports = comm.all_gather(
+        {"records": records, "errors": {str(k): v for k, v in errors.items()}}
+    )
     failed = {int(k): v for r in reports for k, v in r["errors"].items()}
     if failed:
         if comm.rank == 0:
@@ -273,14 +275,27 @@ def save_checkpoint(
         try:
             if skeleton is None:  # unreachable: round 2 succeeded on rank 0
                 raise ZckptError("internal error: no skeleton after a successful write")
-            _commit(storage, save_dir, tag, gen, spec, skeleton, reports, frozen_names,
-                    exclude_frozen_parameters, save_latest, keep_last)
+            _commit(
+                storage,
+                save_dir,
+                tag,
+                gen,
+                spec,
+                skeleton,
+                reports,
+                frozen_names,
+                exclude_frozen_parameters,
+                save_latest,
+                keep_last,
+            )
         except (ZckptError, OSError) as e:
             commit_error = _failure_text(e)
             first_error = e
     outcome = comm.all_gather(commit_error)
     if outcome[0] is not None:
-        raise SaveError(f"committing {tag_dir} failed: {outcome[0]}", {0: outcome[0]}) from first_error
+        raise SaveError(
+            f"committing {tag_dir} failed: {outcome[0]}", {0: outcome[0]}
+        ) from first_error
     return Saved(tag_dir, tag)
 
 
@@ -340,4 +355,3 @@ def _commit(
         write_latest(storage, save_dir, tag)
     if keep_last is not None:
         apply_retention(save_dir, keep_last, storage=storage)
-

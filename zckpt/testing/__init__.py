@@ -14,7 +14,6 @@ Example:
 """
 
 from zckpt.testing._assertions import assert_states_equal, tensors_bitwise_equal
-from zckpt.testing._threads import ThreadComm, gather_errors, run_ranks
 from zckpt.testing._strategies import (
     DTYPES,
     FLOAT_DTYPES,
@@ -24,6 +23,7 @@ from zckpt.testing._strategies import (
     training_states,
     trees,
 )
+from zckpt.testing._threads import ThreadComm, gather_errors, run_ranks
 
 __all__ = [
     "DTYPES",

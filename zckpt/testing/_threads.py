@@ -84,7 +84,7 @@ def run_ranks(fn: Callable[[ThreadComm], T], world_size: int, timeout: float = 6
         t.join(timeout * 4)
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if failed:
-        rank, first = failed[0]
+        _, first = failed[0]
         for r, e in failed[1:]:
             first.add_note(f"rank {r} also raised {type(e).__name__}: {e}")
         raise first
