@@ -136,7 +136,16 @@ class Checkpoint:
 
 @dataclass(frozen=True, eq=False)
 class FileSource:
-    """One saved fragment in a blob file, read range by range (only overlapping chunks)."""
+    """One saved fragment in a blob file, read range by range (only overlapping chunks).
+
+    Example:
+        >>> import tempfile, torch, zckpt
+        >>> d = tempfile.mkdtemp()
+        >>> _ = zckpt.save_checkpoint(d, {"w": torch.arange(4.0)}, zckpt.ZeroSpec(1, 1), tag="t")
+        >>> src = zckpt.open_checkpoint(d).sources()[0]
+        >>> src.fragment, src.read(1, 3).tolist()
+        (Fragment(leaf=0, start=0, stop=4), [1.0, 2.0])
+    """
 
     fragment: Fragment
     checkpoint: Checkpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -29,7 +30,7 @@ from zckpt.store._manifest import FileRecord, Manifest, encode_manifest
 from zckpt.store._read import read_manifest
 from zckpt.store._retention import apply_retention
 from zckpt.store._storage import LocalStorage, Storage
-from zckpt.tree import Skeleton, flatten
+from zckpt.tree import flatten
 
 __all__ = ["SaveError", "Saved", "save_checkpoint"]
 
@@ -204,58 +205,188 @@ def save_checkpoint(
         >>> pathlib.Path(d, "latest").read_text()
         'global_step10'
     """
+    prepared = prepare_save(
+        save_dir,
+        state,
+        spec,
+        tag=tag,
+        client_state=client_state,
+        save_latest=save_latest,
+        exclude_frozen_parameters=exclude_frozen_parameters,
+        frozen=frozen,
+        global_step=global_step,
+        tag_validation=tag_validation,
+        overwrite=overwrite,
+        keep_last=keep_last,
+        codec=codec,
+        level=level,
+        chunk_bytes=chunk_bytes,
+        comm=comm,
+        storage=storage,
+    )
+    return write_and_commit(prepared)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedSave:
+    """A save after validation and the first collective round, before any file is written.
+
+    ``shards`` are what this process writes (views of the caller's tensors: an asynchronous save
+    replaces them with snapshots before handing the rest to a background thread).
+    """
+
+    save_dir: str
+    tag: str
+    generation: str
+    spec: ZeroSpec
+    shards: tuple[Shard, ...]
+    client: dict[str, Any]
+    frozen: tuple[str, ...]
+    excluded_frozen: bool
+    save_latest: bool
+    keep_last: int | None
+    encoding: dict[str, Any]
+    comm: Comm
+    storage: Storage
+
+    @property
+    def tag_dir(self) -> str:
+        """``save_dir/tag``."""
+        return os.path.join(self.save_dir, self.tag)
+
+    def with_shards(self, shards: tuple[Shard, ...], client: dict[str, Any]) -> PreparedSave:
+        """The same save writing other shard data (snapshots)."""
+        return dataclasses.replace(self, shards=shards, client=client)
+
+
+def prepare_save(
+    save_dir: str | os.PathLike[str],
+    state: Any,
+    spec: ZeroSpec | None = None,
+    *,
+    tag: str | None = None,
+    client_state: Mapping[str, Any] | None = None,
+    save_latest: bool = True,
+    exclude_frozen_parameters: bool = False,
+    frozen: Iterable[str] = (),
+    global_step: int | None = None,
+    tag_validation: str = "warn",
+    overwrite: bool = False,
+    keep_last: int | None = None,
+    codec: str = "raw",
+    level: int = 1,
+    chunk_bytes: int = 8 << 20,
+    comm: Comm | None = None,
+    storage: Storage | None = None,
+) -> PreparedSave:
+    """Validate a save and agree on it across ranks (round 1); write nothing yet.
+
+    Every rank checks its own inputs, then the ranks all-gather their tags, a generation and any
+    error, so a bad input on one rank makes every rank raise instead of leaving the others
+    waiting. Arguments are those of :func:`save_checkpoint`.
+
+    Example:
+        >>> import tempfile, torch, zckpt
+        >>> from zckpt.store._save import prepare_save, write_and_commit
+        >>> d, spec = tempfile.mkdtemp(), zckpt.ZeroSpec(2, 1)
+        >>> p = prepare_save(d, {"w": torch.ones(4)}, spec, tag="t")
+        >>> [s.rank for s in p.shards], write_and_commit(p).tag
+        ([0, 1], 't')
+    """
     storage = storage or LocalStorage()
     comm = comm or SingleProcess()
     save_dir = os.fspath(save_dir)
-    local_shard = state if isinstance(state, Shard) else None
-    if local_shard is not None:
-        spec = local_shard.spec if spec is None else spec
-    if spec is None:
-        raise SpecError("save_checkpoint needs a spec (or a Shard, which carries one)")
-    if comm.size > 1 and comm.size != spec.world_size:
-        raise SpecError(f"the process group has {comm.size} ranks but the spec {spec.world_size}")
-    my_tag = check_tag(tag if tag is not None else _default_tag(state, global_step))
-    client = _check_client_state(client_state)
-    frozen_names = tuple(frozen)
-    enc = {"codec": codec, "level": level, "chunk_bytes": chunk_bytes}
-
-    # Round 1: agree on the tag and generation, and learn whether the tag already exists.
-    tag_dir = os.path.join(save_dir, my_tag)
+    my_tag = ""
+    shards: list[Shard] = []
+    client: dict[str, Any] = {}
     exists = False
-    if comm.rank == 0:
-        storage.makedirs(save_dir)
-        exists = _committed(storage, tag_dir)
-        storage.makedirs(tag_dir)
-    agreed = comm.all_gather({"tag": my_tag, "gen": new_generation(), "exists": exists})
-    check_same_tags([a["tag"] for a in agreed], tag_validation)
-    tag, gen, exists = agreed[0]["tag"], agreed[0]["gen"], agreed[0]["exists"]
-    tag_dir = os.path.join(save_dir, tag)
-    if exists and not overwrite:
-        raise TagError(f"{tag_dir} already holds a committed checkpoint; pass overwrite=True")
-
-    # Round 2: every rank writes its files durably and reports them (or its error).
-    records: list[dict[str, Any]] = []
-    errors: dict[int, str] = {}
-    first_error: BaseException | None = None
-    skeleton: Skeleton | None = None
-    failing_rank = comm.rank
+    local_error: BaseException | None = None
     try:
+        local_shard = state if isinstance(state, Shard) else None
+        if local_shard is not None:
+            spec = local_shard.spec if spec is None else spec
+        if spec is None:
+            raise SpecError("save_checkpoint needs a spec (or a Shard, which carries one)")
+        if comm.size > 1 and comm.size != spec.world_size:
+            raise SpecError(
+                f"the process group has {comm.size} ranks but the spec {spec.world_size}"
+            )
+        my_tag = check_tag(tag if tag is not None else _default_tag(state, global_step))
+        client = _check_client_state(client_state)
         if local_shard is not None:
             shards = [local_shard]
         else:
-            kept = drop_frozen(state, frozen_names) if exclude_frozen_parameters else state
+            kept = drop_frozen(state, frozen) if exclude_frozen_parameters else state
             plan = plan_shards(kept, spec)
             ranks = range(spec.world_size) if comm.size == 1 else [comm.rank]
             shards = [shard_state(kept, plan, r) for r in ranks]
-        skeleton = shards[0].skeleton
-        for sh in shards:
+        if comm.rank == 0:
+            storage.makedirs(save_dir)
+            exists = _committed(storage, os.path.join(save_dir, my_tag))
+            storage.makedirs(os.path.join(save_dir, my_tag))
+    except Exception as e:  # shared with every rank below, so none is left waiting
+        local_error = e
+    agreed = comm.all_gather(
+        {
+            "tag": my_tag,
+            "gen": new_generation(),
+            "exists": exists,
+            "error": None if local_error is None else _failure_text(local_error),
+        }
+    )
+    if local_error is not None:
+        raise local_error
+    failed = {r: a["error"] for r, a in enumerate(agreed) if a["error"] is not None}
+    if failed:
+        detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
+        raise SaveError(f"saving to {save_dir} failed before writing: {detail}", failed)
+    if spec is None:  # unreachable: a missing spec is a local error above
+        raise SpecError("save_checkpoint needs a spec")
+    check_same_tags([a["tag"] for a in agreed], tag_validation)
+    tag, gen, exists = agreed[0]["tag"], agreed[0]["gen"], agreed[0]["exists"]
+    if exists and not overwrite:
+        raise TagError(
+            f"{os.path.join(save_dir, tag)} already holds a committed checkpoint; "
+            "pass overwrite=True"
+        )
+    return PreparedSave(
+        save_dir=save_dir,
+        tag=tag,
+        generation=gen,
+        spec=spec,
+        shards=tuple(shards),
+        client=client,
+        frozen=tuple(frozen),
+        excluded_frozen=exclude_frozen_parameters,
+        save_latest=save_latest,
+        keep_last=keep_last,
+        encoding={"codec": codec, "level": level, "chunk_bytes": chunk_bytes},
+        comm=comm,
+        storage=storage,
+    )
+
+
+def write_and_commit(p: PreparedSave) -> Saved:
+    """Rounds 2 and 3 of a save: write every file durably, then rank 0 commits.
+
+    Safe to run in a background thread (an asynchronous save) once ``p.shards`` no longer alias
+    tensors that training mutates.
+    """
+    storage, comm, tag_dir, gen = p.storage, p.comm, p.tag_dir, p.generation
+    records: list[dict[str, Any]] = []
+    errors: dict[int, str] = {}
+    first_error: BaseException | None = None
+    failing_rank = comm.rank
+    try:
+        for sh in p.shards:
             failing_rank = sh.rank
-            name = blob_name(gen, sh.rank, spec.world_size)
-            records.append(_write_blob(storage, tag_dir, name, sh, sh.rank, enc).to_obj())
-        if comm.rank == 0 and client:
+            name = blob_name(gen, sh.rank, p.spec.world_size)
+            records.append(_write_blob(storage, tag_dir, name, sh, sh.rank, p.encoding).to_obj())
+        if comm.rank == 0 and p.client:
             failing_rank = 0
-            c = _write_blob(storage, tag_dir, client_name(gen), _client_shard(client), -1, enc)
-            records.append(c.to_obj())
+            client = _client_shard(p.client)
+            rec = _write_blob(storage, tag_dir, client_name(gen), client, -1, p.encoding)
+            records.append(rec.to_obj())
     except Exception as e:  # reported to every rank below, then raised as a SaveError
         errors[failing_rank], first_error = _failure_text(e), e
     reports = comm.all_gather(
@@ -269,34 +400,18 @@ def save_checkpoint(
         err = SaveError(f"saving {tag_dir} failed, nothing was committed: {detail}", failed)
         raise err from first_error
 
-    # Round 3: rank 0 commits; every rank learns the outcome.
     commit_error: str | None = None
     if comm.rank == 0:
         try:
-            if skeleton is None:  # unreachable: round 2 succeeded on rank 0
-                raise ZckptError("internal error: no skeleton after a successful write")
-            _commit(
-                storage,
-                save_dir,
-                tag,
-                gen,
-                spec,
-                skeleton,
-                reports,
-                frozen_names,
-                exclude_frozen_parameters,
-                save_latest,
-                keep_last,
-            )
+            _commit(p, reports)
         except (ZckptError, OSError) as e:
-            commit_error = _failure_text(e)
-            first_error = e
+            commit_error, first_error = _failure_text(e), e
     outcome = comm.all_gather(commit_error)
     if outcome[0] is not None:
         raise SaveError(
             f"committing {tag_dir} failed: {outcome[0]}", {0: outcome[0]}
         ) from first_error
-    return Saved(tag_dir, tag)
+    return Saved(tag_dir, p.tag)
 
 
 def _committed(storage: Storage, tag_dir: str) -> bool:
@@ -313,20 +428,12 @@ def _remove_generation(storage: Storage, tag_dir: str, gen: str) -> None:
             storage.remove(os.path.join(tag_dir, name))
 
 
-def _commit(
-    storage: Storage,
-    save_dir: str,
-    tag: str,
-    gen: str,
-    spec: ZeroSpec,
-    skeleton: Skeleton,
-    reports: list[dict[str, Any]],
-    frozen: tuple[str, ...],
-    excluded: bool,
-    save_latest: bool,
-    keep_last: int | None,
-) -> None:
-    tag_dir = os.path.join(save_dir, tag)
+def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> None:
+    storage, save_dir, tag, gen = p.storage, p.save_dir, p.tag, p.generation
+    tag_dir = p.tag_dir
+    skeleton = p.shards[0].skeleton if p.shards else None
+    if skeleton is None:
+        raise ZckptError(f"{tag_dir}: rank 0 wrote no shard, nothing to commit")
     files = sorted(
         (FileRecord.from_obj(r) for rep in reports for r in rep["records"]),
         key=lambda f: f.rank,
@@ -337,12 +444,12 @@ def _commit(
         tag=tag,
         generation=gen,
         committed_at=time.time(),
-        spec=spec,
+        spec=p.spec,
         skeleton=skeleton,
         files=tuple(files),
         client=client,
-        frozen=frozen,
-        excluded_frozen=excluded,
+        frozen=p.frozen,
+        excluded_frozen=p.excluded_frozen,
         zckpt_version=zckpt.__version__,
     )
     storage.write_atomic(os.path.join(tag_dir, MANIFEST), [encode_manifest(manifest)])
@@ -351,7 +458,7 @@ def _commit(
         g = generation_of(name)
         if g is not None and g != gen:
             storage.remove(os.path.join(tag_dir, name))
-    if save_latest:
+    if p.save_latest:
         write_latest(storage, save_dir, tag)
-    if keep_last is not None:
-        apply_retention(save_dir, keep_last, storage=storage)
+    if p.keep_last is not None:
+        apply_retention(save_dir, p.keep_last, storage=storage)
