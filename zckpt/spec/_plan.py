@@ -15,7 +15,7 @@ from zckpt.tree import Path, Skeleton, TensorMeta, skeleton_of
 __all__ = ["FlatGroup", "Fragment", "Placement", "ShardPlan", "plan_shards"]
 
 # Placement kinds.
-FLAT, TENSOR, REPLICATED, EMPTY = "flat", "tensor", "replicated", "empty"
+FLAT, TENSOR, REPLICATED, EMPTY, EXPERT = "flat", "tensor", "replicated", "empty", "expert"
 
 
 class Fragment(NamedTuple):
@@ -40,8 +40,9 @@ class Placement(NamedTuple):
     """How one tensor leaf is laid out over ranks.
 
     ``kind`` is ``"flat"`` (in stage 1/2 flat group ``group``), ``"tensor"`` (partitioned on its
-    own, stage 3), ``"replicated"`` (whole on every rank, written by ``owner``) or ``"empty"`` (no
-    elements; rebuilt from its meta).
+    own, stage 3), ``"replicated"`` (whole on every rank, written by ``owner``), ``"expert"``
+    (a tensor of MoE expert ``expert``, written whole by ``owner`` into that expert's file) or
+    ``"empty"`` (no elements; rebuilt from its meta).
 
     Example:
         >>> Placement("replicated", owner=1).owner
@@ -51,6 +52,7 @@ class Placement(NamedTuple):
     kind: str
     group: int = -1
     owner: int = -1
+    expert: int = -1
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class ShardPlan:
     placements: tuple[Placement, ...]
     groups: tuple[FlatGroup, ...]
     writes: tuple[tuple[Fragment, ...], ...]
+    num_experts: int = 0
 
     @property
     def world_size(self) -> int:
@@ -112,14 +115,46 @@ class ShardPlan:
             (Fragment(leaf=0, start=0, stop=4), Fragment(leaf=1, start=2, stop=4))
         """
         self._check_rank(rank)
-        own = {f.leaf: f for f in self.writes[rank] if self.placements[f.leaf].kind != REPLICATED}
+        whole = (REPLICATED, EXPERT)
+        own = {f.leaf: f for f in self.writes[rank] if self.placements[f.leaf].kind not in whole}
         out: list[Fragment] = []
         for leaf, p in enumerate(self.placements):
             if p.kind == REPLICATED:
                 out.append(Fragment(leaf, 0, self.skeleton.tensors[leaf].numel))
+            elif p.kind == EXPERT:
+                f = self._expert_holding(leaf, p.expert, rank)
+                if f is not None:
+                    out.append(f)
             elif leaf in own:
                 out.append(own[leaf])
         return tuple(out)
+
+    def expert_ranks(self, expert: int) -> tuple[int, ...]:
+        r"""The ranks holding ``expert``: its expert-data-parallel group.
+
+        Example:
+            >>> import torch
+            >>> s = {"module": {f"experts.{e}.w": torch.zeros(2) for e in range(4)}}
+            >>> spec = ZeroSpec(4, 1, experts=(r"experts\.(\d+)\.",), expert_parallel_size=2)
+            >>> plan_shards(s, spec).expert_ranks(3)
+            (1, 3)
+        """
+        ep = self.spec.expert_parallel_size
+        slot = expert // (self.num_experts // ep)
+        return tuple(r for r in range(self.world_size) if r % ep == slot)
+
+    def _expert_holding(self, leaf: int, expert: int, rank: int) -> Fragment | None:
+        group = self.expert_ranks(expert)
+        if rank not in group:
+            return None
+        meta = self.skeleton.tensors[leaf]
+        path = self.skeleton.paths[leaf]
+        if not meta.shape or (self.spec.stage < 3 and self.spec.is_module_path(path)):
+            return Fragment(leaf, 0, meta.numel)
+        per = -(-meta.numel // len(group))
+        i = group.index(rank)
+        a, b = i * per, min(meta.numel, (i + 1) * per)
+        return Fragment(leaf, a, b) if a < b else None
 
     def _check_rank(self, rank: int) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
@@ -173,8 +208,11 @@ def plan_shards(state: Any, spec: ZeroSpec) -> ShardPlan:
     group_members: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
     group_ids: dict[tuple[Any, ...], int] = {}
     for leaf, (path, meta) in enumerate(zip(skel.paths, skel.tensors)):
+        expert = spec.expert_of(path) if spec.experts else None
         if meta.numel == 0:
             placements.append(Placement(EMPTY))
+        elif expert is not None:
+            placements.append(Placement(EXPERT, expert=expert))
         elif len(meta.shape) == 0 or spec.is_replicated_path(path):
             placements.append(Placement(REPLICATED))
             replicated.append(leaf)
@@ -224,6 +262,21 @@ def plan_shards(state: Any, spec: ZeroSpec) -> ShardPlan:
                     writes[rank].append(Fragment(leaf, a, b))
                     load[rank] += (b - a) * meta.itemsize
 
+    # Experts: each expert's tensors are written whole, into its own file, by one rank of the
+    # expert's group (experts are spread over the group's ranks).
+    num_experts = 1 + max((p.expert for p in placements if p.kind == EXPERT), default=-1)
+    ep = spec.expert_parallel_size
+    if num_experts % ep:
+        raise SpecError(f"{num_experts} experts cannot be split over expert_parallel_size {ep}")
+    for leaf, p in enumerate(placements):
+        if p.kind == EXPERT:
+            slot = p.expert // (num_experts // ep)
+            group = [r for r in range(ws) if r % ep == slot]
+            writer = group[p.expert % len(group)]
+            placements[leaf] = p._replace(owner=writer)
+            writes[writer].append(Fragment(leaf, 0, skel.tensors[leaf].numel))
+            load[writer] += skel.tensors[leaf].nbytes
+
     # Replicated leaves: written once, largest first to the least-loaded rank (LPT scheduling).
     heap = [(load[r], r) for r in range(ws)]
     heapq.heapify(heap)
@@ -239,4 +292,5 @@ def plan_shards(state: Any, spec: ZeroSpec) -> ShardPlan:
         tuple(placements),
         tuple(groups),
         tuple(tuple(sorted(w)) for w in writes),
+        num_experts,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ def _prefix(p: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ZeroSpec:
-    """A ZeRO partition spec: world size, stage, alignment and the roles of a state's subtrees.
+    r"""A ZeRO partition spec: world size, stage, alignment and the roles of a state's subtrees.
 
     ZeRO semantics: the fp32 master weights and every optimizer state tensor are partitioned in
     every stage; the module (16-bit or fp32) weights under ``module`` are replicated under stages 1
@@ -36,6 +37,14 @@ class ZeroSpec:
     0-d tensors (step counters) and subtrees under ``replicate`` are never partitioned: each is
     written once, by one rank, the ranks taking turns so that writes run in parallel.
 
+    Mixture of Experts: a tensor is an expert tensor when one of its path keys matches a pattern
+    in ``experts`` (a regular expression whose first group is the global expert id, e.g.
+    ``r"experts\.(\d+)\."``). With ``expert_parallel_size`` = k, expert ``e`` of E lives on the
+    ranks whose ``rank % k == e // (E / k)`` (its expert-data-parallel group); its module weights
+    are replicated over that group under stages 1 and 2, everything else of it is partitioned
+    per tensor over the group. Each expert's tensors are written to a file of their own, so they
+    load at any other expert-parallel size and world size.
+
     Args:
         world_size: number of data-parallel ranks (>= 1).
         stage: ZeRO stage, 1, 2 or 3.
@@ -45,6 +54,8 @@ class ZeroSpec:
         master: top-level key of the fp32 master weights, keyed by the module's parameter names.
         replicate: ``/``-separated path prefixes of subtrees that are always replicated.
         param_groups: parameter names of each optimizer param group, in flat-buffer order.
+        experts: regular expressions matching expert parameter names; group 1 is the expert id.
+        expert_parallel_size: number of expert-parallel ranks (divides world size and experts).
 
     Example:
         >>> spec = ZeroSpec(world_size=4, stage=2)
@@ -61,6 +72,8 @@ class ZeroSpec:
     master: str = "master"
     replicate: tuple[str, ...] = ()
     param_groups: tuple[tuple[str, ...], ...] = ()
+    experts: tuple[str, ...] = ()
+    expert_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         for name in ("world_size", "stage", "alignment"):
@@ -75,6 +88,20 @@ class ZeroSpec:
             raise SpecError(f"ZeroSpec.alignment must be >= 1, got {self.alignment}")
         object.__setattr__(self, "replicate", tuple(self.replicate))
         object.__setattr__(self, "param_groups", tuple(tuple(g) for g in self.param_groups))
+        object.__setattr__(self, "experts", tuple(self.experts))
+        ep = self.expert_parallel_size
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+            raise SpecError(f"ZeroSpec.expert_parallel_size must be an int >= 1, got {ep!r}")
+        if self.world_size % ep:
+            raise SpecError(
+                f"ZeroSpec.expert_parallel_size {ep} does not divide world_size {self.world_size}"
+            )
+        for pat in self.experts:
+            try:
+                if re.compile(pat).groups < 1:
+                    raise SpecError(f"ZeroSpec.experts: pattern {pat!r} has no group for the id")
+            except re.error as e:
+                raise SpecError(f"ZeroSpec.experts: bad pattern {pat!r}: {e}") from None
         seen: dict[str, int] = {}
         for g, names in enumerate(self.param_groups):
             for n in names:
@@ -109,6 +136,8 @@ class ZeroSpec:
             self.master,
             self.replicate,
             self.param_groups,
+            self.experts,
+            self.expert_parallel_size if world_size % self.expert_parallel_size == 0 else 1,
         )
 
     def is_replicated_path(self, path: Path) -> bool:
@@ -120,6 +149,23 @@ class ZeroSpec:
         """
         keys = tuple(str(k) for k in path)
         return any(keys[: len(p)] == p for p in map(_prefix, self.replicate) if p)
+
+    def expert_of(self, path: Path) -> int | None:
+        r"""The global expert id of a tensor at ``path``, or None for a non-expert tensor.
+
+        Example:
+            >>> spec = ZeroSpec(2, 2, experts=(r"experts\.(\d+)\.",))
+            >>> spec.expert_of(("module", "moe.experts.3.w1")), spec.expert_of(("module", "fc"))
+            (3, None)
+        """
+        for pattern in self.experts:
+            rx = re.compile(pattern)
+            for key in path:
+                if isinstance(key, str):
+                    m = rx.search(key)
+                    if m:
+                        return int(m.group(1))
+        return None
 
     def is_module_path(self, path: Path) -> bool:
         """Whether ``path`` lies under the module subtree.
@@ -145,6 +191,8 @@ class ZeroSpec:
             "master": self.master,
             "replicate": list(self.replicate),
             "param_groups": [list(g) for g in self.param_groups],
+            "experts": list(self.experts),
+            "expert_parallel_size": self.expert_parallel_size,
         }
 
     @staticmethod
@@ -168,6 +216,8 @@ class ZeroSpec:
                 master=str(d.get("master", "master")),
                 replicate=tuple(str(p) for p in d.get("replicate", ())),
                 param_groups=tuple(tuple(str(n) for n in g) for g in d.get("param_groups", ())),
+                experts=tuple(str(p) for p in d.get("experts", ())),
+                expert_parallel_size=d.get("expert_parallel_size", 1),
             )
         except (KeyError, TypeError) as e:
             raise SpecError(f"malformed spec {d!r}: {e}") from None

@@ -7,6 +7,7 @@
       <tag>/
         manifest.zckm               commits the tag; written last, replaced atomically
         <gen>.rank00003-of-00008.zck  one blob per rank of save generation <gen>
+        <gen>.expert00002.zck       every tensor of MoE expert 2 (when the spec declares experts)
         <gen>.client.zck            client_state (when it is not empty)
 
 A tag directory without a valid manifest is invisible to loads (a save that was interrupted).
@@ -40,7 +41,9 @@ __all__ = [
 LATEST = "latest"
 LATEST_UNIVERSAL = "latest_universal"
 MANIFEST = "manifest.zckm"
-_BLOB = re.compile(r"^(?P<gen>[0-9a-f]{16})\.(rank(?P<rank>\d{5})-of-(?P<ws>\d{5})|client)\.zck$")
+_BLOB = re.compile(
+    r"^(?P<gen>[0-9a-f]{16})\.(rank(?P<rank>\d{5})-of-(?P<ws>\d{5})|expert(?P<e>\d{5})|client)\.zck$"
+)
 _MAX_TAG_BYTES = 200
 
 
@@ -126,6 +129,16 @@ def blob_name(gen: str, rank: int, world_size: int) -> str:
         '0123456789abcdef.rank00003-of-00008.zck'
     """
     return f"{gen}.rank{rank:05d}-of-{world_size:05d}.zck"
+
+
+def expert_name(gen: str, expert: int) -> str:
+    """File name of MoE expert ``expert``'s blob in generation ``gen``.
+
+    Example:
+        >>> expert_name("0123456789abcdef", 7)
+        '0123456789abcdef.expert00007.zck'
+    """
+    return f"{gen}.expert{expert:05d}.zck"
 
 
 def client_name(gen: str) -> str:

@@ -43,6 +43,7 @@ class FileRecord:
     size: int
     xxh3: int
     fragments: tuple[Fragment, ...]
+    expert: int = -1
 
     def to_obj(self) -> dict[str, Any]:
         """msgpack form."""
@@ -52,6 +53,7 @@ class FileRecord:
             "size": self.size,
             "xxh3": self.xxh3,
             "fragments": [list(f) for f in self.fragments],
+            "expert": self.expert,
         }
 
     @staticmethod
@@ -63,6 +65,7 @@ class FileRecord:
             int(d["size"]),
             int(d["xxh3"]),
             tuple(Fragment(int(a), int(b), int(c)) for a, b, c in d["fragments"]),
+            int(d.get("expert", -1)),
         )
 
 

@@ -22,6 +22,7 @@ from zckpt.store._layout import (
     check_same_tags,
     check_tag,
     client_name,
+    expert_name,
     generation_of,
     new_generation,
     write_latest,
@@ -120,11 +121,44 @@ def _check_client_state(client_state: Any) -> Any:
 
 
 def _write_blob(
-    storage: Storage, tag_dir: str, name: str, shard: Shard, rank: int, enc: Mapping[str, Any]
+    storage: Storage,
+    tag_dir: str,
+    name: str,
+    shard: Shard,
+    rank: int,
+    enc: Mapping[str, Any],
+    expert: int = -1,
 ) -> FileRecord:
     parts = encode_shard_parts(shard, **enc)
     size, digest = storage.write_atomic(os.path.join(tag_dir, name), parts.buffers)
-    return FileRecord(name, rank, size, digest, shard.fragments)
+    return FileRecord(name, rank, size, digest, shard.fragments, expert)
+
+
+def split_experts(shard: Shard) -> tuple[Shard, dict[int, Shard]]:
+    """A rank's shard without its MoE expert tensors, and one shard per expert it writes.
+
+    Example:
+        >>> import torch, zckpt
+        >>> s = {"module": {"experts.0.w": torch.ones(2), "gate": torch.ones(2)}}
+        >>> spec = zckpt.ZeroSpec(1, 1, experts=(r"experts\\.(\\d+)\\.",))
+        >>> base, experts = split_experts(zckpt.shard_state(s, zckpt.plan_shards(s, spec), 0))
+        >>> len(base.fragments), sorted(experts)
+        (1, [0])
+    """
+    spec, skel = shard.spec, shard.skeleton
+    if not spec.experts:
+        return shard, {}
+    base: list[int] = []
+    per: dict[int, list[int]] = {}
+    for i, f in enumerate(shard.fragments):
+        e = spec.expert_of(skel.paths[f.leaf])
+        (base if e is None else per.setdefault(e, [])).append(i)
+
+    def sub(idx: list[int]) -> Shard:
+        frags = tuple(shard.fragments[i] for i in idx)
+        return Shard(shard.rank, spec, skel, frags, tuple(shard.data[i] for i in idx))
+
+    return sub(base), {e: sub(idx) for e, idx in sorted(per.items())}
 
 
 def _client_shard(client_state: Mapping[str, Any]) -> Shard:
@@ -380,8 +414,14 @@ def write_and_commit(p: PreparedSave) -> Saved:
     try:
         for sh in p.shards:
             failing_rank = sh.rank
+            base, experts = split_experts(sh)
             name = blob_name(gen, sh.rank, p.spec.world_size)
-            records.append(_write_blob(storage, tag_dir, name, sh, sh.rank, p.encoding).to_obj())
+            records.append(_write_blob(storage, tag_dir, name, base, sh.rank, p.encoding).to_obj())
+            for e, esh in experts.items():
+                rec = _write_blob(
+                    storage, tag_dir, expert_name(gen, e), esh, sh.rank, p.encoding, e
+                )
+                records.append(rec.to_obj())
         if comm.rank == 0 and p.client:
             failing_rank = 0
             client = _client_shard(p.client)
