@@ -392,3 +392,14 @@ def test_load_reads_only_overlapping_ranges(
     replicated = sum(t.numel() * 2 for t in state["module"].values()) if load[1] < 3 else 0
     # No N-fold amplification: all ranks together read about the checkpoint once (+ replicas).
     assert total <= 1.3 * files + replicated * (target.world_size - 1)
+
+
+def test_latest_universal_is_understood(tmp_path: Path) -> None:
+    """DeepSpeed users point ``latest_universal`` at a checkpoint any world size can load: with
+    zckpt every checkpoint is one, so the pointer is honoured when ``latest`` is absent."""
+    state = model_state()
+    zckpt.save_checkpoint(tmp_path, state, spec(2, 2), tag="u", save_latest=False)
+    (tmp_path / "latest_universal").write_text("u")
+    got = zckpt.load_checkpoint(tmp_path, world_size=3, rank=0)
+    assert got.load_path == str(tmp_path / "u")
+    assert_states_equal(zckpt.load_checkpoint(tmp_path).state, state)
