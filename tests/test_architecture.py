@@ -57,7 +57,15 @@ def test_only_zckpt_dist_imports_torch_distributed() -> None:
 
 
 def public_objects() -> list[tuple[str, object]]:
-    mods = ["zckpt", "zckpt.testing", "zckpt.store", "zckpt.format", "zckpt.kernels", "zckpt.dist"]
+    mods = [
+        "zckpt",
+        "zckpt.testing",
+        "zckpt.store",
+        "zckpt.format",
+        "zckpt.kernels",
+        "zckpt.dist",
+        "zckpt.adapters",
+    ]
     out = []
     for m in mods:
         mod = importlib.import_module(m)

@@ -1,5 +1,9 @@
 """Rank synchronisation: the communicator protocol and its implementations.
 
+:class:`SingleProcess` is one process playing every rank; :class:`TorchComm` runs over a
+``torch.distributed`` process group (the only module of zckpt that imports it);
+:func:`default_comm` picks between them.
+
 Example:
     >>> from zckpt.dist import SingleProcess
     >>> SingleProcess().all_gather({"ok": True})
@@ -7,5 +11,6 @@ Example:
 """
 
 from zckpt.dist._comm import Comm, SingleProcess
+from zckpt.dist._torch import TorchComm, default_comm
 
-__all__ = ["Comm", "SingleProcess"]
+__all__ = ["Comm", "SingleProcess", "TorchComm", "default_comm"]

@@ -183,7 +183,7 @@ class ZeroSpec:
             >>> ZeroSpec.from_dict(ZeroSpec(2, 3).to_dict()) == ZeroSpec(2, 3)
             True
         """
-        return {
+        d: dict[str, Any] = {
             "world_size": self.world_size,
             "stage": self.stage,
             "alignment": self.alignment,
@@ -191,9 +191,13 @@ class ZeroSpec:
             "master": self.master,
             "replicate": list(self.replicate),
             "param_groups": [list(g) for g in self.param_groups],
-            "experts": list(self.experts),
-            "expert_parallel_size": self.expert_parallel_size,
         }
+        if self.experts or self.expert_parallel_size != 1:
+            # Added after v1's first blobs: written only when used, so older specs (and the
+            # golden blobs) encode to the same bytes (docs/format-evolution.md).
+            d["experts"] = list(self.experts)
+            d["expert_parallel_size"] = self.expert_parallel_size
+        return d
 
     @staticmethod
     def from_dict(d: Any) -> ZeroSpec:

@@ -1,0 +1,245 @@
+"""DeepSpeed's checkpoint method names for engine-style loops, on zckpt's functions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from zckpt.adapters._state import (
+    GLOBAL_STEPS,
+    LR_SCHEDULER,
+    MODULE,
+    frozen_names,
+    load_module_state,
+    restore_training_state,
+    spec_for,
+    training_state,
+    unwrap,
+)
+from zckpt.adapters._zero import ZeroAdamW, load_partitions, zero_shard
+from zckpt.dist import Comm, default_comm
+from zckpt.errors import SpecError
+from zckpt.spec import ZeroSpec
+from zckpt.store import Saved, Storage, load_checkpoint, open_checkpoint, save_checkpoint
+
+__all__ = ["Checkpointer"]
+
+
+class Checkpointer:
+    """``save_checkpoint``/``load_checkpoint`` with DeepSpeed's names, for a model, optimizer and
+    LR scheduler; every rank calls them.
+
+    With a plain ``torch.optim`` optimizer (data parallelism: every rank holds the whole state)
+    each rank writes only its shard of the state for ``stage``; a load reads the whole state on
+    every rank, at any world size. With a :class:`~zckpt.adapters.ZeroAdamW` each rank saves
+    its own partitions directly and loads exactly its partitions for the current world size.
+
+    Args:
+        model: the model (``DistributedDataParallel`` is unwrapped: names have no prefix).
+        optimizer: any ``torch.optim.Optimizer`` or a ``ZeroAdamW``, or None.
+        lr_scheduler: anything with ``state_dict()``/``load_state_dict()``, or None.
+        stage: the ZeRO stage of the written layout (a ``ZeroAdamW`` brings its own spec).
+        comm: the ranks (:mod:`zckpt.dist`); default :func:`zckpt.dist.default_comm`.
+        tag_validation: ``"warn"``, ``"ignore"`` or ``"fail"`` when ranks pass different tags.
+        keep_last: keep only the newest ``keep_last`` tags after each save.
+        codec: blob codec, ``"raw"``, ``"zstd"`` or ``"byteplane"``.
+        storage: the filesystem (:class:`zckpt.store.Storage`).
+
+    Attributes:
+        global_steps: the step counter your loop advances; saved, restored, and the default
+            tag's N (``global_step{N}``).
+
+    Example:
+        >>> import tempfile
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        >>> ckpt = Checkpointer(model, opt)
+        >>> model(torch.ones(3, 4)).sum().backward(); opt.step(); ckpt.global_steps += 1
+        >>> d = tempfile.mkdtemp()
+        >>> ckpt.save_checkpoint(d, client_state={"epoch": 2}).tag
+        'global_step1'
+        >>> model2 = torch.nn.Linear(4, 2)
+        >>> fresh = Checkpointer(model2, torch.optim.AdamW(model2.parameters()))
+        >>> path, client = fresh.load_checkpoint(d)
+        >>> client, fresh.global_steps, torch.equal(model2.weight, model.weight)
+        ({'epoch': 2}, 1, True)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_scheduler: Any | None = None,
+        *,
+        stage: int = 2,
+        comm: Comm | None = None,
+        tag_validation: str = "warn",
+        keep_last: int | None = None,
+        codec: str = "raw",
+        storage: Storage | None = None,
+    ) -> None:
+        self.module = unwrap(model)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.stage = stage
+        self.comm = default_comm() if comm is None else comm
+        self.tag_validation = tag_validation
+        self.keep_last = keep_last
+        self.codec = codec
+        self.storage = storage
+        self.global_steps = 0
+        if isinstance(optimizer, ZeroAdamW):
+            if optimizer.model is not self.module:
+                raise SpecError("the ZeroAdamW was built for another model")
+            if optimizer.world_size != self.comm.size or optimizer.rank != self.comm.rank:
+                raise SpecError(
+                    f"the ZeroAdamW is rank {optimizer.rank} of {optimizer.world_size}, the "
+                    f"process group's rank {self.comm.rank} of {self.comm.size}"
+                )
+
+    @property
+    def spec(self) -> ZeroSpec:
+        """The partition spec saves use.
+
+        Example:
+            >>> Checkpointer(torch.nn.Linear(2, 2)).spec.world_size
+            1
+        """
+        if isinstance(self.optimizer, ZeroAdamW):
+            return self.optimizer.spec
+        return spec_for(self.module, self.optimizer, self.comm.size, self.stage)
+
+    def save_checkpoint(
+        self,
+        save_dir: str | os.PathLike[str],
+        tag: str | None = None,
+        client_state: Mapping[str, Any] | None = None,
+        save_latest: bool = True,
+        exclude_frozen_parameters: bool = False,
+    ) -> Saved:
+        """Save module, optimizer, scheduler and ``global_steps`` as ``save_dir/<tag>``.
+
+        Every rank calls it; each writes only its own shard (see :func:`zckpt.save_checkpoint`
+        for the commit protocol and errors). The result is truthy, like DeepSpeed's ``True``.
+
+        Args:
+            save_dir: the checkpoint directory.
+            tag: default ``global_step{global_steps}``.
+            client_state: your values (msgpack-able values and tensors), returned by loads.
+            save_latest: point ``latest`` at this tag.
+            exclude_frozen_parameters: leave frozen parameters out of the module state.
+
+        Example:
+            >>> import tempfile
+            >>> ckpt = Checkpointer(torch.nn.Linear(2, 2))
+            >>> ckpt.save_checkpoint(tempfile.mkdtemp(), tag="warmup").tag
+            'warmup'
+        """
+        frozen = frozen_names(self.module)
+        state: Any
+        if isinstance(self.optimizer, ZeroAdamW):
+            state = zero_shard(
+                self.optimizer,
+                self.lr_scheduler,
+                global_steps=self.global_steps,
+                frozen=frozen,
+                exclude_frozen_parameters=exclude_frozen_parameters,
+            )
+        else:
+            state = training_state(
+                self.module, self.optimizer, self.lr_scheduler, global_steps=self.global_steps
+            )
+        return save_checkpoint(
+            save_dir,
+            state,
+            self.spec,
+            tag=tag,
+            client_state=client_state,
+            save_latest=save_latest,
+            exclude_frozen_parameters=exclude_frozen_parameters,
+            frozen=frozen,
+            global_step=self.global_steps,
+            tag_validation=self.tag_validation,
+            keep_last=self.keep_last,
+            codec=self.codec,
+            comm=self.comm,
+            storage=self.storage,
+        )
+
+    def load_checkpoint(
+        self,
+        load_dir: str | os.PathLike[str],
+        tag: str | None = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+        custom_load_fn: Callable[..., Any] | None = None,
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """Load a checkpoint saved at any world size into the model, optimizer and scheduler.
+
+        As DeepSpeed: the tag comes from ``latest`` when not given; ``custom_load_fn(src=
+        module_state_dict, dst=model)`` replaces the module loading step; with
+        ``load_module_only`` only the module is loaded (``global_steps`` is left alone).
+        Frozen parameters that the save excluded may be missing even in strict mode. A
+        ``ZeroAdamW`` loaded without its optimizer states refreshes its masters from the loaded
+        weights.
+
+        Returns:
+            ``(load_path, client_state)``; ``(None, None)`` when there was nothing to load (no
+            ``latest`` and no tag; a warning is logged).
+
+        Raises:
+            CheckpointNotFoundError: the tag (or the one ``latest`` names) is not committed.
+            LoadError: strict module keys or the optimizer's param groups do not match.
+
+        Example:
+            >>> import tempfile
+            >>> Checkpointer(torch.nn.Linear(2, 2)).load_checkpoint(tempfile.mkdtemp())
+            (None, None)
+        """
+        opt = self.optimizer
+        zero = isinstance(opt, ZeroAdamW)
+        want_optimizer = load_optimizer_states and not load_module_only
+        loaded = load_checkpoint(
+            load_dir,
+            tag=tag,
+            load_optimizer_states=want_optimizer and not zero,
+            load_lr_scheduler_states=load_lr_scheduler_states,
+            load_module_only=load_module_only,
+            storage=self.storage,
+        )
+        if loaded.load_path is None:
+            return None, None
+        ck = open_checkpoint(loaded.load_path, storage=self.storage)
+        allow_missing = ck.manifest.frozen if ck.manifest.excluded_frozen else ()
+        state = loaded.state if isinstance(loaded.state, dict) else {}
+        module = state.pop(MODULE, None)
+        if module is not None:
+            if custom_load_fn is not None:
+                custom_load_fn(src=module, dst=self.module)
+            else:
+                load_module_state(
+                    self.module, module, strict=load_module_strict, allow_missing=allow_missing
+                )
+        if load_module_only:
+            state = {}
+        if not load_lr_scheduler_states:
+            state.pop(LR_SCHEDULER, None)
+        if isinstance(opt, ZeroAdamW):
+            if want_optimizer:
+                load_partitions(opt, ck)
+            elif module is not None:
+                opt.refresh_master_from_params()
+            restore_training_state(state, None, None, self.lr_scheduler)
+        else:
+            restore_training_state(
+                state, self.module, opt if want_optimizer else None, self.lr_scheduler
+            )
+        steps = state.get(GLOBAL_STEPS)
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            self.global_steps = steps
+        return loaded.load_path, loaded.client_state
