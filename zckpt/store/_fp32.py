@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from zckpt.assemble import assemble_fp32, fp32_entries, index_sources
+from zckpt.store._load import LoadError
 from zckpt.store._read import open_checkpoint
-from zckpt.store._storage import Storage
+from zckpt.store._storage import LocalStorage, Storage
 
 __all__ = ["LazyTensor", "get_fp32_state_dict_from_zero_checkpoint"]
 
@@ -77,9 +78,22 @@ def get_fp32_state_dict_from_zero_checkpoint(
         >>> torch.equal(zckpt.get_fp32_state_dict_from_zero_checkpoint(d)["w"], w)
         True
     """
+    if storage is None or isinstance(storage, LocalStorage):
+        # Imported here: zckpt.interop imports this module (LazyTensor).
+        from zckpt.interop import deepspeed_fp32_state_dict, is_deepspeed_checkpoint
+
+        if is_deepspeed_checkpoint(checkpoint_dir, tag):
+            return deepspeed_fp32_state_dict(
+                checkpoint_dir, tag, exclude_frozen_parameters, lazy_mode
+            )
     ck = open_checkpoint(checkpoint_dir, tag, storage=storage)
     m = ck.manifest
     exclude = frozenset(m.frozen) if exclude_frozen_parameters else frozenset()
+    if not any(m.spec.is_module_path(p) for p, _ in m.skeleton.tensor_paths()):
+        raise LoadError(
+            f"{ck.path}: the checkpoint has no tensors under '{m.spec.module}' (the module state "
+            "dict); use zckpt.load_checkpoint or zckpt.consolidate for other states"
+        )
     entries = fp32_entries(m.skeleton, m.spec, exclude)
     index = index_sources(m.skeleton, ck.sources())
     if not lazy_mode:

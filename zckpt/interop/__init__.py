@@ -1,0 +1,69 @@
+"""Interoperability: reading DeepSpeed ZeRO checkpoints without DeepSpeed and without running
+their pickles' code.
+
+DeepSpeed's files are ``torch.save`` pickles; :func:`load_pickle` loads them with
+``weights_only=True`` and an allow-list of the four DeepSpeed types they hold (inert stand-ins;
+DeepSpeed is never imported). :func:`deepspeed_fp32_state_dict` rebuilds the fp32 state dict
+exactly as DeepSpeed's ``zero_to_fp32`` does, for stages 1, 2 and 3 and fp16, bf16 and fp32
+training; ``zckpt.get_fp32_state_dict_from_zero_checkpoint`` hands DeepSpeed directories to it.
+
+Example:
+    >>> import tempfile, torch, zckpt
+    >>> from zckpt.interop._synthetic import write_zero_checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> w = torch.randn(10)
+    >>> write_zero_checkpoint(d, {"w": w}, world_size=4, stage=1)
+    >>> zckpt.interop.is_deepspeed_checkpoint(d)
+    True
+    >>> torch.equal(zckpt.get_fp32_state_dict_from_zero_checkpoint(d)["w"], w)
+    True
+"""
+
+from __future__ import annotations
+
+import os
+
+from zckpt.interop._convert import ENGINE_KEYS, convert_deepspeed, deepspeed_training_state
+from zckpt.interop._deepspeed import GroupLayout, deepspeed_fp32_state_dict, group_layouts
+from zckpt.interop._files import DeepSpeedCheckpoint, ExpertFile, find_deepspeed, open_deepspeed
+from zckpt.interop._unpickle import (
+    ALLOWED_GLOBALS,
+    DeepSpeedFormatError,
+    FragmentAddress,
+    LossScaler,
+    UnsafePickleError,
+    ZeroStage,
+    load_pickle,
+)
+
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "ENGINE_KEYS",
+    "DeepSpeedCheckpoint",
+    "DeepSpeedFormatError",
+    "ExpertFile",
+    "FragmentAddress",
+    "GroupLayout",
+    "LossScaler",
+    "UnsafePickleError",
+    "ZeroStage",
+    "convert_deepspeed",
+    "deepspeed_fp32_state_dict",
+    "deepspeed_training_state",
+    "find_deepspeed",
+    "group_layouts",
+    "is_deepspeed_checkpoint",
+    "load_pickle",
+    "open_deepspeed",
+]
+
+
+def is_deepspeed_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> bool:
+    """Whether ``path`` (with ``tag``, or ``latest``) is a directory DeepSpeed wrote.
+
+    Example:
+        >>> import tempfile
+        >>> is_deepspeed_checkpoint(tempfile.mkdtemp())
+        False
+    """
+    return find_deepspeed(path, tag) is not None

@@ -1,0 +1,367 @@
+"""DeepSpeed ZeRO checkpoints to an fp32 state dict, as DeepSpeed's ``zero_to_fp32`` builds it.
+
+The loaded (memory-mapped) partitions become :class:`zckpt.assemble.TensorSource` views, one per
+piece of a parameter a rank holds; zckpt's own assembly then builds each output tensor straight
+from them (no concatenated group buffer, unlike DeepSpeed's stage 1/2 path), so memory is the
+output plus the pages of the files being read, and ``lazy_mode`` reads one tensor at a time.
+
+The output matches ``zero_to_fp32`` key for key: buffers (saved dtype), then frozen parameters
+(training dtype; recorded only by stage >= 2), then trainable parameters from the fp32 masters
+in ``param_shapes`` order, then the tied (``shared_params``) names, the same tensor objects.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from zckpt.assemble import Fp32Entry, TensorSource, assemble_fp32, index_sources
+from zckpt.errors import CoverageError
+from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
+from zckpt.interop._layout import Member, Piece, flat_group_pieces, partitioned_pieces
+from zckpt.interop._layout import stage3_piece_size as piece_size
+from zckpt.interop._moe import expert_pieces, is_expert_group, local_expert_counts
+from zckpt.interop._unpickle import DeepSpeedFormatError
+from zckpt.spec import Fragment
+from zckpt.store._fp32 import LazyTensor
+from zckpt.tree import DICT, TENSOR, Skeleton, TensorMeta
+
+__all__ = [
+    "GroupLayout",
+    "deepspeed_fp32_state_dict",
+    "fp32_sources",
+    "gather",
+    "group_layouts",
+    "partitions",
+]
+
+
+class GroupLayout(NamedTuple):
+    """One optimizer param group: its parameters (output names, shapes) and their pieces.
+
+    Example:
+        >>> GroupLayout(0, {"w": (2,)}, [Piece("w", 0, 2, 0, 0)]).shapes
+        {'w': (2,)}
+    """
+
+    group: int
+    shapes: dict[str, tuple[int, ...]]
+    pieces: list[Piece]
+
+
+def _shape(s: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(s, Sequence) or not all(isinstance(x, int) and x >= 0 for x in s):
+        raise DeepSpeedFormatError(f"{where}: {s!r} is not a shape")
+    return tuple(int(x) for x in s)
+
+
+def partitions(ck: DeepSpeedCheckpoint, key: str | None = None) -> list[list[torch.Tensor]]:
+    """``[rank][group]`` flat fp32 partitions, or (``key``) optimizer state tensors like them.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> write_zero_checkpoint(d, {"w": torch.randn(7)}, world_size=2, stage=1)
+        >>> [[p.numel() for p in r] for r in partitions(open_deepspeed(d))]
+        [[4], [3]]
+    """
+    out = []
+    n_groups = len(get(ck.model[0], "param_shapes", ck.model_files[0], list))
+    for o, f in zip(ck.optim, ck.optim_files):
+        if key is None:
+            name = "fp32_flat_groups" if ck.stage == 3 else "single_partition_of_fp32_groups"
+            ts = get(o, name, f, list)
+        else:
+            name = "optimizer_state_dict" if ck.stage == 3 else "base_optimizer_state"
+            state = get(get(o, name, f, Mapping), "state", f"{f}: {name}", Mapping)
+            ts = [get(state, g, f"{f}: {name}/state", Mapping).get(key) for g in range(n_groups)]
+            name = f"{name}/state/<group>/{key}"
+        if len(ts) != n_groups:
+            raise DeepSpeedFormatError(f"{f}: {len(ts)} {name} for {n_groups} param groups")
+        for g, t in enumerate(ts):
+            if not isinstance(t, torch.Tensor) or t.dim() != 1:
+                raise DeepSpeedFormatError(f"{f}: {name}[{g}] is not a 1-D tensor")
+        out.append(ts)
+    return out
+
+
+def _param_groups(ck: DeepSpeedCheckpoint) -> list[Any]:
+    key = "optimizer_state_dict" if ck.stage == 3 else "base_optimizer_state"
+    pg = ck.optim[0].get(key, {}).get("param_groups") if ck.optim else None
+    return list(pg) if isinstance(pg, list) else []
+
+
+def _param_shapes(ck: DeepSpeedCheckpoint) -> list[dict[str, tuple[int, ...]]]:
+    f0 = ck.model_files[0]
+    out = []
+    for g, d in enumerate(get(ck.model[0], "param_shapes", f0, list)):
+        where = f"{f0}: param_shapes[{g}]"
+        shapes = get({"g": d}, "g", where, Mapping)
+        out.append({str(n): _shape(s, f"{where}[{n}]") for n, s in shapes.items()})
+    return out
+
+
+def group_layouts(ck: DeepSpeedCheckpoint) -> list[GroupLayout]:
+    """Every optimizer param group's parameters and where their elements lie (no bytes read).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> write_zero_checkpoint(d, {"a": torch.ones(3), "b": torch.ones(2)}, world_size=2,
+        ...                       stage=3)
+        >>> [tuple(p) for p in group_layouts(open_deepspeed(d))[0].pieces]
+        [('a', 0, 2, 0, 0), ('a', 2, 3, 1, 0), ('b', 0, 1, 0, 2), ('b', 1, 2, 1, 2)]
+    """
+    shapes = _param_shapes(ck)
+    sizes = [[t.numel() for t in r] for r in partitions(ck)]
+    ws, path = ck.world_size, ck.path
+    if ck.stage == 3:
+        pc3 = {get(o, "partition_count", f, int) for o, f in zip(ck.optim, ck.optim_files)}
+        if pc3 != {ws}:
+            raise DeepSpeedFormatError(f"{path}: partition_count {sorted(pc3)} for {ws} ranks")
+        return [
+            GroupLayout(g, s, partitioned_pieces(s, [r[g] for r in sizes], f"{path}: group {g}"))
+            for g, s in enumerate(shapes)
+        ]
+    pcs = [get(o, "partition_count", f, list) for o, f in zip(ck.optim, ck.optim_files)]
+    maps = [o.get("param_slice_mappings") for o in ck.optim]
+    groups = _param_groups(ck)
+    expert = [g < len(groups) and is_expert_group(groups[g]) for g in range(len(shapes))]
+    counts = local_expert_counts(n for g, s in enumerate(shapes) if expert[g] for n in s)
+    known = {
+        k: tuple(t.shape)
+        for e in ck.experts
+        for k, t in e.state.items()
+        if isinstance(t, torch.Tensor)
+    }
+    out = []
+    for g, s in enumerate(shapes):
+        where = f"{path}: param group {g}"
+        pc = {p[g] if g < len(p) else None for p in pcs}
+        if len(pc) != 1 or not isinstance(next(iter(pc)), int):
+            raise DeepSpeedFormatError(f"{where}: partition_count {sorted(map(str, pc))}")
+        count = int(next(iter(pc)) or 0)
+
+        def member(r: int, g: int = g) -> Member:
+            m = maps[r]
+            if m is None:
+                return Member(r, sizes[r][g], None)
+            if not isinstance(m, list) or len(m) <= g or not isinstance(m[g], Mapping):
+                raise DeepSpeedFormatError(
+                    f"{ck.optim_files[r]}: param_slice_mappings has no mapping for param group {g}"
+                )
+            return Member(r, sizes[r][g], m[g])
+
+        if expert[g]:
+            names, pieces = expert_pieces(s, ws, count, member, counts, known, where)
+            out.append(GroupLayout(g, names, pieces))
+        elif count != ws:
+            raise DeepSpeedFormatError(
+                f"{where}: partitioned over {count} of {ws} ranks and not an MoE expert group "
+                "(hierarchical partitioning such as MiCS is not supported)"
+            )
+        else:
+            members = [member(r) for r in range(ws)]
+            out.append(GroupLayout(g, s, flat_group_pieces(s, members, where)))
+    return out
+
+
+class _Builder:
+    """Leaves, sources and entries of the output, in output order."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.metas: list[TensorMeta] = []
+        self.sources: list[TensorSource] = []
+        self.entries: list[Fp32Entry] = []
+        self.leaves: dict[str, int] = {}  # name -> leaf, tied names included
+
+    def leaf(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+        if name in self.leaves:
+            raise DeepSpeedFormatError(f"{self.where}: '{name}' is recorded twice")
+        self.metas.append(TensorMeta(dtype, shape))
+        self.entries.append(Fp32Entry(name, len(self.metas) - 1, dtype, None))
+        self.leaves[name] = len(self.metas) - 1
+        return len(self.metas) - 1
+
+    def add(self, leaf: int, start: int, data: torch.Tensor) -> None:
+        if data.numel():
+            frag = Fragment(leaf, start, start + data.numel())
+            self.sources.append(TensorSource(frag, data.reshape(-1)))
+
+    def whole(self, name: str, t: Any, what: str) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise DeepSpeedFormatError(f"{self.where}: {what} '{name}' is not a tensor")
+        self.add(self.leaf(name, t.dtype, tuple(t.shape)), 0, t)
+
+    def tie(self, name: str, target: str) -> None:
+        leaf = self.leaves.get(target)
+        if leaf is not None and name not in self.leaves:
+            self.entries.append(Fp32Entry(name, leaf, self.metas[leaf].dtype, target))
+            self.leaves[name] = leaf
+
+    def skeleton(self) -> Skeleton:
+        node = (DICT, tuple((e.name, (TENSOR, e.source)) for e in self.entries))
+        first = {e.source: e.name for e in reversed(self.entries) if e.tied_to is None}
+        return Skeleton(node, tuple(self.metas), tuple((first[i],) for i in range(len(self.metas))))
+
+
+def _frozen(b: _Builder, ck: DeepSpeedCheckpoint) -> None:
+    for r, (m, f) in enumerate(zip(ck.model, ck.model_files)):
+        shapes, frags = m.get("frozen_param_shapes"), m.get("frozen_param_fragments")
+        if shapes is None or (r and ck.stage != 3):
+            continue
+        shapes, frags = get({"s": shapes}, "s", f, Mapping), get({"f": frags}, "f", f, Mapping)
+        for name, s in shapes.items():
+            shape = _shape(s, f"{f}: frozen_param_shapes[{name}]")
+            t = get(frags, name, f"{f}: frozen_param_fragments", torch.Tensor)
+            n = TensorMeta(t.dtype, shape).numel
+            if ck.stage != 3:
+                if t.numel() != n:
+                    raise DeepSpeedFormatError(f"{f}: frozen '{name}' has {t.numel()} of {n}")
+                b.add(b.leaf(name, t.dtype, shape), 0, t)
+                continue
+            c = piece_size(n, ck.world_size)
+            if t.numel() != c:
+                raise DeepSpeedFormatError(f"{f}: frozen '{name}' holds {t.numel()}, not {c}")
+            leaf = b.leaf(name, t.dtype, shape) if r == 0 else _leaf_of(b, name, f)
+            if b.metas[leaf] != TensorMeta(t.dtype, shape):
+                raise DeepSpeedFormatError(f"{f}: frozen '{name}' differs from rank 0's")
+            b.add(leaf, r * c, t.reshape(-1)[: max(0, min(c, n - r * c))])
+
+
+def _leaf_of(b: _Builder, name: str, f: str) -> int:
+    if name in b.leaves:
+        return b.leaves[name]
+    raise DeepSpeedFormatError(f"{f}: frozen '{name}' is not in rank 0's frozen_param_shapes")
+
+
+def _add_group(b: _Builder, layout: GroupLayout, parts: list[list[torch.Tensor]]) -> None:
+    g = layout.group
+    dtypes = {r[g].dtype for r in parts}
+    if len(dtypes) != 1:
+        raise DeepSpeedFormatError(f"{b.where}: param group {g}: dtypes {dtypes} differ by rank")
+    leaves = {n: b.leaf(n, next(iter(dtypes)), s) for n, s in layout.shapes.items()}
+    for p in layout.pieces:
+        part = parts[p.rank][g]
+        if p.offset + p.numel > part.numel():
+            raise DeepSpeedFormatError(
+                f"{b.where}: rank {p.rank}, param group {g}: {p.name} elements [{p.start}, "
+                f"{p.stop}) lie past the end of a partition of {part.numel()}"
+            )
+        b.add(leaves[p.name], p.start, part[p.offset : p.offset + p.numel])
+
+
+def gather(
+    ck: DeepSpeedCheckpoint, layouts: Sequence[GroupLayout], parts: list[list[torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Every parameter's full tensor from ``parts[rank][group]`` laid out like the fp32 masters
+    (the masters themselves, or an optimizer state such as ``exp_avg``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> write_zero_checkpoint(d, {"w": torch.ones(5)}, world_size=2, stage=3)
+        >>> ck = open_deepspeed(d)
+        >>> gather(ck, group_layouts(ck), partitions(ck, "exp_avg"))["w"].tolist()
+        [0.5, 0.5, 0.5, 0.5, 0.5]
+    """
+    b = _Builder(ck.path)
+    for layout in layouts:
+        _add_group(b, layout, parts)
+    try:
+        return dict(assemble_fp32(index_sources(b.skeleton(), b.sources), b.entries))
+    except CoverageError as err:
+        raise DeepSpeedFormatError(f"{ck.path}: {err}") from None
+
+
+def fp32_sources(
+    ck: DeepSpeedCheckpoint, exclude_frozen_parameters: bool = False
+) -> tuple[Skeleton, list[TensorSource], list[Fp32Entry]]:
+    """The output's skeleton, the saved pieces as sources (views, no copies), and its entries.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> write_zero_checkpoint(d, {"w": torch.randn(5)}, world_size=2, stage=2,
+        ...                       buffers={"n": torch.tensor(3)})
+        >>> skel, sources, entries = fp32_sources(open_deepspeed(d))
+        >>> [e.name for e in entries], len(sources)
+        (['n', 'w'], 3)
+    """
+    b = _Builder(ck.path)
+    m0, f0 = ck.model[0], ck.model_files[0]
+    module = get(m0, "module", f0, Mapping)
+    buffers = set(get({"b": m0.get("buffer_names") or []}, "b", f0, (list, tuple)))
+    for name, t in module.items():
+        if name in buffers:
+            b.whole(name, t, "buffer")
+    if not exclude_frozen_parameters:
+        _frozen(b, ck)
+    parts = partitions(ck)
+    for layout in group_layouts(ck):
+        _add_group(b, layout, parts)
+    shared = m0.get("shared_params") or {}
+    for alias, target in get({"s": shared}, "s", f0, Mapping).items():
+        b.tie(str(alias), str(target))
+    return b.skeleton(), b.sources, b.entries
+
+
+def deepspeed_fp32_state_dict(
+    checkpoint_dir: str | os.PathLike[str],
+    tag: str | None = None,
+    exclude_frozen_parameters: bool = False,
+    lazy_mode: bool = False,
+) -> dict[str, Any]:
+    """DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``, without DeepSpeed or its pickles.
+
+    ``zckpt.get_fp32_state_dict_from_zero_checkpoint`` calls this for DeepSpeed directories.
+
+    Args:
+        checkpoint_dir: a DeepSpeed save_dir (tag from ``tag`` or ``latest``) or tag directory.
+        tag: the tag.
+        exclude_frozen_parameters: leave out frozen parameters.
+        lazy_mode: return :class:`zckpt.LazyTensor` values, read on ``.contiguous()``.
+
+    Raises:
+        DeepSpeedFormatError: files missing or inconsistent (file, tensor and rank named).
+        UnsafePickleError: a file references a type outside the allow-list.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> w = torch.randn(4, 3)
+        >>> write_zero_checkpoint(d, {"w": w}, world_size=3, stage=2, tied={"v": "w"})
+        >>> sd = deepspeed_fp32_state_dict(d)
+        >>> torch.equal(sd["w"], w), sd["v"] is sd["w"]
+        (True, True)
+        >>> deepspeed_fp32_state_dict(d, lazy_mode=True)["w"].contiguous().shape
+        torch.Size([4, 3])
+    """
+    ck = open_deepspeed(checkpoint_dir, tag)
+    skel, sources, entries = fp32_sources(ck, exclude_frozen_parameters)
+    try:
+        index = index_sources(skel, sources)
+        if not lazy_mode:
+            return dict(assemble_fp32(index, entries))
+    except CoverageError as err:
+        raise DeepSpeedFormatError(f"{ck.path}: {err}") from None
+    out: dict[str, Any] = {}
+    for e in entries:
+        if e.tied_to is not None:
+            out[e.name] = out[e.tied_to]
+            continue
+
+        def load(e: Fp32Entry = e) -> torch.Tensor:
+            return dict(assemble_fp32(index, [e]))[e.name]
+
+        out[e.name] = LazyTensor(skel.tensors[e.source].shape, e.dtype, load)
+    return out

@@ -1,0 +1,228 @@
+"""Finding and opening a DeepSpeed checkpoint directory: which file is which rank's.
+
+File names, as DeepSpeed writes them (R: data-parallel rank, L: MoE layer, E: global expert)::
+
+    <save_dir>/latest                                   the tag, as text
+    <save_dir>/<tag>/mp_rank_00_model_states.pt         stage 1/2: module, param_shapes, ...
+    <save_dir>/<tag>/zero_pp_rank_R_mp_rank_00_model_states.pt      stage 3: one per rank
+    <save_dir>/<tag>/[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt   one per rank
+    <save_dir>/<tag>/layer_L_expert_E_mp_rank_00_model_states.pt    MoE expert weights
+
+The stage comes from what the optimizer files record (``zero_stage``), the world size from the
+ranks present, checked against ``dp_world_size`` and ``partition_count``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from zckpt.interop._unpickle import DeepSpeedFormatError, load_pickle
+from zckpt.store._layout import LATEST, check_tag, read_latest
+from zckpt.store._storage import LocalStorage
+
+__all__ = ["DeepSpeedCheckpoint", "ExpertFile", "find_deepspeed", "get", "open_deepspeed"]
+
+_OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_MODEL3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_EXPERT = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_SUFFIX = "model_states.pt"
+
+
+def _has_model_states(d: str) -> bool:
+    try:
+        return any(n.endswith(_SUFFIX) for n in os.listdir(d))
+    except OSError:
+        return False
+
+
+def find_deepspeed(path: str | os.PathLike[str], tag: str | None = None) -> tuple[str, str] | None:
+    """``(tag_dir, tag)`` when ``path`` is a DeepSpeed save_dir or tag directory, else None.
+
+    A DeepSpeed tag directory holds ``*model_states.pt`` files; a save_dir names one in
+    ``latest`` (or ``tag`` names it).
+
+    Example:
+        >>> import tempfile
+        >>> find_deepspeed(tempfile.mkdtemp()) is None
+        True
+    """
+    path = os.fspath(path)
+    if tag is not None:
+        d = os.path.join(path, check_tag(tag))
+        return (d, tag) if _has_model_states(d) else None
+    if _has_model_states(path):
+        return path, os.path.basename(os.path.normpath(path))
+    if not os.path.isfile(os.path.join(path, LATEST)):
+        return None
+    latest = read_latest(LocalStorage(), path, LATEST)
+    if latest is None:
+        return None
+    d = os.path.join(path, latest)
+    return (d, latest) if _has_model_states(d) else None
+
+
+def get(d: Any, key: str | int, where: str, kind: type | tuple[type, ...] = object) -> Any:
+    """``d[key]``, checked to be a ``kind``; else a :class:`DeepSpeedFormatError` naming both.
+
+    Example:
+        >>> get({"a": 1}, "a", "f.pt", int)
+        1
+    """
+    if not isinstance(d, Mapping) or key not in d:
+        raise DeepSpeedFormatError(f"{where}: no '{key}' entry")
+    v = d[key]
+    if not isinstance(v, kind):
+        raise DeepSpeedFormatError(f"{where}: '{key}' is a {type(v).__name__}, not {kind}")
+    return v
+
+
+@dataclass(frozen=True)
+class ExpertFile:
+    """One MoE expert's weights file: ``{param name (global expert index): tensor}``.
+
+    Example:
+        >>> ExpertFile(0, 1, "layer_0_expert_1_mp_rank_00_model_states.pt", {}).expert
+        1
+    """
+
+    layer: int
+    expert: int
+    path: str
+    state: Mapping[str, Any]
+
+
+@dataclass(frozen=True, eq=False)
+class DeepSpeedCheckpoint:
+    """A DeepSpeed checkpoint, opened: every rank's loaded (memory-mapped) files.
+
+    ``model[r]`` is rank ``r``'s model states (stage 3; stage 1/2 has one, rank 0's);
+    ``optim[r]`` is the ``optimizer_state_dict`` of rank ``r``'s optimizer file.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> write_zero_checkpoint(d, {"w": torch.randn(5)}, world_size=2, stage=3)
+        >>> ck = open_deepspeed(d)
+        >>> ck.tag, ck.stage, ck.world_size, len(ck.model)
+        ('step1', 3, 2, 2)
+    """
+
+    path: str
+    tag: str
+    stage: int
+    world_size: int
+    model_files: tuple[str, ...]
+    model: tuple[Mapping[str, Any], ...]
+    optim_files: tuple[str, ...]
+    optim: tuple[Mapping[str, Any], ...]
+    experts: tuple[ExpertFile, ...]
+
+
+def _by_rank(found: dict[int, str], what: str, d: str) -> list[str]:
+    if sorted(found) != list(range(len(found))):
+        raise DeepSpeedFormatError(
+            f"{d}: {what} files for ranks {sorted(found)}; expected ranks 0..{len(found) - 1}"
+        )
+    return [found[r] for r in range(len(found))]
+
+
+def _scan(d: str) -> tuple[list[str], dict[int, str], list[str], list[tuple[int, int, str]]]:
+    try:
+        names = sorted(os.listdir(d))
+    except OSError as e:
+        raise DeepSpeedFormatError(f"{d}: cannot list the directory ({e})") from None
+    optim: dict[int, str] = {}
+    model3: dict[int, str] = {}
+    model: list[str] = []
+    experts: list[tuple[int, int, str]] = []
+    prefixes: set[str] = set()
+    for n in names:
+        full = os.path.join(d, n)
+        for rx in (_OPTIM, _MODEL3, _MODEL, _EXPERT):
+            m = rx.match(n)
+            if m is None:
+                continue
+            if int(m.groups()[-1]) != 0:
+                raise DeepSpeedFormatError(
+                    f"{full}: model (tensor) parallel rank {int(m.groups()[-1])}; only "
+                    "mp_rank_00 (no tensor parallelism) is supported"
+                )
+            if rx is _OPTIM:
+                prefixes.add(m.group(1) or "")
+                if int(m.group(2)) in optim:
+                    raise DeepSpeedFormatError(f"{d}: two optimizer files for rank {m.group(2)}")
+                optim[int(m.group(2))] = full
+            elif rx is _MODEL3:
+                model3[int(m.group(1))] = full
+            elif rx is _MODEL:
+                model.append(full)
+            else:
+                experts.append((int(m.group(1)), int(m.group(2)), full))
+            break
+    if not optim:
+        raise DeepSpeedFormatError(
+            f"{d}: no '*zero_pp_rank_*_optim_states.pt' files: not a ZeRO checkpoint (stage 0 "
+            "checkpoints hold the whole module in mp_rank_00_model_states.pt)"
+        )
+    if len(prefixes) > 1:
+        raise DeepSpeedFormatError(f"{d}: both bf16_ and plain optimizer files; which is current?")
+    return _by_rank(optim, "optimizer", d), model3, model, experts
+
+
+def open_deepspeed(path: str | os.PathLike[str], tag: str | None = None) -> DeepSpeedCheckpoint:
+    """Open a DeepSpeed checkpoint: a save_dir (tag from ``tag`` or ``latest``) or a tag dir.
+
+    Every file is loaded through :func:`zckpt.interop.load_pickle` (allow-list, memory-mapped).
+
+    Raises:
+        DeepSpeedFormatError: not a DeepSpeed ZeRO checkpoint, or its files disagree (the
+            message names the file).
+        UnsafePickleError: a file references a type outside the allow-list.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> write_zero_checkpoint(d, {"w": torch.randn(5)}, world_size=3, stage=2)
+        >>> open_deepspeed(d).world_size
+        3
+    """
+    found = find_deepspeed(path, tag)
+    if found is None:
+        raise DeepSpeedFormatError(f"{os.fspath(path)}: not a DeepSpeed checkpoint directory")
+    d, tag = found
+    optim_files, model3, model, experts = _scan(d)
+    ws = len(optim_files)
+    optim = tuple(get(load_pickle(f), "optimizer_state_dict", f, Mapping) for f in optim_files)
+    stages = {int(get(o, "zero_stage", f, int)) for o, f in zip(optim, optim_files)}
+    if len(stages) != 1 or not stages <= {1, 2, 3}:
+        raise DeepSpeedFormatError(f"{d}: zero_stage {sorted(stages)} across the optimizer files")
+    (stage,) = stages
+    if stage == 3:
+        model_files = _by_rank(model3, "stage 3 model states", d)
+    elif len(model) == 1:
+        model_files = model
+    else:
+        raise DeepSpeedFormatError(
+            f"{d}: expected one mp_rank_00_model_states.pt for stage {stage}"
+        )
+    if len(model_files) not in (1, ws):
+        raise DeepSpeedFormatError(f"{d}: {len(model_files)} model states files for {ws} ranks")
+    states = tuple(get({"f": load_pickle(f)}, "f", f, Mapping) for f in model_files)
+    for f, s in zip(model_files, states):
+        dp = s.get("dp_world_size", ws)
+        if dp != ws:
+            raise DeepSpeedFormatError(f"{f}: dp_world_size {dp}, but {ws} optimizer files")
+    loaded = tuple(
+        ExpertFile(layer, e, f, get({"f": load_pickle(f)}, "f", f, Mapping))
+        for layer, e, f in sorted(experts)
+    )
+    return DeepSpeedCheckpoint(
+        d, tag, stage, ws, tuple(model_files), states, tuple(optim_files), optim, loaded
+    )

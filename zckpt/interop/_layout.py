@@ -1,0 +1,189 @@
+"""Where each parameter's elements sit in DeepSpeed's per-rank flat partitions (pure).
+
+ZeRO stage 1/2 keeps one flat buffer per optimizer param group: the group's parameters back to
+back (``param_shapes`` order), padded at the end, cut into equal partitions, one per rank of the
+group. Each rank saves its partition without the padding, and (since DeepSpeed 0.7) records in
+``param_slice_mappings`` which parameters, or parts, its partition holds and where. Stage 3
+partitions every parameter on its own: ``ceil(numel / ws)`` elements per rank (the last ranks
+padded), and a rank's flat group is its pieces of the group's parameters back to back.
+
+The functions here turn those records into :class:`Piece` values: elements ``[start, stop)`` of a
+parameter lie at ``offset`` of rank ``rank``'s partition. Nothing is read or copied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from zckpt.interop._unpickle import DeepSpeedFormatError
+
+__all__ = ["Member", "Piece", "flat_group_pieces", "partitioned_pieces", "stage3_piece_size"]
+
+
+class Piece(NamedTuple):
+    """Elements ``[start, stop)`` of parameter ``name`` at ``offset`` of ``rank``'s partition.
+
+    Example:
+        >>> Piece("w", 0, 4, rank=1, offset=6).numel
+        4
+    """
+
+    name: str
+    start: int
+    stop: int
+    rank: int
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return self.stop - self.start
+
+
+class Member(NamedTuple):
+    """One rank's partition of a param group: its size and, when saved, its slice mapping.
+
+    ``mapping`` maps parameter name to an object with ``numel`` and ``start`` (DeepSpeed's
+    ``fragment_address``), or is ``None`` when the checkpoint predates ``param_slice_mappings``.
+
+    Example:
+        >>> Member(rank=0, size=10, mapping=None).size
+        10
+    """
+
+    rank: int
+    size: int
+    mapping: Mapping[str, Any] | None
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _int(x: Any, what: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise DeepSpeedFormatError(f"{what}: expected a non-negative int, got {x!r}")
+    return int(x)
+
+
+def flat_group_pieces(
+    shapes: Mapping[str, Sequence[int]], members: Sequence[Member], where: str = "group"
+) -> list[Piece]:
+    """The pieces of a stage 1/2 param group, from the slice mappings when every rank saved them.
+
+    Without mappings the layout is DeepSpeed's own: the ranks' unpadded partitions concatenated
+    in rank order hold the parameters back to back, and must hold exactly them.
+
+    Args:
+        shapes: parameter name -> shape, in flat-buffer order.
+        members: the group's ranks, in partition order.
+        where: the group, for messages.
+
+    Raises:
+        DeepSpeedFormatError: the records do not cover every parameter exactly once, or point
+            outside a partition (the message names the parameter and the rank).
+
+    Example:
+        >>> m = [Member(0, 4, None), Member(1, 3, None)]
+        >>> [tuple(p) for p in flat_group_pieces({"a": (3,), "b": (2, 2)}, m)]
+        [('a', 0, 3, 0, 0), ('b', 0, 1, 0, 3), ('b', 1, 4, 1, 0)]
+    """
+    if members and all(m.mapping is not None for m in members):
+        return _mapped_pieces(shapes, members, where)
+    pieces: list[Piece] = []
+    bounds, pos = [], 0
+    for m in members:
+        bounds.append((pos, m))
+        pos += m.size
+    total = sum(_numel(s) for s in shapes.values())
+    if not 0 <= pos - total < 2 * len(members):
+        # DeepSpeed tolerates a tail shorter than its alignment (2 * ws): padding that the last
+        # rank's partition could not strip when it spanned more than that partition.
+        raise DeepSpeedFormatError(
+            f"{where}: the parameters hold {total} elements but the ranks' partitions "
+            f"{[m.size for m in members]} hold {pos}"
+        )
+    off = 0
+    for name, shape in shapes.items():
+        n = _numel(shape)
+        for base, m in bounds:
+            lo, hi = max(off, base), min(off + n, base + m.size)
+            if lo < hi:
+                pieces.append(Piece(name, lo - off, hi - off, m.rank, lo - base))
+        off += n
+    return pieces
+
+
+def _mapped_pieces(
+    shapes: Mapping[str, Sequence[int]], members: Sequence[Member], where: str
+) -> list[Piece]:
+    done = {name: 0 for name in shapes}
+    pieces: list[Piece] = []
+    for m in members:
+        for name, addr in (m.mapping or {}).items():
+            what = f"{where}, rank {m.rank}, {name}"
+            if name not in done:
+                raise DeepSpeedFormatError(f"{what}: in param_slice_mappings but not param_shapes")
+            numel = _int(getattr(addr, "numel", None), f"{what} numel")
+            start = _int(getattr(addr, "start", None), f"{what} start")
+            if start + numel > m.size:
+                raise DeepSpeedFormatError(
+                    f"{what}: elements [{start}, {start + numel}) are outside the rank's "
+                    f"partition of {m.size}"
+                )
+            got = done[name]
+            pieces.append(Piece(name, got, got + numel, m.rank, start))
+            done[name] = got + numel
+    for name, shape in shapes.items():
+        if done[name] != _numel(shape):
+            raise DeepSpeedFormatError(
+                f"{where}, {name}: the ranks' param_slice_mappings hold {done[name]} of its "
+                f"{_numel(shape)} elements"
+            )
+    order = {name: i for i, name in enumerate(shapes)}
+    return sorted(pieces, key=lambda p: (order[p.name], p.start))
+
+
+def stage3_piece_size(numel: int, world_size: int) -> int:
+    """Elements per rank of a stage 3 parameter, padding included: ``ceil(numel / ws)``.
+
+    Example:
+        >>> stage3_piece_size(3737, 3), stage3_piece_size(0, 4)
+        (1246, 0)
+    """
+    return -(-numel // world_size)
+
+
+def partitioned_pieces(
+    shapes: Mapping[str, Sequence[int]], sizes: Sequence[int], where: str = "group"
+) -> list[Piece]:
+    """The pieces of a stage 3 param group; ``sizes[r]`` is rank ``r``'s flat group size.
+
+    Raises:
+        DeepSpeedFormatError: a rank's flat group is not exactly the padded pieces of the
+            group's parameters.
+
+    Example:
+        >>> [tuple(p) for p in partitioned_pieces({"a": (5,), "b": (1,)}, [4, 4])]
+        [('a', 0, 3, 0, 0), ('a', 3, 5, 1, 0), ('b', 0, 1, 0, 3)]
+    """
+    ws = len(sizes)
+    pieces: list[Piece] = []
+    off = 0
+    for name, shape in shapes.items():
+        n = _numel(shape)
+        c = stage3_piece_size(n, ws)
+        for r in range(ws):
+            lo, hi = r * c, min((r + 1) * c, n)
+            if lo < hi:
+                pieces.append(Piece(name, lo, hi, r, off))
+        off += c
+    for r, size in enumerate(sizes):
+        if size != off:
+            raise DeepSpeedFormatError(
+                f"{where}, rank {r}: the flat partition has {size} elements, but its pieces of "
+                f"the group's parameters ({ws} ranks, ceil(numel / {ws}) each) make {off}"
+            )
+    return pieces

@@ -1,0 +1,176 @@
+"""Loading DeepSpeed's ``torch.save`` pickles without running their code.
+
+``torch.load(weights_only=True)`` refuses every global outside PyTorch's own allow-list (tensor
+rebuild functions, storages, dtypes, ``torch.Size``, ``collections.OrderedDict``). DeepSpeed's
+optimizer files also reference four of its own classes; DeepSpeed is not needed (nor imported):
+inert stand-ins are registered under those exact qualified names for the duration of one load.
+Everything else is refused, before any unpickling, with :class:`UnsafePickleError` naming the
+file and the types.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import pickle
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.serialization
+
+from zckpt.errors import FormatError
+
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "DeepSpeedFormatError",
+    "FragmentAddress",
+    "LossScaler",
+    "UnsafePickleError",
+    "ZeroStage",
+    "load_pickle",
+]
+
+
+class DeepSpeedFormatError(FormatError):
+    """A DeepSpeed checkpoint that zckpt cannot read: missing or inconsistent files or keys.
+
+    Example:
+        >>> import zckpt
+        >>> issubclass(DeepSpeedFormatError, zckpt.FormatError)
+        True
+    """
+
+
+class UnsafePickleError(DeepSpeedFormatError):
+    """A pickle references a global outside the allow-list; it was not unpickled.
+
+    Example:
+        >>> issubclass(UnsafePickleError, ValueError)
+        True
+    """
+
+
+class LossScaler:
+    """Inert stand-in for DeepSpeed's ``LossScaler`` and ``DynamicLossScaler``.
+
+    Unpickling only sets attributes (``cur_scale``, ``dynamic``, ...); no method runs.
+
+    Example:
+        >>> s = LossScaler()
+        >>> s.__dict__.update(cur_scale=256.0)
+        >>> s.cur_scale, s.state()
+        (256.0, {'cur_scale': 256.0})
+    """
+
+    def state(self) -> dict[str, Any]:
+        """The attributes the pickle recorded."""
+        return dict(vars(self))
+
+
+class ZeroStage(enum.IntEnum):
+    """Stand-in for DeepSpeed's ``ZeroStageEnum`` (the pickle records only the value).
+
+    Example:
+        >>> ZeroStage(2) == 2, ZeroStage(3).name
+        (True, 'weights')
+    """
+
+    disabled = 0
+    optimizer_states = 1
+    gradients = 2
+    weights = 3
+
+
+@dataclass
+class FragmentAddress:
+    """Stand-in for DeepSpeed's ``fragment_address``: ``numel`` elements of a parameter held at
+    offset ``start`` of a rank's flat fp32 partition.
+
+    Example:
+        >>> FragmentAddress(numel=3, start=10)
+        FragmentAddress(numel=3, start=10)
+    """
+
+    numel: int
+    start: int
+
+
+_DS = "deepspeed."
+#: Qualified name in DeepSpeed's pickles -> the stand-in registered under it.
+ALLOWED_GLOBALS: dict[str, Any] = {
+    _DS + "runtime.fp16.loss_scaler.LossScaler": LossScaler,
+    _DS + "runtime.fp16.loss_scaler.DynamicLossScaler": LossScaler,
+    _DS + "runtime.zero.config.ZeroStageEnum": ZeroStage,
+    _DS + "utils.tensor_fragment.fragment_address": FragmentAddress,
+}
+
+# torch keeps the user allow-list in one process-wide set; one load at a time registers ours,
+# so concurrent zckpt loads never remove each other's entries mid-load.
+_LOCK = threading.Lock()
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _is_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == _ZIP_MAGIC
+
+
+def load_pickle(path: str | os.PathLike[str]) -> Any:
+    """Load a DeepSpeed ``.pt`` file with ``weights_only=True`` and the allow-list, on CPU.
+
+    Zip-format files (every ``torch.save`` since 1.6) are memory-mapped, so tensors are read
+    from the page cache only when used.
+
+    Raises:
+        UnsafePickleError: the pickle references a global outside the allow-list (named).
+        DeepSpeedFormatError: the file is not a loadable ``torch.save`` file.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = tempfile.mkdtemp() + "/x.pt"
+        >>> torch.save({"w": torch.ones(2), "shape": torch.Size([2])}, p)
+        >>> load_pickle(p)["w"].tolist()
+        [1.0, 1.0]
+        >>> torch.save({"f": print}, p)
+        >>> load_pickle(p)
+        Traceback (most recent call last):
+        ...
+        zckpt.interop._unpickle.UnsafePickleError: .../x.pt: refused to unpickle builtins.print ...
+    """
+    path = os.fspath(path)
+    try:
+        zipped = _is_zip(path)
+    except OSError as e:
+        raise DeepSpeedFormatError(f"{path}: cannot read ({e})") from None
+    pairs: list[Any] = [(obj, name) for name, obj in ALLOWED_GLOBALS.items()]
+    with _LOCK, torch.serialization.safe_globals(pairs):
+        if zipped:
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception as e:  # a torn zip, an unknown opcode: nothing was run
+                raise DeepSpeedFormatError(
+                    f"{path}: not a readable torch.save file ({e})"
+                ) from None
+            if unsafe:
+                raise UnsafePickleError(
+                    f"{path}: refused to unpickle {', '.join(sorted(unsafe))} (not in zckpt's "
+                    "allow-list for DeepSpeed checkpoints; nothing from the file was run)"
+                )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        except pickle.UnpicklingError as e:
+            raise UnsafePickleError(f"{path}: refused to unpickle: {_first_line(e)}") from None
+        except Exception as e:  # e.g. a stand-in called with arguments: refused, nothing run
+            raise DeepSpeedFormatError(
+                f"{path}: not a readable torch.save file ({type(e).__name__}: {e})"
+            ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    for line in text.splitlines():
+        if "GLOBAL" in line or "Unsupported" in line or "Trying" in line:
+            return line.strip()
+    return text.splitlines()[0] if text else type(e).__name__
