@@ -403,3 +403,9 @@ def test_latest_universal_is_understood(tmp_path: Path) -> None:
     got = zckpt.load_checkpoint(tmp_path, world_size=3, rank=0)
     assert got.load_path == str(tmp_path / "u")
     assert_states_equal(zckpt.load_checkpoint(tmp_path).state, state)
+
+
+def test_fp32_of_a_state_without_module_is_a_clear_error(tmp_path: Path) -> None:
+    zckpt.save_checkpoint(tmp_path, {"w": torch.ones(3)}, spec(1, 1), tag="t")
+    with pytest.raises(zckpt.LoadError, match="no tensors under 'module'"):
+        zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path)

@@ -16,6 +16,7 @@ Example:
 __version__ = "0.1.0"
 
 from zckpt import tree
+from zckpt.adapters import Checkpointer, restore_training_state, spec_for, training_state
 from zckpt.assemble import consolidate, fp32_state_dict, reshard
 from zckpt.errors import (
     ChecksumError,
@@ -38,17 +39,20 @@ from zckpt.format import (
 from zckpt.shard import Shard, shard_from_local, shard_state
 from zckpt.spec import FlatGroup, Fragment, Placement, ShardPlan, ZeroSpec, plan_shards
 from zckpt.store import (
+    AsyncSaver,
     Checkpoint,
     CheckpointNotFoundError,
     LazyTensor,
     Loaded,
     LoadError,
+    PendingSave,
     Saved,
     SaveError,
     StorageError,
     TagError,
     apply_retention,
     clean,
+    default_saver,
     get_fp32_state_dict_from_zero_checkpoint,
     list_tags,
     load_checkpoint,
@@ -57,7 +61,9 @@ from zckpt.store import (
 )
 
 __all__ = [
+    "AsyncSaver",
     "Checkpoint",
+    "Checkpointer",
     "CheckpointNotFoundError",
     "ChecksumError",
     "CoverageError",
@@ -67,6 +73,7 @@ __all__ = [
     "LazyTensor",
     "LoadError",
     "Loaded",
+    "PendingSave",
     "Placement",
     "SaveError",
     "Saved",
@@ -85,6 +92,7 @@ __all__ = [
     "clean",
     "consolidate",
     "decode_fragment",
+    "default_saver",
     "decode_header",
     "decode_shard",
     "encode_shard",
@@ -97,8 +105,11 @@ __all__ = [
     "open_checkpoint",
     "plan_shards",
     "reshard",
+    "restore_training_state",
     "save_checkpoint",
     "shard_from_local",
     "shard_state",
+    "spec_for",
+    "training_state",
     "tree",
 ]

@@ -10,6 +10,7 @@ Example:
     [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
 """
 
+from zckpt.store._async import AsyncSaver, PendingSave, default_saver
 from zckpt.store._fp32 import LazyTensor, get_fp32_state_dict_from_zero_checkpoint
 from zckpt.store._layout import TagError, check_tag
 from zckpt.store._load import Loaded, LoadError, load_checkpoint
@@ -19,6 +20,7 @@ from zckpt.store._save import Saved, SaveError, drop_frozen, save_checkpoint
 from zckpt.store._storage import LocalStorage, Storage, StorageError
 
 __all__ = [
+    "AsyncSaver",
     "Checkpoint",
     "CheckpointNotFoundError",
     "CommittedTag",
@@ -27,6 +29,7 @@ __all__ = [
     "LoadError",
     "Loaded",
     "LocalStorage",
+    "PendingSave",
     "SaveError",
     "Saved",
     "Storage",
@@ -35,6 +38,7 @@ __all__ = [
     "apply_retention",
     "check_tag",
     "clean",
+    "default_saver",
     "drop_frozen",
     "get_fp32_state_dict_from_zero_checkpoint",
     "list_tags",

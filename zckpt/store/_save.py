@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import zckpt
 from zckpt.dist import Comm, SingleProcess
@@ -32,6 +32,9 @@ from zckpt.store._read import read_manifest
 from zckpt.store._retention import apply_retention
 from zckpt.store._storage import LocalStorage, Storage
 from zckpt.tree import flatten
+
+if TYPE_CHECKING:
+    from zckpt.store._async import AsyncSaver, PendingSave
 
 __all__ = ["SaveError", "Saved", "save_checkpoint"]
 
@@ -170,6 +173,7 @@ def _failure_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+@overload
 def save_checkpoint(
     save_dir: str | os.PathLike[str],
     state: Any,
@@ -189,7 +193,79 @@ def save_checkpoint(
     chunk_bytes: int = 8 << 20,
     comm: Comm | None = None,
     storage: Storage | None = None,
-) -> Saved:
+    async_: Literal[False] = False,
+) -> Saved: ...
+
+
+@overload
+def save_checkpoint(
+    save_dir: str | os.PathLike[str],
+    state: Any,
+    spec: ZeroSpec | None = None,
+    *,
+    tag: str | None = None,
+    client_state: Mapping[str, Any] | None = None,
+    save_latest: bool = True,
+    exclude_frozen_parameters: bool = False,
+    frozen: Iterable[str] = (),
+    global_step: int | None = None,
+    tag_validation: str = "warn",
+    overwrite: bool = False,
+    keep_last: int | None = None,
+    codec: str = "raw",
+    level: int = 1,
+    chunk_bytes: int = 8 << 20,
+    comm: Comm | None = None,
+    storage: Storage | None = None,
+    async_: Literal[True] | AsyncSaver,
+) -> PendingSave: ...
+
+
+@overload
+def save_checkpoint(
+    save_dir: str | os.PathLike[str],
+    state: Any,
+    spec: ZeroSpec | None = None,
+    *,
+    tag: str | None = None,
+    client_state: Mapping[str, Any] | None = None,
+    save_latest: bool = True,
+    exclude_frozen_parameters: bool = False,
+    frozen: Iterable[str] = (),
+    global_step: int | None = None,
+    tag_validation: str = "warn",
+    overwrite: bool = False,
+    keep_last: int | None = None,
+    codec: str = "raw",
+    level: int = 1,
+    chunk_bytes: int = 8 << 20,
+    comm: Comm | None = None,
+    storage: Storage | None = None,
+    async_: bool | AsyncSaver = False,
+) -> Saved | PendingSave: ...
+
+
+def save_checkpoint(
+    save_dir: str | os.PathLike[str],
+    state: Any,
+    spec: ZeroSpec | None = None,
+    *,
+    tag: str | None = None,
+    client_state: Mapping[str, Any] | None = None,
+    save_latest: bool = True,
+    exclude_frozen_parameters: bool = False,
+    frozen: Iterable[str] = (),
+    global_step: int | None = None,
+    tag_validation: str = "warn",
+    overwrite: bool = False,
+    keep_last: int | None = None,
+    codec: str = "raw",
+    level: int = 1,
+    chunk_bytes: int = 8 << 20,
+    comm: Comm | None = None,
+    storage: Storage | None = None,
+    async_: bool | AsyncSaver = False,
+) -> Saved | PendingSave:
     """Save a sharded training state as ``save_dir/<tag>``, committed atomically.
 
     Every rank calls it and writes only its own shard; rank 0 creates the directory and, once every
@@ -220,14 +296,21 @@ def save_checkpoint(
         chunk_bytes: frame size: the unit of checksums, parallel compression and partial reads.
         comm: the process group (:mod:`zckpt.dist`); None for one process writing every rank.
         storage: the filesystem (default: local POSIX files).
+        async_: ``True`` to return as soon as the state is copied into reused staging memory
+            and write and commit in a background thread (with the process-wide
+            :func:`~zckpt.store.default_saver`), or an :class:`~zckpt.store.AsyncSaver` to use
+            that one. ``False`` (default): return once committed. Any save, synchronous too,
+            first waits for the default saver's save in flight and raises its error.
 
     Returns:
-        :class:`Saved` with the tag directory and tag.
+        :class:`Saved` with the tag directory and tag; with ``async_``, a
+        :class:`~zckpt.store.PendingSave` whose ``wait()`` returns it once committed.
 
     Raises:
         TagError: unsafe tag, tags differ (``"fail"``), or the tag exists without ``overwrite``.
         StateError: something in the state or client_state cannot be stored (named by path).
         SaveError: a rank failed to write; names every failed rank; nothing was committed.
+            With ``async_``, raised by ``wait()`` and by the next save instead, on every rank.
 
     Example:
         >>> import tempfile, torch, zckpt
@@ -238,11 +321,18 @@ def save_checkpoint(
         >>> import pathlib
         >>> pathlib.Path(d, "latest").read_text()
         'global_step10'
+        >>> state["global_steps"] = 11
+        >>> pending = zckpt.save_checkpoint(d, state, zckpt.ZeroSpec(2, 1), async_=True)
+        >>> state["master"]["w"].zero_()[:2]                # training goes on at once
+        tensor([0., 0.])
+        >>> pending.wait().tag
+        'global_step11'
+        >>> zckpt.load_checkpoint(d).state["master"]["w"].tolist()
+        [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     """
-    prepared = prepare_save(
-        save_dir,
-        state,
-        spec,
+    from zckpt.store import _async  # here: _async builds on this module
+
+    options: dict[str, Any] = dict(
         tag=tag,
         client_state=client_state,
         save_latest=save_latest,
@@ -258,7 +348,7 @@ def save_checkpoint(
         comm=comm,
         storage=storage,
     )
-    return write_and_commit(prepared)
+    return _async.dispatch(async_, save_dir, state, spec, options)
 
 
 @dataclass(frozen=True, eq=False)
