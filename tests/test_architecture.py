@@ -85,3 +85,15 @@ def test_public_names_have_docstrings_with_examples(name: str, obj: object) -> N
         assert doc, name  # protocols document their methods instead
         return
     assert ">>>" in doc, f"{name} has no runnable example in its docstring"
+
+
+def test_api_reference_is_current() -> None:
+    """docs/api.md is generated from the docstrings: rerun scripts/gen_api.py after changes."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen_api", root / "scripts" / "gen_api.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (root / "docs" / "api.md").read_text() == gen.render(), "run scripts/gen_api.py"

@@ -26,6 +26,7 @@ import os
 from zckpt.interop._convert import ENGINE_KEYS, convert_deepspeed, deepspeed_training_state
 from zckpt.interop._deepspeed import GroupLayout, deepspeed_fp32_state_dict, group_layouts
 from zckpt.interop._files import DeepSpeedCheckpoint, ExpertFile, find_deepspeed, open_deepspeed
+from zckpt.interop._safetensors import Exported, export_safetensors, parse_size
 from zckpt.interop._unpickle import (
     ALLOWED_GLOBALS,
     DeepSpeedFormatError,
@@ -42,6 +43,7 @@ __all__ = [
     "DeepSpeedCheckpoint",
     "DeepSpeedFormatError",
     "ExpertFile",
+    "Exported",
     "FragmentAddress",
     "GroupLayout",
     "LossScaler",
@@ -50,11 +52,13 @@ __all__ = [
     "convert_deepspeed",
     "deepspeed_fp32_state_dict",
     "deepspeed_training_state",
+    "export_safetensors",
     "find_deepspeed",
     "group_layouts",
     "is_deepspeed_checkpoint",
     "load_pickle",
     "open_deepspeed",
+    "parse_size",
 ]
 
 

@@ -1,0 +1,277 @@
+"""Export a state dict as safetensors: one file, or Hugging Face style shards with an index.
+
+Values may be tensors or :class:`zckpt.LazyTensor` (``lazy_mode=True`` output); lazy values are
+materialised one at a time and each shard file is written before the next shard's tensors are
+read, so peak memory is about one shard, not the whole model. Files are written by the
+``safetensors`` package itself (``safetensors.torch.save_file``), to a temporary name first, then
+renamed.
+
+Tied weights (names whose values are the same object, or tensors over the same memory view) are
+written once, under the first name. How to re-tie them is recorded as ``{alias: stored_name}``:
+
+- in every file's header metadata under the key ``"tied"``, as a JSON string (safetensors
+  metadata values are strings);
+- in ``model.safetensors.index.json`` under ``metadata.tied``, as a JSON object. Aliases are
+  **not** in ``weight_map`` (their bytes are in no file), so a loader that walks ``weight_map``
+  never looks for a tensor that is not there.
+
+Every file's metadata also carries ``"format": "pt"``, which Hugging Face loaders check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = [
+    "Exported",
+    "INDEX_NAME",
+    "SINGLE_NAME",
+    "export_safetensors",
+    "parse_size",
+    "plan_safetensors_shards",
+]
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+class Exported(NamedTuple):
+    """What :func:`export_safetensors` wrote.
+
+    Example:
+        >>> Exported(("model.safetensors",), None, {}, 8).total_size
+        8
+    """
+
+    files: tuple[str, ...]
+    index_path: str | None
+    tied: dict[str, str]
+    total_size: int
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in a size given as an int or as ``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1000"``.
+
+    Decimal units (KB, MB, GB, TB) are powers of 1000, as in Hugging Face's ``max_shard_size``;
+    binary units (KiB, MiB, GiB, TiB) are powers of 1024. Case is ignored.
+
+    Raises:
+        ValueError: not a positive size.
+
+    Example:
+        >>> parse_size("5GB"), parse_size("1MiB"), parse_size(123)
+        (5000000000, 1048576, 123)
+    """
+    if isinstance(size, bool):
+        raise ValueError(f"not a size: {size!r}")
+    if isinstance(size, int):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+        unit = m.group(2).lower() if m else ""
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"not a size: {size!r} (use e.g. 5GB, 500MB, 2GiB or bytes)")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n < 1:
+        raise ValueError(f"size must be at least 1 byte, got {size!r}")
+    return n
+
+
+def plan_safetensors_shards(sizes: Iterable[int], max_shard_size: int) -> list[list[int]]:
+    """Group tensor indices, in order, into shards of at most ``max_shard_size`` bytes.
+
+    A tensor larger than the limit gets a shard of its own (it cannot be split).
+
+    Example:
+        >>> plan_safetensors_shards([4, 4, 4, 10, 1], 8)
+        [[0, 1], [2], [3], [4]]
+    """
+    shards: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(sizes):
+        if not shards or (used + n > max_shard_size and shards[-1]):
+            shards.append([])
+            used = 0
+        shards[-1].append(i)
+        used += n
+    return shards
+
+
+def _alias_key(v: Any) -> tuple[Any, ...]:
+    if isinstance(v, torch.Tensor) and v.numel() > 0:
+        return (
+            v.device,
+            v.untyped_storage().data_ptr(),
+            v.storage_offset(),
+            tuple(v.shape),
+            tuple(v.stride()),
+            v.dtype,
+        )
+    return ("id", id(v))
+
+
+def _target_dtype(v: Any, dtype: torch.dtype | None) -> torch.dtype:
+    src: torch.dtype = v.dtype
+    return dtype if dtype is not None and src.is_floating_point else src
+
+
+def _nbytes(v: Any, dtype: torch.dtype) -> int:
+    numel = 1
+    for d in v.shape:
+        numel *= int(d)
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def _materialise(v: Any, dtype: torch.dtype) -> torch.Tensor:
+    t: torch.Tensor = v if isinstance(v, torch.Tensor) else v.contiguous()
+    t = t.detach().to(device="cpu", dtype=dtype).contiguous()
+    if t.numel() and t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()  # a view into a larger buffer: safetensors refuses shared storage
+    return t
+
+
+def _write(tensors: dict[str, torch.Tensor], path: str, meta: dict[str, str]) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def export_safetensors(
+    state_dict: Mapping[str, Any],
+    out: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> Exported:
+    """Write a flat state dict as safetensors, streaming one tensor (and one shard) at a time.
+
+    Where it goes: ``out`` ending in ``.safetensors`` without ``max_shard_size`` is the one
+    file. Otherwise ``out`` is a directory (created): ``model.safetensors`` when everything fits
+    in one shard, else ``model-00001-of-0000N.safetensors`` ... plus
+    ``model.safetensors.index.json`` (``{"metadata": {"total_size": N, "tied": {...}},
+    "weight_map": {name: file}}``), as Hugging Face's ``save_pretrained`` does.
+
+    Args:
+        state_dict: ``{name: tensor | LazyTensor}`` (e.g. from
+            :func:`zckpt.get_fp32_state_dict_from_zero_checkpoint`).
+        out: the ``.safetensors`` file or the output directory.
+        max_shard_size: bytes per shard, an int or ``"5GB"``/``"500MB"`` (see :func:`parse_size`).
+        metadata: extra string metadata for every file's header.
+        dtype: cast floating-point tensors to this dtype (others keep theirs).
+        on_tensor: called with ``(name, bytes)`` after each tensor is materialised (progress).
+
+    Returns:
+        The files written (paths), the index path or None, the tied map and the total bytes.
+
+    Raises:
+        ValueError: a non-string metadata value or key ``"tied"``/``"format"``, a bad size.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from safetensors.torch import load_file
+        >>> emb = torch.randn(4, 2)
+        >>> sd = {"embed.weight": emb, "head.weight": emb, "bias": torch.zeros(4)}
+        >>> d = tempfile.mkdtemp()
+        >>> r = export_safetensors(sd, d, max_shard_size=32)
+        >>> [os.path.basename(f) for f in r.files]
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+        >>> r.tied
+        {'head.weight': 'embed.weight'}
+        >>> torch.equal(load_file(r.files[0])["embed.weight"], emb)
+        True
+    """
+    user = dict(metadata or {})
+    for k, v in user.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"safetensors metadata must map str to str, got {k!r}: {v!r}")
+        if k in ("tied", "format"):
+            raise ValueError(f"metadata key {k!r} is reserved for zckpt's own use")
+    names: list[str] = []
+    values: list[Any] = []
+    tied: dict[str, str] = {}
+    first: dict[tuple[Any, ...], str] = {}
+    for name, v in state_dict.items():
+        if not isinstance(name, str):
+            raise ValueError(f"state dict keys must be strings, got {name!r}")
+        if not (isinstance(v, torch.Tensor) or hasattr(v, "contiguous")):
+            raise ValueError(
+                f"{name}: not a tensor ({type(v).__name__}); safetensors holds tensors"
+            )
+        key = _alias_key(v)
+        if key in first:
+            tied[name] = first[key]
+            continue
+        first[key] = name
+        names.append(name)
+        values.append(v)
+    dtypes = [_target_dtype(v, dtype) for v in values]
+    sizes = [_nbytes(v, dt) for v, dt in zip(values, dtypes)]
+    total = sum(sizes)
+    meta = {**user, "format": "pt"}
+    if tied:
+        meta["tied"] = json.dumps(tied, sort_keys=True)
+
+    out = os.fspath(out)
+    if max_shard_size is None and out.endswith(".safetensors"):
+        groups, paths = [list(range(len(values)))], [out]
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    else:
+        limit = total + 1 if max_shard_size is None else parse_size(max_shard_size)
+        groups = plan_safetensors_shards(sizes, limit) or [[]]
+        n = len(groups)
+        files = (
+            [SINGLE_NAME]
+            if n == 1
+            else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        )
+        paths = [os.path.join(out, f) for f in files]
+        os.makedirs(out, exist_ok=True)
+
+    weight_map: dict[str, str] = {}
+    for group, path in zip(groups, paths):
+        tensors: dict[str, torch.Tensor] = {}
+        for i in group:
+            tensors[names[i]] = _materialise(values[i], dtypes[i])
+            weight_map[names[i]] = os.path.basename(path)
+            if on_tensor is not None:
+                on_tensor(names[i], sizes[i])
+        _write(tensors, path, meta)
+        del tensors
+    index = None
+    if len(paths) > 1:
+        index = os.path.join(out, INDEX_NAME)
+        doc: dict[str, Any] = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        if tied:
+            doc["metadata"]["tied"] = dict(sorted(tied.items()))
+        tmp = f"{index}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, index)
+    return Exported(tuple(paths), index, tied, total)
