@@ -183,6 +183,10 @@ def test_deepspeed_inspect_verify_consolidate_convert(
     want = load_file(root / "expected_fp32.safetensors")
     got = load_file(out)
     assert set(got) <= set(want) and all(torch.equal(got[k], want[k]) for k in got)
+    assert "frozen_proj.weight" in got
+    ex = tmp_path / "ex.safetensors"
+    assert main(["consolidate", str(case), str(ex), "--exclude-frozen"]) == 0
+    assert set(load_file(ex)) == set(got) - {"frozen_proj.weight"}
     assert main(["convert", "--from", "deepspeed", str(case), str(tmp_path / "z")]) == 0
     assert main(["verify", str(tmp_path / "z")]) == 0
     assert main(["reshard", str(case), str(tmp_path / "r"), "--world-size", "3"]) == 0
