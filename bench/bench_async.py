@@ -35,36 +35,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import training_state  # bench/ is sys.path[0]
 
 import zckpt
 from zckpt.kernels import copy_ranges
 from zckpt.store import AsyncSaver
 from zckpt.store._async import _snapshot
 from zckpt.store._save import prepare_save
-
-
-def training_state(gib: float) -> dict[str, Any]:
-    """bf16 weights, fp32 masters and Adam moments (14 bytes/param), 8 layers."""
-    params = int(gib * 2**30 / 14)
-    n = 8
-    per = params // n
-    g = torch.Generator().manual_seed(0)
-    master = {f"layer{i}.weight": torch.randn(per, generator=g) * 0.02 for i in range(n)}
-    return {
-        "module": {k: v.bfloat16() for k, v in master.items()},
-        "master": master,
-        "optimizer": {
-            "state": {
-                k: {
-                    "exp_avg": torch.randn(per, generator=g) * 1e-4,
-                    "exp_avg_sq": (torch.randn(per, generator=g) * 1e-4) ** 2,
-                    "step": torch.tensor(1000.0),
-                }
-                for k in master
-            }
-        },
-        "global_steps": 1000,
-    }
 
 
 def nbytes(state: Any) -> int:

@@ -21,45 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from _common import reset_peak, status_mib, training_state  # bench/ is sys.path[0]
 
 import zckpt
-
-
-def status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def training_state(gib: float) -> dict[str, Any]:
-    """bf16 weights, fp32 masters and Adam moments with realistic magnitudes (14 bytes/param)."""
-    params = int(gib * 2**30 / 14)
-    n = 8
-    per = params // n
-    g = torch.Generator().manual_seed(0)
-    master = {f"layer{i}.weight": torch.randn(per, generator=g) * 0.02 for i in range(n)}
-    return {
-        "module": {k: v.bfloat16() for k, v in master.items()},
-        "master": master,
-        "optimizer": {
-            "state": {
-                k: {
-                    "exp_avg": torch.randn(per, generator=g) * 1e-4,
-                    "exp_avg_sq": (torch.randn(per, generator=g) * 1e-4) ** 2,
-                    "step": torch.tensor(1000.0),
-                }
-                for k in master
-            }
-        },
-        "global_steps": 1000,
-    }
 
 
 def measure(fn: Callable[[], Any], reps: int) -> tuple[list[float], float, Any]:

@@ -1,0 +1,44 @@
+"""What the benchmarks share: the training state they save, and peak-memory probes (Linux)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def training_state(gib: float) -> dict[str, Any]:
+    """bf16 weights, fp32 masters and Adam moments with realistic magnitudes (14 bytes/param)."""
+    params = int(gib * 2**30 / 14)
+    n = 8
+    per = params // n
+    g = torch.Generator().manual_seed(0)
+    master = {f"layer{i}.weight": torch.randn(per, generator=g) * 0.02 for i in range(n)}
+    return {
+        "module": {k: v.bfloat16() for k, v in master.items()},
+        "master": master,
+        "optimizer": {
+            "state": {
+                k: {
+                    "exp_avg": torch.randn(per, generator=g) * 1e-4,
+                    "exp_avg_sq": (torch.randn(per, generator=g) * 1e-4) ** 2,
+                    "step": torch.tensor(1000.0),
+                }
+                for k in master
+            }
+        },
+        "global_steps": 1000,
+    }
