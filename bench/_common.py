@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,3 +45,14 @@ def training_state(gib: float) -> dict[str, Any]:
         },
         "global_steps": 1000,
     }
+
+
+def timed_peak(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """Run ``fn`` once: (seconds, peak resident MiB it added, its result)."""
+    gc.collect()
+    base = status_mib("VmRSS")
+    reset_peak()
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    return seconds, status_mib("VmHWM") - base, out

@@ -11,17 +11,15 @@ resident memory added by each operation (Linux VmHWM after resetting it through
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import reset_peak, status_mib, training_state  # bench/ is sys.path[0]
+from _common import timed_peak, training_state  # bench/ is sys.path[0]
 
 import zckpt
 
@@ -30,13 +28,9 @@ def measure(fn: Callable[[], Any], reps: int) -> tuple[list[float], float, Any]:
     times, peak, out = [], 0.0, None
     for _ in range(reps):
         out = None
-        gc.collect()
-        base = status_mib("VmRSS")
-        reset_peak()
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        peak = max(peak, status_mib("VmHWM") - base)
+        seconds, added, out = timed_peak(fn)
+        times.append(seconds)
+        peak = max(peak, added)
     return times, peak, out
 
 

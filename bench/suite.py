@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import os
 import platform
@@ -54,7 +53,7 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-from _common import reset_peak, status_mib, training_state  # bench/ is sys.path[0]
+from _common import timed_peak, training_state  # bench/ is sys.path[0]
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load_into
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save_state
@@ -117,13 +116,9 @@ class Suite:
         for _ in range(self.reps if reps is None else reps):
             if before is not None:
                 before()
-            gc.collect()
-            base = status_mib("VmRSS")
-            reset_peak()
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-            peak = max(peak, status_mib("VmHWM") - base)
+            seconds, added, out = timed_peak(fn)
+            times.append(seconds)
+            peak = max(peak, added)
             del out
         for row in self.rows:
             if row.group == group and row.name == name:  # a further round of the same operation
@@ -461,13 +456,7 @@ def fp32_child(path: str) -> dict[str, float]:
     res: dict[str, float] = {}
 
     def run(mode: str, fn: Callable[[], Any]) -> Any:
-        gc.collect()
-        base = status_mib("VmRSS")
-        reset_peak()
-        t0 = time.perf_counter()
-        out = fn()
-        res[f"{mode}_s"] = time.perf_counter() - t0
-        res[f"{mode}_peak_mib"] = status_mib("VmHWM") - base
+        res[f"{mode}_s"], res[f"{mode}_peak_mib"], out = timed_peak(fn)
         return out
 
     def lazy() -> None:
