@@ -19,6 +19,7 @@ same loop alone.
 
     .venv/bin/python bench/bench_async.py                       # 512 MiB, 5 repetitions
     .venv/bin/python bench/bench_async.py --gib 0.05 --reps 2   # smoke size
+    .venv/bin/python bench/bench_async.py --device cuda         # a GPU's state, pinned staging
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def touch(state: Any) -> None:
     for t in zckpt.tree.flatten(state)[1]:
         if t.is_floating_point():
             t.mul_(1.0001)
+    if torch.cuda.is_available():  # the step is done before the clock starts
+        torch.cuda.synchronize()
 
 
 def copy_bench(state: Any, reps: int) -> None:
@@ -122,14 +125,19 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="split the blocked time")
     ap.add_argument("--copy-bench", action="store_true", help="torch copy_ vs copy_ranges")
     ap.add_argument("--interference", action="store_true", help="training slowed by a save")
+    ap.add_argument("--device", default="cpu", help="where the state lives (cpu, cuda)")
     args = ap.parse_args()
 
     state = training_state(args.gib)
+    if args.device != "cpu":  # a GPU's state: the snapshot is a D2H copy into pinned staging
+        skel, leaves = zckpt.tree.flatten(state)
+        state = zckpt.tree.unflatten(skel, [t.to(args.device) for t in leaves])
     spec = zckpt.ZeroSpec(1, 2)  # one rank's share: this process writes all of it
     root = tempfile.mkdtemp(prefix="zckpt-bench-async-", dir=args.dir)
     print(
         f"{platform.machine()} {platform.processor() or ''} cores={len(os.sched_getaffinity(0))} "
-        f"torch={torch.__version__} threads={torch.get_num_threads()} dir={root}"
+        f"torch={torch.__version__} threads={torch.get_num_threads()} dir={root} "
+        f"device={args.device}"
     )
     print(f"state: {nbytes(state) / 2**20:.0f} MiB, codec raw, durable, reps={args.reps}")
     try:

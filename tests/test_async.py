@@ -339,7 +339,7 @@ print("returned", p.done(), flush=True)
         text=True,
         timeout=120,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])},
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "returned False\n"  # still writing when the script ended

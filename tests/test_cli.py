@@ -194,7 +194,7 @@ def test_deepspeed_inspect_verify_consolidate_convert(
 
 
 def test_python_dash_m_and_console_script(ckpt: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
     r = subprocess.run(
         [sys.executable, "-m", "zckpt.cli", "verify", str(ckpt), "--quiet"],
         capture_output=True,
