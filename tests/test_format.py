@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -360,6 +361,77 @@ def test_decode_fragment_short_read_and_damage_are_reported() -> None:
     assert decode_fragment(h, 0, Reader(bytes(bad)), start=0, stop=32).tolist() == list(
         map(float, range(32))
     )
+
+
+class ReaderInto(Reader):
+    """``read`` and ``read_into`` over one blob, recording which was used for which offset."""
+
+    def __init__(self, blob: bytes, short_at: int = -1) -> None:
+        super().__init__(blob)
+        self.into: list[tuple[int, int]] = []
+        self.lock, self.short_at = threading.Lock(), short_at
+
+    def read_into(self, offset: int, out: memoryview) -> int:
+        data = self.blob[offset : offset + out.nbytes - (offset == self.short_at)]
+        out[: len(data)] = data
+        with self.lock:
+            self.into.append((offset, len(data)))
+        return len(data)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@given(data=st.data())
+def test_read_into_fills_whole_raw_chunks_in_place(codec: str, data: st.DataObject) -> None:
+    w = weights(300)
+    shard = shard_of({"pad": torch.ones(5), "w": w}, world_size=2, rank=0, stage=3)
+    blob = encode_shard(shard, codec=codec, chunk_bytes=64)
+    h = decode_header(blob)
+    index = [e.fragment.leaf for e in h.fragments].index(1)
+    entry = h.fragments[index]
+    start = data.draw(st.integers(0, entry.fragment.numel))
+    stop = data.draw(st.integers(start, entry.fragment.numel))
+    threads = data.draw(st.sampled_from([1, 4]))
+    r = ReaderInto(blob)
+    out = torch.full((stop - start,), float("nan"))
+    got = decode_fragment(
+        h, index, r, start=start, stop=stop, out=out, read_into=r.read_into, threads=threads
+    )
+    assert got is out
+    assert tensors_bitwise_equal(out, w[entry.fragment.start + start : entry.fragment.start + stop])
+    touched = [c for c in entry.chunks if c.start_elem < stop and c.stop_elem > start < stop]
+    inside = {
+        c.offset
+        for c in touched
+        if c.codec == RAW and start <= c.start_elem and c.stop_elem <= stop
+    }
+    assert sorted(o for o, _ in r.into) == sorted(inside)  # raw and whole: straight into out
+    rest = [c.offset for c in touched if c.offset not in inside]
+    assert sorted(o for o, _ in r.calls) == sorted(rest)
+
+
+def test_read_into_damage_and_short_reads_are_reported() -> None:
+    blob = encode_shard(shard_of({"m": {"w": torch.arange(64.0)}}), chunk_bytes=64)
+    h = decode_header(blob)
+    c = h.fragments[0].chunks[2]
+    r = ReaderInto(blob, short_at=c.offset)
+    with pytest.raises(TruncatedError, match=rf"m/w elements \[32, 48\).*offset {c.offset}"):
+        decode_fragment(h, 0, r, read_into=r.read_into)
+    bad = bytearray(blob)
+    bad[c.offset + 3] ^= 0x10
+    r = ReaderInto(bytes(bad))
+    with pytest.raises(ChecksumError, match=rf"m/w elements \[32, 48\).*offset {c.offset}"):
+        decode_fragment(h, 0, r, read_into=r.read_into, out=torch.empty(64))
+    # A raw bool chunk whose bytes are not 0/1, with a matching checksum.
+    blob = base_blob("raw")
+    flag = decode_header(blob).fragments[1].chunks[0]
+    forged = bytearray(blob)
+    forged[flag.offset : flag.offset + 5] = b"\x02\x01\x01\x01\x01"
+    sealed = reseal(bytes(forged), lambda o: _chunk(o, 1).update(x=xxhash.xxh3_64_intdigest(
+        b"\x02\x01\x01\x01\x01")))  # fmt: skip
+    r = ReaderInto(sealed)
+    with pytest.raises(FormatError, match="bool byte"):
+        decode_fragment(decode_header(sealed), 1, r, read_into=r.read_into)
+    assert r.into  # the check ran on the read_into path
 
 
 # ------------------------------------------------------------------------------- corruption

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -354,13 +355,23 @@ class CountingStorage(zckpt.store.LocalStorage):
     def __init__(self) -> None:
         self.blob_bytes = 0
         self.calls: list[tuple[str, int, int]] = []
+        self.lock = threading.Lock()  # read_into runs in decoding threads
+
+    def _count(self, path: str, offset: int, n: int) -> None:
+        if path.endswith(".zck"):
+            with self.lock:
+                self.blob_bytes += n
+                self.calls.append((os.path.basename(path), offset, n))
 
     def read(self, path: str, offset: int, length: int) -> bytes:
         data = super().read(path, offset, length)
-        if path.endswith(".zck"):
-            self.blob_bytes += len(data)
-            self.calls.append((os.path.basename(path), offset, len(data)))
+        self._count(path, offset, len(data))
         return data
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> int:
+        n = super().read_into(path, offset, out)
+        self._count(path, offset, n)
+        return n
 
 
 @pytest.mark.parametrize(("save", "load"), [((4, 2), (3, 2)), ((2, 3), (5, 1)), ((8, 1), (1, 3))])
@@ -388,6 +399,7 @@ def test_load_reads_only_overlapping_ranges(
         # What the rank holds, at most one chunk of slack at each end of each overlap, and the
         # headers of the files it opens.
         assert storage.blob_bytes <= wanted + overlaps * 2 * chunk + headers, rank
+        assert storage.blob_bytes >= wanted, rank  # every byte read was counted
         total += storage.blob_bytes
     replicated = sum(t.numel() * 2 for t in state["module"].values()) if load[1] < 3 else 0
     # No N-fold amplification: all ranks together read about the checkpoint once (+ replicas).

@@ -14,7 +14,7 @@ import torch
 
 from zckpt.errors import FormatError, TruncatedError, ZckptError
 from zckpt.format._checksum import check
-from zckpt.format._codecs import decode_chunk
+from zckpt.format._codecs import RAW, decode_chunk
 from zckpt.format._dtypes import ITEMSIZE, dtype_code
 from zckpt.format._encode import default_threads
 from zckpt.format._header import BlobHeader, as_bytes_view
@@ -25,6 +25,7 @@ __all__ = ["decode_fragment", "decode_shard", "iter_problems", "verify_blob"]
 
 U8 = npt.NDArray[np.uint8]
 Read = Callable[[int, int], Any]
+ReadInto = Callable[[int, memoryview], int]
 _PARALLEL_MIN_BYTES = 1 << 20
 
 
@@ -42,9 +43,24 @@ def _decode_one(h: BlobHeader, fi: int, ci: int, stored: Any, dst: U8) -> None:
         raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
 
 
+def _read_raw_into(h: BlobHeader, fi: int, ci: int, read_into: ReadInto, dst: U8) -> None:
+    """A raw frame read straight into its destination bytes, then checked there."""
+    c = h.fragments[fi].chunks[ci]
+    where = h.describe(fi, ci)
+    view = as_bytes_view(dst)
+    got = read_into(c.offset, view)
+    if got != c.length:
+        raise TruncatedError(f"{where}: read {got} of its {c.length} bytes")
+    check(view, c.checksum, where)
+    meta = h.skeleton.tensors[h.fragments[fi].fragment.leaf]
+    if meta.dtype == torch.bool and dst.max(initial=0) > 1:
+        raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
+
+
 def _run(thunks: Iterable[Callable[[], None]], threads: int) -> None:
     """Run thunks in order, at most ``2 * threads`` in flight; the first failure (in order)
-    is raised. The generator producing them (which reads) runs in the calling thread only."""
+    is raised. The generator producing them runs in the calling thread only (``read`` is
+    called there; ``read_into`` calls run in the thunks, in parallel)."""
     if threads <= 1:
         for t in thunks:
             t()
@@ -77,6 +93,7 @@ def decode_fragment(
     stop: int | None = None,
     out: torch.Tensor | None = None,
     threads: int | None = None,
+    read_into: ReadInto | None = None,
 ) -> torch.Tensor:
     """Decode fragment ``index`` of a blob, or its elements ``[start, stop)``, reading only the
     chunks that overlap them.
@@ -92,6 +109,11 @@ def decode_fragment(
         out: a 1-D tensor of the fragment's dtype with ``stop - start`` elements to decode into
             (raw chunks are copied straight into it); a new CPU tensor when None.
         threads: decompression threads (None: the usable cores, at most 8).
+        read_into: ``read_into(offset, buffer)`` fills ``buffer`` with the blob's bytes at
+            ``offset`` and returns how many it read (a file's ``os.preadv``). When given, raw
+            chunks that lie wholly inside ``[start, stop)`` are read straight into ``out`` (no
+            intermediate buffer, no copy), from the worker threads, and checked there; a chunk
+            that fails its checksum leaves garbage in its part of ``out`` and raises.
 
     Returns:
         ``out``, or the new 1-D tensor.
@@ -145,10 +167,14 @@ def decode_fragment(
     def thunks() -> Iterator[Callable[[], None]]:
         for ci in todo:
             c = chunks[ci]
-            stored = read(c.offset, c.length)
             a, b = max(lo, c.start_elem), min(hi, c.stop_elem)
             part = dst[(a - lo) * size : (b - lo) * size]
-            if (a, b) == (c.start_elem, c.stop_elem):
+            whole = (a, b) == (c.start_elem, c.stop_elem)
+            if whole and read_into is not None and c.codec == RAW:
+                yield partial(_read_raw_into, header, index, ci, read_into, part)
+                continue
+            stored = read(c.offset, c.length)
+            if whole:
                 yield partial(_decode_one, header, index, ci, stored, part)
             else:
                 skip = (a - c.start_elem) * size

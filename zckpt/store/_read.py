@@ -165,6 +165,14 @@ class FileSource:
 
         return read
 
+    def _reader_into(self) -> Any:
+        storage, path = self.checkpoint.storage, self.checkpoint.file_path(self.record)
+
+        def read_into(offset: int, out: memoryview) -> int:
+            return storage.read_into(path, offset, out)
+
+        return read_into
+
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Elements ``[start, stop)`` of the fragment, checksums verified."""
         return self.read_into(start, stop, None)
@@ -174,7 +182,15 @@ class FileSource:
         h = self.checkpoint.header(self.record)
         path = self.checkpoint.file_path(self.record)
         try:
-            return decode_fragment(h, self.index, self._reader(), start=start, stop=stop, out=out)
+            return decode_fragment(
+                h,
+                self.index,
+                self._reader(),
+                start=start,
+                stop=stop,
+                out=out,
+                read_into=self._reader_into(),
+            )
         except FormatError as e:
             raise type(e)(f"{path}: {e}") from None
 
