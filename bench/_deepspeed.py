@@ -29,12 +29,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 import torch
 import xxhash
-from _common import timed_peak  # bench/ is sys.path[0]
+from _common import status_mib, timed_peak  # bench/ is sys.path[0]
 from _dcp2 import spawn_ranks
 
 LAYERS = 4
@@ -139,8 +140,8 @@ def checkpoint(cache: str, gib: float, ds_version: str) -> tuple[str, dict[str, 
         os.rename(work, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        for f in set(shm_buffers()) - shm_before:  # never expected: the shm op is not built
-            os.remove(f)
+        for leak in set(shm_buffers()) - shm_before:  # never expected: the op is not built
+            os.remove(leak)
     return final, {**info, "cached": False}
 
 
@@ -171,7 +172,7 @@ def gen_rank(out: str, width: int, rank: int, port: int) -> dict[str, Any]:
     # DeepSpeed's TorchBackend JIT-builds a CPU shared-memory all-reduce op whose /dev/shm
     # buffers are never unlinked; it only serves inference_all_reduce, so it is not built
     # (deepspeed.comm re-exports the name `torch`, hence import_module).
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # type: ignore[attr-defined]
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     model = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(LAYERS)))
@@ -209,6 +210,36 @@ def tensor_hash(t: torch.Tensor) -> str:
     return f"{c.dtype}{tuple(c.shape)}:{h}"
 
 
+class RssSampler:
+    """Highest RssAnon and RssFile growth (MiB) while running, sampled every 2 ms.
+
+    VmHWM counts every resident page, including file pages mapped by ``torch.load(mmap=True)``
+    (page cache, reclaimable); the split tells the two apart. Sampling can miss a short peak.
+    """
+
+    def __init__(self) -> None:
+        self.base = (status_mib("RssAnon"), status_mib("RssFile"))
+        self.anon = self.file = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.anon = max(self.anon, status_mib("RssAnon") - self.base[0])
+            self.file = max(self.file, status_mib("RssFile") - self.base[1])
+            if self._stop.wait(0.002):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._run()  # one last sample (the loop returns at once: the event is set)
+
+
 def child(mode: str, path: str, hash_out: bool) -> dict[str, Any]:
     """One consolidation of ``path`` in this (fresh) process: seconds and peak MiB."""
     res: dict[str, Any] = {"mode": mode}
@@ -228,9 +259,12 @@ def child(mode: str, path: str, hash_out: bool) -> dict[str, Any]:
 
         # How DeepSpeed's time splits: reading its files (its own parse functions, timed by
         # wrapping them) against the rest (concatenating partitions, building the dict).
-        zf.parse_optim_states = timing(zf.parse_optim_states)
-        zf.parse_model_states = timing(zf.parse_model_states)
-        seconds, peak, out = timed_peak(lambda: zf.get_fp32_state_dict_from_zero_checkpoint(path))
+        zf.parse_optim_states = timing(zf.parse_optim_states)  # type: ignore[attr-defined]
+        zf.parse_model_states = timing(zf.parse_model_states)  # type: ignore[attr-defined]
+        with RssSampler() as rss:
+            seconds, peak, out = timed_peak(
+                lambda: zf.get_fp32_state_dict_from_zero_checkpoint(path)
+            )
         res["parse_s"] = parse_s[0]
     else:
         sys.path.insert(1, os.path.dirname(HERE))
@@ -249,7 +283,8 @@ def child(mode: str, path: str, hash_out: bool) -> dict[str, Any]:
 
         if mode == "zckpt":
             fn = lambda: zckpt.get_fp32_state_dict_from_zero_checkpoint(path)  # noqa: E731
-            seconds, peak, out = timed_peak(fn)
+            with RssSampler() as rss:
+                seconds, peak, out = timed_peak(fn)
         else:
             largest = [0]
 
@@ -260,10 +295,12 @@ def child(mode: str, path: str, hash_out: bool) -> dict[str, Any]:
                     largest[0] = max(largest[0], t.numel() * t.element_size())
                     del t
 
-            seconds, peak, out = timed_peak(lazy)
+            with RssSampler() as rss:
+                seconds, peak, out = timed_peak(lazy)
             res["largest"] = largest[0]
         res["imported_deepspeed"] = "deepspeed" in sys.modules
     res["s"], res["peak_mib"] = seconds, peak
+    res["anon_peak_mib"], res["file_peak_mib"] = rss.anon, rss.file
     if out is not None:
         tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
         res["out_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,10 +1,11 @@
 """The benchmark suite of issue 6: zckpt against its peers, in one run, on one training state.
 
-Every operation runs in the same process on the same tensors (``_common.training_state``), so the
-ratios against peers survive a noisy machine better than the absolute speeds. For each row: the
-median time of ``--reps`` runs with min-max, GB/s of tensor bytes, the growth of the resident
-set's high-water mark (VmHWM reset through ``/proc/self/clear_refs``), the page-cache state, and
-the ratio against the row's peer (> 1 means faster than the peer).
+Every operation runs on the same tensors (``_common.training_state``), in the same run, so the
+ratios against peers survive a noisy machine better than the absolute speeds; the one-process
+groups run in this process, the two-process, fp32 and DeepSpeed groups in child processes.
+For each row: the median time of ``--reps`` runs with min-max, GB/s of tensor bytes, the growth
+of the resident set's high-water mark (VmHWM reset through ``/proc/self/clear_refs``), the
+page-cache state, and the ratio against the row's peer (> 1 means faster than the peer).
 
 Groups (all checkpoints go to one temporary directory on the filesystem under test, removed at
 the end; each peer's files are removed as soon as its loads are done):
@@ -21,13 +22,27 @@ the end; each peer's files are removed as soon as its loads are done):
 * fp32 consolidation (``get_fp32_state_dict_from_zero_checkpoint``), eager and lazy;
 * async save: how long ``save_checkpoint(async_=saver)`` blocks, against a synchronous save;
 * compression per dtype: ratio and GB/s per core (``threads=1``) of zstd and byteplane on a
-  one-tensor shard, encode and decode.
+  one-tensor shard, encode and decode;
+* two real processes (``bench/_dcp2.py``): PyTorch DCP and zckpt, each with two gloo ranks
+  started once per peer (start-up, ``import torch`` and building the state are not timed).
+  zckpt: ``save_checkpoint(comm=TorchComm(), spec=ZeroSpec(2, 2))``, each rank holding the full
+  state and writing its own shard; ``load_checkpoint(spec, rank=r)`` reads what rank r holds.
+  DCP: each rank saves exactly the tensors of the zckpt shard it writes (rank-distinct keys,
+  ``sync_files=True``) and loads them back. Time = max over ranks of barrier -> op -> barrier;
+  peak RSS = max over ranks;
+* DeepSpeed (``bench/_deepspeed.py``, when ``import deepspeed`` works): a ZeRO-2 bf16
+  checkpoint of about ``--gib`` GiB written by DeepSpeed itself (2 gloo processes, one training
+  step; cached under ``--ds-cache``, its generation time reported apart), then in a fresh
+  process per repetition: DeepSpeed's ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``,
+  zckpt's eager one and zckpt's lazy one (peak RSS = VmHWM growth over the process's baseline
+  after its imports). zckpt's and DeepSpeed's outputs are checked bitwise equal, once.
 
-Out of scope in this version: DCP with two gloo processes, and DeepSpeed's ``zero_to_fp32``.
+``--only io,reshard,fp32,async,compress,dcp2,deepspeed`` runs a subset (``io`` is the durable
+save and the warm/cold loads of the one-process peers); ``--no-deepspeed`` skips DeepSpeed.
 
     /work/venv/bin/python bench/suite.py                      # 1 GiB, 3 repetitions
     /work/venv/bin/python bench/suite.py --smoke              # tiny sizes, 1 repetition (CI)
-    /work/venv/bin/python bench/suite.py --out docs/benchmarks_suite_draft.md
+    /work/venv/bin/python bench/suite.py --only dcp2,deepspeed --out F.md
 """
 
 from __future__ import annotations
@@ -624,7 +639,16 @@ def deepspeed_fp32(s: Suite, gib: float, cache: str, skip: str | None) -> list[s
         row.extra = {"peak/output": peak * 2**20 / out_bytes}
         if mode == "lazy":
             row.extra["peak MiB - largest"] = peak - largest
+        # VmHWM counts the checkpoint's file pages that torch.load(mmap=True) maps and touches
+        # (page cache, reclaimable); sampled RssAnon / RssFile growth tells them apart.
+        row.extra["sampled anon MiB"] = max(r["anon_peak_mib"] for r in rs)
+        row.extra["sampled file-mapped MiB"] = max(r["file_peak_mib"] for r in rs)
         s.rows.append(row)
+    lines.append(
+        "fp32 DS peak RSS: VmHWM growth, which includes the checkpoint's file pages that "
+        "torch.load(mmap=True) maps and touches (both readers use it); 'sampled anon' and "
+        "'sampled file-mapped' are the highest RssAnon / RssFile growth seen every 2 ms."
+    )
     return lines
 
 
@@ -927,7 +951,9 @@ def targets(s: Suite, ws: int, ds_skipped: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse options, run every group, print (and optionally write) the report."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--gib", type=float, default=1.0, help="state size in GiB (default 1.0)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions per operation (default 3)")
     ap.add_argument("--world-size", type=int, default=2, help="sharded world size N (default 2)")
