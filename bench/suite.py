@@ -564,7 +564,8 @@ def two_processes(s: Suite, root: str, gib: float) -> None:
                     peak,
                     written if op == "save" else loaded,
                     DCP2 if name == ZCKPT2 else None,
-                    f"{what}; {note}; peak RSS = max over ranks",
+                    f"{what}; {note}; peak RSS = max over ranks and repetitions (long-lived "
+                    "ranks reuse memory freed by earlier operations, so later rows may show less)",
                 )
             )
             print(f"  {op:>10s} | {name:<44s} {statistics.median(times):8.3f} s", file=sys.stderr)
