@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import zckpt
 from zckpt.assemble import index_sources
@@ -421,3 +425,44 @@ def test_fp32_of_a_state_without_module_is_a_clear_error(tmp_path: Path) -> None
     zckpt.save_checkpoint(tmp_path, {"w": torch.ones(3)}, spec(1, 1), tag="t")
     with pytest.raises(zckpt.LoadError, match="no tensors under 'module'"):
         zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path)
+
+
+@given(
+    sizes=st.lists(st.integers(0, 300), max_size=12),
+    window=st.integers(1, 257),
+    short=st.lists(st.integers(1, 50), max_size=8),
+)
+def test_windowed_writes_are_exact_and_start_writeback_in_order(
+    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], window: int, short: list[int]
+) -> None:
+    """Buffers are cut into windows; short writes resume where they stopped; each window's
+    write-back starts once it is written, and the windows tile the file in order."""
+    data = bytes(range(256)) * 2
+    buffers = [memoryview(data[:n]) for n in sizes]
+    caps = iter(short)
+    started: list[tuple[int, int]] = []
+    real_writev = os.writev
+
+    def writev(fd: int, bufs: Sequence[memoryview]) -> int:
+        assert sum(b.nbytes for b in bufs) <= window and len(bufs) <= _storage._IOV_MAX
+        cap = next(caps, None)  # the kernel may write less than asked
+        if cap is None:
+            return real_writev(fd, bufs)
+        return os.write(fd, b"".join(bytes(b) for b in bufs)[:cap])
+
+    path = tmp_path_factory.mktemp("w") / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    real = _storage._start_writeback
+    try:
+        _storage.os.writev = writev  # type: ignore[assignment]
+        _storage._start_writeback = lambda f, o, n: started.append((o, n))
+        total = _storage._writev_all(fd, _storage._views(buffers), window)
+    finally:
+        _storage.os.writev = real_writev  # type: ignore[assignment]
+        _storage._start_writeback = real
+        os.close(fd)
+    want = b"".join(bytes(b) for b in buffers)
+    assert total == len(want) and path.read_bytes() == want
+    assert [o for o, _ in started] == list(itertools.accumulate([0] + [n for _, n in started]))[:-1]
+    assert sum(n for _, n in started) == len(want)
+    assert all(0 < n <= window for _, n in started)
