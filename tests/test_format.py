@@ -432,6 +432,9 @@ def test_read_into_damage_and_short_reads_are_reported() -> None:
     with pytest.raises(FormatError, match="bool byte"):
         decode_fragment(decode_header(sealed), 1, r, read_into=r.read_into)
     assert r.into  # the check ran on the read_into path
+    with pytest.raises(FormatError, match="bool byte"):  # part of a raw chunk: checked too
+        decode_fragment(decode_header(sealed), 1, r, start=0, stop=2, read_into=r.read_into)
+    assert decode_fragment(decode_header(sealed), 1, r, start=1, stop=3).tolist() == [True] * 2
 
 
 # ------------------------------------------------------------------------------- corruption

@@ -189,9 +189,23 @@ def decode_fragment(
 
 
 def _decode_partial(h: BlobHeader, fi: int, ci: int, stored: Any, part: U8, skip: int) -> None:
-    tmp = np.empty(h.fragments[fi].chunks[ci].raw_length, np.uint8)
-    _decode_one(h, fi, ci, stored, tmp)
-    part[:] = tmp[skip : skip + len(part)]
+    """The bytes ``[skip, skip + len(part))`` of a frame that ``part`` needs only some of: the
+    whole frame is checked (its checksum covers all of it); a raw frame is copied from the
+    read buffer directly, a compressed one decoded into a temporary first."""
+    c = h.fragments[fi].chunks[ci]
+    if c.codec != RAW:
+        tmp = np.empty(c.raw_length, np.uint8)
+        _decode_one(h, fi, ci, stored, tmp)
+        part[:] = tmp[skip : skip + len(part)]
+        return
+    where = h.describe(fi, ci)
+    mv = as_bytes_view(stored)
+    if len(mv) != c.length:
+        raise TruncatedError(f"{where}: read {len(mv)} of its {c.length} bytes")
+    check(mv, c.checksum, where)
+    part[:] = np.frombuffer(mv, np.uint8, len(part), skip)
+    if h.skeleton.tensors[h.fragments[fi].fragment.leaf].dtype == torch.bool and part.max() > 1:
+        raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
 
 
 def decode_shard(data: bytes | bytearray | memoryview, *, threads: int | None = None) -> Shard:
