@@ -1,9 +1,10 @@
 """DeepSpeed ZeRO checkpoints to an fp32 state dict, as DeepSpeed's ``zero_to_fp32`` builds it.
 
-The loaded (memory-mapped) partitions become :class:`zckpt.assemble.TensorSource` views, one per
-piece of a parameter a rank holds; zckpt's own assembly then builds each output tensor straight
-from them (no concatenated group buffer, unlike DeepSpeed's stage 1/2 path), so memory is the
-output plus the pages of the files being read, and ``lazy_mode`` reads one tensor at a time.
+The loaded (memory-mapped) partitions become :class:`~zckpt.interop._pages.PagedSource` views,
+one per piece of a parameter a rank holds; zckpt's own assembly then builds each output tensor
+straight from them (no concatenated group buffer, unlike DeepSpeed's stage 1/2 path), releasing
+the file pages it has copied, so memory is the output plus one 16 MiB window, and ``lazy_mode``
+reads one tensor at a time.
 
 The output matches ``zero_to_fp32`` key for key: buffers (saved dtype), then frozen parameters
 (training dtype; recorded only by stage >= 2), then trainable parameters from the fp32 masters
@@ -24,6 +25,7 @@ from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
 from zckpt.interop._layout import Member, Piece, flat_group_pieces, partitioned_pieces
 from zckpt.interop._layout import stage3_piece_size as piece_size
 from zckpt.interop._moe import expert_pieces, is_expert_group, local_expert_counts
+from zckpt.interop._pages import PagedSource, file_mappings
 from zckpt.interop._unpickle import DeepSpeedFormatError
 from zckpt.spec import Fragment
 from zckpt.store._fp32 import LazyTensor
@@ -174,8 +176,12 @@ def group_layouts(ck: DeepSpeedCheckpoint) -> list[GroupLayout]:
 class _Builder:
     """Leaves, sources and entries of the output, in output order."""
 
-    def __init__(self, where: str) -> None:
-        self.where = where
+    def __init__(self, ck: DeepSpeedCheckpoint) -> None:
+        self.where = ck.path
+        # The files' mappings: pieces lying in them are copied out with their pages released.
+        self.mappings = file_mappings(
+            [*ck.model_files, *ck.optim_files, *(e.path for e in ck.experts)]
+        )
         self.metas: list[TensorMeta] = []
         self.sources: list[TensorSource] = []
         self.entries: list[Fp32Entry] = []
@@ -192,7 +198,7 @@ class _Builder:
     def add(self, leaf: int, start: int, data: torch.Tensor) -> None:
         if data.numel():
             frag = Fragment(leaf, start, start + data.numel())
-            self.sources.append(TensorSource(frag, data.reshape(-1)))
+            self.sources.append(PagedSource(frag, data.reshape(-1), self.mappings))
 
     def whole(self, name: str, t: Any, what: str) -> None:
         if not isinstance(t, torch.Tensor):
@@ -272,7 +278,7 @@ def gather(
         >>> gather(ck, group_layouts(ck), partitions(ck, "exp_avg"))["w"].tolist()
         [0.5, 0.5, 0.5, 0.5, 0.5]
     """
-    b = _Builder(ck.path)
+    b = _Builder(ck)
     for layout in layouts:
         _add_group(b, layout, parts)
     try:
@@ -296,7 +302,7 @@ def fp32_sources(
         >>> [e.name for e in entries], len(sources)
         (['n', 'w'], 3)
     """
-    b = _Builder(ck.path)
+    b = _Builder(ck)
     m0, f0 = ck.model[0], ck.model_files[0]
     module = get(m0, "module", f0, Mapping)
     buffers = set(get({"b": m0.get("buffer_names") or []}, "b", f0, (list, tuple)))
