@@ -36,10 +36,12 @@ from zckpt.format import (
     decode_shard,
     encode_shard,
     encode_shard_parts,
+    encode_shard_stream,
     iter_problems,
     read_header_size,
     verify_blob,
 )
+from zckpt.format import _stream as stream_module
 from zckpt.format._codecs import BYTEPLANE, RAW, ZSTD
 from zckpt.format._dtypes import DTYPE_OF, TABLE
 from zckpt.testing import assert_states_equal, specs, states, tensors_bitwise_equal
@@ -106,6 +108,66 @@ def test_encode_decode_consolidate_is_identity(
     for a, b in zip(back, shards, strict=True):
         assert_shards_equal(a, b)
     assert_states_equal(consolidate(back), state)
+
+
+@given(
+    state=states(),
+    spec=specs(),
+    codec=st.sampled_from(CODECS),
+    chunk=st.integers(1, 40),
+    threads=st.sampled_from([1, 3]),
+    extra=st.dictionaries(st.text(max_size=3), st.integers(-(2**63), 2**64 - 1), max_size=2),
+)
+def test_streamed_blobs_decode_like_whole_ones(
+    state: Any, spec: zckpt.ZeroSpec, codec: str, chunk: int, threads: int, extra: Any
+) -> None:
+    """Frames first, head last into the room reserved for it: a valid blob whose index differs
+    from encode_shard's only in the frame offsets (more padding before the first frame)."""
+    plan = zckpt.plan_shards(state, spec)
+    for r in range(spec.world_size):
+        shard = zckpt.shard_state(state, plan, r)
+        stream = encode_shard_stream(
+            shard, codec=codec, chunk_bytes=chunk, threads=threads, extra=extra
+        )
+        body = b"".join(stream.frames())
+        head = stream.head()
+        blob = head + body
+        assert len(head) == stream.data_offset and len(blob) == stream.size
+        assert list(iter_problems(blob)) == []
+        whole = encode_shard(shard, codec=codec, chunk_bytes=chunk, extra=extra)
+        assert_shards_equal(decode_shard(blob), decode_shard(whole))
+        hs, hw = decode_header(blob), decode_header(whole)
+        assert hs.extra == hw.extra
+        for es, ew in zip(hs.fragments, hw.fragments, strict=True):
+            for cs, cw in zip(es.chunks, ew.chunks, strict=True):  # the same frames, moved
+                assert cs._replace(offset=0) == cw._replace(offset=0)
+                assert (
+                    blob[cs.offset : cs.offset + cs.length]
+                    == whole[cw.offset : cw.offset + cw.length]
+                )
+
+
+def test_stream_encodes_a_bounded_number_of_frames_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    shard = shard_of({"w": weights(4096)})
+    encoded = {"n": 0}
+    real = stream_module._encode
+
+    def counting(*args: Any) -> Any:
+        encoded["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(stream_module, "_encode", counting)
+    stream = encode_shard_stream(shard, codec="byteplane", chunk_bytes=256, threads=2)
+    frames = 0
+    for piece in stream.frames():
+        frames += isinstance(piece, bytes) or len(piece) > 64  # pieces, not padding
+        assert encoded["n"] <= frames + 2 * 2 + 1
+    assert encoded["n"] == 64
+    with pytest.raises(zckpt.ZckptError, match="once"):
+        next(iter(stream.frames()))
+    fresh = encode_shard_stream(shard, codec="zstd", chunk_bytes=256)
+    with pytest.raises(zckpt.ZckptError, match="not all been produced"):
+        fresh.head()
 
 
 def test_many_chunks_and_their_layout() -> None:

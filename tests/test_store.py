@@ -13,11 +13,14 @@ from typing import Any
 
 import pytest
 import torch
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
 import zckpt
 from zckpt.assemble import index_sources
+from zckpt.format import decode_header, iter_problems
+from zckpt.format._codecs import RAW
 from zckpt.store import _storage
 from zckpt.testing import assert_states_equal, tensors_bitwise_equal
 
@@ -290,8 +293,9 @@ def test_client_state_is_namespaced_and_checked(tmp_path: Path) -> None:
     assert not (tmp_path / "u" / "manifest.zckm").exists()
 
 
+@pytest.mark.parametrize("codec", ["raw", "byteplane"])  # written whole / streamed
 def test_failed_write_keeps_previous_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str
 ) -> None:
     good = model_state(0)
     zckpt.save_checkpoint(tmp_path, good, spec(4, 2), tag="good")
@@ -309,7 +313,7 @@ def test_failed_write_keeps_previous_checkpoint(
     with pytest.raises(
         zckpt.SaveError, match=r"rank 2: StorageError: .*No space left on device"
     ) as info:
-        zckpt.save_checkpoint(tmp_path, model_state(1), spec(4, 2), tag="bad")
+        zckpt.save_checkpoint(tmp_path, model_state(1), spec(4, 2), tag="bad", codec=codec)
     assert isinstance(info.value.__cause__, OSError)
     monkeypatch.undo()
     assert (tmp_path / "latest").read_text() == "good"
@@ -466,3 +470,37 @@ def test_windowed_writes_are_exact_and_start_writeback_in_order(
     assert [o for o, _ in started] == list(itertools.accumulate([0] + [n for _, n in started]))[:-1]
     assert sum(n for _, n in started) == len(want)
     assert all(0 < n <= window for _, n in started)
+
+
+class Materializing(zckpt.store.LocalStorage):
+    """A storage that can only write its buffers in order (as an object store's PUT would)."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+
+    def write_atomic(self, path: str, buffers: Any) -> tuple[int, int]:
+        self.streams += isinstance(buffers, zckpt.format.BlobStream)
+        return super().write_atomic(path, [b"".join(bytes(b) for b in buffers)])
+
+
+@pytest.mark.parametrize("codec", ["zstd", "byteplane"])
+def test_compressed_saves_stream_and_record_the_file_hash(tmp_path: Path, codec: str) -> None:
+    """A compressed blob is written while it is encoded (LocalStorage) or whole, in order (any
+    other storage): both are valid blobs that load bitwise and match the manifest's hashes."""
+    g = torch.Generator().manual_seed(3)
+    master = {f"p{i}": torch.randn(40_000 + i, generator=g) for i in range(4)}
+    state = {"module": {k: v.bfloat16() for k, v in master.items()}, "master": master}
+    other = Materializing()
+    for where, storage in (("local", None), ("in-order", other)):
+        zckpt.save_checkpoint(
+            tmp_path / where, state, spec(3, 2), tag="t", codec=codec, chunk_bytes=16 << 10,
+            storage=storage,
+        )  # fmt: skip
+        ck = zckpt.open_checkpoint(tmp_path / where)
+        for rec in ck.manifest.files:
+            data = (tmp_path / where / "t" / rec.name).read_bytes()
+            assert len(data) == rec.size and xxhash.xxh3_64_intdigest(data) == rec.xxh3
+            assert list(iter_problems(data)) == []
+            assert {c.codec for e in decode_header(data).fragments for c in e.chunks} != {RAW}
+        assert_states_equal(zckpt.load_checkpoint(tmp_path / where).state, state)
+    assert other.streams == 3

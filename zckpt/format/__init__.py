@@ -28,12 +28,14 @@ from zckpt.format._header import (
 )
 from zckpt.format._index import decode_header
 from zckpt.format._skeleton import skeleton_from_wire, skeleton_to_wire
+from zckpt.format._stream import BlobStream, encode_shard_stream
 
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "PREAMBLE_SIZE",
     "BlobHeader",
+    "BlobStream",
     "ChunkEntry",
     "EncodedShard",
     "FragmentEntry",
@@ -42,6 +44,7 @@ __all__ = [
     "decode_shard",
     "encode_shard",
     "encode_shard_parts",
+    "encode_shard_stream",
     "iter_problems",
     "read_header_size",
     "skeleton_from_wire",

@@ -48,7 +48,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -238,7 +238,7 @@ class _FailingStorage:
     def __init__(self, inner: Storage, error: Exception) -> None:
         self._inner, self._error = inner, error
 
-    def write_atomic(self, path: str, buffers: Sequence[memoryview | bytes]) -> tuple[int, int]:
+    def write_atomic(self, path: str, buffers: Iterable[memoryview | bytes]) -> tuple[int, int]:
         raise self._error
 
     def read(self, path: str, offset: int, length: int) -> bytes:

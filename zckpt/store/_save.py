@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import zckpt
 from zckpt.dist import Comm, SingleProcess
 from zckpt.errors import SpecError, StateError, ZckptError
-from zckpt.format import encode_shard_parts
+from zckpt.format import encode_shard_parts, encode_shard_stream
 from zckpt.shard import Shard, shard_state
 from zckpt.spec import ZeroSpec, plan_shards
 from zckpt.store._layout import (
@@ -132,8 +132,13 @@ def _write_blob(
     enc: Mapping[str, Any],
     expert: int = -1,
 ) -> FileRecord:
-    parts = encode_shard_parts(shard, **enc)
-    size, digest = storage.write_atomic(os.path.join(tag_dir, name), parts.buffers)
+    # Raw frames are views of the tensors: written at once, nothing to overlap. Compressed ones
+    # stream: compression runs ahead of the writes with a few frames in memory, not the shard.
+    if enc.get("codec", "raw") == "raw":
+        blob: Any = encode_shard_parts(shard, **enc).buffers
+    else:
+        blob = encode_shard_stream(shard, **enc)
+    size, digest = storage.write_atomic(os.path.join(tag_dir, name), blob)
     return FileRecord(name, rank, size, digest, shard.fragments, expert)
 
 

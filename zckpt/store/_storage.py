@@ -15,12 +15,13 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import xxhash
 
 from zckpt.errors import ZckptError
+from zckpt.format import BlobStream
 
 __all__ = ["LocalStorage", "Storage", "StorageError"]
 
@@ -43,8 +44,13 @@ class StorageError(ZckptError, OSError):
 class Storage(Protocol):
     """What checkpoint directories need from a filesystem."""
 
-    def write_atomic(self, path: str, buffers: Sequence[memoryview | bytes]) -> tuple[int, int]:
-        """Write ``buffers`` durably as ``path``; return (size, xxh3_64 of the bytes)."""
+    def write_atomic(self, path: str, buffers: Iterable[memoryview | bytes]) -> tuple[int, int]:
+        """Write ``buffers`` durably as ``path``; return (size, xxh3_64 of the bytes).
+
+        ``buffers`` may be a :class:`~zckpt.format.BlobStream` (compressed saves): iterating it
+        yields the whole blob in order; a storage that can write at offsets may instead stream
+        its frames and write its head last, as :class:`LocalStorage` does.
+        """
         ...
 
     def read(self, path: str, offset: int, length: int) -> bytes:
@@ -123,11 +129,13 @@ _SYNC_FILE_RANGE_WRITE = 2
 _start_writeback = _sync_file_range()
 
 
-def _windows(buffers: list[memoryview], window: int) -> Iterator[list[memoryview]]:
-    """``buffers`` regrouped into lists of at most ``window`` bytes and ``_IOV_MAX`` buffers."""
+def _windows(buffers: Iterable[memoryview | bytes], window: int) -> Iterator[list[memoryview]]:
+    """``buffers`` regrouped into lists of at most ``window`` bytes and ``_IOV_MAX`` buffers
+    (consumed lazily: a generator of buffers is read one window ahead of the writes)."""
     batch: list[memoryview] = []
     room = window
-    for b in buffers:
+    for buf in buffers:
+        b = memoryview(buf).cast("B")
         while b.nbytes:
             piece = b[:room]
             batch.append(piece)
@@ -140,12 +148,14 @@ def _windows(buffers: list[memoryview], window: int) -> Iterator[list[memoryview
         yield batch
 
 
-def _writev_all(fd: int, buffers: list[memoryview], window: int = _WINDOW) -> int:
-    """Write ``buffers`` in order, window by window, starting each window's disk write as soon
-    as it is in the page cache (:func:`_sync_file_range`)."""
+def _writev_all(
+    fd: int, buffers: Iterable[memoryview | bytes], window: int = _WINDOW, base: int = 0
+) -> int:
+    """Write ``buffers`` in order at the file position (``base``), window by window, starting
+    each window's disk write as soon as it is in the page cache (:func:`_sync_file_range`)."""
     total = 0
     for batch in _windows(buffers, window):
-        start = total
+        start = base + total
         pending = list(batch)
         while pending:
             n = os.writev(fd, pending)
@@ -158,7 +168,7 @@ def _writev_all(fd: int, buffers: list[memoryview], window: int = _WINDOW) -> in
                 else:
                     pending[0] = pending[0][n:]
                     n = 0
-        _start_writeback(fd, start, total - start)
+        _start_writeback(fd, start, base + total - start)
     return total
 
 
@@ -186,6 +196,46 @@ def _write_hashing(fd: int, buffers: list[memoryview]) -> tuple[int, int]:
     return size, digest[0]
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _write_stream(fd: int, blob: BlobStream) -> tuple[int, int]:
+    """Frames from ``data_offset`` on as they are encoded, then the head at 0; then fsync while
+    the whole file is hashed back from the page cache (the head, written last, comes first)."""
+    os.lseek(fd, blob.data_offset, os.SEEK_SET)
+    body = _writev_all(fd, blob.frames(), base=blob.data_offset)
+    _pwrite_all(fd, blob.head(), 0)
+    size = blob.data_offset + body
+    failure: list[OSError] = []
+
+    def flush() -> None:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            failure.append(e)
+
+    syncer = threading.Thread(target=flush, name="zckpt-fsync")
+    syncer.start()
+    try:
+        hasher, buf = xxhash.xxh3_64(), bytearray(_WINDOW)
+        pos = 0
+        while pos < size:
+            n = os.preadv(fd, [memoryview(buf)[: min(_WINDOW, size - pos)]], pos)
+            if n <= 0:
+                raise OSError(errno.EIO, f"the file ends at byte {pos} of {size} just written")
+            hasher.update(memoryview(buf)[:n])
+            pos += n
+    finally:
+        syncer.join()
+    if failure:
+        raise failure[0]
+    return size, hasher.intdigest()
+
+
 class LocalStorage:
     """POSIX files: ``writev`` straight from tensor memory, ``fsync``, rename, directory fsync.
 
@@ -198,15 +248,21 @@ class LocalStorage:
         b'bc'
     """
 
-    def write_atomic(self, path: str, buffers: Sequence[memoryview | bytes]) -> tuple[int, int]:
-        """Write to a temporary sibling, fsync, rename over ``path``, fsync the directory."""
+    def write_atomic(self, path: str, buffers: Iterable[memoryview | bytes]) -> tuple[int, int]:
+        """Write to a temporary sibling, fsync, rename over ``path``, fsync the directory.
+
+        A :class:`~zckpt.format.BlobStream` is written as it is encoded: frames from its
+        ``data_offset`` on, then its head at the start (see :func:`_write_stream`).
+        """
         d, name = os.path.split(path)
         tmp = os.path.join(d, f".{name}.tmp.{secrets.token_hex(4)}")
-        views = _views(buffers)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                size, digest = _write_hashing(fd, views)
+                if isinstance(buffers, BlobStream):
+                    size, digest = _write_stream(fd, buffers)
+                else:
+                    size, digest = _write_hashing(fd, _views(buffers))
             finally:
                 os.close(fd)
             os.replace(tmp, path)
