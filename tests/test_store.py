@@ -504,3 +504,27 @@ def test_compressed_saves_stream_and_record_the_file_hash(tmp_path: Path, codec:
             assert {c.codec for e in decode_header(data).fragments for c in e.chunks} != {RAW}
         assert_states_equal(zckpt.load_checkpoint(tmp_path / where).state, state)
     assert other.streams == 3
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_failed_fsync_of_a_blob_keeps_previous(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str
+) -> None:
+    """fsync runs beside the hashing thread (raw) or the read-back hash (streamed): its error
+    still fails the save, and nothing half-written is left."""
+    good = model_state(0)
+    zckpt.save_checkpoint(tmp_path, good, spec(2, 2), tag="good")
+    real_fsync = os.fsync
+
+    def eio(fd: int) -> None:
+        if ".rank00001" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(_storage.os, "fsync", eio)
+    with pytest.raises(zckpt.SaveError, match=r"rank 1: StorageError: .*Input/output error"):
+        zckpt.save_checkpoint(tmp_path, model_state(1), spec(2, 2), tag="bad", codec=codec)
+    monkeypatch.undo()
+    assert (tmp_path / "latest").read_text() == "good"
+    assert list((tmp_path / "bad").iterdir()) == []
+    assert_states_equal(zckpt.load_checkpoint(tmp_path).state, good)

@@ -172,28 +172,51 @@ def _writev_all(
     return total
 
 
+def _alongside(background: Callable[[], int], foreground: Callable[[], int]) -> tuple[int, int]:
+    """Run ``background`` in a thread while ``foreground`` runs here; both results, in that
+    order. Used to overlap hashing with writing or fsync (each releases the GIL). The first
+    error raised (foreground's first) propagates once both have finished."""
+    result: list[int] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(background())
+        except BaseException as e:  # re-raised in the caller's thread below
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name="zckpt-io")
+    worker.start()
+    try:
+        mine = foreground()
+    finally:
+        worker.join()
+    if failure:
+        raise failure[0]
+    return result[0], mine
+
+
+def _hash(buffers: Iterable[memoryview]) -> int:
+    hasher = xxhash.xxh3_64()
+    for b in buffers:
+        hasher.update(b)
+    return hasher.intdigest()
+
+
 def _write_hashing(fd: int, buffers: list[memoryview]) -> tuple[int, int]:
     """Write ``buffers`` and fsync while another thread hashes them; return (size, xxh3_64).
 
-    Writing, the disk flush and the hash overlap (each releases the GIL), so the whole-file
-    checksum the manifest records costs no time of its own while the disk is the bottleneck.
+    Writing, the disk flush and the hash overlap, so the whole-file checksum the manifest
+    records costs no time of its own while the disk is the bottleneck.
     """
-    digest: list[int] = []
 
-    def run() -> None:
-        hasher = xxhash.xxh3_64()
-        for b in buffers:
-            hasher.update(b)
-        digest.append(hasher.intdigest())
-
-    hashing = threading.Thread(target=run, name="zckpt-hash")
-    hashing.start()
-    try:
+    def write() -> int:
         size = _writev_all(fd, buffers)
         os.fsync(fd)
-    finally:
-        hashing.join()
-    return size, digest[0]
+        return size
+
+    digest, size = _alongside(lambda: _hash(buffers), write)
+    return size, digest
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -203,37 +226,32 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _hash_file(fd: int, size: int) -> int:
+    """xxh3_64 of the first ``size`` bytes of an open file (read back from the page cache)."""
+    hasher, buf = xxhash.xxh3_64(), memoryview(bytearray(_WINDOW))
+    pos = 0
+    while pos < size:
+        n = os.preadv(fd, [buf[: min(_WINDOW, size - pos)]], pos)
+        if n <= 0:
+            raise OSError(errno.EIO, f"the file ends at byte {pos} of the {size} just written")
+        hasher.update(buf[:n])
+        pos += n
+    return hasher.intdigest()
+
+
 def _write_stream(fd: int, blob: BlobStream) -> tuple[int, int]:
     """Frames from ``data_offset`` on as they are encoded, then the head at 0; then fsync while
     the whole file is hashed back from the page cache (the head, written last, comes first)."""
     os.lseek(fd, blob.data_offset, os.SEEK_SET)
-    body = _writev_all(fd, blob.frames(), base=blob.data_offset)
+    size = blob.data_offset + _writev_all(fd, blob.frames(), base=blob.data_offset)
     _pwrite_all(fd, blob.head(), 0)
-    size = blob.data_offset + body
-    failure: list[OSError] = []
 
-    def flush() -> None:
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            failure.append(e)
+    def flush() -> int:
+        os.fsync(fd)
+        return 0
 
-    syncer = threading.Thread(target=flush, name="zckpt-fsync")
-    syncer.start()
-    try:
-        hasher, buf = xxhash.xxh3_64(), bytearray(_WINDOW)
-        pos = 0
-        while pos < size:
-            n = os.preadv(fd, [memoryview(buf)[: min(_WINDOW, size - pos)]], pos)
-            if n <= 0:
-                raise OSError(errno.EIO, f"the file ends at byte {pos} of {size} just written")
-            hasher.update(memoryview(buf)[:n])
-            pos += n
-    finally:
-        syncer.join()
-    if failure:
-        raise failure[0]
-    return size, hasher.intdigest()
+    _, digest = _alongside(flush, lambda: _hash_file(fd, size))
+    return size, digest
 
 
 class LocalStorage:
