@@ -1,19 +1,32 @@
-"""DeepSpeed's ``zero_to_fp32`` against zckpt on a checkpoint DeepSpeed itself wrote.
+"""DeepSpeed's ``zero_to_fp32`` against zckpt on checkpoints DeepSpeed itself wrote.
 
 DeepSpeed is used only as an installed library, only from bench/ (zckpt never imports it).
 
 * ``probe()``: is ``deepspeed`` importable? (in a subprocess: it is slow to import and sets up
   an accelerator.)
-* ``checkpoint()``: a ZeRO-2 bf16 checkpoint of ``LAYERS`` ``Linear(d, d)`` layers written by
+* ``checkpoints(cache, kinds, gib, version)``: bf16 checkpoints written by
   ``engine.save_checkpoint`` after one training step with ``torch.optim.AdamW`` in two gloo
   processes on CPU (``DS_ACCELERATOR=cpu``, ``deepspeed.init_distributed("gloo")``, as in
-  /work/shared/fixtures/deepspeed/make_fixtures.py). About 14 bytes per parameter on disk (bf16
-  weights 2, fp32 master 4, Adam moments 8). Cached under a key of the size and of DeepSpeed's
-  and torch's versions, so a second run reuses it; DeepSpeed's copy of its ``zero_to_fp32.py``
-  script is removed from the directory (not checkpoint data).
+  /work/shared/fixtures/deepspeed/make_fixtures.py), of one of two ``KINDS``:
+
+  - ``z2``: ZeRO-2, ``LAYERS`` ``Linear(d, d)`` layers (few big tensors: DeepSpeed's best case,
+    one ``torch.cat`` per param group). About 14 bytes per parameter on disk (bf16 weights 2,
+    fp32 master 4, Adam moments 8).
+  - ``z3``: ZeRO-3, a transformer-shaped stack of ``BLOCKS`` blocks (LayerNorm, q/k/v/o
+    ``Linear(d, d)`` with biases, LayerNorm, MLP ``d -> 4d -> d``) and a final LayerNorm:
+    16 tensors per block, ``16 * BLOCKS + 2`` in all. About 12 bytes per parameter on disk
+    (stage 3 saves no 16-bit weights). ``stage3_param_persistence_threshold`` is ``4d + 1``:
+    vectors stay whole on every rank and matrices are partitioned, at every size (DeepSpeed's
+    default of 1e5 does that for a model of width >= 317; make_fixtures.py sets 100 for its tiny
+    model); ``zero.Init`` is not used (the model is built whole, then partitioned).
+
+  Each is cached apart under a key of its kind, size and DeepSpeed's and torch's versions, so a
+  second run reuses it; the missing ones are generated in one two-rank run (one engine per kind,
+  in turn). DeepSpeed's copies of its scripts are removed from the directories (not checkpoint
+  data).
 * Run as ``python _deepspeed.py child MODE DIR``: one timed consolidation in a fresh process,
   ``MODE`` one of ``deepspeed`` (``deepspeed.utils.zero_to_fp32.
-  get_fp32_state_dict_from_zero_checkpoint``), ``zckpt`` (``zckpt.
+  get_fp32_state_dict_from_zero_checkpoint``, with its phases timed), ``zckpt`` (``zckpt.
   get_fp32_state_dict_from_zero_checkpoint``, eager) or ``lazy`` (zckpt with ``lazy_mode=True``,
   each tensor materialised and dropped in turn). With ``--hash`` it also hashes every output
   tensor (dtype, shape, xxh3 of the bytes) after the timing, for the bitwise check.
@@ -26,6 +39,7 @@ import importlib
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -38,7 +52,12 @@ import xxhash
 from _common import status_mib, timed_peak  # bench/ is sys.path[0]
 from _dcp2 import spawn_ranks
 
-LAYERS = 4
+LAYERS = 4  # z2: LAYERS x Linear(d, d)
+BLOCKS = 24  # z3: BLOCKS transformer blocks and a final LayerNorm
+HEAD_DIM = 64
+SEQ = 16
+KINDS = ("z2", "z3")
+LABELS = {"z2": "z2 4xLinear", "z3": "z3 transformer"}
 TAG = "step1"
 MICRO_BS = 8
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -70,15 +89,42 @@ def probe(timeout: float = 300) -> tuple[str | None, str]:
     return None, f"`import deepspeed` failed: {last}"
 
 
-def width_for(gib: float) -> int:
-    """Layer width d so that LAYERS * (d*d + d) params take about ``gib`` GiB at 14 B/param."""
-    params = gib * 2**30 / 14
-    return max(64, round(math.sqrt(params / LAYERS) / 64) * 64)
+def width_for(kind: str, gib: float) -> int:
+    """Model width d so that the ``kind`` checkpoint takes about ``gib`` GiB.
+
+    z2: ``LAYERS * (d*d + d)`` params at 14 B/param (d rounded to 64). z3: ``BLOCKS * (12 d^2 +
+    13 d) + 2 d`` params at 12 B/param (d rounded up to 64, so at least ``gib`` GiB).
+    """
+    if kind == "z2":
+        params = gib * 2**30 / 14
+        return max(64, round(math.sqrt(params / LAYERS) / 64) * 64)
+    params = gib * 2**30 / 12
+    return max(64, math.ceil(math.sqrt(params / (12 * BLOCKS)) / 64) * 64)
 
 
-def n_params(d: int) -> int:
-    """Parameters of the model of width ``d``."""
-    return LAYERS * (d * d + d)
+def n_params(kind: str, d: int) -> int:
+    """Parameters of the ``kind`` model of width ``d``."""
+    if kind == "z2":
+        return LAYERS * (d * d + d)
+    return BLOCKS * (12 * d * d + 13 * d) + 2 * d
+
+
+def n_tensors(kind: str) -> int:
+    """Parameter tensors of the ``kind`` model."""
+    return 2 * LAYERS if kind == "z2" else 16 * BLOCKS + 2
+
+
+def describe(kind: str, info: dict[str, Any]) -> str:
+    """The model and ZeRO setup, in words, for the report."""
+    d = info["width"]
+    if kind == "z2":
+        return f"ZeRO-2, bf16, {info['layers']} x Linear({d}, {d})"
+    return (
+        f"ZeRO-3, bf16, {info['blocks']} transformer blocks of width {d} (LayerNorm, q/k/v/o "
+        f"Linear({d}, {d}) with biases, LayerNorm, MLP {d}->{4 * d}->{d}) and a final "
+        f"LayerNorm, stage3_param_persistence_threshold {4 * d + 1} (vectors whole on every "
+        "rank, matrices partitioned), no zero.Init"
+    )
 
 
 def dir_bytes(path: str) -> int:
@@ -94,55 +140,88 @@ def shm_buffers() -> list[str]:
     return [os.path.join("/dev/shm", n) for n in names if n.startswith("deepspeed_allreduce")]
 
 
-def checkpoint(cache: str, gib: float, ds_version: str) -> tuple[str, dict[str, Any]]:
-    """The cached checkpoint's directory and its generation record, generating it if needed."""
-    d = width_for(gib)
-    key = f"deepspeed-{n_params(d)}p-z2-bf16-ws2-ds{ds_version}-torch{torch.__version__}"
-    final = os.path.join(cache, key)
-    record = os.path.join(final, "generated.json")
-    if os.path.exists(record):
-        with open(record) as f:
-            info: dict[str, Any] = json.load(f)
-        return final, {**info, "cached": True}
+def cache_key(kind: str, gib: float, ds_version: str) -> str:
+    """The cache directory name of the ``kind`` checkpoint of about ``gib`` GiB."""
+    d = width_for(kind, gib)
+    # z2's key is the one of the first version of this file (its checkpoints stay valid).
+    model = "z2" if kind == "z2" else f"z3-transformer{BLOCKS}x{d}"
+    return (
+        f"deepspeed-{n_params(kind, d)}p-{model}-bf16-ws2-ds{ds_version}-torch{torch.__version__}"
+    )
+
+
+def checkpoints(
+    cache: str, kinds: tuple[str, ...], gib: float, ds_version: str
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Per kind: the cached checkpoint's directory and its generation record.
+
+    The missing ones are generated, all in one two-rank DeepSpeed run (one import and one
+    process group for all; one engine per kind, in turn), each then cached apart.
+    """
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    missing = []
+    for kind in kinds:
+        final = os.path.join(cache, cache_key(kind, gib, ds_version))
+        record = os.path.join(final, "generated.json")
+        if os.path.exists(record):
+            with open(record) as f:
+                out[kind] = (final, {**json.load(f), "cached": True})
+        else:
+            missing.append((kind, final))
+    if not missing:
+        return out
     os.makedirs(cache, exist_ok=True)
-    work = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    env = {
-        **ds_env(),
-        "OMP_NUM_THREADS": "1",
-        "TORCH_EXTENSIONS_DIR": os.path.join(work, "torch_extensions"),
-    }
+    works = {kind: f"{final}.tmp-{os.getpid()}" for kind, final in missing}
+    ext = os.path.join(cache, f"torch_extensions.tmp-{os.getpid()}")
+    env = {**ds_env(), "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": ext}
     shm_before = set(shm_buffers())
     try:
+        args = ["gen"]
+        for kind, _ in missing:
+            shutil.rmtree(works[kind], ignore_errors=True)
+            ckpt = os.path.join(works[kind], "checkpoint")
+            args += ["--job", f"{kind}:{width_for(kind, gib)}:{ckpt}"]
         t0 = time.perf_counter()
-        args = ["gen", os.path.join(work, "checkpoint"), "--width", str(d)]
         res = spawn_ranks(os.path.abspath(__file__), args, 2, 1800, env)
         seconds = time.perf_counter() - t0
-        shutil.rmtree(env["TORCH_EXTENSIONS_DIR"], ignore_errors=True)
-        for name in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's script copies
-            with_script = os.path.join(work, "checkpoint", name)
-            if os.path.exists(with_script):
-                os.remove(with_script)
-        info = {
-            "params": n_params(d),
-            "width": d,
-            "layers": LAYERS,
-            "generation_s": seconds,
-            "step_s": max(r["step_s"] for r in res),
-            "save_s": max(r["save_s"] for r in res),
-            "bytes": dir_bytes(os.path.join(work, "checkpoint")),
-            "deepspeed": ds_version,
-            "torch": torch.__version__,
-        }
-        with open(os.path.join(work, "generated.json"), "w") as f:
-            json.dump(info, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(work, final)
+        for kind, final in missing:
+            work = works[kind]
+            for name in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's script copies
+                with_script = os.path.join(work, "checkpoint", name)
+                if os.path.exists(with_script):
+                    os.remove(with_script)
+            d = width_for(kind, gib)
+            info = {
+                "kind": kind,
+                "stage": 2 if kind == "z2" else 3,
+                "params": n_params(kind, d),
+                "tensors": n_tensors(kind),
+                "width": d,
+                "layers": LAYERS,
+                "blocks": BLOCKS,
+                # The whole run's wall time (start-up included), shared by the kinds it made.
+                "generation_s": seconds,
+                "generated_with": [k for k, _ in missing],
+                **{
+                    f"{what}_s": max(r["jobs"][kind][what] for r in res)
+                    for what in ("build", "step", "save")
+                },
+                "bytes": dir_bytes(os.path.join(work, "checkpoint")),
+                "deepspeed": ds_version,
+                "torch": torch.__version__,
+            }
+            with open(os.path.join(work, "generated.json"), "w") as f:
+                json.dump(info, f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(work, final)
+            out[kind] = (final, {**info, "cached": False})
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(ext, ignore_errors=True)
+        for work in works.values():
+            shutil.rmtree(work, ignore_errors=True)
         for leak in set(shm_buffers()) - shm_before:  # never expected: the op is not built
             os.remove(leak)
-    return final, {**info, "cached": False}
+    return {kind: out[kind] for kind in kinds}
 
 
 def ckpt_path(final: str) -> str:
@@ -154,8 +233,43 @@ def ckpt_path(final: str) -> str:
 # Generation: one rank
 
 
-def gen_rank(out: str, width: int, rank: int, port: int) -> dict[str, Any]:
-    """One rank of the two-rank DeepSpeed run: build, one step, ``engine.save_checkpoint``."""
+class Block(torch.nn.Module):
+    """A pre-norm transformer block: 16 parameter tensors."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.heads = max(1, d // HEAD_DIM)
+        self.ln1 = torch.nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.ln2 = torch.nn.LayerNorm(d)
+        self.fc1 = torch.nn.Linear(d, 4 * d)
+        self.fc2 = torch.nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.ln1(x)
+        q, k, v = (
+            lin(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+            for lin in (self.q, self.k, self.v)
+        )
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+def build(kind: str, d: int) -> tuple[torch.nn.Module, dict[str, Any], tuple[int, ...]]:
+    """The ``kind`` model, its ``zero_optimization`` config and its input shape."""
+    if kind == "z2":
+        model = torch.nn.Sequential(*(torch.nn.Linear(d, d) for _ in range(LAYERS)))
+        return model, {"stage": 2}, (MICRO_BS, d)
+    model = torch.nn.Sequential(*(Block(d) for _ in range(BLOCKS)), torch.nn.LayerNorm(d))
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 4 * d + 1}
+    return model, zero, (MICRO_BS, SEQ, d)
+
+
+def gen_rank(jobs: list[tuple[str, int, str]], rank: int, port: int) -> dict[str, Any]:
+    """One rank of the two-rank DeepSpeed run: for each (kind, width, save_dir) in turn, build
+    a model and its engine, one step, ``engine.save_checkpoint``."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -174,29 +288,35 @@ def gen_rank(out: str, width: int, rank: int, port: int) -> dict[str, Any]:
     # (deepspeed.comm re-exports the name `torch`, hence import_module).
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # type: ignore[attr-defined]
     deepspeed.init_distributed(dist_backend="gloo")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(LAYERS)))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    cfg = {
-        "train_micro_batch_size_per_gpu": MICRO_BS,
-        "gradient_accumulation_steps": 1,
-        "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": 2},
-        "bf16": {"enabled": True},
-        "steps_per_print": 10**9,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-    t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(rank)
-    x = torch.randn(MICRO_BS, width, generator=g).to(torch.bfloat16)
-    loss = engine(x).float().pow(2).mean()
-    engine.backward(loss)
-    engine.step()
-    t1 = time.perf_counter()
-    engine.save_checkpoint(out, tag=TAG)
-    t2 = time.perf_counter()
-    torch.distributed.barrier()
-    return {"rank": rank, "step_s": t1 - t0, "save_s": t2 - t1}
+    done: dict[str, dict[str, float]] = {}
+    for kind, width, out in jobs:
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        model, zero, shape = build(kind, width)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        cfg = {
+            "train_micro_batch_size_per_gpu": MICRO_BS,
+            "gradient_accumulation_steps": 1,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": zero,
+            "bf16": {"enabled": True},
+            "steps_per_print": 10**9,
+        }
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        t1 = time.perf_counter()
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        loss = engine(x).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        t2 = time.perf_counter()
+        engine.save_checkpoint(out, tag=TAG)
+        t3 = time.perf_counter()
+        torch.distributed.barrier()
+        done[kind] = {"build": t1 - t0, "step": t2 - t1, "save": t3 - t2}
+        engine.destroy()
+        del engine, model, opt
+    return {"rank": rank, "jobs": done}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,32 +360,47 @@ class RssSampler:
         self._run()  # one last sample (the loop returns at once: the event is set)
 
 
+def minflt() -> int:
+    """Minor page faults of this process so far (a mapped file page touched: one fault)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def child(mode: str, path: str, hash_out: bool) -> dict[str, Any]:
     """One consolidation of ``path`` in this (fresh) process: seconds and peak MiB."""
     res: dict[str, Any] = {"mode": mode}
     if mode == "deepspeed":
         zf = importlib.import_module("deepspeed.utils.zero_to_fp32")
-        parse_s = [0.0]
+        phases: dict[str, list[float]] = {}
 
-        def timing(fn: Any) -> Any:
+        def timing(name: str, fn: Any) -> Any:
             def wrapped(*a: Any, **k: Any) -> Any:
-                t0 = time.perf_counter()
+                t0, f0 = time.perf_counter(), minflt()
                 try:
                     return fn(*a, **k)
                 finally:
-                    parse_s[0] += time.perf_counter() - t0
+                    acc = phases.setdefault(name, [0.0, 0.0])
+                    acc[0] += time.perf_counter() - t0
+                    acc[1] += minflt() - f0
 
             return wrapped
 
-        # How DeepSpeed's time splits: reading its files (its own parse functions, timed by
-        # wrapping them) against the rest (concatenating partitions, building the dict).
-        zf.parse_optim_states = timing(zf.parse_optim_states)  # type: ignore[attr-defined]
-        zf.parse_model_states = timing(zf.parse_model_states)  # type: ignore[attr-defined]
+        # Where DeepSpeed's time goes, by wrapping its own module-level functions: reading its
+        # model-state files (torch.load), mapping its optimizer-state files (torch.load(mmap=
+        # True)), to_torch_tensor (stage 3: every GatheredTensor's torch.cat of its partitions,
+        # read through the mapping; stage 2: a no-op on tensors already built) and the rest
+        # (stage 2: concatenating each group's partitions and slicing them into params).
+        for name in ("parse_model_states", "parse_optim_states", "to_torch_tensor"):
+            setattr(zf, name, timing(name, getattr(zf, name)))
+        f0 = minflt()
         with RssSampler() as rss:
             seconds, peak, out = timed_peak(
                 lambda: zf.get_fp32_state_dict_from_zero_checkpoint(path)
             )
-        res["parse_s"] = parse_s[0]
+        res["minflt"] = minflt() - f0
+        res["phases"] = phases
+        res["parse_s"] = sum(
+            v[0] for k, v in phases.items() if k in ("parse_model_states", "parse_optim_states")
+        )
     else:
         sys.path.insert(1, os.path.dirname(HERE))
         import numpy as np
@@ -283,8 +418,10 @@ def child(mode: str, path: str, hash_out: bool) -> dict[str, Any]:
 
         if mode == "zckpt":
             fn = lambda: zckpt.get_fp32_state_dict_from_zero_checkpoint(path)  # noqa: E731
+            f0 = minflt()
             with RssSampler() as rss:
                 seconds, peak, out = timed_peak(fn)
+            res["minflt"] = minflt() - f0
         else:
             largest = [0]
 
@@ -295,8 +432,10 @@ def child(mode: str, path: str, hash_out: bool) -> dict[str, Any]:
                     largest[0] = max(largest[0], t.numel() * t.element_size())
                     del t
 
+            f0 = minflt()
             with RssSampler() as rss:
                 seconds, peak, out = timed_peak(lazy)
+            res["minflt"] = minflt() - f0
             res["largest"] = largest[0]
         res["imported_deepspeed"] = "deepspeed" in sys.modules
     res["s"], res["peak_mib"] = seconds, peak
@@ -335,8 +474,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="DeepSpeed checkpoint generation and fp32 children")
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("gen")
-    g.add_argument("out")
-    g.add_argument("--width", type=int, required=True)
+    g.add_argument("--job", action="append", required=True, help="KIND:WIDTH:SAVE_DIR")
     g.add_argument("--rank", type=int, required=True)
     g.add_argument("--port", type=int, required=True)
     c = sub.add_parser("child")
@@ -345,7 +483,8 @@ def main() -> int:
     c.add_argument("--hash", action="store_true")
     a = ap.parse_args()
     if a.cmd == "gen":
-        res = gen_rank(a.out, a.width, a.rank, a.port)
+        jobs = [(k, int(w), out) for k, w, out in (j.split(":", 2) for j in a.job)]
+        res = gen_rank(jobs, a.rank, a.port)
     else:
         res = child(a.mode, a.path, a.hash)
     print("RESULT " + json.dumps(res), flush=True)

@@ -30,12 +30,14 @@ the end; each peer's files are removed as soon as its loads are done):
   DCP: each rank saves exactly the tensors of the zckpt shard it writes (rank-distinct keys,
   ``sync_files=True``) and loads them back. Time = max over ranks of barrier -> op -> barrier;
   peak RSS = max over ranks;
-* DeepSpeed (``bench/_deepspeed.py``, when ``import deepspeed`` works): a ZeRO-2 bf16
-  checkpoint of about ``--gib`` GiB written by DeepSpeed itself (2 gloo processes, one training
-  step; cached under ``--ds-cache``, its generation time reported apart), then in a fresh
-  process per repetition: DeepSpeed's ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``,
-  zckpt's eager one and zckpt's lazy one (peak RSS = VmHWM growth over the process's baseline
-  after its imports). zckpt's and DeepSpeed's outputs are checked bitwise equal, once.
+* DeepSpeed (``bench/_deepspeed.py``, when ``import deepspeed`` works): two bf16 checkpoints
+  of about ``--gib`` GiB each written by DeepSpeed itself (2 gloo processes, one training step;
+  each cached apart under ``--ds-cache``, its generation time reported apart): ZeRO-2 of 4
+  ``Linear(d, d)`` (few big tensors: DeepSpeed's best case) and ZeRO-3 of a transformer-shaped
+  stack (386 parameter tensors). For each, in a fresh process per repetition: DeepSpeed's
+  ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` (its phases timed apart), zckpt's
+  eager one and zckpt's lazy one (peak RSS = VmHWM growth over the process's baseline after its
+  imports). zckpt's and DeepSpeed's outputs are checked bitwise equal, once per checkpoint.
 
 ``--only io,reshard,fp32,async,compress,dcp2,deepspeed`` runs a subset (``io`` is the durable
 save and the warm/cold loads of the one-process peers); ``--no-deepspeed`` skips DeepSpeed.
@@ -50,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -85,6 +88,8 @@ Peer = tuple[str, str, Callable[[str], None], Callable[[str], Any] | None]
 GROUPS = ("io", "reshard", "fp32", "async", "compress", "dcp2", "deepspeed")
 DCP2, ZCKPT2 = "DCP, 2 processes", "zckpt raw, ws 2, 2 processes"
 DS_ROW, DS_EAGER, DS_LAZY = "DeepSpeed zero_to_fp32", "zckpt eager", "zckpt lazy (one at a time)"
+# The table group of each DeepSpeed checkpoint ("fp32 DS z2 4xLinear", "fp32 DS z3 transformer").
+DS_GROUPS = {k: f"fp32 DS {label}" for k, label in _deepspeed.LABELS.items()}
 
 
 @dataclass
@@ -112,7 +117,8 @@ class Suite:
 
     reps: int
     rows: list[Row] = field(default_factory=list)
-    ds_bitwise: bool | None = None  # zckpt's fp32 of the DeepSpeed checkpoint == zero_to_fp32's
+    # Per DeepSpeed checkpoint kind: zckpt's fp32 of it == zero_to_fp32's.
+    ds_bitwise: dict[str, bool] = field(default_factory=dict)
 
     def measure(
         self,
@@ -572,27 +578,52 @@ def two_processes(s: Suite, root: str, gib: float) -> None:
 
 
 def deepspeed_fp32(s: Suite, gib: float, cache: str, skip: str | None) -> list[str]:
-    """fp32 consolidation of a checkpoint DeepSpeed wrote: its zero_to_fp32 against zckpt.
+    """fp32 consolidation of checkpoints DeepSpeed wrote: its zero_to_fp32 against zckpt.
 
-    Returns the report's lines about the DeepSpeed checkpoint (or why the rows were skipped).
+    Returns the report's lines about the DeepSpeed checkpoints (or why the rows were skipped).
     """
     version, why = (None, skip) if skip else _deepspeed.probe()
     if version is None:
         return [f"DeepSpeed rows skipped: {why}."]
-    final, info = _deepspeed.checkpoint(cache, gib, version)
+    lines: list[str] = []
+    made = _deepspeed.checkpoints(cache, _deepspeed.KINDS, gib, version)
+    for kind, (final, info) in made.items():
+        lines += deepspeed_checkpoint_fp32(s, kind, final, info, version)
+    lines.append(
+        "fp32 DS peak RSS: VmHWM growth, which includes the checkpoint's file pages that "
+        "torch.load(mmap=True) maps and touches (both readers use it); 'sampled anon' and "
+        "'sampled file-mapped' are the highest RssAnon / RssFile growth seen every 2 ms; "
+        "'minor faults' counts the page faults of the timed call (a mapped file page touched "
+        "costs one)."
+    )
+    return lines
+
+
+def deepspeed_checkpoint_fp32(
+    s: Suite, kind: str, final: str, info: dict[str, Any], version: str
+) -> list[str]:
+    """The rows of the DeepSpeed checkpoint ``kind`` in ``final``; the report's lines on it."""
+    group, label = DS_GROUPS[kind], _deepspeed.LABELS[kind]
     path = _deepspeed.ckpt_path(final)
     nfiles = sum(len(ns) for _, _, ns in os.walk(path))
+    together = info.get("generated_with", [kind])
+    run = (
+        f"{info['generation_s']:.1f} s"
+        if len(together) < 2
+        else f"{info['generation_s']:.1f} s (one DeepSpeed run for {' and '.join(together)})"
+    )
     gen = (
-        f"generated in {info['generation_s']:.1f} s by this run"
+        f"generated by this run in {run}"
         if not info["cached"]
-        else f"reused from the cache (its generation took {info['generation_s']:.1f} s)"
+        else f"reused from the cache (its generation took {run})"
     )
     lines = [
-        f"DeepSpeed checkpoint: written by DeepSpeed {version} itself (engine.save_checkpoint; "
-        f"ZeRO-2, bf16, torch AdamW, 2 gloo processes on CPU, {info['layers']} x Linear("
-        f"{info['width']}, {info['width']}), one training step): {info['params']:,} params, "
-        f"{info['bytes'] / 1e9:.3f} GB ({info['bytes'] / 2**30:.3f} GiB) in {nfiles} files; "
-        f"{gen}, not part of any ratio; {final}.",
+        f"DeepSpeed checkpoint {label}: written by DeepSpeed {version} itself "
+        f"(engine.save_checkpoint; {_deepspeed.describe(kind, info)}; torch AdamW, 2 gloo "
+        f"processes on CPU, one training step): {info['params']:,} params in "
+        f"{_deepspeed.n_tensors(kind)} tensors, {info['bytes'] / 1e9:.3f} GB "
+        f"({info['bytes'] / 2**30:.3f} GiB) in {nfiles} files; {gen}, not part of any ratio; "
+        f"{final}.",
     ]
     read_files(path)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in ("deepspeed", "zckpt", "lazy")}
@@ -603,40 +634,42 @@ def deepspeed_fp32(s: Suite, gib: float, cache: str, skip: str | None) -> list[s
             if "hashes" in r:
                 hashes[mode] = r.pop("hashes")
             runs[mode].append(r)
-            print(f"  {'fp32 DS':>10s} | {mode:<44s} {r['s']:8.3f} s", file=sys.stderr, flush=True)
+            print(f"  {group:>10s} | {mode:<44s} {r['s']:8.3f} s", file=sys.stderr, flush=True)
     ds, zk = hashes["deepspeed"], hashes["zckpt"]
     bad = sorted(k for k in ds.keys() | zk.keys() if ds.get(k) != zk.get(k))
-    s.ds_bitwise = not bad
+    s.ds_bitwise[kind] = not bad
     if bad:
         lines.append(
-            f"Bitwise check FAILED: zckpt and zero_to_fp32 differ on {len(bad)} keys: {bad[:5]}"
+            f"Bitwise check of {label} FAILED: zckpt and zero_to_fp32 differ on {len(bad)} keys: "
+            f"{bad[:5]}"
         )
     else:
         lines.append(
-            f"Bitwise check passed: zckpt's eager output equals zero_to_fp32's for all {len(ds)} "
-            "keys (dtype, shape, xxh3 of the bytes; first repetition, after the timing)."
+            f"Bitwise check of {label} passed: zckpt's eager output equals zero_to_fp32's for "
+            f"all {len(ds)} keys (dtype, shape, xxh3 of the bytes; first repetition, after the "
+            "timing)."
         )
     if any(r["imported_deepspeed"] for r in runs["zckpt"] + runs["lazy"]):
         lines.append("WARNING: zckpt's child imported deepspeed.")
     out_bytes = int(runs["deepspeed"][0]["out_bytes"])
     largest = runs["zckpt"][0]["largest"] / 2**20
     base = "fresh process per rep (imports before the baseline); warm (files read before)"
-    parse = statistics.median(r["parse_s"] for r in runs["deepspeed"])
+    phases, short = ds_phases(runs["deepspeed"], 3 if kind == "z3" else 2)
+    lines.append(f"Where zero_to_fp32's time goes on {label} (medians): {phases}.")
     for mode, name, peer, note in (
         (
             "deepspeed",
             DS_ROW,
             None,
-            "deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint; "
-            f"of which its file parsing (parse_*_states) {parse:.2f} s",
+            "deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint; " + short,
         ),
         ("zckpt", DS_EAGER, DS_ROW, "zckpt.get_fp32_state_dict_from_zero_checkpoint"),
         ("lazy", DS_LAZY, DS_ROW, "lazy_mode=True, each tensor materialised then dropped"),
     ):
         rs = runs[mode]
         peak = max(r["peak_mib"] for r in rs)
-        row = Row("fp32 DS", name, "warm", [r["s"] for r in rs], peak, out_bytes, peer, note)
-        row.note += f"; {base}"
+        row = Row(group, name, "warm", [r["s"] for r in rs], peak, out_bytes, peer, note)
+        row.note += f"; {base}; minor faults {statistics.median(r['minflt'] for r in rs):.0f}"
         row.extra = {"peak/output": peak * 2**20 / out_bytes}
         if mode == "lazy":
             row.extra["peak MiB - largest"] = peak - largest
@@ -645,12 +678,33 @@ def deepspeed_fp32(s: Suite, gib: float, cache: str, skip: str | None) -> list[s
         row.extra["sampled anon MiB"] = max(r["anon_peak_mib"] for r in rs)
         row.extra["sampled file-mapped MiB"] = max(r["file_peak_mib"] for r in rs)
         s.rows.append(row)
-    lines.append(
-        "fp32 DS peak RSS: VmHWM growth, which includes the checkpoint's file pages that "
-        "torch.load(mmap=True) maps and touches (both readers use it); 'sampled anon' and "
-        "'sampled file-mapped' are the highest RssAnon / RssFile growth seen every 2 ms."
-    )
     return lines
+
+
+def ds_phases(runs: list[dict[str, Any]], stage: int) -> tuple[str, str]:
+    """zero_to_fp32's time split into its phases (medians over repetitions): in words, and
+    in short for the row's note."""
+    if stage == 3:
+        tensors = "a torch.cat of each tensor's partitions, read through the mapping"
+        rest = "building the dict of lazy GatheredTensors"
+    else:
+        tensors = "a no-op: the tensors are built already"
+        rest = "concatenating each group's partitions, slicing them into params"
+    what = {
+        "parse_model_states": "model-state files (torch.load)",
+        "parse_optim_states": "optimizer-state files (torch.load mmap=True)",
+        "to_torch_tensor": f"to_torch_tensor ({tensors})",
+    }
+    parts, short = [], []
+    for key, words in what.items():
+        sec = statistics.median(r["phases"].get(key, [0.0, 0])[0] for r in runs)
+        flt = statistics.median(r["phases"].get(key, [0.0, 0])[1] for r in runs)
+        parts.append(f"{words} {sec:.3f} s, {flt:.0f} minor faults")
+        short.append(f"{key} {sec:.3f} s")
+    left = statistics.median(r["s"] - sum(v[0] for v in r["phases"].values()) for r in runs)
+    parts.append(f"the rest ({rest}) {left:.3f} s")
+    short.append(f"rest {left:.3f} s")
+    return "; ".join(parts), "of which " + ", ".join(short)
 
 
 def async_save(s: Suite, state: Any, root: str) -> None:
@@ -792,6 +846,9 @@ def targets(s: Suite, ws: int, ds_skipped: str | None) -> list[str]:
         a, b = s.find(g1, n1), s.find(g2, n2)
         return (b.median / b.nbytes) / (a.median / a.nbytes)
 
+    def extra(group: str, name: str, key: str) -> float:
+        return s.find(group, name).extra[key]
+
     def at_least(goal: float) -> Callable[[float], bool]:
         return lambda v: v >= goal
 
@@ -910,28 +967,32 @@ def targets(s: Suite, ws: int, ds_skipped: str | None) -> list[str]:
             at_most(0.15),
             ".3f",
         ),
-        (
-            "fp32 consolidation of a DeepSpeed checkpoint: zckpt / DeepSpeed zero_to_fp32 speed",
-            lambda: speed_ratio("fp32 DS", DS_EAGER, "fp32 DS", DS_ROW),
-            ">= 5",
-            at_least(5.0),
-            ".2f",
-        ),
-        (
-            "DeepSpeed checkpoint: zckpt eager peak RSS / output size",
-            lambda: s.find("fp32 DS", DS_EAGER).extra["peak/output"],
-            "<= 1.1",
-            at_most(1.1),
-            ".2f",
-        ),
-        (
-            "DeepSpeed checkpoint: zckpt lazy peak - largest tensor (MiB)",
-            lambda: s.find("fp32 DS", DS_LAZY).extra["peak MiB - largest"],
-            "<= 256",
-            at_most(256),
-            ".0f",
-        ),
     ]
+    for kind, group in DS_GROUPS.items():
+        label = _deepspeed.LABELS[kind]
+        rows += [
+            (
+                f"fp32 consolidation of DeepSpeed {label}: zckpt / zero_to_fp32 speed",
+                functools.partial(speed_ratio, group, DS_EAGER, group, DS_ROW),
+                ">= 5",
+                at_least(5.0),
+                ".2f",
+            ),
+            (
+                f"DeepSpeed {label}: zckpt eager peak RSS / output size",
+                functools.partial(extra, group, DS_EAGER, "peak/output"),
+                "<= 1.1",
+                at_most(1.1),
+                ".2f",
+            ),
+            (
+                f"DeepSpeed {label}: zckpt lazy peak - largest tensor (MiB)",
+                functools.partial(extra, group, DS_LAZY, "peak MiB - largest"),
+                "<= 256",
+                at_most(256),
+                ".0f",
+            ),
+        ]
     lines = ["| target | measured | goal | verdict |", "|---|---|---|---|"]
     for name, measure, goal, ok, fmt in rows:
         try:
@@ -941,12 +1002,16 @@ def targets(s: Suite, ws: int, ds_skipped: str | None) -> list[str]:
             lines.append(f"| {name} | not measured | {goal} | skipped: {why} |")
             continue
         lines.append(f"| {name} | {v:{fmt}} | {goal} | {'met' if ok(v) else 'missed'} |")
-    if s.ds_bitwise is not None:
-        verdict = "met" if s.ds_bitwise else "missed"
-        lines.append(
-            "| DeepSpeed checkpoint: zckpt fp32 bitwise equal to zero_to_fp32 | "
-            f"{'yes' if s.ds_bitwise else 'NO'} | yes | {verdict} |"
-        )
+    for kind, label in _deepspeed.LABELS.items():
+        name = f"DeepSpeed {label}: zckpt fp32 bitwise equal to zero_to_fp32"
+        if kind in s.ds_bitwise:
+            same = s.ds_bitwise[kind]
+            lines.append(
+                f"| {name} | {'yes' if same else 'NO'} | yes | {'met' if same else 'missed'} |"
+            )
+        else:
+            why = ds_skipped or "group not run"
+            lines.append(f"| {name} | not measured | yes | skipped: {why} |")
     return lines
 
 
