@@ -364,6 +364,7 @@ class CountingStorage(zckpt.store.LocalStorage):
         self.blob_bytes = 0
         self.calls: list[tuple[str, int, int]] = []
         self.lock = threading.Lock()  # read_into runs in decoding threads
+        self.hints: list[tuple[str, int, int]] = []
 
     def _count(self, path: str, offset: int, n: int) -> None:
         if path.endswith(".zck"):
@@ -380,6 +381,10 @@ class CountingStorage(zckpt.store.LocalStorage):
         n = super().read_into(path, offset, out)
         self._count(path, offset, n)
         return n
+
+    def will_need(self, path: str, offset: int, length: int) -> None:
+        self.hints.append((os.path.basename(path), offset, length))
+        super().will_need(path, offset, length)
 
 
 @pytest.mark.parametrize(("save", "load"), [((4, 2), (3, 2)), ((2, 3), (5, 1)), ((8, 1), (1, 3))])
@@ -408,6 +413,11 @@ def test_load_reads_only_overlapping_ranges(
         # headers of the files it opens.
         assert storage.blob_bytes <= wanted + overlaps * 2 * chunk + headers, rank
         assert storage.blob_bytes >= wanted, rank  # every byte read was counted
+        # Each fragment's chunks were announced (read-ahead) before being read, and no more.
+        for name, off, n in storage.calls:
+            if off >= 4096:  # not a header read
+                assert any(h == name and o <= off and off + n <= o + k for h, o, k in storage.hints)
+        assert sum(k for _, _, k in storage.hints) <= storage.blob_bytes
         total += storage.blob_bytes
     replicated = sum(t.numel() * 2 for t in state["module"].values()) if load[1] < 3 else 0
     # No N-fold amplification: all ranks together read about the checkpoint once (+ replicas).

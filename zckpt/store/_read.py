@@ -181,6 +181,12 @@ class FileSource:
         """Decode elements ``[start, stop)`` straight into ``out`` (or a new tensor)."""
         h = self.checkpoint.header(self.record)
         path = self.checkpoint.file_path(self.record)
+        chunks = [
+            c for c in h.fragments[self.index].chunks if c.start_elem < stop and c.stop_elem > start
+        ]
+        hint = getattr(self.checkpoint.storage, "will_need", None)
+        if chunks and hint is not None:
+            hint(path, chunks[0].offset, chunks[-1].offset + chunks[-1].length - chunks[0].offset)
         try:
             return decode_fragment(
                 h,

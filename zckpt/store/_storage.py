@@ -301,6 +301,16 @@ class LocalStorage:
         except OSError as e:
             raise StorageError(e.errno, f"reading {path} at byte {offset}: {e.strerror}") from e
 
+    def will_need(self, path: str, offset: int, length: int) -> None:
+        """Start reading ``length`` bytes at ``offset`` into the page cache (a hint, not waited
+        for): the disk streams a fragment's chunks while earlier ones are checked and copied."""
+        with contextlib.suppress(OSError, AttributeError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
     def read_into(self, path: str, offset: int, out: memoryview) -> int:
         """``preadv`` into ``out`` (tensor memory) at ``offset``, looping over short reads."""
         try:
