@@ -490,3 +490,19 @@ def test_released_pages_read_back_the_same(tmp_path: Path) -> None:
         first = s.read_into(0, s.data.numel(), torch.empty(s.data.numel()))
         again = s.read_into(0, s.data.numel(), torch.empty(s.data.numel()))
         assert torch.equal(first, again) and torch.equal(first, s.data)
+
+
+def test_stage3_reads_other_ranks_model_files_only_for_frozen_parameters(tmp_path: Path) -> None:
+    """Rank 0's model-states file has all the shapes; unpickling 63 more (pure-Python safe
+    unpickler) would dominate a 64-rank consolidation."""
+    write_zero_checkpoint(tmp_path / "a", model(0, [(50,), (7,)]), world_size=4, stage=3)
+    ck = zi.open_deepspeed(tmp_path / "a")
+    fp32_sources(ck)
+    assert ck.model.loaded() == (0,)
+    frozen = {"frozen.weight": torch.randn(9, 3).bfloat16()}
+    write_zero_checkpoint(tmp_path / "b", model(0, [(50,)]), world_size=4, stage=3, frozen=frozen)
+    ck = zi.open_deepspeed(tmp_path / "b")
+    fp32_sources(ck)
+    assert ck.model.loaded() == (0, 1, 2, 3)
+    got = zi.deepspeed_fp32_state_dict(tmp_path / "b")
+    assert torch.equal(got["frozen.weight"], frozen["frozen.weight"])

@@ -218,9 +218,13 @@ class _Builder:
 
 
 def _frozen(b: _Builder, ck: DeepSpeedCheckpoint) -> None:
-    for r, (m, f) in enumerate(zip(ck.model, ck.model_files)):
+    # Only stage 3 spreads frozen parameters over every rank's file; with none recorded on
+    # rank 0 there is nothing to read in the others.
+    ranks = len(ck.model_files) if ck.stage == 3 and ck.model[0].get("frozen_param_shapes") else 1
+    for r in range(ranks):
+        m, f = ck.model[r], ck.model_files[r]
         shapes, frags = m.get("frozen_param_shapes"), m.get("frozen_param_fragments")
-        if shapes is None or (r and ck.stage != 3):
+        if shapes is None:
             continue
         shapes, frags = get({"s": shapes}, "s", f, Mapping), get({"f": frags}, "f", f, Mapping)
         for name, s in shapes.items():

@@ -16,15 +16,24 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import threading
+import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from zckpt.interop._unpickle import DeepSpeedFormatError, load_pickle
 from zckpt.store._layout import LATEST, check_tag, read_latest
 from zckpt.store._storage import LocalStorage
 
-__all__ = ["DeepSpeedCheckpoint", "ExpertFile", "find_deepspeed", "get", "open_deepspeed"]
+__all__ = [
+    "DeepSpeedCheckpoint",
+    "ExpertFile",
+    "ModelStates",
+    "find_deepspeed",
+    "get",
+    "open_deepspeed",
+]
 
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _MODEL3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -96,6 +105,71 @@ class ExpertFile:
     state: Mapping[str, Any]
 
 
+class ModelStates(Sequence[Mapping[str, Any]]):
+    """Each rank's model-states file, unpickled when first used and then kept.
+
+    Stage 3 writes one per rank, but everything zckpt reads from them is in rank 0's (parameter
+    shapes, buffers, client state) except frozen parameters' fragments; the others cost as much
+    to unpickle as rank 0's (torch's safe unpickler is pure Python), so a 64-rank checkpoint
+    without frozen parameters unpickles one of them, not 64. Files never unpickled are still
+    checked to be complete zip archives, so a damaged one is reported.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> write_zero_checkpoint(d, {"w": torch.randn(5)}, world_size=2, stage=3)
+        >>> ck = open_deepspeed(d)
+        >>> len(ck.model), ck.model.loaded(), ck.model[1]["dp_world_size"], ck.model.loaded()
+        (2, (0,), 2, (0, 1))
+    """
+
+    def __init__(self, files: tuple[str, ...], world_size: int) -> None:
+        self._files, self._ws = files, world_size
+        self._loaded: dict[int, Mapping[str, Any]] = {}
+        self._lock = threading.Lock()
+        for f in files[1:]:
+            _check_zip(f)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    @overload
+    def __getitem__(self, r: int) -> Mapping[str, Any]: ...
+    @overload
+    def __getitem__(self, r: slice) -> Sequence[Mapping[str, Any]]: ...
+    def __getitem__(self, r: int | slice) -> Mapping[str, Any] | Sequence[Mapping[str, Any]]:
+        if isinstance(r, slice):
+            return [self[i] for i in range(len(self))[r]]
+        f = self._files[r]
+        with self._lock:
+            if r not in self._loaded:
+                state = get({"f": load_pickle(f)}, "f", f, Mapping)
+                dp = state.get("dp_world_size", self._ws)
+                if dp != self._ws:
+                    raise DeepSpeedFormatError(
+                        f"{f}: dp_world_size {dp}, but {self._ws} optimizer files"
+                    )
+                self._loaded[r] = state
+            return self._loaded[r]
+
+    def loaded(self) -> tuple[int, ...]:
+        """The ranks whose file was unpickled so far."""
+        return tuple(sorted(self._loaded))
+
+
+def _check_zip(path: str) -> None:
+    """A ``torch.save`` zip file whose central directory and entries are all present."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            size = os.path.getsize(path)
+            for info in z.infolist():
+                if info.header_offset + info.compress_size > size:
+                    raise zipfile.BadZipFile(f"entry {info.filename} lies past the end")
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DeepSpeedFormatError(f"{path}: not a readable torch.save file ({e})") from None
+
+
 @dataclass(frozen=True, eq=False)
 class DeepSpeedCheckpoint:
     """A DeepSpeed checkpoint, opened: every rank's loaded (memory-mapped) files.
@@ -118,7 +192,7 @@ class DeepSpeedCheckpoint:
     stage: int
     world_size: int
     model_files: tuple[str, ...]
-    model: tuple[Mapping[str, Any], ...]
+    model: Sequence[Mapping[str, Any]]
     optim_files: tuple[str, ...]
     optim: tuple[Mapping[str, Any], ...]
     experts: tuple[ExpertFile, ...]
@@ -214,11 +288,8 @@ def open_deepspeed(path: str | os.PathLike[str], tag: str | None = None) -> Deep
         )
     if len(model_files) not in (1, ws):
         raise DeepSpeedFormatError(f"{d}: {len(model_files)} model states files for {ws} ranks")
-    states = tuple(get({"f": load_pickle(f)}, "f", f, Mapping) for f in model_files)
-    for f, s in zip(model_files, states):
-        dp = s.get("dp_world_size", ws)
-        if dp != ws:
-            raise DeepSpeedFormatError(f"{f}: dp_world_size {dp}, but {ws} optimizer files")
+    states = ModelStates(tuple(model_files), ws)
+    states[0]  # rank 0's is always needed: load and check it now
     loaded = tuple(
         ExpertFile(layer, e, f, get({"f": load_pickle(f)}, "f", f, Mapping))
         for layer, e, f in sorted(experts)
