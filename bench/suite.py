@@ -221,6 +221,14 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
+def settle(path: str) -> None:
+    """Before a timed save: remove the peer's previous files, then ``sync`` so that no earlier
+    write-back or deletion is still in flight when the clock starts (the disk is quiet for every
+    peer alike)."""
+    remove(path)
+    os.sync()
+
+
 def machine(root: str) -> list[str]:
     """Lines describing the machine: cores, memory, CPU, the disk under ``root`` (``df``)."""
     with open("/proc/meminfo") as f:
@@ -334,7 +342,8 @@ RAW, DCP_NAME = "raw tofile/readinto", "DCP, 1 process"
 
 
 def save_once(s: Suite, name: str, path: str, save: Callable[[str], None], nb: int) -> None:
-    """One durable save of one peer; its previous files are removed first, untimed."""
+    """One durable save of one peer; its previous files are removed and the disk synced first,
+    untimed (:func:`settle`)."""
     note = "fsync of the file"
     if name == DCP_NAME:
         note = "DCP sync_files=True"
@@ -348,7 +357,7 @@ def save_once(s: Suite, name: str, path: str, save: Callable[[str], None], nb: i
         cache="write+fsync",
         peer=None if name == RAW else RAW,
         note=note,
-        before=lambda: remove(path),
+        before=lambda: settle(path),
         reps=1,
     )
 
@@ -1121,6 +1130,9 @@ def main(argv: list[str] | None = None) -> int:
         "posix_fadvise(DONTNEED) on every file of the checkpoint before each repetition (drops "
         "clean pages only; every writer fsynced, so all its pages were clean). On a VM the host "
         "may still cache the disk.",
+        "Saves: the one-process peers take turns, one save each per round; before each timed "
+        "save the peer's previous files are removed and os.sync() runs (untimed), so no earlier "
+        "write-back or deletion is in flight when the clock starts.",
         f"Groups run: {', '.join(g for g in GROUPS if g in groups)}.",
         *ds_lines,
         "",
