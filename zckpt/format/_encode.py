@@ -122,25 +122,61 @@ def _check_args(codec: str, level: int, chunk_bytes: int, threads: int | None) -
     return CODECS[codec]
 
 
+def on_host(t: torch.Tensor) -> bool:
+    """Whether a tensor's bytes are in host memory (its frames can be views of it).
+
+    Example:
+        >>> on_host(torch.ones(2))
+        True
+    """
+    return t.device.type == "cpu"
+
+
+class _DeviceSlice(NamedTuple):
+    """Elements ``[start, stop)`` of a tensor on another device (a GPU), copied to host memory
+    only when its chunk is encoded, so a streamed blob never holds the whole shard on the host."""
+
+    tensor: torch.Tensor
+    start: int
+    stop: int
+    itemsize: int
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.itemsize
+
+    def host(self) -> npt.NDArray[np.uint8]:
+        return _tensor_bytes(self.tensor[self.start : self.stop])
+
+
 class _Job(NamedTuple):
     fragment: int
     start: int
     stop: int
-    src: npt.NDArray[np.uint8]
+    src: npt.NDArray[np.uint8] | _DeviceSlice
     itemsize: int
     planar: bool
 
 
-def _jobs(shard: Shard, chunk_bytes: int) -> list[_Job]:
+def _jobs(shard: Shard, chunk_bytes: int, lazy_devices: bool = False) -> list[_Job]:
+    """One job per chunk; with ``lazy_devices``, chunks of non-CPU tensors are copied to the
+    host one by one when encoded (:class:`_DeviceSlice`) instead of whole tensors up front."""
     jobs = []
     for i, (f, t) in enumerate(zip(shard.fragments, shard.data, strict=True)):
         code = dtype_code(t.dtype, shard.skeleton.name(f.leaf))
         size = ITEMSIZE[code]
-        src = _tensor_bytes(t)
+        lazy = lazy_devices and not on_host(t)
+        flat = t.detach().reshape(-1) if lazy else None
+        src = None if lazy else _tensor_bytes(t)
         per = max(1, chunk_bytes // size)
         for a in range(0, f.numel, per):
             b = min(f.numel, a + per)
-            jobs.append(_Job(i, a, b, src[a * size : b * size], size, is_planar(code)))
+            piece: npt.NDArray[np.uint8] | _DeviceSlice
+            if flat is not None:
+                piece = _DeviceSlice(flat, a, b, size)
+            else:
+                assert src is not None
+                piece = src[a * size : b * size]
+            jobs.append(_Job(i, a, b, piece, size, is_planar(code)))
     return jobs
 
 
@@ -179,7 +215,8 @@ def _layout(
 
 
 def _encode(job: _Job, codec: int, level: int) -> Frame:
-    return encode_chunk(job.src, job.itemsize, job.planar, codec, level)
+    src = job.src.host() if isinstance(job.src, _DeviceSlice) else job.src
+    return encode_chunk(src, job.itemsize, job.planar, codec, level)
 
 
 def encode_shard_parts(

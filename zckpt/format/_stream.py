@@ -6,7 +6,9 @@ reserved for it.
 compressed save holds the whole compressed shard in memory and writes only after compressing.
 :class:`BlobStream` reserves the most room the index can take (every integer it will hold at its
 longest msgpack form), so frame offsets are known as soon as the frames before them are, and
-compression overlaps the writing with at most ``2 * threads`` frames in memory. The result is a
+compression overlaps the writing with at most ``2 * threads`` frames in memory; chunks of GPU
+tensors are copied to the host one at a time as they are encoded, so saving a GPU shard never
+holds the whole shard in host memory (raw frames too stream for them). The result is a
 valid v1 blob (docs/format.md allows zero padding between the index and the first frame), decoding
 to the same shard as :func:`encode_shard`'s; only that padding may be longer.
 """
@@ -77,7 +79,7 @@ class BlobStream:
     ) -> None:
         self._shard, self._code, self._level, self._threads = shard, code, level, threads
         self._extra = extra
-        self._jobs = _jobs(shard, chunk_bytes)
+        self._jobs = _jobs(shard, chunk_bytes, lazy_devices=True)
         self.data_offset = _room(shard, self._jobs, code, extra)
         self._entries: list[tuple[Fragment, list[ChunkEntry]]] | None = None
         self._end = self.data_offset

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import zckpt
 from zckpt.dist import Comm, SingleProcess
 from zckpt.errors import SpecError, StateError, ZckptError
-from zckpt.format import encode_shard_parts, encode_shard_stream
+from zckpt.format import _encode, encode_shard_parts, encode_shard_stream
 from zckpt.shard import Shard, shard_state
 from zckpt.spec import ZeroSpec, plan_shards
 from zckpt.store._layout import (
@@ -132,9 +132,10 @@ def _write_blob(
     enc: Mapping[str, Any],
     expert: int = -1,
 ) -> FileRecord:
-    # Raw frames are views of the tensors: written at once, nothing to overlap. Compressed ones
-    # stream: compression runs ahead of the writes with a few frames in memory, not the shard.
-    if enc.get("codec", "raw") == "raw":
+    # Raw frames of CPU tensors are views of them: written at once, nothing to overlap.
+    # Compressed frames, and any frame of a GPU tensor, stream: compression and device-to-host
+    # copies run ahead of the writes with a few chunks in host memory, not the whole shard.
+    if enc.get("codec", "raw") == "raw" and all(_encode.on_host(t) for t in shard.data):
         blob: Any = encode_shard_parts(shard, **enc).buffers
     else:
         blob = encode_shard_stream(shard, **enc)
