@@ -133,8 +133,10 @@ def _status_mib(key: str) -> float:
 
 @pytest.mark.parametrize("codec", ["raw", "byteplane"])
 def test_a_gpu_shard_is_never_whole_in_host_memory(tmp_path: Path, codec: str) -> None:
-    """A synchronous save copies a GPU shard to the host chunk by chunk as the blob streams."""
-    w = torch.randn(64 << 20, device="cuda")  # 256 MiB
+    """A synchronous save copies a GPU shard to the host chunk by chunk as the blob streams:
+    host memory grows by the chunks in flight and per-thread allocator arenas (about 110-140 MiB
+    measured on an H200 machine, whatever the shard size), not by the shard (512 MiB here)."""
+    w = torch.randn(128 << 20, device="cuda")  # 512 MiB
     state = {"master": {"w": w}}
     zckpt.save_checkpoint(
         tmp_path / "w", {"w": w[:1000]}, zckpt.ZeroSpec(1, 1), tag="w", codec=codec
@@ -143,6 +145,6 @@ def test_a_gpu_shard_is_never_whole_in_host_memory(tmp_path: Path, codec: str) -
         f.write("5")
     base = _status_mib("VmRSS")
     zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(1, 1), tag="t", codec=codec)
-    assert _status_mib("VmHWM") - base < 128  # a whole-shard copy would add 256
+    assert _status_mib("VmHWM") - base < 256  # a whole-shard copy alone would add 512
     got = zckpt.load_checkpoint(tmp_path, tag="t").state["master"]["w"]
     assert torch.equal(got, w.cpu())
