@@ -165,17 +165,14 @@ def _jobs(shard: Shard, chunk_bytes: int, lazy_devices: bool = False) -> list[_J
         code = dtype_code(t.dtype, shard.skeleton.name(f.leaf))
         size = ITEMSIZE[code]
         lazy = lazy_devices and not on_host(t)
-        flat = t.detach().reshape(-1) if lazy else None
+        flat = t.detach().reshape(-1) if lazy else t
         src = None if lazy else _tensor_bytes(t)
         per = max(1, chunk_bytes // size)
         for a in range(0, f.numel, per):
             b = min(f.numel, a + per)
-            piece: npt.NDArray[np.uint8] | _DeviceSlice
-            if flat is not None:
-                piece = _DeviceSlice(flat, a, b, size)
-            else:
-                assert src is not None
-                piece = src[a * size : b * size]
+            piece: npt.NDArray[np.uint8] | _DeviceSlice = (
+                _DeviceSlice(flat, a, b, size) if src is None else src[a * size : b * size]
+            )
             jobs.append(_Job(i, a, b, piece, size, is_planar(code)))
     return jobs
 

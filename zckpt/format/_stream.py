@@ -113,12 +113,10 @@ class BlobStream:
 
     def head(self) -> bytes:
         """Preamble, index and zero padding: the file's first ``data_offset`` bytes."""
-        self._require_done()
-        assert self._entries is not None
+        entries = self._require_done()
         s = self._shard
-        index = pack_index(
-            index_object(s.rank, s.spec, s.skeleton, self._entries, self._extra, self._end)
-        )
+        obj = index_object(s.rank, s.spec, s.skeleton, entries, self._extra, self._end)
+        index = pack_index(obj)
         head = pack_preamble(index, xxh3(index)) + index
         if len(head) > self.data_offset:  # _room is an upper bound: this is a bug, not bad input
             raise AssertionError(f"index of {len(head)} bytes exceeds its {self.data_offset}")
@@ -134,9 +132,10 @@ class BlobStream:
         yield self.head()
         yield from body
 
-    def _require_done(self) -> None:
+    def _require_done(self) -> list[tuple[Fragment, list[ChunkEntry]]]:
         if self._entries is None:
             raise ZckptError("the blob's frames have not all been produced yet")
+        return self._entries
 
     def _encoded(self) -> Iterator[Frame]:
         """Frames in order, at most ``2 * threads`` encoded ahead of the consumer."""

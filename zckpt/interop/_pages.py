@@ -1,6 +1,7 @@
 """Reading memory-mapped tensors without keeping their file pages resident.
 
-DeepSpeed's files are opened with ``torch.load(mmap=True)``: a tensor is a view of a private,
+DeepSpeed's files are opened with ``torch.load(weights_only=True, mmap=True)``: a tensor is a
+view of a private,
 read-only file mapping, and every page copied out of it stays in the process's resident set
 (``RssFile``) until the mapping goes, so consolidating a 1 GB checkpoint would hold the file's
 pages *and* the output. :class:`PagedSource` copies such a tensor window by window and hands the
