@@ -4,8 +4,15 @@ random) and ``long`` (nightly), chosen by ``ZCKPT_HYPOTHESIS_PROFILE``."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 from hypothesis import HealthCheck, settings
+
+# Test helpers beside the tests (peak_child, crash_child) import as top-level modules; with
+# --import-mode=importlib pytest does not put this folder on sys.path itself.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 _common = {
     "deadline": None,

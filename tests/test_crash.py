@@ -11,12 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from crash_child import state_of
 
 import zckpt
 from zckpt.testing import assert_states_equal
-
-sys.path.insert(0, str(Path(__file__).parent))
-from crash_child import state_of
 
 CHILD = Path(__file__).parent / "crash_child.py"
 SCALE = float(os.environ.get("ZCKPT_SLOW_SCALE", "1"))

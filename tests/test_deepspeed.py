@@ -8,7 +8,6 @@ import inspect
 import json
 import os
 import pickle
-import subprocess
 import sys
 import tempfile
 import types
@@ -19,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peak_child import run_child
 from safetensors.torch import load_file
 
 import zckpt
@@ -435,21 +435,16 @@ def test_public_names_have_examples() -> None:
 # ---- memory: the output plus one tensor beyond the loaded partitions ----
 
 CHILD = r"""
-import json, sys, zckpt
-def kib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
+import zckpt
 path, lazy = sys.argv[1], sys.argv[2] == "lazy"
 zckpt.get_fp32_state_dict_from_zero_checkpoint(path + "/warm")  # compile/load kernels first
-open("/proc/self/clear_refs", "w").write("5")
-base = kib("VmRSS")
+start()
 sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(path + "/big", lazy_mode=lazy)
 if lazy:
     for t in sd.values():
         x = t.contiguous()
         del x
-print(json.dumps({"peak_mib": (kib("VmHWM") - base) / 1024}))
+done()
 """
 
 
@@ -467,9 +462,7 @@ def big_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
 def test_peak_memory_is_output_plus_partitions(big_checkpoint: Path, mode: str) -> None:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(big_checkpoint), mode], check=True,
-                         capture_output=True, text=True)  # fmt: skip
-    peak = json.loads(out.stdout)["peak_mib"]
+    peak = run_child(CHILD, big_checkpoint, mode)["growth_mib"]
     total, largest = N_BIG * NUMEL_BIG * 4 / 2**20, NUMEL_BIG * 4 / 2**20
     # Partitions are memory-mapped: their pages count once touched, so they are copied out 16 MiB
     # at a time and each window's pages released (holding them would add the 64 MiB of

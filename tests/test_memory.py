@@ -1,57 +1,39 @@
 """Bounded memory: fp32 consolidation in lazy mode stays near the largest tensor, not the total.
 
-Peak resident memory is measured in a child process after resetting the kernel's high-water mark
-(``/proc/self/clear_refs``), so imports do not hide what consolidation itself costs.
+Peak resident memory is measured in a child process (``tests/peak_child.py``), so imports do not
+hide what consolidation itself costs.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from peak_child import run_child
 
 import zckpt
 
 CHILD = r"""
-import json, sys
 import zckpt
-
-def status_mib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-
-def reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")   # Linux: reset VmHWM, the peak resident set size, to the current one
 
 path, mode = sys.argv[1], sys.argv[2]
 sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(path, lazy_mode=True)
 sd["warmup"].contiguous()            # load compiled kernels before the baseline
-reset_peak()
-base = status_mib("VmRSS")
+start()
 if mode == "lazy":
     for name, t in sd.items():       # one tensor at a time, as a converter would
         x = t.contiguous()
         del x
 else:
     full = zckpt.get_fp32_state_dict_from_zero_checkpoint(path)
-print(json.dumps({"base": base, "peak": status_mib("VmHWM")}))
+done()
 """
 
 N, ROWS, COLS = 24, 1024, 1024  # 24 tensors of 4 MiB fp32: 96 MiB of output
 
 
 def run(path: Path, mode: str) -> float:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), mode], check=True, capture_output=True, text=True
-    )
-    r = json.loads(out.stdout)
-    return float(r["peak"] - r["base"])
+    return float(run_child(CHILD, path, mode)["growth_mib"])
 
 
 def test_lazy_consolidation_peak_is_one_tensor_not_the_total(tmp_path: Path) -> None:

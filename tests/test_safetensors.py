@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from peak_child import run_child
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -135,24 +134,15 @@ def test_reserved_metadata_refused(tmp_path: Path) -> None:
 
 
 CHILD = r"""
-import json, sys
 import zckpt
 from zckpt.interop import export_safetensors
-
-def status_mib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
 
 path, out, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(path, lazy_mode=True)
 sd["warmup"].contiguous()
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-base = status_mib("VmRSS")
+start()
 r = export_safetensors(sd, out, max_shard_size=limit)
-print(json.dumps({"base": base, "peak": status_mib("VmHWM"), "files": len(r.files)}))
+done(files=len(r.files))
 """
 
 
@@ -165,14 +155,8 @@ def test_lazy_sharded_export_memory_is_one_shard_not_total(tmp_path: Path) -> No
     zckpt.save_checkpoint(tmp_path / "ck", state, zckpt.ZeroSpec(2, 2), tag="t")
     del master, state
     shard = 8 << 20  # two tensors per shard
-    res = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "ck"), str(tmp_path / "out"), str(shard)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    r = json.loads(res.stdout)
-    growth = r["peak"] - r["base"]
+    r = run_child(CHILD, tmp_path / "ck", tmp_path / "out", shard)
+    growth = r["growth_mib"]
     assert r["files"] >= 12
     assert growth <= 8 + 4 + 32, r  # one shard + one tensor's read buffer + slack, not 96
     got, _ = _load_sharded(tmp_path / "out")
