@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peak_child import run_child
 from safetensors.torch import load_file
 
 import zckpt
@@ -212,3 +213,52 @@ def test_python_dash_m_and_console_script(ckpt: Path) -> None:
         [exe, "inspect", "/nonexistent"], capture_output=True, text=True, check=False
     )
     assert r.returncode == 1 and r.stderr.startswith("zckpt: error: ")
+
+
+RESHARD_CHILD = r"""
+from zckpt.cli import main
+
+src, small, out = sys.argv[1], sys.argv[2], sys.argv[3]
+main(["reshard", small, out + "/warm", "--world-size", "2", "--quiet"])  # imports, kernels
+start()
+code = main(["reshard", src, out + "/new", "--world-size", "4", "--stage", "3", "--quiet"])
+done(code=code)
+"""
+
+
+def test_reshard_holds_one_shard_not_the_state(tmp_path: Path) -> None:
+    """Each new rank's shard is assembled from the old files, written and dropped."""
+    g = torch.Generator().manual_seed(0)
+    master = {f"p{i}": torch.randn(1 << 20, generator=g) for i in range(24)}  # 96 MiB
+    state = {"master": master, "global_steps": 3}
+    zckpt.save_checkpoint(tmp_path / "src", state, zckpt.ZeroSpec(2, 2), tag="t")
+    small = {"master": {k: v[:100] for k, v in master.items()}, "global_steps": 3}
+    zckpt.save_checkpoint(tmp_path / "small", small, zckpt.ZeroSpec(2, 2), tag="t")
+    r = run_child(RESHARD_CHILD, tmp_path / "src", tmp_path / "small", tmp_path)
+    assert r["code"] == 0
+    assert r["growth_mib"] <= 24 + 16 + 24, r  # a quarter of the state + read buffers + slack
+    got = zckpt.load_checkpoint(tmp_path / "new", world_size=1).state
+    zckpt.testing.assert_states_equal(got, state)
+
+
+def test_reshard_keeps_experts_and_excluded_frozen(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    master = {
+        "moe.experts.0.w": torch.randn(40, generator=g),
+        "moe.experts.1.w": torch.randn(40, generator=g),
+        "dense.w": torch.randn(30, generator=g),
+    }
+    state = {"module": {k: v.bfloat16() for k, v in master.items()}, "master": master}
+    spec = zckpt.ZeroSpec(4, 2, experts=(r"experts\.(\d+)\.",), expert_parallel_size=2)
+    zckpt.save_checkpoint(
+        tmp_path / "src", state, spec, tag="t", frozen=("dense.w",), exclude_frozen_parameters=True
+    )
+    assert main(["reshard", str(tmp_path / "src"), str(tmp_path / "new"), "--world-size", "2"]) == 0
+    new = zckpt.open_checkpoint(tmp_path / "new")
+    assert new.manifest.spec.experts == spec.experts and new.manifest.spec.world_size == 2
+    assert sorted(f.expert for f in new.manifest.files if f.expert >= 0) == [0, 1]
+    assert new.manifest.excluded_frozen and new.manifest.frozen == ("dense.w",)
+    got = zckpt.load_checkpoint(tmp_path / "new", world_size=1).state
+    want = zckpt.load_checkpoint(tmp_path / "src", world_size=1).state
+    zckpt.testing.assert_states_equal(got, want)
+    assert "dense.w" not in got["master"]

@@ -10,6 +10,7 @@ Example:
 
 from zckpt.assemble._consolidate import (
     Fp32Entry,
+    ReshardedShards,
     assemble_fp32,
     consolidate,
     fp32_entries,
@@ -21,6 +22,7 @@ from zckpt.assemble._overlap import Source, SourceIndex, TensorSource, assemble,
 
 __all__ = [
     "Fp32Entry",
+    "ReshardedShards",
     "Source",
     "assemble_fp32",
     "fp32_entries",

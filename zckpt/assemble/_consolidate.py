@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import torch
 
@@ -21,6 +21,7 @@ from zckpt.tree import Skeleton, unflatten
 
 __all__ = [
     "Fp32Entry",
+    "ReshardedShards",
     "assemble_fp32",
     "consolidate",
     "fp32_entries",
@@ -148,6 +149,48 @@ def reshard(shards: Sequence[Shard], new_spec: ZeroSpec) -> list[Shard]:
         out.append(Shard(rank, new_spec, skel, frags, tuple(parts[i : i + len(frags)])))
         i += len(frags)
     return out
+
+
+class ReshardedShards(Sequence[Shard]):
+    """The shards of ``plan``, each assembled when it is asked for from the saved fragments in
+    ``index`` and kept by nobody: writing them one after another (``save_checkpoint``'s writer
+    does) holds one rank's shard at a time, whatever the checkpoint's size. With file sources,
+    a shard reads only the chunks its ranges overlap.
+
+    Example:
+        >>> import torch, zckpt
+        >>> from zckpt.assemble import TensorSource, index_sources
+        >>> s = {"w": torch.arange(6.0)}
+        >>> old = zckpt.plan_shards(s, zckpt.ZeroSpec(2, 1))
+        >>> saved = [zckpt.shard_state(s, old, r) for r in range(2)]
+        >>> index = index_sources(old.skeleton, [TensorSource(f, t) for sh in saved
+        ...                                      for f, t in zip(sh.fragments, sh.data)])
+        >>> new = ReshardedShards(index, zckpt.plan_shards(old.skeleton, zckpt.ZeroSpec(3, 3)))
+        >>> len(new), [sh.data[0].tolist() for sh in new]
+        (3, [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+    """
+
+    def __init__(self, index: SourceIndex, plan: ShardPlan) -> None:
+        self.saved, self.plan = index, plan
+
+    @property
+    def skeleton(self) -> Skeleton:
+        """The state's skeleton (the same for every shard)."""
+        return self.plan.skeleton
+
+    def __len__(self) -> int:
+        return len(self.plan.writes)
+
+    @overload
+    def __getitem__(self, rank: int) -> Shard: ...
+    @overload
+    def __getitem__(self, rank: slice) -> Sequence[Shard]: ...
+    def __getitem__(self, rank: int | slice) -> Shard | Sequence[Shard]:
+        if isinstance(rank, slice):
+            return [self[r] for r in range(len(self))[rank]]
+        frags = self.plan.writes[rank]
+        data = tuple(assemble(self.saved, frags))
+        return Shard(range(len(self))[rank], self.plan.spec, self.plan.skeleton, frags, data)
 
 
 class Fp32Entry(NamedTuple):

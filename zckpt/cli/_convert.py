@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 import zckpt
+from zckpt.assemble import ReshardedShards, index_sources
 from zckpt.cli._main import progress
 from zckpt.interop import (
     convert_deepspeed,
@@ -18,6 +19,7 @@ from zckpt.interop import (
     is_deepspeed_checkpoint,
     open_deepspeed,
 )
+from zckpt.store._save import prepare_save, write_and_commit
 
 __all__ = ["clean", "consolidate", "convert", "prune", "reshard"]
 
@@ -83,8 +85,10 @@ def consolidate(args: argparse.Namespace) -> int:
 def reshard(args: argparse.Namespace) -> int:
     """``zckpt reshard PATH OUT --world-size M [--stage S]``: the same state, another spec.
 
-    Reads the whole state (every rank's holdings, as one rank of a world of one), then saves it
-    with the new spec, tag, client_state and frozen list. DeepSpeed inputs are imported first.
+    A zckpt checkpoint is resharded one new rank at a time: each rank's shard is assembled from
+    the chunks of the old files it overlaps, written, and dropped, so memory holds one shard,
+    not the state. A DeepSpeed checkpoint is imported whole first, then saved with the new spec.
+    The tag, client_state and frozen list carry over.
 
     Example:
         >>> from zckpt.cli import main
@@ -94,23 +98,38 @@ def reshard(args: argparse.Namespace) -> int:
     if is_deepspeed_checkpoint(args.path, args.tag):
         ck = open_deepspeed(args.path, args.tag)
         state, spec, frozen, client = deepspeed_training_state(ck)
-        tag = ck.tag
+        new = _new_spec(spec, args)
+        saved = zckpt.save_checkpoint(
+            args.out, state, new, tag=ck.tag, client_state=client, frozen=frozen, codec=args.codec
+        )
     else:
         old = zckpt.open_checkpoint(args.path, args.tag)
-        spec, frozen, tag = old.manifest.spec, list(old.manifest.frozen), old.tag
-        got = zckpt.load_checkpoint(old.path, world_size=1, rank=0)  # old.path: the tag dir
-        state, client = got.state, got.client_state
-    new = dataclasses.replace(
-        spec, world_size=args.world_size, stage=spec.stage if args.stage is None else args.stage
-    )
-    saved = zckpt.save_checkpoint(
-        args.out, state, new, tag=tag, client_state=client, frozen=frozen, codec=args.codec
-    )
+        spec, skel = old.manifest.spec, old.manifest.skeleton
+        new = _new_spec(spec, args)
+        shards = ReshardedShards(index_sources(skel, old.sources()), zckpt.plan_shards(skel, new))
+        placeholder = zckpt.Shard(0, new, skel, (), ())  # gives prepare_save the spec only
+        prepared = prepare_save(
+            args.out,
+            placeholder,
+            tag=old.tag,
+            client_state=old.client_state(),
+            frozen=old.manifest.frozen,
+            codec=args.codec,
+        )
+        excluded = old.manifest.excluded_frozen
+        saved = write_and_commit(
+            dataclasses.replace(prepared, shards=shards, excluded_frozen=excluded)
+        )
     print(
         f"wrote {saved.path}: world size {spec.world_size} -> {new.world_size}, "
         f"stage {spec.stage} -> {new.stage}, codec {args.codec}"
     )
     return 0
+
+
+def _new_spec(spec: zckpt.ZeroSpec, args: argparse.Namespace) -> zckpt.ZeroSpec:
+    stage = spec.stage if args.stage is None else args.stage
+    return dataclasses.replace(spec, world_size=args.world_size, stage=stage)
 
 
 def convert(args: argparse.Namespace) -> int:

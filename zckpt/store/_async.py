@@ -109,7 +109,7 @@ class PendingSave:
 
         Valid until the next save on the same saver overwrites the staging memory.
         """
-        return self._prepared.shards
+        return tuple(self._prepared.shards)
 
     def done(self) -> bool:
         """Whether the background work has finished (committed or failed); never blocks."""

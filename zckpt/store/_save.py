@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -369,7 +369,7 @@ class PreparedSave:
     tag: str
     generation: str
     spec: ZeroSpec
-    shards: tuple[Shard, ...]
+    shards: Sequence[Shard]
     client: dict[str, Any]
     frozen: tuple[str, ...]
     excluded_frozen: bool
@@ -567,7 +567,8 @@ def _remove_generation(storage: Storage, tag_dir: str, gen: str) -> None:
 def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> None:
     storage, save_dir, tag, gen = p.storage, p.save_dir, p.tag, p.generation
     tag_dir = p.tag_dir
-    skeleton = p.shards[0].skeleton if p.shards else None
+    # A lazy sequence of shards (ReshardedShards) knows its skeleton without building shard 0.
+    skeleton = getattr(p.shards, "skeleton", None) or (p.shards[0].skeleton if p.shards else None)
     if skeleton is None:
         raise ZckptError(f"{tag_dir}: rank 0 wrote no shard, nothing to commit")
     files = sorted(
