@@ -19,7 +19,7 @@ from zckpt.interop import (
     is_deepspeed_checkpoint,
     open_deepspeed,
 )
-from zckpt.store._save import prepare_save, write_and_commit
+from zckpt.store._commit import prepare_save, write_and_commit
 
 __all__ = ["clean", "consolidate", "convert", "prune", "reshard"]
 

@@ -34,7 +34,8 @@ from zckpt.interop._deepspeed import fp32_sources, gather, group_layouts, partit
 from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
 from zckpt.interop._unpickle import DeepSpeedFormatError, LossScaler
 from zckpt.spec import ZeroSpec
-from zckpt.store._save import Saved, save_checkpoint
+from zckpt.store._commit import Saved
+from zckpt.store._save import save_checkpoint
 
 __all__ = ["ENGINE_KEYS", "convert_deepspeed", "deepspeed_training_state"]
 

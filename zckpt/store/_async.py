@@ -1,6 +1,6 @@
 """Asynchronous saves: snapshot into reused staging memory, write and commit in the background.
 
-A save is two steps (:mod:`zckpt.store._save`): :func:`prepare_save` validates and agrees on the
+A save is two steps (:mod:`zckpt.store._commit`): :func:`prepare_save` validates and agrees on the
 tag across ranks, :func:`write_and_commit` writes every file and commits. An asynchronous save
 runs the first step on the caller's thread, copies every fragment the rank writes (and the client
 state's tensors) into a staging arena, and hands the second step to a background thread. Training
@@ -55,7 +55,7 @@ import torch
 
 from zckpt.shard import Shard
 from zckpt.spec import ZeroSpec
-from zckpt.store._save import PreparedSave, Saved, SaveError, prepare_save, write_and_commit
+from zckpt.store._commit import PreparedSave, Saved, SaveError, prepare_save, write_and_commit
 from zckpt.store._storage import Storage
 from zckpt.tree import flatten, unflatten
 

@@ -1,0 +1,431 @@
+"""The save protocol behind save_checkpoint: round 1 validates and agrees on the tag
+(:func:`prepare_save`); rounds 2 and 3 write every file durably and let rank 0 commit the
+manifest and ``latest`` (:func:`write_and_commit`). Asynchronous saves run the second half in a
+background thread."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zckpt
+from zckpt.dist import Comm, SingleProcess
+from zckpt.errors import SpecError, StateError, ZckptError
+from zckpt.format import _encode, encode_shard_parts, encode_shard_stream
+from zckpt.shard import Shard, shard_state
+from zckpt.spec import ZeroSpec, plan_shards
+from zckpt.store._layout import (
+    MANIFEST,
+    TagError,
+    blob_name,
+    check_same_tags,
+    check_tag,
+    client_name,
+    expert_name,
+    generation_of,
+    new_generation,
+    write_latest,
+)
+from zckpt.store._manifest import FileRecord, Manifest, encode_manifest
+from zckpt.store._read import read_manifest
+from zckpt.store._retention import apply_retention
+from zckpt.store._storage import LocalStorage, Storage
+from zckpt.tree import flatten
+
+__all__ = [
+    "PreparedSave",
+    "SaveError",
+    "Saved",
+    "drop_frozen",
+    "prepare_save",
+    "split_experts",
+    "write_and_commit",
+]
+
+
+class SaveError(ZckptError, RuntimeError):
+    """A save failed on one or more ranks; nothing was committed. ``errors`` maps rank -> text.
+
+    Example:
+        >>> e = SaveError("rank 1 failed", {1: "OSError: disk full"})
+        >>> e.errors
+        {1: 'OSError: disk full'}
+    """
+
+    def __init__(self, message: str, errors: Mapping[int, str] | None = None) -> None:
+        super().__init__(message, dict(errors or {}))
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def errors(self) -> dict[int, str]:
+        """Each failed rank's error."""
+        return dict(self.args[1])
+
+
+@dataclass(frozen=True)
+class Saved:
+    """Where a committed checkpoint lives.
+
+    Example:
+        >>> Saved("/ckpt/step3", "step3").tag
+        'step3'
+    """
+
+    path: str
+    tag: str
+
+
+def _default_tag(state: Any, global_step: int | None) -> str:
+    if global_step is None and isinstance(state, Mapping):
+        for k in ("global_steps", "global_step"):
+            v = state.get(k)
+            if isinstance(v, int) and not isinstance(v, bool):
+                global_step = v
+                break
+    if global_step is None:
+        raise TagError(
+            "no tag given and no global step known: pass tag=..., global_step=..., "
+            "or keep an int 'global_steps' in the state"
+        )
+    return f"global_step{global_step}"
+
+
+def drop_frozen(state: Any, frozen: Iterable[str]) -> Any:
+    """The state without any dict entry keyed by a frozen parameter name.
+
+    Example:
+        >>> drop_frozen({"module": {"a": 1, "f": 2}, "master": {"a": 3}}, ["f"])
+        {'module': {'a': 1}, 'master': {'a': 3}}
+    """
+    names = set(frozen)
+    if not names:
+        return state
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, Mapping):
+            return {k: walk(v) for k, v in x.items() if k not in names}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if isinstance(x, tuple):
+            return tuple(walk(v) for v in x)
+        return x
+
+    return walk(state)
+
+
+def _check_client_state(client_state: Any) -> Any:
+    if client_state is None:
+        return {}
+    if not isinstance(client_state, Mapping):
+        raise StateError(f"client_state must be a dict, got {type(client_state).__name__}")
+    try:
+        flatten(client_state)
+    except StateError as e:
+        raise StateError(f"client_state: {e}") from None
+    return dict(client_state)
+
+
+def _write_blob(
+    storage: Storage,
+    tag_dir: str,
+    name: str,
+    shard: Shard,
+    rank: int,
+    enc: Mapping[str, Any],
+    expert: int = -1,
+) -> FileRecord:
+    # Raw frames of CPU tensors are views of them: written at once, nothing to overlap.
+    # Compressed frames, and any frame of a GPU tensor, stream: compression and device-to-host
+    # copies run ahead of the writes with a few chunks in host memory, not the whole shard.
+    if enc.get("codec", "raw") == "raw" and all(_encode.on_host(t) for t in shard.data):
+        blob: Any = encode_shard_parts(shard, **enc).buffers
+    else:
+        blob = encode_shard_stream(shard, **enc)
+    size, digest = storage.write_atomic(os.path.join(tag_dir, name), blob)
+    return FileRecord(name, rank, size, digest, shard.fragments, expert)
+
+
+def split_experts(shard: Shard) -> tuple[Shard, dict[int, Shard]]:
+    """A rank's shard without its MoE expert tensors, and one shard per expert it writes.
+
+    Example:
+        >>> import torch, zckpt
+        >>> s = {"module": {"experts.0.w": torch.ones(2), "gate": torch.ones(2)}}
+        >>> spec = zckpt.ZeroSpec(1, 1, experts=(r"experts\\.(\\d+)\\.",))
+        >>> base, experts = split_experts(zckpt.shard_state(s, zckpt.plan_shards(s, spec), 0))
+        >>> len(base.fragments), sorted(experts)
+        (1, [0])
+    """
+    spec, skel = shard.spec, shard.skeleton
+    if not spec.experts:
+        return shard, {}
+    base: list[int] = []
+    per: dict[int, list[int]] = {}
+    for i, f in enumerate(shard.fragments):
+        e = spec.expert_of(skel.paths[f.leaf])
+        (base if e is None else per.setdefault(e, [])).append(i)
+
+    def sub(idx: list[int]) -> Shard:
+        frags = tuple(shard.fragments[i] for i in idx)
+        return Shard(shard.rank, spec, skel, frags, tuple(shard.data[i] for i in idx))
+
+    return sub(base), {e: sub(idx) for e, idx in sorted(per.items())}
+
+
+def _client_shard(client_state: Mapping[str, Any]) -> Shard:
+    plan = plan_shards(client_state, ZeroSpec(1, 1))
+    return shard_state(client_state, plan, 0)
+
+
+def _failure_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedSave:
+    """A save after validation and the first collective round, before any file is written.
+
+    ``shards`` are what this process writes (views of the caller's tensors: an asynchronous save
+    replaces them with snapshots before handing the rest to a background thread).
+    """
+
+    save_dir: str
+    tag: str
+    generation: str
+    spec: ZeroSpec
+    shards: Sequence[Shard]
+    client: dict[str, Any]
+    frozen: tuple[str, ...]
+    excluded_frozen: bool
+    save_latest: bool
+    keep_last: int | None
+    encoding: dict[str, Any]
+    comm: Comm
+    storage: Storage
+
+    @property
+    def tag_dir(self) -> str:
+        """``save_dir/tag``."""
+        return os.path.join(self.save_dir, self.tag)
+
+    def with_shards(self, shards: tuple[Shard, ...], client: dict[str, Any]) -> PreparedSave:
+        """The same save writing other shard data (snapshots)."""
+        return dataclasses.replace(self, shards=shards, client=client)
+
+
+def prepare_save(
+    save_dir: str | os.PathLike[str],
+    state: Any,
+    spec: ZeroSpec | None = None,
+    *,
+    tag: str | None = None,
+    client_state: Mapping[str, Any] | None = None,
+    save_latest: bool = True,
+    exclude_frozen_parameters: bool = False,
+    frozen: Iterable[str] = (),
+    global_step: int | None = None,
+    tag_validation: str = "warn",
+    overwrite: bool = False,
+    keep_last: int | None = None,
+    codec: str = "raw",
+    level: int = 1,
+    chunk_bytes: int = 8 << 20,
+    comm: Comm | None = None,
+    storage: Storage | None = None,
+) -> PreparedSave:
+    """Validate a save and agree on it across ranks (round 1); write nothing yet.
+
+    Every rank checks its own inputs, then the ranks all-gather their tags, a generation and any
+    error, so a bad input on one rank makes every rank raise instead of leaving the others
+    waiting. Arguments are those of :func:`save_checkpoint`.
+
+    Example:
+        >>> import tempfile, torch, zckpt
+        >>> from zckpt.store._commit import prepare_save, write_and_commit
+        >>> d, spec = tempfile.mkdtemp(), zckpt.ZeroSpec(2, 1)
+        >>> p = prepare_save(d, {"w": torch.ones(4)}, spec, tag="t")
+        >>> [s.rank for s in p.shards], write_and_commit(p).tag
+        ([0, 1], 't')
+    """
+    storage = storage or LocalStorage()
+    comm = comm or SingleProcess()
+    save_dir = os.fspath(save_dir)
+    my_tag = ""
+    shards: list[Shard] = []
+    client: dict[str, Any] = {}
+    exists = False
+    local_error: BaseException | None = None
+    try:
+        local_shard = state if isinstance(state, Shard) else None
+        if local_shard is not None:
+            spec = local_shard.spec if spec is None else spec
+        if spec is None:
+            raise SpecError("save_checkpoint needs a spec (or a Shard, which carries one)")
+        if comm.size > 1 and comm.size != spec.world_size:
+            raise SpecError(
+                f"the process group has {comm.size} ranks but the spec {spec.world_size}"
+            )
+        my_tag = check_tag(tag if tag is not None else _default_tag(state, global_step))
+        client = _check_client_state(client_state)
+        if local_shard is not None:
+            shards = [local_shard]
+        else:
+            kept = drop_frozen(state, frozen) if exclude_frozen_parameters else state
+            plan = plan_shards(kept, spec)
+            ranks = range(spec.world_size) if comm.size == 1 else [comm.rank]
+            shards = [shard_state(kept, plan, r) for r in ranks]
+        if comm.rank == 0:
+            storage.makedirs(save_dir)
+            exists = _committed(storage, os.path.join(save_dir, my_tag))
+            storage.makedirs(os.path.join(save_dir, my_tag))
+    except Exception as e:  # shared with every rank below, so none is left waiting
+        local_error = e
+    agreed = comm.all_gather(
+        {
+            "tag": my_tag,
+            "gen": new_generation(),
+            "exists": exists,
+            "error": None if local_error is None else _failure_text(local_error),
+        }
+    )
+    if local_error is not None:
+        raise local_error
+    failed = {r: a["error"] for r, a in enumerate(agreed) if a["error"] is not None}
+    if failed:
+        detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
+        raise SaveError(f"saving to {save_dir} failed before writing: {detail}", failed)
+    if spec is None:  # unreachable: a missing spec is a local error above
+        raise SpecError("save_checkpoint needs a spec")
+    check_same_tags([a["tag"] for a in agreed], tag_validation)
+    tag, gen, exists = agreed[0]["tag"], agreed[0]["gen"], agreed[0]["exists"]
+    if exists and not overwrite:
+        raise TagError(
+            f"{os.path.join(save_dir, tag)} already holds a committed checkpoint; "
+            "pass overwrite=True"
+        )
+    return PreparedSave(
+        save_dir=save_dir,
+        tag=tag,
+        generation=gen,
+        spec=spec,
+        shards=tuple(shards),
+        client=client,
+        frozen=tuple(frozen),
+        excluded_frozen=exclude_frozen_parameters,
+        save_latest=save_latest,
+        keep_last=keep_last,
+        encoding={"codec": codec, "level": level, "chunk_bytes": chunk_bytes},
+        comm=comm,
+        storage=storage,
+    )
+
+
+def write_and_commit(p: PreparedSave) -> Saved:
+    """Rounds 2 and 3 of a save: write every file durably, then rank 0 commits.
+
+    Safe to run in a background thread (an asynchronous save) once ``p.shards`` no longer alias
+    tensors that training mutates.
+    """
+    storage, comm, tag_dir, gen = p.storage, p.comm, p.tag_dir, p.generation
+    records: list[dict[str, Any]] = []
+    errors: dict[int, str] = {}
+    first_error: BaseException | None = None
+    failing_rank = comm.rank
+    try:
+        for sh in p.shards:
+            failing_rank = sh.rank
+            base, experts = split_experts(sh)
+            name = blob_name(gen, sh.rank, p.spec.world_size)
+            records.append(_write_blob(storage, tag_dir, name, base, sh.rank, p.encoding).to_obj())
+            for e, esh in experts.items():
+                rec = _write_blob(
+                    storage, tag_dir, expert_name(gen, e), esh, sh.rank, p.encoding, e
+                )
+                records.append(rec.to_obj())
+        if comm.rank == 0 and p.client:
+            failing_rank = 0
+            client = _client_shard(p.client)
+            rec = _write_blob(storage, tag_dir, client_name(gen), client, -1, p.encoding)
+            records.append(rec.to_obj())
+    except Exception as e:  # reported to every rank below, then raised as a SaveError
+        errors[failing_rank], first_error = _failure_text(e), e
+    reports = comm.all_gather(
+        {"records": records, "errors": {str(k): v for k, v in errors.items()}}
+    )
+    failed = {int(k): v for r in reports for k, v in r["errors"].items()}
+    if failed:
+        if comm.rank == 0:
+            _remove_generation(storage, tag_dir, gen)
+        detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
+        err = SaveError(f"saving {tag_dir} failed, nothing was committed: {detail}", failed)
+        raise err from first_error
+
+    commit_error: str | None = None
+    if comm.rank == 0:
+        try:
+            _commit(p, reports)
+        except (ZckptError, OSError) as e:
+            commit_error, first_error = _failure_text(e), e
+    outcome = comm.all_gather(commit_error)
+    if outcome[0] is not None:
+        raise SaveError(
+            f"committing {tag_dir} failed: {outcome[0]}", {0: outcome[0]}
+        ) from first_error
+    return Saved(tag_dir, p.tag)
+
+
+def _committed(storage: Storage, tag_dir: str) -> bool:
+    try:
+        read_manifest(storage, tag_dir)
+    except (ZckptError, OSError):
+        return False
+    return True
+
+
+def _remove_generation(storage: Storage, tag_dir: str, gen: str) -> None:
+    for name in storage.listdir(tag_dir):
+        if generation_of(name) == gen:
+            storage.remove(os.path.join(tag_dir, name))
+
+
+def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> None:
+    storage, save_dir, tag, gen = p.storage, p.save_dir, p.tag, p.generation
+    tag_dir = p.tag_dir
+    # A lazy sequence of shards (ReshardedShards) knows its skeleton without building shard 0.
+    skeleton = getattr(p.shards, "skeleton", None) or (p.shards[0].skeleton if p.shards else None)
+    if skeleton is None:
+        raise ZckptError(f"{tag_dir}: rank 0 wrote no shard, nothing to commit")
+    files = sorted(
+        (FileRecord.from_obj(r) for rep in reports for r in rep["records"]),
+        key=lambda f: f.rank,
+    )
+    client = next((f for f in files if f.rank == -1), None)
+    files = [f for f in files if f.rank >= 0]
+    manifest = Manifest(
+        tag=tag,
+        generation=gen,
+        committed_at=time.time(),
+        spec=p.spec,
+        skeleton=skeleton,
+        files=tuple(files),
+        client=client,
+        frozen=p.frozen,
+        excluded_frozen=p.excluded_frozen,
+        zckpt_version=zckpt.__version__,
+    )
+    storage.write_atomic(os.path.join(tag_dir, MANIFEST), [encode_manifest(manifest)])
+    # The new generation is committed: files of earlier generations of this tag are garbage.
+    for name in storage.listdir(tag_dir):
+        g = generation_of(name)
+        if g is not None and g != gen:
+            storage.remove(os.path.join(tag_dir, name))
+    if p.save_latest:
+        write_latest(storage, save_dir, tag)
+    if p.keep_last is not None:
+        apply_retention(save_dir, p.keep_last, storage=storage)
