@@ -6,6 +6,7 @@ import itertools
 import math
 import struct
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -148,7 +149,7 @@ def test_streamed_blobs_decode_like_whole_ones(
 
 
 def test_stream_encodes_a_bounded_number_of_frames_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
-    shard = shard_of({"w": weights(4096)})
+    shard = shard_of({"w": weights(1 << 18)})  # 1 MiB: enough work for the thread pool
     encoded = {"n": 0}
     real = stream_module._encode
 
@@ -157,15 +158,16 @@ def test_stream_encodes_a_bounded_number_of_frames_ahead(monkeypatch: pytest.Mon
         return real(*args)
 
     monkeypatch.setattr(stream_module, "_encode", counting)
-    stream = encode_shard_stream(shard, codec="byteplane", chunk_bytes=256, threads=2)
+    stream = encode_shard_stream(shard, codec="byteplane", chunk_bytes=16 << 10, threads=2)
     frames = 0
     for piece in stream.frames():
         frames += isinstance(piece, bytes) or len(piece) > 64  # pieces, not padding
         assert encoded["n"] <= frames + 2 * 2 + 1
+        time.sleep(0.001)  # a slow writer: an unbounded pool would run far ahead of it
     assert encoded["n"] == 64
     with pytest.raises(zckpt.ZckptError, match="once"):
         next(iter(stream.frames()))
-    fresh = encode_shard_stream(shard, codec="zstd", chunk_bytes=256)
+    fresh = encode_shard_stream(shard, codec="zstd", chunk_bytes=16 << 10)
     with pytest.raises(zckpt.ZckptError, match="not all been produced"):
         fresh.head()
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
 
 import msgpack
@@ -73,14 +74,25 @@ def default_threads() -> int:
 
 
 def pool_map(fn: Callable[[T], R], items: Sequence[T], threads: int, work: int) -> Iterator[R]:
-    """``map(fn, items)`` in order, in a thread pool when there is enough work to pay for one."""
+    """``map(fn, items)`` in order, in a thread pool when there is enough work to pay for one,
+    with at most ``2 * threads`` results computed ahead of the consumer (a streaming consumer
+    holds a few results, not all of them)."""
     if threads <= 1 or len(items) <= 1 or work < _PARALLEL_MIN_BYTES:
         return map(fn, items)
-    pool = ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="zckpt-codec")
 
     def results() -> Iterator[R]:
-        with pool:
-            yield from pool.map(fn, items)
+        with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="zckpt-codec") as pool:
+            ahead: deque[Future[R]] = deque()
+            try:
+                for item in items:
+                    ahead.append(pool.submit(fn, item))
+                    if len(ahead) >= 2 * threads:
+                        yield ahead.popleft().result()
+                while ahead:
+                    yield ahead.popleft().result()
+            finally:
+                for f in ahead:
+                    f.cancel()
 
     return results()
 

@@ -15,9 +15,7 @@ to the same shard as :func:`encode_shard`'s; only that padding may be longer.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from zckpt.errors import ZckptError
@@ -31,6 +29,7 @@ from zckpt.format._encode import (
     _Job,
     _jobs,
     default_threads,
+    pool_map,
 )
 from zckpt.format._header import PREAMBLE_SIZE, BlobHeader, ChunkEntry, align, pack_preamble
 from zckpt.format._index import decode_header, index_object, pack_index
@@ -139,23 +138,9 @@ class BlobStream:
 
     def _encoded(self) -> Iterator[Frame]:
         """Frames in order, at most ``2 * threads`` encoded ahead of the consumer."""
-        jobs, code, level = self._jobs, self._code, self._level
-        if self._threads <= 1 or len(jobs) <= 1:
-            for j in jobs:
-                yield _encode(j, code, level)
-            return
-        with ThreadPoolExecutor(self._threads, thread_name_prefix="zckpt-codec") as pool:
-            ahead: deque[Future[Frame]] = deque()
-            try:
-                for j in jobs:
-                    ahead.append(pool.submit(_encode, j, code, level))
-                    if len(ahead) >= 2 * self._threads:
-                        yield ahead.popleft().result()
-                while ahead:
-                    yield ahead.popleft().result()
-            finally:
-                for f in ahead:
-                    f.cancel()
+        code, level = self._code, self._level
+        work = sum(len(j.src) for j in self._jobs)
+        return pool_map(lambda j: _encode(j, code, level), self._jobs, self._threads, work)
 
 
 def encode_shard_stream(
