@@ -34,7 +34,7 @@ from zckpt.store._manifest import FileRecord, Manifest, encode_manifest
 from zckpt.store._read import read_manifest
 from zckpt.store._retention import apply_retention
 from zckpt.store._storage import LocalStorage, Storage
-from zckpt.tree import flatten
+from zckpt.tree import Skeleton, flatten
 
 __all__ = [
     "PreparedSave",
@@ -200,6 +200,7 @@ class PreparedSave:
     generation: str
     spec: ZeroSpec
     shards: Sequence[Shard]
+    skeleton: Skeleton | None  # the state's, recorded by the manifest; None if nothing to write
     client: dict[str, Any]
     frozen: tuple[str, ...]
     excluded_frozen: bool
@@ -315,6 +316,7 @@ def prepare_save(
         generation=gen,
         spec=spec,
         shards=tuple(shards),
+        skeleton=shards[0].skeleton if shards else None,
         client=client,
         frozen=tuple(frozen),
         excluded_frozen=exclude_frozen_parameters,
@@ -397,8 +399,7 @@ def _remove_generation(storage: Storage, tag_dir: str, gen: str) -> None:
 def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> None:
     storage, save_dir, tag, gen = p.storage, p.save_dir, p.tag, p.generation
     tag_dir = p.tag_dir
-    # A lazy sequence of shards (ReshardedShards) knows its skeleton without building shard 0.
-    skeleton = getattr(p.shards, "skeleton", None) or (p.shards[0].skeleton if p.shards else None)
+    skeleton = p.skeleton
     if skeleton is None:
         raise ZckptError(f"{tag_dir}: rank 0 wrote no shard, nothing to commit")
     files = sorted(
