@@ -168,7 +168,7 @@ def test_background_errors_surface_on_wait_and_on_the_next_save(
     assert 0 in info.value.errors
     assert not (tmp_path / "next").exists()  # nothing of the refused save happened
     assert not (tmp_path / "bad" / "manifest.zckm").exists()
-    assert list((tmp_path / "bad").iterdir()) == []
+    assert not (tmp_path / "bad").exists()  # a failed save removes what it wrote
     assert (tmp_path / "latest").read_text() == "good"
     # Raised once: the save after it goes ahead.
     assert saver.save(tmp_path, training_state(2), spec(), tag="next").wait(30).tag == "next"

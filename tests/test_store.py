@@ -318,7 +318,7 @@ def test_failed_write_keeps_previous_checkpoint(
     monkeypatch.undo()
     assert (tmp_path / "latest").read_text() == "good"
     assert not (tmp_path / "bad" / "manifest.zckm").exists()
-    assert list((tmp_path / "bad").iterdir()) == []  # no temporary or orphaned files
+    assert not (tmp_path / "bad").exists()  # a failed save removes everything it wrote
     assert_states_equal(zckpt.load_checkpoint(tmp_path).state, good)
     with pytest.raises(zckpt.CheckpointNotFoundError):
         zckpt.load_checkpoint(tmp_path, tag="bad")
@@ -337,8 +337,14 @@ def test_failed_fsync_of_manifest_keeps_previous(
         real_fsync(fd)
 
     monkeypatch.setattr(_storage.os, "fsync", eio)
-    with pytest.raises(zckpt.SaveError, match=r"committing .* failed: .*Input/output error"):
+    with pytest.raises(
+        zckpt.SaveError, match=r"committing .* failed, nothing was committed: .*Input/output error"
+    ) as info:
         zckpt.save_checkpoint(tmp_path, model_state(1), spec(2, 2), tag="good", overwrite=True)
+    assert not info.value.committed
+    # The failed generation's blobs are gone too: only the committed one's remain.
+    gens = {p.name.split(".")[0] for p in (tmp_path / "good").iterdir() if p.suffix == ".zck"}
+    assert gens == {zckpt.open_checkpoint(tmp_path).manifest.generation}
     monkeypatch.undo()
     assert_states_equal(zckpt.load_checkpoint(tmp_path).state, good)
     assert not [p for p in (tmp_path / "good").iterdir() if ".tmp." in p.name]
@@ -536,7 +542,7 @@ def test_failed_fsync_of_a_blob_keeps_previous(
         zckpt.save_checkpoint(tmp_path, model_state(1), spec(2, 2), tag="bad", codec=codec)
     monkeypatch.undo()
     assert (tmp_path / "latest").read_text() == "good"
-    assert list((tmp_path / "bad").iterdir()) == []
+    assert not (tmp_path / "bad").exists()  # a failed save removes what it wrote
     assert_states_equal(zckpt.load_checkpoint(tmp_path).state, good)
 
 

@@ -19,6 +19,8 @@ from zckpt import tree
 from zckpt.adapters import Checkpointer, restore_training_state, spec_for, training_state
 from zckpt.assemble import consolidate, fp32_state_dict, reshard
 from zckpt.errors import (
+    AllocationError,
+    ArgumentError,
     ChecksumError,
     CoverageError,
     FormatError,
@@ -66,6 +68,8 @@ __all__ = [
     "Checkpointer",
     "CheckpointNotFoundError",
     "ChecksumError",
+    "AllocationError",
+    "ArgumentError",
     "CoverageError",
     "FlatGroup",
     "FormatError",

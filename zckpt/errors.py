@@ -21,6 +21,8 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "AllocationError",
+    "ArgumentError",
     "ChecksumError",
     "CoverageError",
     "FormatError",
@@ -100,5 +102,24 @@ class ChecksumError(FormatError):
 
     Example:
         >>> issubclass(ChecksumError, FormatError)
+        True
+    """
+
+
+class ArgumentError(ZckptError, ValueError):
+    """An argument of a zckpt call is invalid (checked before anything touches the disk).
+
+    Example:
+        >>> issubclass(ArgumentError, ValueError)
+        True
+    """
+
+
+class AllocationError(ZckptError, MemoryError):
+    """Memory for a tensor a checkpoint declares could not be allocated (names the tensor and
+    its size): the checkpoint is larger than this machine's memory, or its metadata lies.
+
+    Example:
+        >>> issubclass(AllocationError, MemoryError)
         True
     """

@@ -12,6 +12,7 @@ from zckpt.assemble._overlap import (
     TensorSource,
     assemble,
     index_sources,
+    new_tensor,
     same_node,
 )
 from zckpt.errors import CoverageError
@@ -116,8 +117,11 @@ def consolidate(shards: Sequence[Shard], *, dtype: torch.dtype | None = None) ->
     if dtype not in (None, torch.float32):
         raise ValueError(f"dtype must be None or torch.float32, got {dtype}")
     _, parts = _gather(shards, wanted, dtypes)
-    leaves: list[torch.Tensor] = [
+    # Empty tensors have no fragment: their shape says it all. The others come from parts.
+    leaves: list[torch.Tensor | None] = [
         torch.empty(m.shape, dtype=m.dtype if dtype is None else _fp32(m.dtype))
+        if m.numel == 0
+        else None
         for m in skel.tensors
     ]
     for f, t in zip(wanted, parts):
@@ -255,7 +259,7 @@ def assemble_fp32(
             continue
         meta = skel.tensors[e.source]
         if meta.numel == 0:
-            t = torch.empty(meta.shape, dtype=e.dtype)
+            t = new_tensor(meta.shape, e.dtype, e.name)
         else:
             (flat,) = assemble(index, [Fragment(e.source, 0, meta.numel)], [e.dtype])
             t = flat.view(meta.shape)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from zckpt import kernels
-from zckpt.errors import CoverageError
+from zckpt.errors import AllocationError, CoverageError
 from zckpt.spec import Fragment
 from zckpt.tree import DICT, LIST, TUPLE, VALUE, Skeleton
 
@@ -130,6 +130,28 @@ def index_sources(skeleton: Skeleton, sources: Iterable[Source]) -> SourceIndex:
     )
 
 
+def new_tensor(shape: int | tuple[int, ...], dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``torch.empty(shape, dtype)``, or an :class:`AllocationError` naming the tensor and its
+    size when memory runs out (a checkpoint's metadata declares the sizes).
+
+    Example:
+        >>> new_tensor((2, 3), torch.float32, "w").shape
+        torch.Size([2, 3])
+    """
+    dims = (shape,) if isinstance(shape, int) else shape
+    try:
+        return torch.empty(dims, dtype=dtype)
+    except (RuntimeError, MemoryError) as e:
+        n = 1
+        for d in dims:
+            n *= d
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        raise AllocationError(
+            f"{name}: cannot allocate {nbytes} bytes ({list(dims)} {dtype}) for it: "
+            f"{' '.join(str(e).split())[:200]}"
+        ) from None
+
+
 def _bytes_view(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
 
@@ -201,7 +223,8 @@ def assemble(
             raise CoverageError(
                 f"{skel.name(want.leaf)}: elements {shown} of {meta.numel} are in no saved shard"
             )
-        dst = torch.empty(want.numel, dtype=dtype) if out is None else out[i]
+        name = skel.name(want.leaf)
+        dst = new_tensor(want.numel, dtype, name) if out is None else out[i]
         if dst.dtype != dtype or dst.numel() != want.numel or not dst.is_contiguous():
             raise ValueError(
                 f"{skel.name(want.leaf)}: destination must be a contiguous {dtype} tensor of "

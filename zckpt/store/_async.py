@@ -56,7 +56,7 @@ import torch
 from zckpt.shard import Shard
 from zckpt.spec import ZeroSpec
 from zckpt.store._commit import PreparedSave, Saved, SaveError, prepare_save, write_and_commit
-from zckpt.store._storage import Storage
+from zckpt.store._storage import Lock, Storage
 from zckpt.tree import flatten, unflatten
 
 __all__ = ["AsyncSaver", "PendingSave", "default_saver"]
@@ -267,6 +267,15 @@ class _FailingStorage:
 
     def is_dir(self, path: str) -> bool:
         return self._inner.is_dir(path)
+
+    def remove_dir(self, path: str) -> None:
+        self._inner.remove_dir(path)
+
+    def try_lock(self, path: str, owner: str) -> Lock | None:
+        return self._inner.try_lock(path, owner)
+
+    def lock_owner(self, path: str) -> str:
+        return self._inner.lock_owner(path)
 
 
 class AsyncSaver:

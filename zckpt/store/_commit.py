@@ -14,8 +14,9 @@ from typing import Any
 
 import zckpt
 from zckpt.dist import Comm, SingleProcess
-from zckpt.errors import SpecError, StateError, ZckptError
+from zckpt.errors import ArgumentError, SpecError, StateError, ZckptError
 from zckpt.format import _encode, encode_shard_parts, encode_shard_stream
+from zckpt.format._header import as_bytes_view, parse_preamble
 from zckpt.shard import Shard, shard_state
 from zckpt.spec import ZeroSpec, plan_shards
 from zckpt.store._layout import (
@@ -25,18 +26,22 @@ from zckpt.store._layout import (
     check_same_tags,
     check_tag,
     client_name,
+    dir_lock,
     expert_name,
     generation_of,
+    lock_name,
     new_generation,
+    try_tag_lock,
     write_latest,
 )
 from zckpt.store._manifest import FileRecord, Manifest, encode_manifest
 from zckpt.store._read import read_manifest
 from zckpt.store._retention import apply_retention
-from zckpt.store._storage import LocalStorage, Storage
+from zckpt.store._storage import LocalStorage, Lock, Storage
 from zckpt.tree import Skeleton, flatten
 
 __all__ = [
+    "ConcurrentSaveError",
     "PreparedSave",
     "SaveError",
     "Saved",
@@ -48,16 +53,22 @@ __all__ = [
 
 
 class SaveError(ZckptError, RuntimeError):
-    """A save failed on one or more ranks; nothing was committed. ``errors`` maps rank -> text.
+    """A save failed. ``errors`` maps rank -> text; ``committed`` tells the truth about the tag.
+
+    ``committed`` is False when nothing of the save was committed (the tag, if it existed, still
+    holds what it held); True when the tag was committed and loads by name but a step after the
+    commit failed (replacing ``latest``, or retention): the message says which.
 
     Example:
         >>> e = SaveError("rank 1 failed", {1: "OSError: disk full"})
-        >>> e.errors
-        {1: 'OSError: disk full'}
+        >>> e.errors, e.committed
+        ({1: 'OSError: disk full'}, False)
     """
 
-    def __init__(self, message: str, errors: Mapping[int, str] | None = None) -> None:
-        super().__init__(message, dict(errors or {}))
+    def __init__(
+        self, message: str, errors: Mapping[int, str] | None = None, committed: bool = False
+    ) -> None:
+        super().__init__(message, dict(errors or {}), committed)
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -66,6 +77,21 @@ class SaveError(ZckptError, RuntimeError):
     def errors(self) -> dict[int, str]:
         """Each failed rank's error."""
         return dict(self.args[1])
+
+    @property
+    def committed(self) -> bool:
+        """Whether the tag was committed despite the error."""
+        return bool(self.args[2]) if len(self.args) > 2 else False
+
+
+class ConcurrentSaveError(SaveError):
+    """Another save of the same tag is running (a second job writing into the same directory);
+    nothing was written. The message names the other writer.
+
+    Example:
+        >>> issubclass(ConcurrentSaveError, SaveError)
+        True
+    """
 
 
 @dataclass(frozen=True)
@@ -144,11 +170,17 @@ def _write_blob(
     # Compressed frames, and any frame of a GPU tensor, stream: compression and device-to-host
     # copies run ahead of the writes with a few chunks in host memory, not the whole shard.
     if enc.get("codec", "raw") == "raw" and all(_encode.on_host(t) for t in shard.data):
-        blob: Any = encode_shard_parts(shard, **enc).buffers
+        buffers = encode_shard_parts(shard, **enc).buffers
+        size, digest = storage.write_atomic(os.path.join(tag_dir, name), buffers)
+        head = buffers[0]
     else:
-        blob = encode_shard_stream(shard, **enc)
-    size, digest = storage.write_atomic(os.path.join(tag_dir, name), blob)
-    return FileRecord(name, rank, size, digest, shard.fragments, expert)
+        stream = encode_shard_stream(shard, **enc)
+        size, digest = storage.write_atomic(os.path.join(tag_dir, name), stream)
+        head = stream.head()
+    # The index checksum binds the file to the manifest: a load checks it when it reads the
+    # header, whatever it reads of the tensor bytes.
+    _, index_xxh3 = parse_preamble(as_bytes_view(head), None)
+    return FileRecord(name, rank, size, digest, shard.fragments, expert, index_xxh3)
 
 
 def split_experts(shard: Shard) -> tuple[Shard, dict[int, Shard]]:
@@ -209,6 +241,8 @@ class PreparedSave:
     encoding: dict[str, Any]
     comm: Comm
     storage: Storage
+    lock: Lock | None = None  # rank 0's lock on the tag, held until the save ends
+    created_tag_dir: bool = False  # rank 0 made the tag directory: a failed save removes it
 
     @property
     def tag_dir(self) -> str:
@@ -261,8 +295,12 @@ def prepare_save(
     shards: list[Shard] = []
     client: dict[str, Any] = {}
     exists = False
+    lock: Lock | None = None
+    created = False
     local_error: BaseException | None = None
     try:
+        # Every argument is checked before anything touches the disk.
+        _check_options(tag_validation, save_latest, overwrite, keep_last, codec, level, chunk_bytes)
         local_shard = state if isinstance(state, Shard) else None
         if local_shard is not None:
             spec = local_shard.spec if spec is None else spec
@@ -283,8 +321,11 @@ def prepare_save(
             shards = [shard_state(kept, plan, r) for r in ranks]
         if comm.rank == 0:
             storage.makedirs(save_dir)
-            exists = _committed(storage, os.path.join(save_dir, my_tag))
-            storage.makedirs(os.path.join(save_dir, my_tag))
+            lock = tag_lock(storage, save_dir, my_tag)
+            tag_dir = os.path.join(save_dir, my_tag)
+            exists = _committed(storage, tag_dir)
+            created = not storage.exists(tag_dir)
+            storage.makedirs(tag_dir)
     except Exception as e:  # shared with every rank below, so none is left waiting
         local_error = e
     agreed = comm.all_gather(
@@ -295,21 +336,28 @@ def prepare_save(
             "error": None if local_error is None else _failure_text(local_error),
         }
     )
-    if local_error is not None:
-        raise local_error
-    failed = {r: a["error"] for r, a in enumerate(agreed) if a["error"] is not None}
-    if failed:
-        detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
-        raise SaveError(f"saving to {save_dir} failed before writing: {detail}", failed)
-    if spec is None:  # unreachable: a missing spec is a local error above
-        raise SpecError("save_checkpoint needs a spec")
-    check_same_tags([a["tag"] for a in agreed], tag_validation)
-    tag, gen, exists = agreed[0]["tag"], agreed[0]["gen"], agreed[0]["exists"]
-    if exists and not overwrite:
-        raise TagError(
-            f"{os.path.join(save_dir, tag)} already holds a committed checkpoint; "
-            "pass overwrite=True"
-        )
+    try:
+        if local_error is not None:
+            raise local_error
+        failed = {r: a["error"] for r, a in enumerate(agreed) if a["error"] is not None}
+        if failed:
+            detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
+            raise SaveError(f"saving to {save_dir} failed before writing: {detail}", failed)
+        if spec is None:  # unreachable: a missing spec is a local error above
+            raise SpecError("save_checkpoint needs a spec")
+        check_same_tags([a["tag"] for a in agreed], tag_validation)
+        tag, gen, exists = agreed[0]["tag"], agreed[0]["gen"], agreed[0]["exists"]
+        if exists and not overwrite:
+            raise TagError(
+                f"{os.path.join(save_dir, tag)} already holds a committed checkpoint; "
+                "pass overwrite=True"
+            )
+    except BaseException:
+        if lock is not None:
+            if created:
+                storage.remove_dir(os.path.join(save_dir, my_tag))
+            lock.release()
+        raise
     return PreparedSave(
         save_dir=save_dir,
         tag=tag,
@@ -325,15 +373,49 @@ def prepare_save(
         encoding={"codec": codec, "level": level, "chunk_bytes": chunk_bytes},
         comm=comm,
         storage=storage,
+        lock=lock,
+        created_tag_dir=created,
     )
+
+
+def _check_options(
+    tag_validation: str,
+    save_latest: bool,
+    overwrite: bool,
+    keep_last: int | None,
+    codec: str,
+    level: int,
+    chunk_bytes: int,
+) -> None:
+    if tag_validation not in ("fail", "warn", "ignore"):
+        raise TagError(f"tag_validation must be 'fail', 'warn' or 'ignore', got {tag_validation!r}")
+    for name, v in (("save_latest", save_latest), ("overwrite", overwrite)):
+        if not isinstance(v, bool):
+            raise ArgumentError(f"{name} must be True or False, got {v!r}")
+    if keep_last is not None and (
+        isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
+    ):
+        raise ArgumentError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
+    try:
+        _encode._check_args(codec, level, chunk_bytes, None)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
 
 
 def write_and_commit(p: PreparedSave) -> Saved:
     """Rounds 2 and 3 of a save: write every file durably, then rank 0 commits.
 
     Safe to run in a background thread (an asynchronous save) once ``p.shards`` no longer alias
-    tensors that training mutates.
+    tensors that training mutates. Rank 0's lock on the tag is released when it returns.
     """
+    try:
+        return _write_and_commit(p)
+    finally:
+        if p.lock is not None:
+            p.lock.release()
+
+
+def _write_and_commit(p: PreparedSave) -> Saved:
     storage, comm, tag_dir, gen = p.storage, p.comm, p.tag_dir, p.generation
     records: list[dict[str, Any]] = []
     errors: dict[int, str] = {}
@@ -363,23 +445,44 @@ def write_and_commit(p: PreparedSave) -> Saved:
     failed = {int(k): v for r in reports for k, v in r["errors"].items()}
     if failed:
         if comm.rank == 0:
-            _remove_generation(storage, tag_dir, gen)
+            _discard(p)
         detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
         err = SaveError(f"saving {tag_dir} failed, nothing was committed: {detail}", failed)
         raise err from first_error
 
-    commit_error: str | None = None
+    outcome: dict[str, Any] = {"error": None, "committed": False}
     if comm.rank == 0:
         try:
-            _commit(p, reports)
-        except (ZckptError, OSError) as e:
-            commit_error, first_error = _failure_text(e), e
-    outcome = comm.all_gather(commit_error)
-    if outcome[0] is not None:
-        raise SaveError(
-            f"committing {tag_dir} failed: {outcome[0]}", {0: outcome[0]}
-        ) from first_error
+            outcome = _commit(p, reports)
+        except Exception as e:  # every rank must learn it; raised below
+            outcome, first_error = {"error": _failure_text(e), "committed": False}, e
+    told = comm.all_gather(outcome)[0]
+    if told["error"] is not None:
+        raise SaveError(told["error"], {0: told["error"]}, bool(told["committed"])) from first_error
     return Saved(tag_dir, p.tag)
+
+
+_LOCK_PATIENCE = 3.0  # seconds a save waits for a tag lock held by retention or clean
+
+
+def tag_lock(storage: Storage, save_dir: str, tag: str) -> Lock:
+    """The lock on ``save_dir/tag`` for a save, or a :class:`ConcurrentSaveError` naming the
+    process that holds it."""
+    lock = try_tag_lock(storage, save_dir, tag)
+    deadline = time.monotonic() + _LOCK_PATIENCE
+    while lock is None and time.monotonic() < deadline:
+        # Retention or clean hold a tag's lock for a moment while they look at it; a save
+        # holds it for the whole save. Waiting a little tells the two apart.
+        time.sleep(0.05)
+        lock = try_tag_lock(storage, save_dir, tag)
+    if lock is None:
+        owner = storage.lock_owner(os.path.join(save_dir, lock_name(tag))) or "another process"
+        raise ConcurrentSaveError(
+            f"{os.path.join(save_dir, tag)}: another save of this tag is running ({owner}); "
+            "nothing was written. Two jobs are writing into one save_dir: stop the other one, "
+            "or save under another tag"
+        )
+    return lock
 
 
 def _committed(storage: Storage, tag_dir: str) -> bool:
@@ -390,18 +493,36 @@ def _committed(storage: Storage, tag_dir: str) -> bool:
     return True
 
 
-def _remove_generation(storage: Storage, tag_dir: str, gen: str) -> None:
-    for name in storage.listdir(tag_dir):
-        if generation_of(name) == gen:
-            storage.remove(os.path.join(tag_dir, name))
+def _discard(p: PreparedSave) -> None:
+    """Remove every file of this (uncommitted) generation, and the tag directory if this save
+    made it and nothing else is in it. Best effort: a failing disk may refuse."""
+    storage, tag_dir = p.storage, p.tag_dir
+    try:
+        for name in storage.listdir(tag_dir):
+            if generation_of(name) == p.generation:
+                storage.remove(os.path.join(tag_dir, name))
+        if p.created_tag_dir:
+            storage.remove_dir(tag_dir)
+    except OSError:
+        pass
 
 
-def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> None:
+def _manifest_generation(storage: Storage, tag_dir: str) -> str | None:
+    try:
+        return read_manifest(storage, tag_dir).generation
+    except (ZckptError, OSError):
+        return None
+
+
+def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0: write the manifest (the commit), then ``latest`` and retention, under the
+    save_dir's lock; return the outcome every rank reports (``error`` text, ``committed``)."""
     storage, save_dir, tag, gen = p.storage, p.save_dir, p.tag, p.generation
     tag_dir = p.tag_dir
     skeleton = p.skeleton
     if skeleton is None:
-        raise ZckptError(f"{tag_dir}: rank 0 wrote no shard, nothing to commit")
+        _discard(p)
+        return {"error": f"{tag_dir}: rank 0 wrote no shard, nothing committed", "committed": False}
     files = sorted(
         (FileRecord.from_obj(r) for rep in reports for r in rep["records"]),
         key=lambda f: f.rank,
@@ -420,13 +541,65 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> None:
         excluded_frozen=p.excluded_frozen,
         zckpt_version=zckpt.__version__,
     )
-    storage.write_atomic(os.path.join(tag_dir, MANIFEST), [encode_manifest(manifest)])
-    # The new generation is committed: files of earlier generations of this tag are garbage.
-    for name in storage.listdir(tag_dir):
-        g = generation_of(name)
-        if g is not None and g != gen:
-            storage.remove(os.path.join(tag_dir, name))
-    if p.save_latest:
-        write_latest(storage, save_dir, tag)
-    if p.keep_last is not None:
-        apply_retention(save_dir, p.keep_last, storage=storage)
+    with dir_lock(storage, save_dir):
+        if p.lock is not None and not p.lock.intact():
+            _discard(p)
+            return {
+                "error": f"{tag_dir}: the save's lock on the tag was removed while it ran "
+                "(another process deleted it); nothing was committed",
+                "committed": False,
+            }
+        try:
+            storage.write_atomic(os.path.join(tag_dir, MANIFEST), [encode_manifest(manifest)])
+        except (ZckptError, OSError) as e:
+            # The rename may have happened before the failure (a directory fsync that failed):
+            # what is on disk decides what the caller is told.
+            if _manifest_generation(storage, tag_dir) == gen:
+                return {
+                    "error": f"{tag_dir}: committed, but the commit may not be durable: {e}",
+                    "committed": True,
+                }
+            _discard(p)
+            return {
+                "error": f"committing {tag_dir} failed, nothing was committed: {e}",
+                "committed": False,
+            }
+        # Committed. Files of earlier generations of this tag are garbage (best effort).
+        try:
+            for name in storage.listdir(tag_dir):
+                g = generation_of(name)
+                if g is not None and g != gen:
+                    storage.remove(os.path.join(tag_dir, name))
+        except OSError:
+            pass
+        if p.save_latest:
+            try:
+                write_latest(storage, save_dir, tag)
+            except (ZckptError, OSError) as e:
+                before = _latest_text(storage, save_dir)
+                return {
+                    "error": f"{tag_dir} is committed and loads by name (tag={tag!r}), but "
+                    f"replacing {os.path.join(save_dir, 'latest')} failed, so it still names "
+                    f"{before}: {e}",
+                    "committed": True,
+                }
+        if p.keep_last is not None:
+            try:
+                apply_retention(save_dir, p.keep_last, storage=storage, locked=True)
+            except (ZckptError, OSError) as e:
+                return {
+                    "error": f"{tag_dir} is committed (and 'latest' names it when asked), but "
+                    f"retention (keep_last={p.keep_last}) failed: {e}",
+                    "committed": True,
+                }
+    return {"error": None, "committed": True}
+
+
+def _latest_text(storage: Storage, save_dir: str) -> str:
+    from zckpt.store._layout import read_latest
+
+    try:
+        old = read_latest(storage, save_dir)
+    except (ZckptError, OSError):
+        return "what it named before (unreadable now)"
+    return "nothing (there is no 'latest')" if old is None else repr(old)

@@ -11,7 +11,7 @@ import torch
 
 from zckpt.assemble import assemble_fp32, fp32_entries, index_sources
 from zckpt.store._load import LoadError
-from zckpt.store._read import open_checkpoint
+from zckpt.store._read import following_latest, open_checkpoint
 from zckpt.store._storage import LocalStorage, Storage
 
 __all__ = ["LazyTensor", "get_fp32_state_dict_from_zero_checkpoint"]
@@ -86,6 +86,24 @@ def get_fp32_state_dict_from_zero_checkpoint(
             return deepspeed_fp32_state_dict(
                 checkpoint_dir, tag, exclude_frozen_parameters, lazy_mode
             )
+    if lazy_mode:
+        return _fp32(checkpoint_dir, tag, exclude_frozen_parameters, True, storage)
+    store = storage or LocalStorage()
+    return following_latest(
+        store,
+        os.fspath(checkpoint_dir),
+        tag,
+        lambda: _fp32(checkpoint_dir, tag, exclude_frozen_parameters, False, storage),
+    )
+
+
+def _fp32(
+    checkpoint_dir: str | os.PathLike[str],
+    tag: str | None,
+    exclude_frozen_parameters: bool,
+    lazy_mode: bool,
+    storage: Storage | None,
+) -> dict[str, Any]:
     ck = open_checkpoint(checkpoint_dir, tag, storage=storage)
     m = ck.manifest
     exclude = frozenset(m.frozen) if exclude_frozen_parameters else frozenset()

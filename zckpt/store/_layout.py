@@ -17,15 +17,19 @@ at every instant one complete generation is the committed one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
+import time
 import warnings
+from collections.abc import Iterator
 
 from zckpt.errors import ZckptError
-from zckpt.store._storage import Storage
+from zckpt.store._storage import Lock, Storage, StorageError, lock_owner_text
 
 __all__ = [
+    "DIR_LOCK",
     "LATEST",
     "LATEST_UNIVERSAL",
     "MANIFEST",
@@ -33,6 +37,9 @@ __all__ = [
     "blob_name",
     "check_tag",
     "client_name",
+    "dir_lock",
+    "lock_name",
+    "try_tag_lock",
     "new_generation",
     "read_latest",
     "write_latest",
@@ -41,6 +48,9 @@ __all__ = [
 LATEST = "latest"
 LATEST_UNIVERSAL = "latest_universal"
 MANIFEST = "manifest.zckm"
+DIR_LOCK = ".zckpt.lock"  # held while a commit replaces latest and applies retention
+_TAG_LOCK = re.compile(r"^\.(?P<tag>.+)\.zckpt-lock$")
+_DIR_LOCK_WAIT = 300.0  # seconds a commit waits for another job's commit step
 _BLOB = re.compile(
     r"^(?P<gen>[0-9a-f]{16})\.(rank(?P<rank>\d{5})-of-(?P<ws>\d{5})|expert(?P<e>\d{5})|client)\.zck$"
 )
@@ -160,6 +170,80 @@ def generation_of(name: str) -> str | None:
     """
     m = _BLOB.match(name)
     return m.group("gen") if m else None
+
+
+def lock_name(tag: str) -> str:
+    """Name, in the save_dir, of the lock a save of ``tag`` holds from start to end.
+
+    Example:
+        >>> lock_name("global_step5")
+        '.global_step5.zckpt-lock'
+    """
+    return f".{tag}.zckpt-lock"
+
+
+def locked_tag(name: str) -> str | None:
+    """The tag a save_dir entry is the lock of, or None.
+
+    Example:
+        >>> locked_tag(".step3.zckpt-lock"), locked_tag("step3")
+        ('step3', None)
+    """
+    m = _TAG_LOCK.match(name)
+    return m.group("tag") if m else None
+
+
+def try_tag_lock(storage: Storage, save_dir: str, tag: str) -> Lock | None:
+    """Take the lock on ``save_dir/tag`` without waiting; None when a live process holds it.
+
+    A save holds it from before it writes anything until it has committed or cleaned up;
+    retention and :func:`~zckpt.clean` take it before they delete a tag and leave a tag whose
+    lock is held alone. The kernel drops it when its holder dies, so a killed save never blocks
+    the next one.
+
+    Example:
+        >>> import tempfile
+        >>> from zckpt.store._storage import LocalStorage
+        >>> d, s = tempfile.mkdtemp(), LocalStorage()
+        >>> held = try_tag_lock(s, d, "t")
+        >>> try_tag_lock(s, d, "t") is None
+        True
+        >>> held.release()
+    """
+    return storage.try_lock(os.path.join(save_dir, lock_name(tag)), lock_owner_text())
+
+
+@contextlib.contextmanager
+def dir_lock(storage: Storage, save_dir: str, wait: float = _DIR_LOCK_WAIT) -> Iterator[Lock]:
+    """Hold ``save_dir``'s commit lock: one commit step (manifest, ``latest``, retention) at a
+    time per save_dir, whichever job it belongs to. Waits up to ``wait`` seconds.
+
+    Example:
+        >>> import tempfile
+        >>> from zckpt.store._storage import LocalStorage
+        >>> with dir_lock(LocalStorage(), tempfile.mkdtemp()) as held:
+        ...     held.intact()
+        True
+    """
+    path = os.path.join(save_dir, DIR_LOCK)
+    deadline = time.monotonic() + wait
+    delay = 0.001
+    while True:
+        lock = storage.try_lock(path, lock_owner_text())
+        if lock is not None:
+            break
+        if time.monotonic() > deadline:
+            raise StorageError(
+                11,
+                f"{save_dir}: waited {wait:.0f} s for another process's commit "
+                f"({storage.lock_owner(path) or 'unknown owner'}) to finish",
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def read_latest(storage: Storage, save_dir: str, name: str = LATEST) -> str | None:

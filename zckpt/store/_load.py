@@ -12,7 +12,7 @@ import torch
 from zckpt.assemble import assemble, index_sources
 from zckpt.errors import CoverageError, SpecError, ZckptError
 from zckpt.spec import ShardPlan, ZeroSpec, plan_shards
-from zckpt.store._read import open_checkpoint, resolve
+from zckpt.store._read import following_latest, open_checkpoint, resolve
 from zckpt.store._storage import LocalStorage, Storage
 from zckpt.tree import DICT, TENSOR, Skeleton, iter_nodes, unflatten
 
@@ -123,6 +123,43 @@ def load_checkpoint(
     if resolve(storage, load_dir, tag) is None:
         log.warning("zckpt: %s has no 'latest' file and no tag was given; nothing loaded", load_dir)
         return Loaded(None, {}, None, None, (), ())
+    keys = None if module_keys is None else list(module_keys)
+
+    def attempt() -> Loaded:
+        return _load(
+            storage,
+            load_dir,
+            tag,
+            spec,
+            rank,
+            world_size,
+            stage,
+            load_module_strict,
+            load_optimizer_states,
+            load_lr_scheduler_states,
+            load_module_only,
+            custom_load_fn,
+            keys,
+        )
+
+    return following_latest(storage, load_dir, tag, attempt)
+
+
+def _load(
+    storage: Storage,
+    load_dir: str,
+    tag: str | None,
+    spec: ZeroSpec | None,
+    rank: int,
+    world_size: int | None,
+    stage: int | None,
+    load_module_strict: bool,
+    load_optimizer_states: bool,
+    load_lr_scheduler_states: bool,
+    load_module_only: bool,
+    custom_load_fn: Callable[[dict[str, Any]], Any] | None,
+    module_keys: Iterable[str] | None,
+) -> Loaded:
     ck = open_checkpoint(load_dir, tag, storage=storage)
     saved = ck.manifest.spec
     if spec is None:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import xxhash
 
 from zckpt.errors import FormatError, TruncatedError, ZckptError
 from zckpt.format import PREAMBLE_SIZE, BlobHeader, decode_fragment, decode_header, read_header_size
+from zckpt.format._header import as_bytes_view, parse_preamble
 from zckpt.spec import Fragment
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, check_tag, read_latest
 from zckpt.store._manifest import FileRecord, Manifest, decode_manifest
 from zckpt.store._storage import LocalStorage, Storage, StorageError
+from zckpt.tree import Skeleton
 
 __all__ = [
     "Checkpoint",
@@ -55,6 +59,18 @@ def read_manifest(storage: Storage, tag_dir: str) -> Manifest:
     return decode_manifest(storage.read(path, 0, size), path)
 
 
+def _check_metas(h: BlobHeader, skel: Skeleton, path: str) -> None:
+    """The blob's own skeleton agrees with the manifest's on every tensor it holds."""
+    for e in h.fragments:
+        leaf = e.fragment.leaf
+        mine = h.skeleton.tensors[leaf] if leaf < len(h.skeleton.tensors) else None
+        if mine != skel.tensors[leaf]:
+            raise FormatError(
+                f"{path}: tensor {skel.name(leaf)} is {mine} in the file but "
+                f"{skel.tensors[leaf]} in the manifest"
+            )
+
+
 @dataclass(frozen=True, eq=False)
 class Checkpoint:
     """A committed checkpoint, opened: its manifest and lazy, cached access to blob headers.
@@ -90,20 +106,45 @@ class Checkpoint:
         if h is not None:
             return h
         path = self.file_path(rec)
-        size = self.storage.size(path)
-        if size != rec.size:
-            raise TruncatedError(f"{path}: {size} bytes on disk, the manifest says {rec.size}")
-        pre = self.storage.read(path, 0, PREAMBLE_SIZE)
-        n = read_header_size(pre)
+        size = self._checked_size(rec)
         try:
+            pre = self.storage.read(path, 0, PREAMBLE_SIZE)
+            n = read_header_size(pre, blob_size=size)
+            self._check_binding(rec, pre)
             h = decode_header(self.storage.read(path, 0, n), blob_size=size)
         except FormatError as e:
             raise type(e)(f"{path}: {e}") from None
         if tuple(f.fragment for f in h.fragments) != rec.fragments:
             raise FormatError(f"{path}: its fragments differ from the manifest's record")
+        _check_metas(h, self.manifest.skeleton, path)
         with self._lock:
             self._headers[rec.name] = h
         return h
+
+    def _checked_size(self, rec: FileRecord) -> int:
+        """The file's size (a regular file, see :func:`~zckpt.store._storage.open_regular`),
+        which must be the recorded one."""
+        path = self.file_path(rec)
+        size = self.storage.size(path)
+        if size != rec.size:
+            raise TruncatedError(f"{path}: {size} bytes on disk, the manifest says {rec.size}")
+        return size
+
+    def _check_binding(self, rec: FileRecord, preamble: bytes) -> None:
+        """The file is the one the manifest committed: its index checksum is the recorded one.
+
+        Chunk checksums cannot tell a file from another checkpoint with the same layout; its
+        index (which holds those checksums) differs, and the preamble records the index's hash.
+        """
+        if rec.index_xxh3 is None:  # manifests before the binding was recorded
+            return
+        _, got = parse_preamble(as_bytes_view(preamble), rec.size)
+        if got != rec.index_xxh3:
+            raise FormatError(
+                f"{self.file_path(rec)}: not the file this manifest committed (its index "
+                f"checksum is {got:#018x}, the manifest recorded {rec.index_xxh3:#018x}): "
+                "copied from another checkpoint or rewritten after the commit"
+            )
 
     def sources(self, files: tuple[FileRecord, ...] | None = None) -> list[FileSource]:
         """Every fragment of the given files (default: all rank files), read lazily.
@@ -126,8 +167,17 @@ class Checkpoint:
         path = self.file_path(rec)
         from zckpt.format import decode_shard
 
+        self._checked_size(rec)
+        data = self.storage.read(path, 0, rec.size)
         try:
-            shard = decode_shard(self.storage.read(path, 0, rec.size))
+            if len(data) != rec.size:
+                raise TruncatedError(f"{len(data)} bytes read, the manifest says {rec.size}")
+            self._check_binding(rec, data[:PREAMBLE_SIZE])
+            if xxhash.xxh3_64_intdigest(data) != rec.xxh3:
+                raise FormatError(
+                    "whole-file xxh3 differs from the manifest's: not the file it committed"
+                )
+            shard = decode_shard(data)
         except FormatError as e:
             raise type(e)(f"{path}: {e}") from None
         result: dict[str, Any] = consolidate([shard])
@@ -215,6 +265,38 @@ def resolve(storage: Storage, path: str, tag: str | None) -> tuple[str, str] | N
         if tag is None:
             return None
     return os.path.join(path, check_tag(tag)), tag
+
+
+T = TypeVar("T")
+
+
+def _latest_tag(storage: Storage, path: str) -> str | None:
+    if storage.exists(os.path.join(path, MANIFEST)):
+        return None  # a tag directory: nothing to re-resolve
+    try:
+        return read_latest(storage, path, LATEST) or read_latest(storage, path, LATEST_UNIVERSAL)
+    except (ZckptError, OSError):
+        return None
+
+
+def following_latest(storage: Storage, path: str, tag: str | None, load: Callable[[], T]) -> T:
+    """Run ``load``; if it fails because the tag ``latest`` named was deleted meanwhile
+    (retention of a running job) and ``latest`` now names another tag, run it once more.
+
+    Example:
+        >>> following_latest(LocalStorage(), "/nonexistent", "t", lambda: 3)
+        3
+    """
+    before = None if tag is not None else _latest_tag(storage, path)
+    try:
+        return load()
+    except (CheckpointNotFoundError, StorageError):
+        if before is None:
+            raise
+        now = _latest_tag(storage, path)
+        if now is None or now == before:
+            raise
+        return load()
 
 
 def open_checkpoint(

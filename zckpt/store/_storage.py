@@ -11,10 +11,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import secrets
 import shutil
+import socket
+import stat
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
@@ -23,7 +27,7 @@ import xxhash
 from zckpt.errors import ZckptError
 from zckpt.format import BlobStream
 
-__all__ = ["LocalStorage", "Storage", "StorageError"]
+__all__ = ["LocalStorage", "Lock", "Storage", "StorageError"]
 
 # writev takes at most IOV_MAX buffers per call (1024 on Linux).
 _IOV_MAX = 1024
@@ -86,8 +90,110 @@ class Storage(Protocol):
         ...
 
     def is_dir(self, path: str) -> bool:
-        """Whether ``path`` is a directory."""
+        """Whether ``path`` is a directory itself (not a symbolic link to one)."""
         ...
+
+    def remove_dir(self, path: str) -> None:
+        """Remove ``path`` if it is an empty directory (missing or not empty: left as it is)."""
+        ...
+
+    def try_lock(self, path: str, owner: str) -> Lock | None:
+        """Take the exclusive lock named ``path`` without waiting, or return None when another
+        holder has it. ``owner`` (who and since when) is readable by others with
+        :meth:`lock_owner` while it is held. A holder that dies loses the lock."""
+        ...
+
+    def lock_owner(self, path: str) -> str:
+        """Who holds the lock ``path`` (best effort: "" when unknown)."""
+        ...
+
+
+class Lock(Protocol):
+    """A held lock (see :meth:`Storage.try_lock`)."""
+
+    def intact(self) -> bool:
+        """Whether the lock is still held and still the one at its path (nobody removed it)."""
+        ...
+
+    def release(self) -> None:
+        """Remove the lock's file and let it go; a second call does nothing."""
+        ...
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file itself, else a StorageError.
+
+    Opened without following a final symbolic link and without blocking (a FIFO would block
+    ``open`` forever), then checked with ``fstat``: zckpt never reads from anything but a
+    regular file.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as e:
+        raise StorageError(errno.ENOENT, f"{path}: no such file") from e
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StorageError(
+                e.errno, f"{path}: is a symbolic link; zckpt opens only regular files"
+            ) from e
+        raise StorageError(e.errno, f"opening {path}: {e.strerror}") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise StorageError(
+            errno.EINVAL, f"{path}: is {_kind(mode)}, not a regular file; zckpt reads only files"
+        )
+    return fd
+
+
+class _FileLock:
+    """``flock`` on a lock file: released by the kernel when its holder dies, so a crashed
+    writer never leaves a stale lock; the file's identity is rechecked after locking, so a lock
+    file removed and recreated by someone else is never mistaken for ours."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    def intact(self) -> bool:
+        if self._fd < 0:
+            return False
+        try:
+            here, mine = os.stat(self.path, follow_symlinks=False), os.fstat(self._fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if self.intact():
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+        finally:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = -1
+
+
+def lock_owner_text() -> str:
+    """Who this process is, for a lock file: host, pid and when it took the lock."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return f"pid {os.getpid()} on {socket.gethostname()} since {stamp}"
 
 
 def _fsync_dir(path: str) -> None:
@@ -292,20 +398,24 @@ class LocalStorage:
         return size, digest
 
     def read(self, path: str, offset: int, length: int) -> bytes:
-        """``pread`` of ``length`` bytes at ``offset``."""
+        """``pread`` of ``length`` bytes at ``offset`` (of a regular file: see
+        :func:`open_regular`); never more than the file holds is allocated."""
+        fd = open_regular(path)
         try:
-            with open(path, "rb", buffering=0) as f:
-                return os.pread(f.fileno(), length, offset) if length else b""
-        except FileNotFoundError as e:
-            raise StorageError(errno.ENOENT, f"{path}: no such file") from e
+            if not length:
+                return b""
+            length = max(0, min(length, os.fstat(fd).st_size - offset))
+            return os.pread(fd, length, offset) if length else b""
         except OSError as e:
             raise StorageError(e.errno, f"reading {path} at byte {offset}: {e.strerror}") from e
+        finally:
+            os.close(fd)
 
     def will_need(self, path: str, offset: int, length: int) -> None:
         """Start reading ``length`` bytes at ``offset`` into the page cache (a hint, not waited
         for): the disk streams a fragment's chunks while earlier ones are checked and copied."""
         with contextlib.suppress(OSError, AttributeError):
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path)
             try:
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
             finally:
@@ -313,10 +423,7 @@ class LocalStorage:
 
     def read_into(self, path: str, offset: int, out: memoryview) -> int:
         """``preadv`` into ``out`` (tensor memory) at ``offset``, looping over short reads."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError as e:
-            raise StorageError(errno.ENOENT, f"{path}: no such file") from e
+        fd = open_regular(path)
         try:
             view, done = out.cast("B"), 0
             while done < view.nbytes:
@@ -331,19 +438,87 @@ class LocalStorage:
             os.close(fd)
 
     def size(self, path: str) -> int:
-        """``os.stat(path).st_size``."""
+        """The size of the regular file ``path`` (a StorageError for anything else)."""
         try:
-            return os.stat(path).st_size
+            st = os.stat(path, follow_symlinks=False)
         except FileNotFoundError as e:
             raise StorageError(errno.ENOENT, f"{path}: no such file") from e
+        except OSError as e:
+            raise StorageError(e.errno, f"{path}: {e.strerror}") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise StorageError(errno.EINVAL, f"{path}: is {_kind(st.st_mode)}, not a regular file")
+        return st.st_size
 
     def exists(self, path: str) -> bool:
-        """``os.path.exists``."""
-        return os.path.exists(path)
+        """Whether anything (even a dangling symbolic link) is at ``path``."""
+        return os.path.lexists(path)
 
     def is_dir(self, path: str) -> bool:
-        """``os.path.isdir``."""
-        return os.path.isdir(path)
+        """A directory itself: a symbolic link to one is not (retention never follows one)."""
+        try:
+            return stat.S_ISDIR(os.stat(path, follow_symlinks=False).st_mode)
+        except OSError:
+            return False
+
+    def remove_dir(self, path: str) -> None:
+        """``rmdir`` if empty, then fsync of the parent; missing or not empty is fine."""
+        try:
+            os.rmdir(path)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                return
+            raise StorageError(e.errno, f"removing directory {path}: {e.strerror}") from e
+        with contextlib.suppress(OSError):
+            _fsync_dir(os.path.dirname(path) or ".")
+
+    def try_lock(self, path: str, owner: str) -> Lock | None:
+        """``flock(LOCK_EX | LOCK_NB)`` on ``path`` (created if needed), owner text written in.
+
+        Example:
+            >>> import tempfile, os
+            >>> p = os.path.join(tempfile.mkdtemp(), ".lock")
+            >>> s = LocalStorage()
+            >>> held = s.try_lock(p, "me")
+            >>> s.try_lock(p, "other") is None, s.lock_owner(p)
+            (True, 'me')
+            >>> held.release(); s.try_lock(p, "other") is not None
+            True
+        """
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        for _ in range(16):  # retried only when the file was replaced while we locked it
+            try:
+                fd = os.open(path, flags, 0o644)
+            except OSError as e:
+                raise StorageError(e.errno, f"opening lock {path}: {e.strerror}") from e
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise StorageError(errno.EINVAL, f"{path}: a lock must be a regular file")
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return None
+                lock = _FileLock(path, fd)
+                if not lock.intact():  # removed by its last holder while we waited: again
+                    os.close(fd)
+                    continue
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, owner.encode("utf-8", "replace"), 0)
+                return lock
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                if isinstance(e, StorageError):
+                    raise
+                raise StorageError(e.errno, f"locking {path}: {e.strerror}") from e
+        raise StorageError(errno.EAGAIN, f"{path}: the lock file keeps being replaced")
+
+    def lock_owner(self, path: str) -> str:
+        """The owner text of a lock file ("" when it cannot be read)."""
+        try:
+            return self.read(path, 0, 512).decode("utf-8", "replace")
+        except StorageError:
+            return ""
 
     def listdir(self, path: str) -> list[str]:
         """Sorted entries, or [] for a missing directory."""
