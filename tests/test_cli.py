@@ -64,10 +64,15 @@ def test_inspect_text_and_json(ckpt: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_verify_ok(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", str(ckpt)]) == 0
-    assert ": OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step5: 5 files" in out and "step7: 5 files" in out and "2 tags checked: all OK" in out
     assert main(["verify", str(ckpt), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["ok"] is True and doc["problems"] == [] and doc["files"] == 5
+    assert doc["ok"] is True and doc["problems"] == [] and doc["files"] == 10
+    assert [t["tag"] for t in doc["tags"]] == ["step5", "step7"]
+    assert main(["verify", str(ckpt), "--tag", "step5", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["tag"] == "step5" and doc["files"] == 5
 
 
 def test_verify_flipped_byte_names_file_tensor_offset(
@@ -158,7 +163,7 @@ def test_prune_and_clean(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert main(["clean", str(ckpt)]) == 0
     assert "removed torn" in capsys.readouterr().out
     assert main(["prune", str(ckpt), "--keep-last", "0"]) == 1
-    assert "keep_last" in capsys.readouterr().err
+    assert "--keep-last" in capsys.readouterr().err
 
 
 def _ds_case() -> Path:

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import mmap
 import os
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-import xxhash
 
 import zckpt
 from zckpt.cli._main import progress
-from zckpt.format import FORMAT_VERSION, iter_problems
+from zckpt.format import FORMAT_VERSION
 from zckpt.interop import is_deepspeed_checkpoint, open_deepspeed
+from zckpt.store._layout import read_latest
 
 __all__ = ["describe_value", "inspect", "verify"]
 
@@ -53,9 +50,8 @@ def describe_value(v: Any) -> Any:
 
 def _latest(path: str) -> str | None:
     try:
-        with open(os.path.join(path, "latest")) as f:
-            return f.read().strip() or None
-    except OSError:
+        return read_latest(zckpt.LocalStorage(), path)
+    except (zckpt.ZckptError, OSError):
         return None
 
 
@@ -180,30 +176,6 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_problems(path: str, size: int, digest: int) -> Iterator[str]:
-    """Problems of one blob file: presence, size, whole-file xxh3, then every chunk."""
-    if not os.path.exists(path):
-        yield f"{path}: missing"
-        return
-    got = os.path.getsize(path)
-    if got != size:
-        yield f"{path}: {got} bytes on disk, the manifest says {size}"
-    if got == 0:
-        return
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    found: list[str] = []
-    mv = memoryview(mm)
-    if got == size and xxhash.xxh3_64_intdigest(mv) != digest:
-        found.append(f"{path}: whole-file xxh3 mismatch (the manifest says {digest:#018x})")
-    # Messages only: the exceptions (and their tracebacks) keep no view of the mapping alive.
-    found += [f"{path}: {' '.join(str(p).split())}" for p in iter_problems(mv)]
-    mv.release()
-    with contextlib.suppress(BufferError):  # a view still referenced: it closes when collected
-        mm.close()
-    yield from found
-
-
 def _verify_deepspeed(args: argparse.Namespace) -> int:
     ck = open_deepspeed(args.path, args.tag)  # loads every file with the pickle allow-list
     n = len(ck.model_files) + len(ck.optim_files) + len(ck.experts)
@@ -219,6 +191,9 @@ def _verify_deepspeed(args: argparse.Namespace) -> int:
 def verify(args: argparse.Namespace) -> int:
     """``zckpt verify PATH [--tag T] [--json]``: exit 1 when any problem is found.
 
+    A save_dir: every committed tag and the ``latest`` pointers; a tag directory or ``--tag``:
+    that tag.
+
     Example:
         >>> from zckpt.cli import main
         >>> main(["verify", "/nonexistent", "--json"])
@@ -226,21 +201,38 @@ def verify(args: argparse.Namespace) -> int:
     """
     if is_deepspeed_checkpoint(args.path, args.tag):
         return _verify_deepspeed(args)
-    ck = zckpt.open_checkpoint(args.path, args.tag)  # a corrupt manifest raises here
-    m = ck.manifest
-    recs = [*m.files, *([m.client] if m.client else [])]
-    problems: list[str] = []
-    with progress(args, sum(r.size for r in recs), "verify") as bar:
-        for rec in recs:
-            problems += _file_problems(ck.file_path(rec), rec.size, rec.xxh3)
-            bar.update(rec.size)
+    with progress(args, None, "verify") as bar:
+        reports = zckpt.verify_checkpoint(args.path, args.tag, on_bytes=bar.update)
+    problems = [p for r in reports for p in r.problems]
+    files = sum(r.files for r in reports)
     if args.json:
-        doc = {"path": ck.path, "tag": ck.tag, "files": len(recs), "problems": problems}
-        print(json.dumps({**doc, "ok": not problems}, indent=2))
+        doc: dict[str, Any] = {
+            "path": args.path,
+            "tags": [
+                {
+                    "path": r.path,
+                    "tag": r.tag,
+                    "files": r.files,
+                    "bytes": r.nbytes,
+                    "ok": r.ok,
+                    "problems": list(r.problems),
+                }
+                for r in reports
+            ],
+            "files": files,
+            "problems": problems,
+            "ok": not problems,
+        }
+        if len(reports) == 1:
+            doc["tag"] = reports[0].tag
+        print(json.dumps(doc, indent=2))
     else:
-        for p in problems:
-            print(p)
-        total = sum(r.size for r in recs)
-        status = "OK" if not problems else f"{len(problems)} problem(s)"
-        print(f"{ck.path}: {len(recs)} files, {total} bytes: {status}")
+        for r in reports:
+            for p in r.problems:
+                print(p)
+            status = "OK" if r.ok else f"{len(r.problems)} problem(s)"
+            print(f"{r.path}: {r.files} files, {r.nbytes} bytes: {status}")
+        if len(reports) > 1:
+            bad = sum(not r.ok for r in reports)
+            print(f"{len(reports)} tags checked: {'all OK' if not bad else f'{bad} with problems'}")
     return 0 if not problems else 1

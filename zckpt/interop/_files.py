@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
-from zckpt.interop._unpickle import DeepSpeedFormatError, load_pickle
+from zckpt.interop._unpickle import DeepSpeedFormatError, load_pickle, require_regular
 from zckpt.store._layout import LATEST, check_tag, read_latest
 from zckpt.store._storage import LocalStorage
 
@@ -160,6 +160,7 @@ class ModelStates(Sequence[Mapping[str, Any]]):
 
 def _check_zip(path: str) -> None:
     """A ``torch.save`` zip file whose central directory and entries are all present."""
+    require_regular(path)
     try:
         with zipfile.ZipFile(path) as z:
             size = os.path.getsize(path)

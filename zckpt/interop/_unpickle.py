@@ -117,6 +117,25 @@ def _is_zip(path: str) -> bool:
         return f.read(4) == _ZIP_MAGIC
 
 
+def require_regular(path: str) -> None:
+    """Refuse anything but a regular file (a FIFO would block any reader forever) with a
+    :class:`DeepSpeedFormatError` naming it.
+
+    Example:
+        >>> import tempfile
+        >>> require_regular(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        zckpt.interop._unpickle.DeepSpeedFormatError: /tmp/...: is a directory, ...
+    """
+    from zckpt.store._storage import StorageError, open_regular
+
+    try:
+        os.close(open_regular(path))
+    except StorageError as e:
+        raise DeepSpeedFormatError(e.strerror or str(e)) from None
+
+
 def load_pickle(path: str | os.PathLike[str]) -> Any:
     """Load a DeepSpeed ``.pt`` file with ``weights_only=True`` and the allow-list, on CPU.
 
@@ -140,6 +159,7 @@ def load_pickle(path: str | os.PathLike[str]) -> Any:
         zckpt.interop._unpickle.UnsafePickleError: .../x.pt: refused to unpickle builtins.print ...
     """
     path = os.fspath(path)
+    require_regular(path)
     try:
         zipped = _is_zip(path)
     except OSError as e:

@@ -19,6 +19,7 @@ from zckpt.store._read import Checkpoint, CheckpointNotFoundError, FileSource, o
 from zckpt.store._retention import CommittedTag, apply_retention, clean, list_tags
 from zckpt.store._save import save_checkpoint
 from zckpt.store._storage import LocalStorage, Storage, StorageError
+from zckpt.store._verify import TagReport, verify_checkpoint
 
 __all__ = [
     "AsyncSaver",
@@ -36,6 +37,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "TagError",
+    "TagReport",
     "apply_retention",
     "check_tag",
     "clean",
@@ -46,4 +48,5 @@ __all__ = [
     "load_checkpoint",
     "open_checkpoint",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
