@@ -576,11 +576,14 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
             try:
                 write_latest(storage, save_dir, tag)
             except (ZckptError, OSError) as e:
-                before = _latest_text(storage, save_dir)
+                now = _latest_text(storage, save_dir)
+                if now == repr(tag):  # renamed into place; only its directory fsync failed
+                    what = "names it, but that may not be durable"
+                else:
+                    what = f"still names {now}"
                 return {
                     "error": f"{tag_dir} is committed and loads by name (tag={tag!r}), but "
-                    f"replacing {os.path.join(save_dir, 'latest')} failed, so it still names "
-                    f"{before}: {e}",
+                    f"replacing {os.path.join(save_dir, 'latest')} failed, so it {what}: {e}",
                     "committed": True,
                 }
         if p.keep_last is not None:

@@ -18,6 +18,7 @@ at every instant one complete generation is the committed one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -234,7 +235,7 @@ def dir_lock(storage: Storage, save_dir: str, wait: float = _DIR_LOCK_WAIT) -> I
             break
         if time.monotonic() > deadline:
             raise StorageError(
-                11,
+                errno.EAGAIN,
                 f"{save_dir}: waited {wait:.0f} s for another process's commit "
                 f"({storage.lock_owner(path) or 'unknown owner'}) to finish",
             )
