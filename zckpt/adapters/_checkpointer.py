@@ -11,9 +11,11 @@ import torch
 from zckpt.adapters._state import (
     GLOBAL_STEPS,
     LR_SCHEDULER,
+    MASTER,
     MODULE,
     frozen_names,
     load_module_state,
+    prefer_masters,
     restore_training_state,
     spec_for,
     training_state,
@@ -210,6 +212,7 @@ class Checkpointer:
             load_optimizer_states=want_optimizer and not zero,
             load_lr_scheduler_states=load_lr_scheduler_states,
             load_module_only=load_module_only,
+            load_masters=not zero and custom_load_fn is None,
             storage=self.storage,
         )
         if loaded.load_path is None:
@@ -218,10 +221,13 @@ class Checkpointer:
         allow_missing = ck.manifest.frozen if ck.manifest.excluded_frozen else ()
         state = loaded.state if isinstance(loaded.state, dict) else {}
         module = state.pop(MODULE, None)
+        masters = state.pop(MASTER, None) if not want_optimizer else state.get(MASTER)
         if module is not None:
             if custom_load_fn is not None:
                 custom_load_fn(src=module, dst=self.module)
             else:
+                if not zero:
+                    module = prefer_masters(self.module, module, masters)
                 load_module_state(
                     self.module, module, strict=load_module_strict, allow_missing=allow_missing
                 )

@@ -15,6 +15,7 @@ partition spec groups every ``exp_avg`` of one param group into one flat buffer 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -31,18 +32,21 @@ __all__ = [
     "load_optimizer_state",
     "optimizer_param_names",
     "optimizer_state",
+    "prefer_masters",
     "restore_training_state",
     "spec_for",
     "training_state",
     "unwrap",
 ]
 
-MODULE, OPTIMIZER, LR_SCHEDULER, GLOBAL_STEPS = (
+MODULE, OPTIMIZER, LR_SCHEDULER, GLOBAL_STEPS, MASTER = (
     "module",
     "optimizer",
     "lr_scheduler",
     "global_steps",
+    "master",
 )
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -256,6 +260,66 @@ def load_optimizer_state(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def prefer_masters(
+    model: torch.nn.Module,
+    module_state: Mapping[str, Any],
+    masters: Mapping[str, Any] | None,
+    *,
+    warn: bool = True,
+) -> dict[str, Any]:
+    """The module state to load into ``model``, each value taken from the most exact source.
+
+    A destination parameter in fp32 gets its fp32 master when the checkpoint has one (a
+    mixed-precision run resumed into an fp32 model keeps its masters bit for bit), under every
+    name it is tied to; otherwise the saved module value. A lossy choice warns (``warn``): a
+    trainable fp32 destination filled from 16-bit weights (no master saved), or a 16-bit
+    destination filled from fp32 values (rounded). Frozen parameters have no master; their
+    saved value is the one training used, so filling them from it loses nothing.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> master = torch.tensor([[0.1, 0.2]])
+        >>> sd = {"weight": master.bfloat16(), "bias": torch.zeros(1)}
+        >>> out = prefer_masters(model, sd, {"weight": master})
+        >>> torch.equal(out["weight"], master), out["bias"].dtype
+        (True, torch.float32)
+    """
+    dest = unwrap(model).state_dict(keep_vars=True)
+    # Frozen parameters have no master: their saved value is the one training used.
+    params = {id(p) for p in unwrap(model).parameters() if p.requires_grad}
+    exact: dict[int, torch.Tensor] = {}
+    for name, t in dest.items():
+        m = (masters or {}).get(name)
+        if isinstance(m, torch.Tensor) and m.dtype == torch.float32 and m.shape == t.shape:
+            exact.setdefault(id(t), m)
+    out = dict(module_state)
+    from_half, rounded = [], []
+    for name, t in dest.items():
+        saved = out.get(name)
+        if not isinstance(saved, torch.Tensor) or not t.is_floating_point():
+            continue
+        if t.dtype == torch.float32 and id(t) in exact:
+            out[name] = exact[id(t)]
+        elif t.dtype == torch.float32 and saved.dtype in _HALF and id(t) in params:
+            from_half.append(name)
+        elif t.dtype in _HALF and saved.dtype == torch.float32:
+            rounded.append(name)
+    if warn and from_half:
+        warnings.warn(
+            f"zckpt: {len(from_half)} fp32 parameter(s) restored from 16-bit weights, since the "
+            f"checkpoint holds no fp32 master for them (e.g. {from_half[:3]}): precision lost "
+            "at save cannot come back",
+            stacklevel=3,
+        )
+    if warn and rounded:
+        warnings.warn(
+            f"zckpt: {len(rounded)} 16-bit tensor(s) rounded from the checkpoint's fp32 values "
+            f"(e.g. {rounded[:3]})",
+            stacklevel=3,
+        )
+    return out
+
+
 class Restored(NamedTuple):
     """What :func:`restore_training_state` did to the module.
 
@@ -320,7 +384,8 @@ def restore_training_state(
 
     The model is loaded first, then the optimizer (names to the new optimizer's indices), then
     the scheduler, as PyTorch asks. Tied parameters stay tied: the model's own parameter objects
-    receive the values.
+    receive the values. An fp32 parameter gets the state's fp32 master (``master``) when it has
+    one, else the module value (see :func:`prefer_masters`, which warns on lossy choices).
 
     Args:
         state: the whole state (world size 1, as every rank of a data-parallel loop holds it).
@@ -346,8 +411,9 @@ def restore_training_state(
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
     if model is not None and MODULE in state:
+        module = prefer_masters(model, state[MODULE], state.get(MASTER))
         missing, unexpected = load_module_state(
-            model, state[MODULE], strict=strict, allow_missing=allow_missing
+            model, module, strict=strict, allow_missing=allow_missing
         )
     if optimizer is not None and OPTIMIZER in state:
         if model is None:

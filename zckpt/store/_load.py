@@ -74,6 +74,7 @@ def load_checkpoint(
     load_module_only: bool = False,
     custom_load_fn: Callable[[dict[str, Any]], Any] | None = None,
     module_keys: Iterable[str] | None = None,
+    load_masters: bool | None = None,
     storage: Storage | None = None,
 ) -> Loaded:
     """Load a committed checkpoint at any world size and stage; rank ``rank`` reads only its ranges.
@@ -98,6 +99,9 @@ def load_checkpoint(
         custom_load_fn: replaces the module loading step: it receives the loaded module
             subtree and returns what goes into the state's module slot (None drops it).
         module_keys: the module keys your model expects, for strict/non-strict checks.
+        load_masters: load the fp32 masters (default: with the optimizer states); True keeps
+            them even with ``load_module_only`` or ``load_optimizer_states=False``, for an fp32
+            model resuming a mixed-precision run (the masters are its exact weights).
         storage: the filesystem.
 
     Returns:
@@ -140,6 +144,7 @@ def load_checkpoint(
             load_module_only,
             custom_load_fn,
             keys,
+            load_masters,
         )
 
     return following_latest(storage, load_dir, tag, attempt)
@@ -159,6 +164,7 @@ def _load(
     load_module_only: bool,
     custom_load_fn: Callable[[dict[str, Any]], Any] | None,
     module_keys: Iterable[str] | None,
+    load_masters: bool | None,
 ) -> Loaded:
     ck = open_checkpoint(load_dir, tag, storage=storage)
     saved = ck.manifest.spec
@@ -171,13 +177,20 @@ def _load(
     plan._check_rank(rank)
 
     drop: set[str] = set()
+    masters = (
+        load_optimizer_states and not load_module_only if load_masters is None else load_masters
+    )
     if load_module_only:
         drop = {str(k) for k, _ in skel.node[1]} - {saved.module} if skel.node[0] == DICT else set()
     else:
         if not load_optimizer_states:
-            drop |= {OPTIMIZER, saved.master}
+            drop.add(OPTIMIZER)
         if not load_lr_scheduler_states:
             drop.add(LR_SCHEDULER)
+    if masters:
+        drop.discard(saved.master)
+    else:
+        drop.add(saved.master)
     node, keep = _keep_top(skel, drop)
     kept = set(keep)
 
