@@ -226,6 +226,7 @@ def test_checkpointer_load_flags(tmp_path: Path) -> None:
         Checkpointer(other).load_checkpoint(tmp_path)
     Checkpointer(other).load_checkpoint(tmp_path, load_module_strict=False)
 
+    (tmp_path / "empty").mkdir()
     assert Checkpointer(model).load_checkpoint(tmp_path / "empty") == (None, None)
     with pytest.raises(zckpt.CheckpointNotFoundError):
         Checkpointer(model).load_checkpoint(tmp_path, tag="nope")

@@ -211,7 +211,7 @@ def test_missing_latest_returns_none_with_warning(tmp_path: Path, caplog: Any) -
     with caplog.at_level(logging.WARNING, logger="zckpt"):
         got = zckpt.load_checkpoint(tmp_path)
     assert got.load_path is None and got.state is None
-    assert "no 'latest'" in caplog.text
+    assert "is empty: no checkpoint saved there yet" in caplog.text
 
 
 def test_named_missing_or_torn_tag_raises(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,7 +26,15 @@ from zckpt.adapters._zero import ZeroAdamW, load_partitions, zero_shard
 from zckpt.dist import Comm, default_comm
 from zckpt.errors import SpecError
 from zckpt.spec import ZeroSpec
-from zckpt.store import Saved, Storage, load_checkpoint, open_checkpoint, save_checkpoint
+from zckpt.store import (
+    CheckpointNotFoundError,
+    Saved,
+    Storage,
+    load_checkpoint,
+    open_checkpoint,
+    save_checkpoint,
+)
+from zckpt.store._explain import explain
 
 __all__ = ["Checkpointer"]
 
@@ -180,6 +189,8 @@ class Checkpointer:
         load_lr_scheduler_states: bool = True,
         load_module_only: bool = False,
         custom_load_fn: Callable[..., Any] | None = None,
+        *,
+        require: bool = False,
     ) -> tuple[str | None, dict[str, Any] | None]:
         """Load a checkpoint saved at any world size into the model, optimizer and scheduler.
 
@@ -192,10 +203,14 @@ class Checkpointer:
 
         Returns:
             ``(load_path, client_state)``; ``(None, None)`` when there was nothing to load (no
-            ``latest`` and no tag; a warning is logged).
+            ``latest`` and no tag): logged for an empty directory (a fresh run), a
+            ``UserWarning`` with the reason for a path that does not exist or holds no
+            checkpoint (see :func:`zckpt.load_checkpoint`).
 
         Raises:
-            CheckpointNotFoundError: the tag (or the one ``latest`` names) is not committed.
+            CheckpointNotFoundError: the tag (or the one ``latest`` names) is not committed;
+                ``load_dir`` is a DeepSpeed checkpoint (convert it first); with
+                ``require=True``, whenever nothing was loaded, with the reason.
             LoadError: strict module keys or the optimizer's param groups do not match.
 
         Example:
@@ -216,6 +231,11 @@ class Checkpointer:
             storage=self.storage,
         )
         if loaded.load_path is None:
+            if require:
+                reason = explain(load_dir, tag, storage=self.storage)
+                raise CheckpointNotFoundError(
+                    errno.ENOENT, f"require=True and nothing to load: {reason.message}"
+                )
             return None, None
         ck = open_checkpoint(loaded.load_path, storage=self.storage)
         allow_missing = ck.manifest.frozen if ck.manifest.excluded_frozen else ()

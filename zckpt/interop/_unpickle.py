@@ -14,6 +14,7 @@ import enum
 import os
 import pickle
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "LossScaler",
     "UnsafePickleError",
     "ZeroStage",
+    "get",
     "load_pickle",
 ]
 
@@ -97,6 +99,21 @@ class FragmentAddress:
     start: int
 
 
+def get(d: Any, key: str | int, where: str, kind: type | tuple[type, ...] = object) -> Any:
+    """``d[key]``, checked to be a ``kind``; else a :class:`DeepSpeedFormatError` naming both.
+
+    Example:
+        >>> get({"a": 1}, "a", "f.pt", int)
+        1
+    """
+    if not isinstance(d, Mapping) or key not in d:
+        raise DeepSpeedFormatError(f"{where}: no '{key}' entry")
+    v = d[key]
+    if not isinstance(v, kind):
+        raise DeepSpeedFormatError(f"{where}: '{key}' is a {type(v).__name__}, not {kind}")
+    return v
+
+
 _DS = "deepspeed."
 #: Qualified name in DeepSpeed's pickles -> the stand-in registered under it.
 ALLOWED_GLOBALS: dict[str, Any] = {
@@ -131,7 +148,7 @@ def require_regular(path: str) -> None:
     from zckpt.store._storage import StorageError, open_regular
 
     try:
-        os.close(open_regular(path))
+        os.close(open_regular(path, follow=True))
     except StorageError as e:
         raise DeepSpeedFormatError(e.strerror or str(e)) from None
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
 
 from zckpt.assemble import assemble, index_sources
-from zckpt.errors import CoverageError, SpecError, ZckptError
+from zckpt.errors import ArgumentError, CoverageError, SpecError, ZckptError
 from zckpt.spec import ShardPlan, ZeroSpec, plan_shards
-from zckpt.store._read import following_latest, open_checkpoint, resolve
+from zckpt.store._explain import DEEPSPEED, explain
+from zckpt.store._read import CheckpointNotFoundError, following_latest, open_checkpoint, resolve
 from zckpt.store._storage import LocalStorage, Storage
 from zckpt.tree import DICT, TENSOR, Skeleton, iter_nodes, unflatten
 
@@ -106,10 +109,15 @@ def load_checkpoint(
 
     Returns:
         :class:`Loaded` ``(load_path, client_state, state, plan, missing_keys, unexpected_keys)``;
-        ``load_path`` is None, with a warning logged, when there is no ``latest`` and no tag.
+        ``load_path`` is None when no tag was given and there is no ``latest`` (DeepSpeed's
+        contract): logged for a directory with no checkpoint yet (a fresh run); a
+        ``UserWarning`` saying exactly why when the path does not exist, holds something that is
+        not a checkpoint, or holds committed tags but no ``latest`` (they are listed).
 
     Raises:
-        CheckpointNotFoundError: a named tag (or the one ``latest`` names) is not committed.
+        CheckpointNotFoundError: a named tag (or the one ``latest`` names) is not committed,
+            or ``load_dir`` is a DeepSpeed checkpoint (the message says how to convert it).
+        ArgumentError: a world size, stage or rank out of range.
         FormatError: a manifest or blob is corrupt (names the file, tensor and offset).
         LoadError: strict module keys do not match.
 
@@ -124,8 +132,15 @@ def load_checkpoint(
     """
     storage = storage or LocalStorage()
     load_dir = os.fspath(load_dir)
+    _check_target(world_size, stage, rank)
     if resolve(storage, load_dir, tag) is None:
-        log.warning("zckpt: %s has no 'latest' file and no tag was given; nothing loaded", load_dir)
+        reason = explain(load_dir, tag, storage=storage)
+        if reason.kind == DEEPSPEED:
+            raise CheckpointNotFoundError(errno.ENOENT, reason.message)
+        if reason.fresh:  # a directory meant for checkpoints, none saved yet: DeepSpeed's None
+            log.warning("zckpt: nothing loaded: %s", reason.message)
+        else:
+            warnings.warn(f"zckpt: nothing loaded: {reason.message}", stacklevel=2)
         return Loaded(None, {}, None, None, (), ())
     keys = None if module_keys is None else list(module_keys)
 
@@ -148,6 +163,16 @@ def load_checkpoint(
         )
 
     return following_latest(storage, load_dir, tag, attempt)
+
+
+def _check_target(world_size: int | None, stage: int | None, rank: int) -> None:
+    for name, v, lo in (("world_size", world_size, 1), ("stage", stage, 1), ("rank", rank, 0)):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ArgumentError(f"load_checkpoint: {name} must be an int >= {lo}, got {v!r}")
+    if stage is not None and stage > 3:
+        raise ArgumentError(f"load_checkpoint: stage must be 1, 2 or 3, got {stage!r}")
 
 
 def _load(

@@ -315,16 +315,20 @@ def open_checkpoint(
         >>> zckpt.open_checkpoint(f"{d}/a").tag
         'a'
     """
+    from zckpt.store._explain import explain
+
     storage = storage or LocalStorage()
     path = os.fspath(path)
     found = resolve(storage, path, tag)
     if found is None:
-        raise CheckpointNotFoundError(
-            errno.ENOENT, f"{path}: no '{LATEST}' file and no tag given, nothing to load"
-        )
+        raise CheckpointNotFoundError(errno.ENOENT, explain(path, tag, storage=storage).message)
     tag_dir, _ = found
     try:
         manifest = read_manifest(storage, tag_dir)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(
+            errno.ENOENT, explain(path, tag, storage=storage).message
+        ) from None
     except StorageError as e:
-        raise CheckpointNotFoundError(errno.ENOENT, str(e)) from None
+        raise CheckpointNotFoundError(errno.ENOENT, e.strerror or str(e)) from None
     return Checkpoint(tag_dir, manifest, storage)

@@ -134,14 +134,15 @@ def _kind(mode: int) -> str:
     return next((what for test, what in _KINDS if test(mode)), "not a regular file")
 
 
-def open_regular(path: str) -> int:
-    """A read-only descriptor of ``path`` if it is a regular file itself, else a StorageError.
+def open_regular(path: str, *, follow: bool = False) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file, else a StorageError.
 
-    Opened without following a final symbolic link and without blocking (a FIFO would block
-    ``open`` forever), then checked with ``fstat``: zckpt never reads from anything but a
-    regular file.
+    Opened without blocking (a FIFO would block ``open`` forever) and, unless ``follow``,
+    without following a final symbolic link, then checked with ``fstat``: zckpt never reads
+    from anything but a regular file. (zckpt's own files are never links; DeepSpeed folders,
+    which users assemble, may link to regular files: ``follow=True``.)
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError as e:
