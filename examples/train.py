@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import zckpt
 from zckpt.adapters import Checkpointer, ZeroAdamW
-from zckpt.dist import TorchComm
+from zckpt.dist import TorchComm, all_gather_flat
 
 GLOBAL_BATCH = 24  # split evenly over 1, 2, 3, 4, 6, 8 ranks
 
@@ -77,7 +77,7 @@ def main() -> None:
             lr=3e-3,
             rank=rank,
             world_size=world_size,
-            all_gather=dist.all_gather_into_tensor,
+            all_gather=all_gather_flat,
         )
     else:
         opt = torch.optim.AdamW(params, lr=3e-3)

@@ -112,7 +112,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         stage: ZeRO stage recorded in the spec (1 or 2; the saved layout is the same).
         alignment: flat buffers are padded to a multiple of ``alignment * world_size``.
         all_gather: ``fn(output, input)`` gathering every rank's partition into ``output`` in
-            rank order, e.g. ``all_gather_into_tensor`` of ``torch.distributed``; needed when
+            rank order, e.g. :func:`zckpt.dist.all_gather_flat`; needed when
             ``world_size > 1``.
 
     Example:

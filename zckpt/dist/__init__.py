@@ -11,6 +11,6 @@ Example:
 """
 
 from zckpt.dist._comm import Comm, SingleProcess
-from zckpt.dist._torch import TorchComm, default_comm
+from zckpt.dist._torch import TorchComm, all_gather_flat, default_comm
 
-__all__ = ["Comm", "SingleProcess", "TorchComm", "default_comm"]
+__all__ = ["Comm", "SingleProcess", "TorchComm", "all_gather_flat", "default_comm"]

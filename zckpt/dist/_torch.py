@@ -21,7 +21,7 @@ import torch.distributed as dist
 from zckpt.dist._comm import Comm, SingleProcess
 from zckpt.errors import ZckptError
 
-__all__ = ["TorchComm", "default_comm"]
+__all__ = ["TorchComm", "all_gather_flat", "default_comm"]
 
 
 def _pack(obj: Any) -> bytes:
@@ -179,3 +179,20 @@ def default_comm() -> Comm:
     if _DEFAULT is None or _DEFAULT[0] is not world:
         _DEFAULT = (world, TorchComm())
     return _DEFAULT[1]
+
+
+def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group: Any = None) -> None:
+    """Gather every rank's ``input`` into ``output`` in rank order (one flat tensor).
+
+    ``torch.distributed.all_gather_single`` where it exists (torch 2.13 deprecates
+    ``all_gather_into_tensor`` for it), else ``all_gather_into_tensor``: the function to pass as
+    ``ZeroAdamW(all_gather=...)`` on any supported torch.
+
+    Example:
+        >>> import torch
+        >>> out = torch.zeros(2)
+        >>> callable(all_gather_flat)
+        True
+    """
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, input, group=group)
