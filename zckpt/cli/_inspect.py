@@ -13,8 +13,14 @@ import torch
 import zckpt
 from zckpt.cli._main import progress
 from zckpt.format import FORMAT_VERSION
-from zckpt.interop import is_deepspeed_checkpoint, open_deepspeed
-from zckpt.store._layout import read_latest
+from zckpt.interop import (
+    ENGINE_KEYS,
+    LATEST_UNIVERSAL,
+    deepspeed_tags,
+    is_deepspeed_checkpoint,
+    open_deepspeed,
+)
+from zckpt.store._layout import LATEST, read_latest
 
 __all__ = ["describe_value", "inspect", "verify"]
 
@@ -48,9 +54,9 @@ def describe_value(v: Any) -> Any:
     return v
 
 
-def _latest(path: str) -> str | None:
+def _latest(path: str, name: str = LATEST) -> str | None:
     try:
-        return read_latest(zckpt.LocalStorage(), path)
+        return read_latest(zckpt.LocalStorage(), path, name)
     except (zckpt.ZckptError, OSError):
         return None
 
@@ -115,16 +121,23 @@ def _inspect_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
     sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(args.path, args.tag, lazy_mode=True)
     params = [{"path": k, "dtype": _dtype(v.dtype), "shape": list(v.shape)} for k, v in sd.items()]
     root = os.path.dirname(os.path.normpath(ck.path))
+    universal = ck.universal is not None
+    # DeepSpeed merges client_state into the model states' top level: the keys not its own.
+    client = {str(k): v for k, v in ck.model[0].items() if k not in ENGINE_KEYS}
     return {
         "format": "deepspeed",
+        "universal": universal,
         "path": ck.path,
-        "latest": _latest(root),
+        "tags": deepspeed_tags(root),
+        # the pointer DeepSpeed's loader follows for this kind of checkpoint
+        "latest": _latest(root, LATEST_UNIVERSAL if universal else LATEST),
         "tag": ck.tag,
         "world_size": ck.world_size,
         "stage": ck.stage,
         "dtype": "bf16" if bf16 else (dtypes.most_common(1)[0][0] if dtypes else None),
-        "files": len(ck.model_files) + len(ck.optim_files) + len(ck.experts),
+        "files": len(ck.files),
         "params": params,
+        "client_state": describe_value(client),
     }
 
 
@@ -156,6 +169,7 @@ def inspect(args: argparse.Namespace) -> int:
         rows = [["path", "dtype", "shape"]]
         rows += [[p["path"], p["dtype"], str(tuple(p["shape"]))] for p in info["params"]]
         _print_table(rows)
+        print(f"client_state: {json.dumps(info['client_state'])}")
         return 0
     print(f"tensors ({len(info['tensors'])}):")
     rows = [["path", "dtype", "shape", "bytes", "on disk", "ratio"]]
@@ -178,12 +192,13 @@ def inspect(args: argparse.Namespace) -> int:
 
 def _verify_deepspeed(args: argparse.Namespace) -> int:
     ck = open_deepspeed(args.path, args.tag)  # loads every file with the pickle allow-list
-    n = len(ck.model_files) + len(ck.optim_files) + len(ck.experts)
+    n = len(ck.files)
     zckpt.get_fp32_state_dict_from_zero_checkpoint(args.path, args.tag, lazy_mode=True)
+    kind = "DeepSpeed universal checkpoint" if ck.universal is not None else "DeepSpeed checkpoint"
     if args.json:
         print(json.dumps({"path": ck.path, "format": "deepspeed", "ok": True, "problems": []}))
     else:
-        print(f"{ck.path}: DeepSpeed checkpoint, {n} files load with the allow-list; OK")
+        print(f"{ck.path}: {kind}, {n} files load with the allow-list; OK")
         print("(DeepSpeed records no checksums: only loadability and layout were checked)")
     return 0
 

@@ -6,6 +6,8 @@ DeepSpeed's files are ``torch.save`` pickles; :func:`load_pickle` loads them wit
 DeepSpeed is never imported). :func:`deepspeed_fp32_state_dict` rebuilds the fp32 state dict
 exactly as DeepSpeed's ``zero_to_fp32`` does, for stages 1, 2 and 3 and fp16, bf16 and fp32
 training; ``zckpt.get_fp32_state_dict_from_zero_checkpoint`` hands DeepSpeed directories to it.
+Universal checkpoints (``ds_to_universal``'s output: ``latest_universal``, ``zero/<param>/``)
+open into the same :class:`DeepSpeedCheckpoint` and are read the same way.
 
 Example:
     >>> import tempfile, torch, zckpt
@@ -25,8 +27,15 @@ import os
 
 from zckpt.interop._convert import ENGINE_KEYS, convert_deepspeed, deepspeed_training_state
 from zckpt.interop._deepspeed import GroupLayout, deepspeed_fp32_state_dict, group_layouts
-from zckpt.interop._files import DeepSpeedCheckpoint, ExpertFile, find_deepspeed, open_deepspeed
+from zckpt.interop._files import (
+    DeepSpeedCheckpoint,
+    ExpertFile,
+    deepspeed_tags,
+    find_deepspeed,
+    open_deepspeed,
+)
 from zckpt.interop._safetensors import Exported, export_safetensors, parse_size
+from zckpt.interop._universal import LATEST_UNIVERSAL, UniversalFiles
 from zckpt.interop._unpickle import (
     ALLOWED_GLOBALS,
     DeepSpeedFormatError,
@@ -40,6 +49,7 @@ from zckpt.interop._unpickle import (
 __all__ = [
     "ALLOWED_GLOBALS",
     "ENGINE_KEYS",
+    "LATEST_UNIVERSAL",
     "DeepSpeedCheckpoint",
     "DeepSpeedFormatError",
     "ExpertFile",
@@ -47,10 +57,12 @@ __all__ = [
     "FragmentAddress",
     "GroupLayout",
     "LossScaler",
+    "UniversalFiles",
     "UnsafePickleError",
     "ZeroStage",
     "convert_deepspeed",
     "deepspeed_fp32_state_dict",
+    "deepspeed_tags",
     "deepspeed_training_state",
     "export_safetensors",
     "find_deepspeed",
@@ -63,7 +75,8 @@ __all__ = [
 
 
 def is_deepspeed_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> bool:
-    """Whether ``path`` (with ``tag``, or ``latest``) is a directory DeepSpeed wrote.
+    """Whether ``path`` (with ``tag``, or ``latest``/``latest_universal``) is a directory
+    DeepSpeed wrote (a regular or a universal checkpoint).
 
     Example:
         >>> import tempfile

@@ -9,6 +9,10 @@ reads one tensor at a time.
 The output matches ``zero_to_fp32`` key for key: buffers (saved dtype), then frozen parameters
 (training dtype; recorded only by stage >= 2), then trainable parameters from the fp32 masters
 in ``param_shapes`` order, then the tied (``shared_params``) names, the same tensor objects.
+
+A universal checkpoint (``_universal.py``) goes the same way: its model states are the source
+checkpoint's, and each param group's partitions are its parameters' own tensors, so its fp32
+state dict is the one ``zero_to_fp32`` gives for the checkpoint it was converted from.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ import torch
 from zckpt.assemble import Fp32Entry, TensorSource, assemble_fp32, index_sources
 from zckpt.errors import CoverageError
 from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
-from zckpt.interop._layout import Member, Piece, flat_group_pieces, partitioned_pieces
+from zckpt.interop._layout import (
+    Member,
+    Piece,
+    flat_group_pieces,
+    parse_param_shapes,
+    partitioned_pieces,
+    shape_of,
+    whole_pieces,
+)
 from zckpt.interop._layout import stage3_piece_size as piece_size
 from zckpt.interop._moe import expert_pieces, is_expert_group, local_expert_counts
 from zckpt.interop._pages import PagedSource, file_mappings
@@ -54,24 +66,24 @@ class GroupLayout(NamedTuple):
     pieces: list[Piece]
 
 
-def _shape(s: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(s, Sequence) or not all(isinstance(x, int) and x >= 0 for x in s):
-        raise DeepSpeedFormatError(f"{where}: {s!r} is not a shape")
-    return tuple(int(x) for x in s)
-
-
 def partitions(ck: DeepSpeedCheckpoint, key: str | None = None) -> list[list[torch.Tensor]]:
-    """``[rank][group]`` flat fp32 partitions, or (``key``) optimizer state tensors like them.
+    """``[group][member]`` flat fp32 partitions, or (``key``) optimizer state tensors like them.
+
+    A param group's members are its ranks' flat partitions, in rank order; in a universal
+    checkpoint, its parameters' own tensors, in ``param_shapes`` order (a :class:`Piece`'s
+    ``rank`` indexes them).
 
     Example:
         >>> import tempfile, torch
         >>> from zckpt.interop._synthetic import write_zero_checkpoint
         >>> d = tempfile.mkdtemp()
         >>> write_zero_checkpoint(d, {"w": torch.randn(7)}, world_size=2, stage=1)
-        >>> [[p.numel() for p in r] for r in partitions(open_deepspeed(d))]
-        [[4], [3]]
+        >>> [[p.numel() for p in g] for g in partitions(open_deepspeed(d))]
+        [[4, 3]]
     """
-    out = []
+    if ck.universal is not None:
+        return ck.universal.partitions(key)
+    by_rank = []
     n_groups = len(get(ck.model[0], "param_shapes", ck.model_files[0], list))
     for o, f in zip(ck.optim, ck.optim_files):
         if key is None:
@@ -87,8 +99,8 @@ def partitions(ck: DeepSpeedCheckpoint, key: str | None = None) -> list[list[tor
         for g, t in enumerate(ts):
             if not isinstance(t, torch.Tensor) or t.dim() != 1:
                 raise DeepSpeedFormatError(f"{f}: {name}[{g}] is not a 1-D tensor")
-        out.append(ts)
-    return out
+        by_rank.append(ts)
+    return [[ts[g] for ts in by_rank] for g in range(n_groups)]
 
 
 def _param_groups(ck: DeepSpeedCheckpoint) -> list[Any]:
@@ -99,12 +111,7 @@ def _param_groups(ck: DeepSpeedCheckpoint) -> list[Any]:
 
 def _param_shapes(ck: DeepSpeedCheckpoint) -> list[dict[str, tuple[int, ...]]]:
     f0 = ck.model_files[0]
-    out = []
-    for g, d in enumerate(get(ck.model[0], "param_shapes", f0, list)):
-        where = f"{f0}: param_shapes[{g}]"
-        shapes = get({"g": d}, "g", where, Mapping)
-        out.append({str(n): _shape(s, f"{where}[{n}]") for n, s in shapes.items()})
-    return out
+    return parse_param_shapes(get(ck.model[0], "param_shapes", f0, list), f0)
 
 
 def group_layouts(ck: DeepSpeedCheckpoint) -> list[GroupLayout]:
@@ -120,14 +127,16 @@ def group_layouts(ck: DeepSpeedCheckpoint) -> list[GroupLayout]:
         [('a', 0, 2, 0, 0), ('a', 2, 3, 1, 0), ('b', 0, 1, 0, 2), ('b', 1, 2, 1, 2)]
     """
     shapes = _param_shapes(ck)
-    sizes = [[t.numel() for t in r] for r in partitions(ck)]
+    if ck.universal is not None:  # each parameter whole, in files of its own
+        return [GroupLayout(g, s, whole_pieces(s)) for g, s in enumerate(shapes)]
+    sizes = [[t.numel() for t in g] for g in partitions(ck)]  # [group][rank]
     ws, path = ck.world_size, ck.path
     if ck.stage == 3:
         pc3 = {get(o, "partition_count", f, int) for o, f in zip(ck.optim, ck.optim_files)}
         if pc3 != {ws}:
             raise DeepSpeedFormatError(f"{path}: partition_count {sorted(pc3)} for {ws} ranks")
         return [
-            GroupLayout(g, s, partitioned_pieces(s, [r[g] for r in sizes], f"{path}: group {g}"))
+            GroupLayout(g, s, partitioned_pieces(s, sizes[g], f"{path}: group {g}"))
             for g, s in enumerate(shapes)
         ]
     pcs = [get(o, "partition_count", f, list) for o, f in zip(ck.optim, ck.optim_files)]
@@ -152,12 +161,12 @@ def group_layouts(ck: DeepSpeedCheckpoint) -> list[GroupLayout]:
         def member(r: int, g: int = g) -> Member:
             m = maps[r]
             if m is None:
-                return Member(r, sizes[r][g], None)
+                return Member(r, sizes[g][r], None)
             if not isinstance(m, list) or len(m) <= g or not isinstance(m[g], Mapping):
                 raise DeepSpeedFormatError(
                     f"{ck.optim_files[r]}: param_slice_mappings has no mapping for param group {g}"
                 )
-            return Member(r, sizes[r][g], m[g])
+            return Member(r, sizes[g][r], m[g])
 
         if expert[g]:
             names, pieces = expert_pieces(s, ws, count, member, counts, known, where)
@@ -179,9 +188,7 @@ class _Builder:
     def __init__(self, ck: DeepSpeedCheckpoint) -> None:
         self.where = ck.path
         # The files' mappings: pieces lying in them are copied out with their pages released.
-        self.mappings = file_mappings(
-            [*ck.model_files, *ck.optim_files, *(e.path for e in ck.experts)]
-        )
+        self.mappings = file_mappings(ck.files)
         self.metas: list[TensorMeta] = []
         self.sources: list[TensorSource] = []
         self.entries: list[Fp32Entry] = []
@@ -228,7 +235,7 @@ def _frozen(b: _Builder, ck: DeepSpeedCheckpoint) -> None:
             continue
         shapes, frags = get({"s": shapes}, "s", f, Mapping), get({"f": frags}, "f", f, Mapping)
         for name, s in shapes.items():
-            shape = _shape(s, f"{f}: frozen_param_shapes[{name}]")
+            shape = shape_of(s, f"{f}: frozen_param_shapes[{name}]")
             t = get(frags, name, f"{f}: frozen_param_fragments", torch.Tensor)
             n = TensorMeta(t.dtype, shape).numel
             if ck.stage != 3:
@@ -253,12 +260,15 @@ def _leaf_of(b: _Builder, name: str, f: str) -> int:
 
 def _add_group(b: _Builder, layout: GroupLayout, parts: list[list[torch.Tensor]]) -> None:
     g = layout.group
-    dtypes = {r[g].dtype for r in parts}
-    if len(dtypes) != 1:
-        raise DeepSpeedFormatError(f"{b.where}: param group {g}: dtypes {dtypes} differ by rank")
-    leaves = {n: b.leaf(n, next(iter(dtypes)), s) for n, s in layout.shapes.items()}
+    dtypes = {t.dtype for t in parts[g]}
+    if len(dtypes) > 1:
+        raise DeepSpeedFormatError(
+            f"{b.where}: param group {g}: dtypes {dtypes} differ between partitions"
+        )
+    dtype = next(iter(dtypes), torch.float32)  # a group without members has no elements
+    leaves = {n: b.leaf(n, dtype, s) for n, s in layout.shapes.items()}
     for p in layout.pieces:
-        part = parts[p.rank][g]
+        part = parts[g][p.rank]
         if p.offset + p.numel > part.numel():
             raise DeepSpeedFormatError(
                 f"{b.where}: rank {p.rank}, param group {g}: {p.name} elements [{p.start}, "
@@ -270,8 +280,8 @@ def _add_group(b: _Builder, layout: GroupLayout, parts: list[list[torch.Tensor]]
 def gather(
     ck: DeepSpeedCheckpoint, layouts: Sequence[GroupLayout], parts: list[list[torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
-    """Every parameter's full tensor from ``parts[rank][group]`` laid out like the fp32 masters
-    (the masters themselves, or an optimizer state such as ``exp_avg``).
+    """Every parameter's full tensor from ``parts[group][member]`` laid out like the fp32
+    masters (the masters themselves, or an optimizer state such as ``exp_avg``).
 
     Example:
         >>> import tempfile, torch

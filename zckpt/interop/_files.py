@@ -10,6 +10,12 @@ File names, as DeepSpeed writes them (R: data-parallel rank, L: MoE layer, E: gl
 
 The stage comes from what the optimizer files record (``zero_stage``), the world size from the
 ranks present, checked against ``dp_world_size`` and ``partition_count``.
+
+A universal checkpoint (``ds_to_universal``'s output, ``zckpt/interop/_universal.py``) has the
+model states files and, in place of the optimizer files, ``zero/``: one folder per parameter
+and ``zero/optimizer_state.pt``; its save_dir names the tag in ``latest_universal``. It opens
+into the same :class:`DeepSpeedCheckpoint`, with the stage and world size of the run that saved
+it (from ``optimizer_state.pt``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
-from zckpt.interop._unpickle import DeepSpeedFormatError, load_pickle, require_regular
+from zckpt.interop._layout import parse_param_shapes
+from zckpt.interop._universal import (
+    LATEST_UNIVERSAL,
+    OPTIMIZER_STATE,
+    UniversalFiles,
+    is_universal,
+    load_universal,
+    optimizer_record,
+    universal_world_size,
+)
+from zckpt.interop._unpickle import DeepSpeedFormatError, get, load_pickle, require_regular
 from zckpt.store._layout import LATEST, check_tag, read_latest
 from zckpt.store._storage import LocalStorage
 
@@ -30,6 +46,7 @@ __all__ = [
     "DeepSpeedCheckpoint",
     "ExpertFile",
     "ModelStates",
+    "deepspeed_tags",
     "find_deepspeed",
     "get",
     "open_deepspeed",
@@ -52,8 +69,8 @@ def _has_model_states(d: str) -> bool:
 def find_deepspeed(path: str | os.PathLike[str], tag: str | None = None) -> tuple[str, str] | None:
     """``(tag_dir, tag)`` when ``path`` is a DeepSpeed save_dir or tag directory, else None.
 
-    A DeepSpeed tag directory holds ``*model_states.pt`` files; a save_dir names one in
-    ``latest`` (or ``tag`` names it).
+    A DeepSpeed tag directory (regular or universal) holds ``*model_states.pt`` files; a
+    save_dir names one in ``latest``, else in ``latest_universal`` (or ``tag`` names it).
 
     Example:
         >>> import tempfile
@@ -66,28 +83,48 @@ def find_deepspeed(path: str | os.PathLike[str], tag: str | None = None) -> tupl
         return (d, tag) if _has_model_states(d) else None
     if _has_model_states(path):
         return path, os.path.basename(os.path.normpath(path))
-    if not os.path.isfile(os.path.join(path, LATEST)):
-        return None
-    latest = read_latest(LocalStorage(), path, LATEST)
-    if latest is None:
-        return None
-    d = os.path.join(path, latest)
-    return (d, latest) if _has_model_states(d) else None
+    for pointer in (LATEST, LATEST_UNIVERSAL):  # the first one present decides
+        if not os.path.isfile(os.path.join(path, pointer)):
+            continue
+        latest = read_latest(LocalStorage(), path, pointer)
+        if latest is None:
+            return None
+        d = os.path.join(path, latest)
+        return (d, latest) if _has_model_states(d) else None
+    return None
 
 
-def get(d: Any, key: str | int, where: str, kind: type | tuple[type, ...] = object) -> Any:
-    """``d[key]``, checked to be a ``kind``; else a :class:`DeepSpeedFormatError` naming both.
+def _natural(name: str) -> list[Any]:
+    return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"(\d+)", name)]
+
+
+def deepspeed_tags(save_dir: str | os.PathLike[str]) -> list[str]:
+    """The DeepSpeed tag directories (regular and universal) in ``save_dir``, in natural order
+    (``global_step9`` before ``global_step10``): DeepSpeed records no commit order.
 
     Example:
-        >>> get({"a": 1}, "a", "f.pt", int)
-        1
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> for t in ("step10", "step9"):
+        ...     write_zero_checkpoint(d, {"w": torch.ones(2)}, world_size=1, stage=1, tag=t)
+        >>> deepspeed_tags(d)
+        ['step9', 'step10']
     """
-    if not isinstance(d, Mapping) or key not in d:
-        raise DeepSpeedFormatError(f"{where}: no '{key}' entry")
-    v = d[key]
-    if not isinstance(v, kind):
-        raise DeepSpeedFormatError(f"{where}: '{key}' is a {type(v).__name__}, not {kind}")
-    return v
+    root = os.fspath(save_dir)
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    found = [
+        n
+        for n in names
+        if not n.startswith(".")
+        and os.path.isdir(os.path.join(root, n))
+        and not os.path.islink(os.path.join(root, n))
+        and _has_model_states(os.path.join(root, n))
+    ]
+    return sorted(found, key=_natural)
 
 
 @dataclass(frozen=True)
@@ -176,7 +213,10 @@ class DeepSpeedCheckpoint:
     """A DeepSpeed checkpoint, opened: every rank's loaded (memory-mapped) files.
 
     ``model[r]`` is rank ``r``'s model states (stage 3; stage 1/2 has one, rank 0's);
-    ``optim[r]`` is the ``optimizer_state_dict`` of rank ``r``'s optimizer file.
+    ``optim[r]`` is the ``optimizer_state_dict`` of rank ``r``'s optimizer file. A universal
+    checkpoint has ``universal`` (its per-parameter tensors) and one ``optim`` entry in the same
+    form, built from ``zero/optimizer_state.pt``
+    (:func:`zckpt.interop._universal.optimizer_record`).
 
     Example:
         >>> import tempfile, torch
@@ -197,6 +237,13 @@ class DeepSpeedCheckpoint:
     optim_files: tuple[str, ...]
     optim: tuple[Mapping[str, Any], ...]
     experts: tuple[ExpertFile, ...]
+    universal: UniversalFiles | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file of the checkpoint that zckpt reads."""
+        extra = self.universal.files if self.universal is not None else ()
+        return (*self.model_files, *self.optim_files, *(e.path for e in self.experts), *extra)
 
 
 def _by_rank(found: dict[int, str], what: str, d: str) -> list[str]:
@@ -240,11 +287,6 @@ def _scan(d: str) -> tuple[list[str], dict[int, str], list[str], list[tuple[int,
             else:
                 experts.append((int(m.group(1)), int(m.group(2)), full))
             break
-    if not optim:
-        raise DeepSpeedFormatError(
-            f"{d}: no '*zero_pp_rank_*_optim_states.pt' files: not a ZeRO checkpoint (stage 0 "
-            "checkpoints hold the whole module in mp_rank_00_model_states.pt)"
-        )
     if len(prefixes) > 1:
         raise DeepSpeedFormatError(f"{d}: both bf16_ and plain optimizer files; which is current?")
     return _by_rank(optim, "optimizer", d), model3, model, experts
@@ -273,12 +315,35 @@ def open_deepspeed(path: str | os.PathLike[str], tag: str | None = None) -> Deep
         raise DeepSpeedFormatError(f"{os.fspath(path)}: not a DeepSpeed checkpoint directory")
     d, tag = found
     optim_files, model3, model, experts = _scan(d)
+    if not optim_files and is_universal(d):
+        return _open_universal(d, tag, model3, model, experts)
+    if not optim_files:
+        raise DeepSpeedFormatError(
+            f"{d}: no '*zero_pp_rank_*_optim_states.pt' files and no {OPTIMIZER_STATE} (a "
+            "universal checkpoint's): not a ZeRO checkpoint (stage 0 checkpoints hold the whole "
+            "module in mp_rank_00_model_states.pt)"
+        )
     ws = len(optim_files)
     optim = tuple(get(load_pickle(f), "optimizer_state_dict", f, Mapping) for f in optim_files)
     stages = {int(get(o, "zero_stage", f, int)) for o, f in zip(optim, optim_files)}
     if len(stages) != 1 or not stages <= {1, 2, 3}:
         raise DeepSpeedFormatError(f"{d}: zero_stage {sorted(stages)} across the optimizer files")
     (stage,) = stages
+    model_files = _model_files(d, stage, ws, model3, model)
+    states = ModelStates(tuple(model_files), ws)
+    states[0]  # rank 0's is always needed: load and check it now
+    loaded = tuple(
+        ExpertFile(layer, e, f, get({"f": load_pickle(f)}, "f", f, Mapping))
+        for layer, e, f in sorted(experts)
+    )
+    return DeepSpeedCheckpoint(
+        d, tag, stage, ws, tuple(model_files), states, tuple(optim_files), optim, loaded
+    )
+
+
+def _model_files(
+    d: str, stage: int, ws: int, model3: dict[int, str], model: list[str]
+) -> list[str]:
     if stage == 3:
         model_files = _by_rank(model3, "stage 3 model states", d)
     elif len(model) == 1:
@@ -289,12 +354,32 @@ def open_deepspeed(path: str | os.PathLike[str], tag: str | None = None) -> Deep
         )
     if len(model_files) not in (1, ws):
         raise DeepSpeedFormatError(f"{d}: {len(model_files)} model states files for {ws} ranks")
+    return model_files
+
+
+def _open_universal(
+    d: str,
+    tag: str,
+    model3: dict[int, str],
+    model: list[str],
+    experts: list[tuple[int, int, str]],
+) -> DeepSpeedCheckpoint:
+    """A universal tag directory (see ``_universal.py``) as a :class:`DeepSpeedCheckpoint`."""
+    f = os.path.join(d, OPTIMIZER_STATE)
+    saved = get({"f": load_pickle(f)}, "f", f, Mapping)
+    stage = int(get(saved, "zero_stage", f, int))
+    if stage not in (1, 2, 3):
+        raise DeepSpeedFormatError(f"{f}: zero_stage {stage}; a universal checkpoint is 1, 2 or 3")
+    if experts:
+        raise DeepSpeedFormatError(
+            f"{experts[0][2]}: an MoE expert file in a universal checkpoint; not supported"
+        )
+    ws = universal_world_size(saved, stage, f)
+    model_files = _model_files(d, stage, ws, model3, model)
     states = ModelStates(tuple(model_files), ws)
-    states[0]  # rank 0's is always needed: load and check it now
-    loaded = tuple(
-        ExpertFile(layer, e, f, get({"f": load_pickle(f)}, "f", f, Mapping))
-        for layer, e, f in sorted(experts)
-    )
+    shapes = parse_param_shapes(get(states[0], "param_shapes", model_files[0]), model_files[0])
+    files = load_universal(os.path.join(d, "zero"), shapes, stage)
+    record = optimizer_record(saved, files, stage, f)
     return DeepSpeedCheckpoint(
-        d, tag, stage, ws, tuple(model_files), states, tuple(optim_files), optim, loaded
+        d, tag, stage, ws, tuple(model_files), states, (f,), (record,), (), files
     )

@@ -7,8 +7,11 @@ group. Each rank saves its partition without the padding, and (since DeepSpeed 0
 partitions every parameter on its own: ``ceil(numel / ws)`` elements per rank (the last ranks
 padded), and a rank's flat group is its pieces of the group's parameters back to back.
 
+A universal checkpoint (``ds_to_universal``'s output) keeps each parameter whole, in files of its
+own: there, a param group's partitions are its parameters' tensors, one per parameter.
+
 The functions here turn those records into :class:`Piece` values: elements ``[start, stop)`` of a
-parameter lie at ``offset`` of rank ``rank``'s partition. Nothing is read or copied.
+parameter lie at ``offset`` of partition ``rank`` of its param group. Nothing is read or copied.
 """
 
 from __future__ import annotations
@@ -19,11 +22,23 @@ from typing import Any, NamedTuple
 
 from zckpt.interop._unpickle import DeepSpeedFormatError
 
-__all__ = ["Member", "Piece", "flat_group_pieces", "partitioned_pieces", "stage3_piece_size"]
+__all__ = [
+    "Member",
+    "Piece",
+    "flat_group_pieces",
+    "parse_param_shapes",
+    "partitioned_pieces",
+    "shape_of",
+    "stage3_piece_size",
+    "whole_pieces",
+]
 
 
 class Piece(NamedTuple):
     """Elements ``[start, stop)`` of parameter ``name`` at ``offset`` of ``rank``'s partition.
+
+    ``rank`` numbers the param group's partitions: the data-parallel rank whose flat partition
+    it is, or, in a universal checkpoint, the parameter's index in its group (its own file).
 
     Example:
         >>> Piece("w", 0, 4, rank=1, offset=6).numel
@@ -56,6 +71,46 @@ class Member(NamedTuple):
     rank: int
     size: int
     mapping: Mapping[str, Any] | None
+
+
+def shape_of(s: Any, where: str) -> tuple[int, ...]:
+    """A recorded shape (``torch.Size``, list or tuple of non-negative ints) as a tuple.
+
+    Raises:
+        DeepSpeedFormatError: ``s`` is not a shape (``where`` names the record).
+
+    Example:
+        >>> shape_of([2, 3], "f.pt: param_shapes[0][w]")
+        (2, 3)
+    """
+    if isinstance(s, str) or not isinstance(s, Sequence):
+        raise DeepSpeedFormatError(f"{where}: {s!r} is not a shape")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in s):
+        raise DeepSpeedFormatError(f"{where}: {s!r} is not a shape")
+    return tuple(int(x) for x in s)
+
+
+def parse_param_shapes(value: Any, where: str) -> list[dict[str, tuple[int, ...]]]:
+    """A model states file's ``param_shapes``: per param group, parameter name -> shape.
+
+    Raises:
+        DeepSpeedFormatError: not a list of name -> shape mappings (``where`` names the file).
+
+    Example:
+        >>> parse_param_shapes([{"w": (2, 3)}, {"b": [3]}], "f.pt")
+        [{'w': (2, 3)}, {'b': (3,)}]
+    """
+    if not isinstance(value, list):
+        raise DeepSpeedFormatError(
+            f"{where}: 'param_shapes' is a {type(value).__name__}, not a list"
+        )
+    out = []
+    for g, d in enumerate(value):
+        at = f"{where}: param_shapes[{g}]"
+        if not isinstance(d, Mapping):
+            raise DeepSpeedFormatError(f"{at} is a {type(d).__name__}, not a mapping")
+        out.append({str(n): shape_of(s, f"{at}[{n}]") for n, s in d.items()})
+    return out
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -187,3 +242,19 @@ def partitioned_pieces(
                 f"the group's parameters ({ws} ranks, ceil(numel / {ws}) each) make {off}"
             )
     return pieces
+
+
+def whole_pieces(shapes: Mapping[str, Sequence[int]]) -> list[Piece]:
+    """The pieces of a param group of a universal checkpoint: each parameter whole, in its own
+    partition (numbered by its index in the group), empty parameters left out.
+
+    Example:
+        >>> [tuple(p) for p in whole_pieces({"a": (2, 3), "e": (0,), "b": (4,)})]
+        [('a', 0, 6, 0, 0), ('b', 0, 4, 2, 0)]
+    """
+    out = []
+    for i, (name, shape) in enumerate(shapes.items()):
+        n = _numel(shape)
+        if n:
+            out.append(Piece(name, 0, n, i, 0))
+    return out
