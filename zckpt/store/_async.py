@@ -115,6 +115,13 @@ class PendingSave:
         """Whether the background work has finished (committed or failed); never blocks."""
         return self._finished.is_set()
 
+    def __repr__(self) -> str:
+        if not self.done():
+            status = "writing"
+        else:
+            status = "committed" if self._error is None else f"failed: {self._error}"
+        return f"PendingSave(tag={self.tag!r}, path={self.path!r}, {status})"
+
     def wait(self, timeout: float | None = None) -> Saved:
         """Block until the checkpoint is committed; return where it lives.
 

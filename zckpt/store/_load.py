@@ -45,6 +45,9 @@ class Loaded(NamedTuple):
     Example:
         >>> Loaded(None, {}, None, None, (), ()).load_path is None
         True
+        >>> import torch
+        >>> Loaded("/ck/t", {"epoch": 1}, {"w": torch.ones(2)}, None, (), ())
+        Loaded(load_path='/ck/t', 1 tensors, 8 bytes, client_state keys ['epoch'], ...)
     """
 
     load_path: str | None
@@ -53,6 +56,34 @@ class Loaded(NamedTuple):
     plan: ShardPlan | None
     missing_keys: tuple[str, ...]
     unexpected_keys: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        if self.load_path is None:
+            return "Loaded(load_path=None: nothing loaded)"
+        n = nbytes = 0
+        for t in tree_tensors(self.state):
+            n, nbytes = n + 1, nbytes + t.numel() * t.element_size()
+        spec = self.plan.spec if self.plan is not None else None
+        where = "" if spec is None else f", world_size={spec.world_size}, stage={spec.stage}"
+        return (
+            f"Loaded(load_path={self.load_path!r}, {n} tensors, {nbytes} bytes{where}, "
+            f"client_state keys {sorted(map(str, self.client_state))}, "
+            f"missing_keys={list(self.missing_keys)}, unexpected_keys={list(self.unexpected_keys)})"
+        )
+
+
+def tree_tensors(x: Any) -> list[torch.Tensor]:
+    """Every tensor in a pytree (iteratively: states may nest deep)."""
+    out, stack = [], [x]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list | tuple):
+            stack.extend(v)
+    return out
 
 
 def _keep_top(skel: Skeleton, drop: set[str]) -> tuple[Any, list[int]]:

@@ -4,7 +4,7 @@ Example:
     >>> from hypothesis import given, settings
     >>> import zckpt
     >>> from zckpt.testing import assert_states_equal, specs, states
-    >>> @settings(max_examples=5)
+    >>> @settings(max_examples=5, deadline=None)
     ... @given(states(), specs())
     ... def round_trip(state, spec):
     ...     plan = zckpt.plan_shards(state, spec)

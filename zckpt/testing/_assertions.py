@@ -29,6 +29,28 @@ def tensors_bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(ab, bb))
 
 
+def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    """Where two same-shaped tensors first differ bitwise: the flat element, its index and the
+    two values."""
+    if a.numel() == 0:
+        return ""
+    x = a.detach().cpu().contiguous().reshape(-1)
+    y = b.detach().cpu().contiguous().reshape(-1)
+    size = x.element_size()
+    xb, yb = x.view(torch.uint8).reshape(-1, size), y.view(torch.uint8).reshape(-1, size)
+    bad = (xb != yb).any(dim=1).nonzero()
+    if not len(bad):
+        return ""
+    i = int(bad[0])
+    index = list(torch.unravel_index(torch.tensor(i), tuple(a.shape))) if a.dim() else []
+    at = f"[{', '.join(str(int(j)) for j in index)}]" if index else ""
+    count = len(bad)
+    return (
+        f" at element {i}{' ' + at if at else ''}: {x[i].item()!r} != {y[i].item()!r}"
+        f" ({count} of {x.numel()} elements differ)"
+    )
+
+
 def assert_states_equal(actual: Any, expected: Any, path: tuple[Any, ...] = ()) -> None:
     """Assert two states are equal bit for bit: containers, keys, value types, tensor bytes.
 
@@ -41,7 +63,7 @@ def assert_states_equal(actual: Any, expected: Any, path: tuple[Any, ...] = ()) 
         >>> assert_states_equal(s, {"w": torch.tensor([0.0]), "n": [1, 2.5]})
         Traceback (most recent call last):
         ...
-        AssertionError: w: tensor bytes differ
+        AssertionError: w: tensor bytes differ at element 0 [0]: -0.0 != 0.0 (1 of 1 elements ...)
     """
     where = format_path(path)
     if isinstance(expected, torch.Tensor):
@@ -53,7 +75,9 @@ def assert_states_equal(actual: Any, expected: Any, path: tuple[Any, ...] = ()) 
                 f"got {actual.dtype} {list(actual.shape)}"
             )
         if not tensors_bitwise_equal(actual, expected):
-            raise AssertionError(f"{where}: tensor bytes differ")
+            raise AssertionError(
+                f"{where}: tensor bytes differ{_first_difference(actual, expected)}"
+            )
         return
     if isinstance(expected, dict):
         if not isinstance(actual, dict) or list(actual) != list(expected):
