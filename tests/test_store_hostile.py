@@ -404,3 +404,13 @@ def test_latest_is_re_resolved_when_retention_removed_its_tag(
     got = zckpt.load_checkpoint(tmp_path)
     assert got.load_path == str(tmp_path / "b")
     assert_states_equal(got.state, _state(2))
+
+
+@pytest.mark.parametrize("ws", [1, 99_999, 100_000, 2_000_000])
+def test_blob_names_and_their_patterns_agree_at_every_world_size(ws: int) -> None:
+    from zckpt.store._layout import blob_name, expert_name, generation_of
+
+    gen = "0123456789abcdef"
+    for rank in {0, ws // 2, ws - 1}:
+        assert generation_of(blob_name(gen, rank, ws)) == gen
+    assert generation_of(expert_name(gen, ws)) == gen

@@ -53,7 +53,7 @@ DIR_LOCK = ".zckpt.lock"  # held while a commit replaces latest and applies rete
 _TAG_LOCK = re.compile(r"^\.(?P<tag>.+)\.zckpt-lock$")
 _DIR_LOCK_WAIT = 300.0  # seconds a commit waits for another job's commit step
 _BLOB = re.compile(
-    r"^(?P<gen>[0-9a-f]{16})\.(rank(?P<rank>\d{5})-of-(?P<ws>\d{5})|expert(?P<e>\d{5})|client)\.zck$"
+    r"^(?P<gen>[0-9a-f]{16})\.(rank(?P<rank>\d{5,8})-of-(?P<ws>\d{5,8})|expert(?P<e>\d{5,8})|client)\.zck$"
 )
 _MAX_TAG_BYTES = 200
 

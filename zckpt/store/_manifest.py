@@ -30,6 +30,7 @@ from zckpt.format._codecs import MAX_EXPANSION
 from zckpt.format._dtypes import ITEMSIZE, dtype_code
 from zckpt.format._skeleton import U64, expect_int, expect_list, expect_map, field, show
 from zckpt.spec import Fragment, ZeroSpec
+from zckpt.store._layout import blob_name, client_name, expert_name
 from zckpt.tree import Skeleton
 
 __all__ = ["FileRecord", "Manifest", "decode_manifest", "encode_manifest"]
@@ -41,7 +42,7 @@ KNOWN_FLAGS = 0  # no must-understand flags exist in version 1
 _PRE = struct.Struct("<8sIIQQ")
 _MAX_BODY = 1 << 31
 _NAME = re.compile(
-    r"(?P<gen>[0-9a-f]{16})\.(?:rank(?P<rank>\d{5})-of-(?P<ws>\d{5})|expert(?P<e>\d{5})|client)\.zck"
+    r"(?P<gen>[0-9a-f]{16})\.(?:rank(?P<rank>\d{5,8})-of-(?P<ws>\d{5,8})|expert(?P<e>\d{5,8})|client)\.zck"
 )
 _GEN = re.compile(r"[0-9a-f]{16}")
 
@@ -181,30 +182,31 @@ def _unpack(body: bytes, where: str) -> dict[str, Any]:
 
 
 def _check_name(rec: FileRecord, m: Manifest, where: str, client: bool) -> None:
-    """The record's name is one zckpt writes, of this generation, and agrees with its fields."""
+    """The record's name is exactly the one zckpt writes for it in this generation."""
     got = _NAME.fullmatch(rec.name)
     if got is None or got.group("gen") != m.generation:
         raise FormatError(
             f"{where}: file name {rec.name!r} is not a zckpt blob name of generation "
             f"{m.generation} (only such names inside the tag directory are ever opened)"
         )
-    kind = "client" if got.group("rank") is None and got.group("e") is None else "blob"
-    if client != (kind == "client"):
-        raise FormatError(f"{where}: {rec.name!r} is not a {'client' if client else 'rank'} file")
+    ws = m.spec.world_size
     if client:
+        expected = client_name(m.generation)
         if rec.rank != -1 or rec.expert != -1:
             raise FormatError(f"{where}: the client file has rank {rec.rank}")
-        return
-    ws = m.spec.world_size
-    if not 0 <= rec.rank < ws:
+    elif not 0 <= rec.rank < ws:
         raise FormatError(f"{where}: rank {rec.rank} is outside world size {ws}")
-    if got.group("rank") is not None:
-        if (int(got.group("rank")), int(got.group("ws"))) != (rec.rank, ws) or rec.expert != -1:
-            raise FormatError(
-                f"{where}: {rec.name!r} does not name rank {rec.rank} of {ws} (expert {rec.expert})"
-            )
-    elif int(got.group("e")) != rec.expert or not m.spec.experts:
-        raise FormatError(f"{where}: {rec.name!r} does not name expert {rec.expert} of the spec")
+    elif rec.expert == -1:
+        expected = blob_name(m.generation, rec.rank, ws)
+    elif not m.spec.experts:
+        raise FormatError(f"{where}: an expert file, but the spec declares no experts")
+    else:
+        expected = expert_name(m.generation, rec.expert)
+    if rec.name != expected:
+        raise FormatError(
+            f"{where}: file name {rec.name!r} does not match its record (rank {rec.rank} of "
+            f"{ws}, expert {rec.expert}): zckpt names it {expected!r}"
+        )
 
 
 def _check_fragments(rec: FileRecord, skel: Skeleton, where: str) -> int:
