@@ -9,10 +9,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import zckpt
+from zckpt.errors import ZckptError
 
-__all__ = ["Progress", "main", "progress"]
+__all__ = ["CommandLineError", "Progress", "main", "progress"]
 
 Command = Callable[[argparse.Namespace], int]
+
+
+class CommandLineError(ZckptError, ValueError):
+    """A command-line argument has a value the command cannot use; nothing was written.
+
+    Example:
+        >>> str(CommandLineError("--world-size must be at least 1, got 0"))
+        '--world-size must be at least 1, got 0'
+    """
 
 
 class Progress:
@@ -96,6 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     def tag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--tag", help="the tag (default: the one 'latest' names)")
 
+    def run_overwrite(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="OUT may already hold checkpoints: add the tag there (replacing a committed tag "
+            "of that name, atomically) and point 'latest' at it",
+        )
+
     p = add("inspect", _inspect.inspect, "show a checkpoint's tags, spec, tensors and client_state")
     p.add_argument("path", help="save_dir or tag directory (zckpt or DeepSpeed)")
     tag(p)
@@ -114,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--max-shard-size", help="e.g. 5GB, 500MB: Hugging Face style shards")
     p.add_argument("--lazy", action="store_true", help="read one tensor at a time (low memory)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUT (atomically: readers see the old export or the new one)",
+    )
 
     p = add("reshard", _convert.reshard, "rewrite a checkpoint for another world size or stage")
     p.add_argument("path", help="save_dir or tag directory (zckpt or DeepSpeed)")
@@ -122,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, choices=(1, 2, 3), help="default: unchanged")
     tag(p)
     p.add_argument("--codec", choices=("raw", "zstd", "byteplane"), default="raw")
+    run_overwrite(p)
 
     p = add("convert", _convert.convert, "import a DeepSpeed checkpoint as a zckpt checkpoint")
     p.add_argument("--from", dest="source", choices=("deepspeed",), required=True)
@@ -129,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the zckpt save_dir to write")
     tag(p)
     p.add_argument("--codec", choices=("raw", "zstd", "byteplane"), default="raw")
+    run_overwrite(p)
 
     p = add("prune", _convert.prune, "delete all but the newest N committed tags")
     p.add_argument("path", help="save_dir")

@@ -32,6 +32,7 @@ import torch
 from zckpt.assemble import assemble_fp32, index_sources
 from zckpt.interop._deepspeed import fp32_sources, gather, group_layouts, partitions
 from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
+from zckpt.interop._output import check_disjoint
 from zckpt.interop._unpickle import DeepSpeedFormatError, LossScaler
 from zckpt.spec import ZeroSpec
 from zckpt.store._commit import Saved
@@ -190,6 +191,10 @@ def convert_deepspeed(
         codec: zckpt codec (``"raw"``, ``"zstd"``, ``"byteplane"``).
         overwrite: replace an existing tag in ``dst_dir``.
 
+    Raises:
+        zckpt.interop._output.OutputPathError: ``dst_dir`` is ``src_dir``, lies inside it or
+            contains it (it would write into DeepSpeed's own folders); nothing is written.
+
     Example:
         >>> import tempfile, torch, zckpt
         >>> from zckpt.interop._synthetic import write_zero_checkpoint
@@ -202,6 +207,7 @@ def convert_deepspeed(
         >>> torch.equal(got.state["master"]["w"], w[:4]), got.client_state
         (True, {'epoch': 1})
     """
+    check_disjoint(src_dir, dst_dir)
     ck = open_deepspeed(src_dir, tag)
     state, spec, frozen, client = deepspeed_training_state(ck)
     return save_checkpoint(

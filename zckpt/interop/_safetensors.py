@@ -3,8 +3,13 @@
 Values may be tensors or :class:`zckpt.LazyTensor` (``lazy_mode=True`` output); lazy values are
 materialised one at a time and each shard file is written before the next shard's tensors are
 read, so peak memory is about one shard, not the whole model. Files are written by the
-``safetensors`` package itself (``safetensors.torch.save_file``), to a temporary name first, then
-renamed.
+``safetensors`` package itself (``safetensors.torch.save_file``).
+
+The output is written whole or not at all (``zckpt/interop/_output.py``): the one file, or the
+whole shard directory, is built under a dot-prefixed temporary name beside it, fsynced and
+renamed (a directory swapped) into place, so a reader or a crash sees the old export or the new
+one, never a mix. An existing output is refused unless ``overwrite=True``. Files get
+``0o666 & ~umask`` and directories ``0o777 & ~umask``.
 
 Tied weights (names whose values are the same object, or tensors over the same memory view) are
 written once, under the first name. How to re-tie them is recorded as ``{alias: stored_name}``:
@@ -29,13 +34,24 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import save_file
 
+from zckpt.interop._output import (
+    PYTHON_FLAG,
+    building_dir,
+    building_file,
+    check_dir_output,
+    check_file_output,
+    finish_file,
+)
+
 __all__ = [
     "Exported",
     "INDEX_NAME",
     "SINGLE_NAME",
     "export_safetensors",
+    "is_directory_output",
     "parse_size",
     "plan_safetensors_shards",
+    "write_safetensors",
 ]
 
 SINGLE_NAME = "model.safetensors"
@@ -151,13 +167,18 @@ def _materialise(v: Any, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _write(tensors: dict[str, torch.Tensor], path: str, meta: dict[str, str]) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_file(tensors, path, metadata=meta)
+    finish_file(path)  # safetensors makes 0o600 files; and fsync before the rename
+
+
+def is_directory_output(out: str | os.PathLike[str], max_shard_size: int | str | None) -> bool:
+    """Whether :func:`export_safetensors` writes ``out`` as a directory (else as one file).
+
+    Example:
+        >>> is_directory_output("m.safetensors", None), is_directory_output("m.safetensors", "5GB")
+        (False, True)
+    """
+    return max_shard_size is not None or not os.fspath(out).endswith(".safetensors")
 
 
 def export_safetensors(
@@ -168,14 +189,23 @@ def export_safetensors(
     metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
+    overwrite: bool = False,
 ) -> Exported:
     """Write a flat state dict as safetensors, streaming one tensor (and one shard) at a time.
 
     Where it goes: ``out`` ending in ``.safetensors`` without ``max_shard_size`` is the one
-    file. Otherwise ``out`` is a directory (created): ``model.safetensors`` when everything fits
+    file. Otherwise ``out`` is a directory: ``model.safetensors`` when everything fits
     in one shard, else ``model-00001-of-0000N.safetensors`` ... plus
     ``model.safetensors.index.json`` (``{"metadata": {"total_size": N, "tied": {...}},
     "weight_map": {name: file}}``), as Hugging Face's ``save_pretrained`` does.
+
+    The output appears whole or not at all: it is built under a dot-prefixed temporary name
+    beside ``out`` (``.NAME.<id>.zckpt-tmp``), fsynced and renamed into place; a directory is
+    built whole and swapped in, so an interrupted export leaves the previous one intact (see
+    ``zckpt/interop/_output.py`` for the exact steps). A failed export removes its temporary
+    files. An existing ``out`` is refused unless ``overwrite=True``; a missing or empty directory
+    is free, and a directory holding files an export does not write (``config.json``, ...) is
+    refused even then, since replacing it whole would delete them.
 
     Args:
         state_dict: ``{name: tensor | LazyTensor}`` (e.g. from
@@ -185,12 +215,16 @@ def export_safetensors(
         metadata: extra string metadata for every file's header.
         dtype: cast floating-point tensors to this dtype (others keep theirs).
         on_tensor: called with ``(name, bytes)`` after each tensor is materialised (progress).
+        overwrite: replace an existing output (atomically); without it one is refused.
 
     Returns:
         The files written (paths), the index path or None, the tied map and the total bytes.
 
     Raises:
         ValueError: a non-string metadata value or key ``"tied"``/``"format"``, a bad size.
+        zckpt.interop._output.OutputExistsError: ``out`` exists (pass ``overwrite=True``), or
+            is a directory holding other files, or is a directory where a file is to go (or
+            the reverse). Nothing is written then.
 
     Example:
         >>> import os, tempfile, torch
@@ -205,7 +239,49 @@ def export_safetensors(
         {'head.weight': 'embed.weight'}
         >>> torch.equal(load_file(r.files[0])["embed.weight"], emb)
         True
+        >>> _ = export_safetensors(sd, d, max_shard_size=32, overwrite=True)  # replaced whole
     """
+    return write_safetensors(
+        state_dict,
+        out,
+        max_shard_size=max_shard_size,
+        metadata=metadata,
+        dtype=dtype,
+        on_tensor=on_tensor,
+        overwrite=overwrite,
+    )
+
+
+def write_safetensors(
+    state_dict: Mapping[str, Any],
+    out: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+    overwrite: bool = False,
+    flag: str = PYTHON_FLAG,
+) -> Exported:
+    """:func:`export_safetensors`, with ``flag`` naming how to ask for a replacement in errors
+    (``"--overwrite"`` for the command line).
+
+    Example:
+        >>> import tempfile, torch
+        >>> d = tempfile.mkdtemp()
+        >>> _ = write_safetensors({"w": torch.ones(2)}, d + "/m.safetensors")
+        >>> write_safetensors({"w": torch.ones(2)}, d + "/m.safetensors", flag="--overwrite")
+        Traceback (most recent call last):
+        ...
+        zckpt.interop._output.OutputExistsError: ... already exists; pass --overwrite to ...
+    """
+    out = os.fspath(out)
+    as_dir = is_directory_output(out, max_shard_size)
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    if as_dir:
+        check_dir_output(out, overwrite=overwrite, flag=flag)
+    else:
+        check_file_output(out, overwrite=overwrite, flag=flag)
     user = dict(metadata or {})
     for k, v in user.items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -237,41 +313,43 @@ def export_safetensors(
     if tied:
         meta["tied"] = json.dumps(tied, sort_keys=True)
 
-    out = os.fspath(out)
-    if max_shard_size is None and out.endswith(".safetensors"):
-        groups, paths = [list(range(len(values)))], [out]
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    else:
-        limit = total + 1 if max_shard_size is None else parse_size(max_shard_size)
-        groups = plan_safetensors_shards(sizes, limit) or [[]]
-        n = len(groups)
-        files = (
-            [SINGLE_NAME]
-            if n == 1
-            else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        )
-        paths = [os.path.join(out, f) for f in files]
-        os.makedirs(out, exist_ok=True)
+    if not as_dir:
+        with building_file(out, overwrite=overwrite, flag=flag) as tmp:
+            tensors: dict[str, torch.Tensor] = {}
+            for i, name in enumerate(names):
+                tensors[name] = _materialise(values[i], dtypes[i])
+                if on_tensor is not None:
+                    on_tensor(name, sizes[i])
+            _write(tensors, tmp, meta)
+            del tensors
+        return Exported((out,), None, tied, total)
 
+    groups = plan_safetensors_shards(sizes, total + 1 if limit is None else limit) or [[]]
+    n = len(groups)
+    files = (
+        [SINGLE_NAME]
+        if n == 1
+        else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    )
     weight_map: dict[str, str] = {}
-    for group, path in zip(groups, paths):
-        tensors: dict[str, torch.Tensor] = {}
-        for i in group:
-            tensors[names[i]] = _materialise(values[i], dtypes[i])
-            weight_map[names[i]] = os.path.basename(path)
-            if on_tensor is not None:
-                on_tensor(names[i], sizes[i])
-        _write(tensors, path, meta)
-        del tensors
-    index = None
-    if len(paths) > 1:
-        index = os.path.join(out, INDEX_NAME)
-        doc: dict[str, Any] = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        if tied:
-            doc["metadata"]["tied"] = dict(sorted(tied.items()))
-        tmp = f"{index}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, index)
-    return Exported(tuple(paths), index, tied, total)
+    with building_dir(out, overwrite=overwrite, flag=flag) as tmp_dir:
+        for group, file in zip(groups, files):
+            shard: dict[str, torch.Tensor] = {}
+            for i in group:
+                shard[names[i]] = _materialise(values[i], dtypes[i])
+                weight_map[names[i]] = file
+                if on_tensor is not None:
+                    on_tensor(names[i], sizes[i])
+            _write(shard, os.path.join(tmp_dir, file), meta)
+            del shard
+        if n > 1:
+            doc: dict[str, Any] = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            if tied:
+                doc["metadata"]["tied"] = dict(sorted(tied.items()))
+            index_tmp = os.path.join(tmp_dir, INDEX_NAME)
+            with open(index_tmp, "w") as f:
+                json.dump(doc, f, indent=2)
+                f.write("\n")
+            finish_file(index_tmp)
+    paths = tuple(os.path.join(out, f) for f in files)
+    return Exported(paths, os.path.join(out, INDEX_NAME) if n > 1 else None, tied, total)
