@@ -171,7 +171,7 @@ def test_frozen_parameters(tmp_path: Path) -> None:
     model.fc.weight.requires_grad_(False)
     assert frozen_names(model) == ("fc.weight",)
     Checkpointer(model, opt, sched).save_checkpoint(tmp_path, tag="all")
-    Checkpointer(model, opt, sched).save_checkpoint(
+    Checkpointer(model, opt, sched, existing="keep").save_checkpoint(
         tmp_path, tag="trainable", exclude_frozen_parameters=True
     )
     m = zckpt.open_checkpoint(tmp_path, "trainable").manifest
@@ -374,7 +374,7 @@ def test_zero_and_torch_adamw_checkpoints_load_into_each_other(tmp_path: Path) -
     assert train(model2, plain, None, range(2, 4)) == expected
 
     # torch.optim.AdamW checkpoint -> ZeroAdamW (masters from the module weights).
-    Checkpointer(model2, plain).save_checkpoint(tmp_path, tag="plain")
+    Checkpointer(model2, plain, existing="keep").save_checkpoint(tmp_path, tag="plain")
     _, zero = zero_at(1, 0, seed=4)
     Checkpointer(zero.model, zero).load_checkpoint(tmp_path, tag="plain")
     assert zero.steps == [4, 4]

@@ -24,12 +24,14 @@ from zckpt.adapters._state import (
 )
 from zckpt.adapters._zero import ZeroAdamW, load_partitions, zero_shard
 from zckpt.dist import Comm, default_comm
-from zckpt.errors import SpecError
+from zckpt.errors import ArgumentError, SpecError, ZckptError
 from zckpt.spec import ZeroSpec
 from zckpt.store import (
     CheckpointNotFoundError,
     Saved,
     Storage,
+    TagError,
+    list_tags,
     load_checkpoint,
     open_checkpoint,
     save_checkpoint,
@@ -58,10 +60,14 @@ class Checkpointer:
         keep_last: keep only the newest ``keep_last`` tags after each save.
         codec: blob codec, ``"raw"``, ``"zstd"`` or ``"byteplane"``.
         storage: the filesystem (:class:`zckpt.store.Storage`).
+        existing: what the first save into a ``save_dir`` that already holds another run's
+            checkpoints (tags this Checkpointer neither loaded from nor wrote) does:
+            ``"refuse"`` (the default: a fresh run must not quietly mix with, or let
+            retention delete, an older run's checkpoints) or ``"keep"`` (save beside them).
 
     Attributes:
-        global_steps: the step counter your loop advances; saved, restored, and the default
-            tag's N (``global_step{N}``).
+        global_steps: the step counter (:meth:`step` advances it; or set it); saved, restored,
+            and the default tag's N (``global_step{N}``).
 
     Example:
         >>> import tempfile
@@ -91,7 +97,13 @@ class Checkpointer:
         keep_last: int | None = None,
         codec: str = "raw",
         storage: Storage | None = None,
+        existing: str = "refuse",
     ) -> None:
+        if existing not in ("refuse", "keep"):
+            raise ArgumentError(f"existing must be 'refuse' or 'keep', got {existing!r}")
+        self.existing = existing
+        self._known_dirs: set[str] = set()  # save_dirs this run loaded from or wrote to
+        self._last_saved: tuple[str, str] | None = None
         self.module = unwrap(model)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -123,6 +135,40 @@ class Checkpointer:
             return self.optimizer.spec
         return spec_for(self.module, self.optimizer, self.comm.size, self.stage)
 
+    def step(self, n: int = 1) -> int:
+        """Advance :attr:`global_steps` by ``n`` (call it once per optimizer step); returns it.
+
+        Example:
+            >>> ckpt = Checkpointer(torch.nn.Linear(2, 2))
+            >>> ckpt.step(), ckpt.step()
+            (1, 2)
+        """
+        self.global_steps += n
+        return self.global_steps
+
+    def _check_existing(self, save_dir: str) -> None:
+        """The first save into a save_dir holding another run's committed tags needs a choice."""
+        where = os.path.realpath(save_dir)
+        if where in self._known_dirs:
+            return
+        found: list[str] = []
+        if self.existing == "refuse" and self.comm.rank == 0:
+            try:
+                found = [c.tag for c in list_tags(save_dir, storage=self.storage)]
+            except (ZckptError, OSError):
+                found = []
+        found = self.comm.all_gather(found)[0]  # every rank decides as rank 0 saw it
+        if found:
+            shown = ", ".join(found[-5:])
+            raise ArgumentError(
+                f"{save_dir} already holds checkpoints this run did not write ({len(found)} "
+                f"committed tags, newest {shown}); a fresh run would mix with them, and "
+                "keep_last retention would delete them. Resume from them "
+                "(ckpt.load_checkpoint(save_dir)), save into another directory, or pass "
+                "Checkpointer(..., existing='keep') to save beside them"
+            )
+        self._known_dirs.add(where)
+
     def save_checkpoint(
         self,
         save_dir: str | os.PathLike[str],
@@ -130,6 +176,9 @@ class Checkpointer:
         client_state: Mapping[str, Any] | None = None,
         save_latest: bool = True,
         exclude_frozen_parameters: bool = False,
+        *,
+        global_step: int | None = None,
+        overwrite: bool = False,
     ) -> Saved:
         """Save module, optimizer, scheduler and ``global_steps`` as ``save_dir/<tag>``.
 
@@ -142,6 +191,14 @@ class Checkpointer:
             client_state: your values (msgpack-able values and tensors), returned by loads.
             save_latest: point ``latest`` at this tag.
             exclude_frozen_parameters: leave frozen parameters out of the module state.
+            global_step: set :attr:`global_steps` first (instead of calling :meth:`step`).
+            overwrite: replace a committed tag of the same name (atomically).
+
+        Raises:
+            ArgumentError: the first save into a ``save_dir`` holding another run's
+                checkpoints (see ``existing``).
+            TagError: the tag is committed already and ``overwrite`` is False (saving twice at
+                one step: the message says so).
 
         Example:
             >>> import tempfile
@@ -149,6 +206,12 @@ class Checkpointer:
             >>> ckpt.save_checkpoint(tempfile.mkdtemp(), tag="warmup").tag
             'warmup'
         """
+        if global_step is not None:
+            if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+                raise ArgumentError(f"global_step must be an int >= 0, got {global_step!r}")
+            self.global_steps = global_step
+        save_dir = os.fspath(save_dir)
+        self._check_existing(save_dir)
         frozen = frozen_names(self.module)
         state: Any
         if isinstance(self.optimizer, ZeroAdamW):
@@ -163,22 +226,34 @@ class Checkpointer:
             state = training_state(
                 self.module, self.optimizer, self.lr_scheduler, global_steps=self.global_steps
             )
-        return save_checkpoint(
-            save_dir,
-            state,
-            self.spec,
-            tag=tag,
-            client_state=client_state,
-            save_latest=save_latest,
-            exclude_frozen_parameters=exclude_frozen_parameters,
-            frozen=frozen,
-            global_step=self.global_steps,
-            tag_validation=self.tag_validation,
-            keep_last=self.keep_last,
-            codec=self.codec,
-            comm=self.comm,
-            storage=self.storage,
-        )
+        try:
+            saved = save_checkpoint(
+                save_dir,
+                state,
+                self.spec,
+                tag=tag,
+                client_state=client_state,
+                save_latest=save_latest,
+                exclude_frozen_parameters=exclude_frozen_parameters,
+                frozen=frozen,
+                global_step=self.global_steps,
+                tag_validation=self.tag_validation,
+                overwrite=overwrite,
+                keep_last=self.keep_last,
+                codec=self.codec,
+                comm=self.comm,
+                storage=self.storage,
+            )
+        except TagError as e:
+            if tag is None and "already holds a committed checkpoint" in str(e):
+                raise TagError(
+                    f"{e} (Checkpointer.save_checkpoint: global_steps is still "
+                    f"{self.global_steps}; call ckpt.step() once per training step, pass "
+                    "global_step=..., or overwrite=True to replace it)"
+                ) from None
+            raise
+        self._last_saved = (save_dir, saved.tag)
+        return saved
 
     def load_checkpoint(
         self,
@@ -230,6 +305,9 @@ class Checkpointer:
             load_masters=not zero and custom_load_fn is None,
             storage=self.storage,
         )
+        if loaded.load_path is not None:
+            self._known_dirs.add(os.path.realpath(os.path.dirname(loaded.load_path)))
+            self._known_dirs.add(os.path.realpath(os.fspath(load_dir)))
         if loaded.load_path is None:
             if require:
                 reason = explain(load_dir, tag, storage=self.storage)
