@@ -389,7 +389,9 @@ def restore_training_state(
 
     Args:
         state: the whole state (world size 1, as every rank of a data-parallel loop holds it).
-        model, optimizer, lr_scheduler: the objects to fill (None to skip).
+        model: the model to fill (None to skip).
+        optimizer: the optimizer to fill (None to skip).
+        lr_scheduler: the scheduler to fill (None to skip).
         strict: module keys must match exactly (except ``allow_missing``).
         allow_missing: module keys that may be missing (frozen parameters left out at save).
 

@@ -108,7 +108,10 @@ class ZeroAdamW(torch.optim.Optimizer):
             parameter with ``requires_grad``.
         rank: this rank.
         world_size: number of data-parallel ranks.
-        lr, betas, eps, weight_decay: AdamW hyperparameters (PyTorch's defaults).
+        lr: AdamW learning rate (PyTorch's default).
+        betas: AdamW betas (PyTorch's default).
+        eps: AdamW epsilon (PyTorch's default).
+        weight_decay: AdamW weight decay (PyTorch's default).
         stage: ZeRO stage recorded in the spec (1 or 2; the saved layout is the same).
         alignment: flat buffers are padded to a multiple of ``alignment * world_size``.
         all_gather: ``fn(output, input)`` gathering every rank's partition into ``output`` in

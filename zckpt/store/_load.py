@@ -124,7 +124,8 @@ def load_checkpoint(
             when given, else at world size 1.
         rank: this rank in the target spec.
         tag: which tag of ``load_dir``.
-        world_size, stage: shorthand for the saved spec at another world size/stage.
+        world_size: shorthand for the saved spec at another world size.
+        stage: shorthand for the saved spec at another stage (with or without world_size).
         load_module_strict: module keys must equal ``module_keys`` exactly (when given); else
             missing keys are reported and unexpected ones dropped.
         load_optimizer_states: load the ``optimizer`` subtree and the fp32 masters.
