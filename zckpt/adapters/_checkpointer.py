@@ -27,6 +27,7 @@ from zckpt.dist import Comm, default_comm
 from zckpt.errors import ArgumentError, SpecError, ZckptError
 from zckpt.spec import ZeroSpec
 from zckpt.store import (
+    SKIP,
     CheckpointNotFoundError,
     Saved,
     Storage,
@@ -255,6 +256,61 @@ class Checkpointer:
         self._last_saved = (save_dir, saved.tag)
         return saved
 
+    def _in_place(
+        self, load_dir: str | os.PathLike[str], tag: str | None, masters: bool
+    ) -> tuple[dict[str, Any] | None, frozenset[str]]:
+        """The ``into=`` tree that reads module values straight into the model's own memory:
+        each CPU parameter or buffer whose saved value has its dtype and shape, and an fp32
+        parameter from its fp32 master (the 16-bit copy then is not read at all); and the
+        module names so filled. Anything else is read fresh and copied (cast) as before."""
+        try:
+            manifest = open_checkpoint(load_dir, tag, storage=self.storage).manifest
+        except (ZckptError, OSError):
+            return None, frozenset()  # load_checkpoint says why, in its own words
+        spec, skel = manifest.spec, manifest.skeleton
+        leaf_of = dict(skel.tensor_paths())
+        metas = {path: skel.tensors[leaf] for path, leaf in leaf_of.items()}
+        dests = self.module.state_dict()
+        # A saved leaf is read once, into one place: names sharing a saved leaf must share
+        # memory in the model too (tied there as well), else they are copied as before.
+        memory: dict[int, set[int]] = {}
+        for name, t in dests.items():
+            leaf = leaf_of.get((spec.module, name))
+            if leaf is not None and isinstance(t, torch.Tensor):
+                memory.setdefault(leaf, set()).add(t.data_ptr())
+        module: dict[str, Any] = {}
+        master: dict[str, Any] = {}
+        done: set[str] = set()
+        by_memory: dict[int, str] = {}
+        for name, t in dests.items():
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or not t.is_contiguous():
+                continue
+            if len(memory.get(leaf_of.get((spec.module, name), -1), ())) > 1:
+                continue
+            first = by_memory.setdefault(t.data_ptr(), name)
+            if first != name:  # tied in the model: filled with the first name's memory
+                if first in done:
+                    module[name] = SKIP if module.get(first) is SKIP else t
+                    done.add(name)
+                continue
+            saved = metas.get((spec.module, name))
+            exact = metas.get((spec.master, name)) if masters else None
+            if (
+                exact is not None
+                and t.dtype == torch.float32
+                and exact.dtype == torch.float32
+                and exact.shape == tuple(t.shape)
+            ):
+                master[name] = t
+                module[name] = SKIP
+                done.add(name)
+            elif saved is not None and saved.dtype == t.dtype and saved.shape == tuple(t.shape):
+                module[name] = t
+                done.add(name)
+        if not done:
+            return None, frozenset()
+        return {spec.module: module, spec.master: master}, frozenset(done)
+
     def load_checkpoint(
         self,
         load_dir: str | os.PathLike[str],
@@ -296,13 +352,18 @@ class Checkpointer:
         opt = self.optimizer
         zero = isinstance(opt, ZeroAdamW)
         want_optimizer = load_optimizer_states and not load_module_only
+        want_masters = not zero and custom_load_fn is None
+        into, in_place = None, frozenset[str]()
+        if custom_load_fn is None:
+            into, in_place = self._in_place(load_dir, tag, want_masters)
         loaded = load_checkpoint(
             load_dir,
             tag=tag,
             load_optimizer_states=want_optimizer and not zero,
             load_lr_scheduler_states=load_lr_scheduler_states,
             load_module_only=load_module_only,
-            load_masters=not zero and custom_load_fn is None,
+            load_masters=want_masters,
+            into=into,
             storage=self.storage,
         )
         if loaded.load_path is not None:
@@ -324,10 +385,15 @@ class Checkpointer:
             if custom_load_fn is not None:
                 custom_load_fn(src=module, dst=self.module)
             else:
+                # Values read in place are where they belong; the rest is copied in (cast).
+                rest = {k: v for k, v in module.items() if k not in in_place}
                 if not zero:
-                    module = prefer_masters(self.module, module, masters)
+                    rest = prefer_masters(self.module, rest, masters)
                 load_module_state(
-                    self.module, module, strict=load_module_strict, allow_missing=allow_missing
+                    self.module,
+                    rest,
+                    strict=load_module_strict,
+                    allow_missing=(*allow_missing, *in_place),
                 )
         if load_module_only:
             state = {}

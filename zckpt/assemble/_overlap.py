@@ -189,7 +189,7 @@ def assemble(
     index: SourceIndex,
     wanted: Sequence[Fragment],
     dtypes: Sequence[torch.dtype] | None = None,
-    out: Sequence[torch.Tensor] | None = None,
+    out: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
     """Build each wanted fragment as a fresh 1-D tensor from the saved fragments it overlaps.
 
@@ -199,7 +199,8 @@ def assemble(
         dtypes: the dtype of each result (default: the leaf's own, bit for bit); bf16/fp16 to fp32
             upcasts run in a fused kernel straight into the result.
         out: preallocated 1-D destinations, one per wanted fragment (e.g. views of a ZeRO flat
-            partition buffer, or of the final tensor); default: fresh tensors.
+            partition buffer, or of the final tensor; None for a fresh one); default: fresh
+            tensors.
 
     Raises:
         CoverageError: part of a wanted range was saved by no fragment (names tensor and range).
@@ -224,7 +225,8 @@ def assemble(
                 f"{skel.name(want.leaf)}: elements {shown} of {meta.numel} are in no saved shard"
             )
         name = skel.name(want.leaf)
-        dst = new_tensor(want.numel, dtype, name) if out is None else out[i]
+        given = None if out is None else out[i]
+        dst = new_tensor(want.numel, dtype, name) if given is None else given
         if dst.dtype != dtype or dst.numel() != want.numel or not dst.is_contiguous():
             raise ValueError(
                 f"{skel.name(want.leaf)}: destination must be a contiguous {dtype} tensor of "

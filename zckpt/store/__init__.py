@@ -14,7 +14,7 @@ from zckpt.store._async import AsyncSaver, PendingSave, default_saver
 from zckpt.store._commit import Saved, SaveError, drop_frozen
 from zckpt.store._fp32 import LazyTensor, get_fp32_state_dict_from_zero_checkpoint
 from zckpt.store._layout import TagError, check_tag
-from zckpt.store._load import Loaded, LoadError, load_checkpoint
+from zckpt.store._load import SKIP, Loaded, LoadError, load_checkpoint
 from zckpt.store._read import Checkpoint, CheckpointNotFoundError, FileSource, open_checkpoint
 from zckpt.store._retention import CommittedTag, apply_retention, clean, list_tags
 from zckpt.store._save import save_checkpoint
@@ -22,6 +22,7 @@ from zckpt.store._storage import LocalStorage, Storage, StorageError
 from zckpt.store._verify import TagReport, verify_checkpoint
 
 __all__ = [
+    "SKIP",
     "AsyncSaver",
     "Checkpoint",
     "CheckpointNotFoundError",

@@ -6,20 +6,30 @@ import errno
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 
 from zckpt.assemble import assemble, index_sources
 from zckpt.errors import ArgumentError, CoverageError, SpecError, ZckptError
-from zckpt.spec import ShardPlan, ZeroSpec, plan_shards
+from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
 from zckpt.store._explain import DEEPSPEED, explain
 from zckpt.store._read import CheckpointNotFoundError, following_latest, open_checkpoint, resolve
 from zckpt.store._storage import LocalStorage, Storage
-from zckpt.tree import DICT, TENSOR, Skeleton, iter_nodes, unflatten
+from zckpt.tree import (
+    DICT,
+    LIST,
+    TENSOR,
+    TUPLE,
+    VALUE,
+    Skeleton,
+    format_path,
+    iter_nodes,
+    unflatten,
+)
 
-__all__ = ["LoadError", "Loaded", "load_checkpoint"]
+__all__ = ["SKIP", "LoadError", "Loaded", "load_checkpoint"]
 
 log = logging.getLogger("zckpt")
 
@@ -109,6 +119,7 @@ def load_checkpoint(
     custom_load_fn: Callable[[dict[str, Any]], Any] | None = None,
     module_keys: Iterable[str] | None = None,
     load_masters: bool | None = None,
+    into: Any = None,
     storage: Storage | None = None,
 ) -> Loaded:
     """Load a committed checkpoint at any world size and stage; rank ``rank`` reads only its ranges.
@@ -137,6 +148,14 @@ def load_checkpoint(
         load_masters: load the fp32 masters (default: with the optimizer states); True keeps
             them even with ``load_module_only`` or ``load_optimizer_states=False``, for an fp32
             model resuming a mixed-precision run (the masters are its exact weights).
+        into: destinations to read into, in place: a pytree shaped like the state (or like
+            this rank's holdings), whose tensor leaves receive the values where they live (raw
+            chunks are read straight into their memory, compressed ones decoded into it; no
+            fresh memory, no copy). A destination must be a contiguous tensor of the saved dtype
+            and of the tensor's element count (or, for a partitioned tensor, of this rank's
+            range's): anything else is a :class:`LoadError` naming the path. A leaf set to
+            :data:`SKIP` is not read at all (and is absent from the result); paths ``into``
+            does not name get new tensors.
         storage: the filesystem.
 
     Returns:
@@ -192,9 +211,100 @@ def load_checkpoint(
             custom_load_fn,
             keys,
             load_masters,
+            into,
         )
 
     return following_latest(storage, load_dir, tag, attempt)
+
+
+class _Skip:
+    def __repr__(self) -> str:
+        return "SKIP"
+
+
+SKIP: Any = _Skip()
+"""An ``into=`` leaf that tells :func:`load_checkpoint` not to read that tensor."""
+
+
+def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
+    """``tree`` at ``path``, or None where it has no such entry."""
+    node = tree
+    for k in path:
+        if node is SKIP:  # a whole subtree skipped
+            return SKIP
+        if isinstance(node, Mapping):
+            if k not in node:
+                return None
+            node = node[k]
+        elif isinstance(node, list | tuple) and isinstance(k, int) and 0 <= k < len(node):
+            node = node[k]
+        else:
+            return None
+    return node
+
+
+def _destinations(skel: Skeleton, into: Any, keep: list[int]) -> dict[int, Any]:
+    """Leaf -> what ``into`` names for it (a tensor or SKIP), over every path of the leaf."""
+    found: dict[int, Any] = {}
+    wanted = set(keep)
+    for path, n in iter_nodes(skel.node):
+        if n[0] != TENSOR or n[1] not in wanted:
+            continue
+        d = _lookup(into, path)
+        if d is None:
+            continue
+        if d is not SKIP and not isinstance(d, torch.Tensor):
+            raise LoadError(
+                f"into={format_path(path)}: expected a tensor or SKIP, got {type(d).__name__}"
+            )
+        found.setdefault(n[1], d)
+    return found
+
+
+def _destination(skel: Skeleton, f: Fragment, d: torch.Tensor | None) -> torch.Tensor | None:
+    """The 1-D view of ``d`` that fragment ``f`` is read into (None: a new tensor)."""
+    if d is None:
+        return None
+    meta = skel.tensors[f.leaf]
+    whole = f.start == 0 and f.stop == meta.numel
+    where = f"into={skel.name(f.leaf)}"
+    if d.dtype != meta.dtype:
+        raise LoadError(f"{where}: the destination is {d.dtype}, the checkpoint holds {meta.dtype}")
+    if d.numel() not in ({meta.numel, f.numel} if whole else {f.numel}):
+        what = f"{meta.numel} elements" if whole else f"this rank's {f.numel} elements"
+        raise LoadError(
+            f"{where}: the destination has {d.numel()} elements, the checkpoint {what} "
+            f"([{f.start}, {f.stop}) of {list(meta.shape)})"
+        )
+    if not d.is_contiguous() or d.device.type != "cpu":
+        raise LoadError(f"{where}: the destination must be a contiguous CPU tensor")
+    return d.detach().view(-1)
+
+
+def _without_leaves(node: Any, leaves: set[int]) -> Any:
+    """The skeleton tree without the TENSOR nodes of ``leaves`` (dict entries dropped, list
+    items None)."""
+    tag, body = node
+    if tag == TENSOR:
+        return node
+    if tag == DICT:
+        return (
+            DICT,
+            tuple(
+                (k, _without_leaves(v, leaves))
+                for k, v in body
+                if not (v[0] == TENSOR and v[1] in leaves)
+            ),
+        )
+    if tag in (LIST, TUPLE):
+        return (
+            tag,
+            tuple(
+                (VALUE, None) if v[0] == TENSOR and v[1] in leaves else _without_leaves(v, leaves)
+                for v in body
+            ),
+        )
+    return node
 
 
 def _check_target(world_size: int | None, stage: int | None, rank: int) -> None:
@@ -222,6 +332,7 @@ def _load(
     custom_load_fn: Callable[[dict[str, Any]], Any] | None,
     module_keys: Iterable[str] | None,
     load_masters: bool | None,
+    into: Any = None,
 ) -> Loaded:
     ck = open_checkpoint(load_dir, tag, storage=storage)
     saved = ck.manifest.spec
@@ -249,12 +360,18 @@ def _load(
     else:
         drop.add(saved.master)
     node, keep = _keep_top(skel, drop)
+    dests: dict[int, Any] = {} if into is None else _destinations(skel, into, keep)
+    skipped = {leaf for leaf, d in dests.items() if d is SKIP}
+    if skipped:
+        node = _without_leaves(node, skipped)
+        keep = [leaf for leaf in keep if leaf not in skipped]
     kept = set(keep)
 
     held = [f for f in plan.holds(rank) if f.leaf in kept]
+    outs = [_destination(skel, f, dests.get(f.leaf)) for f in held] if dests else None
     index = index_sources(skel, ck.sources())
     try:
-        parts = assemble(index, held)
+        parts = assemble(index, held, out=outs)
     except CoverageError as e:
         raise CoverageError(f"{ck.path}: {e}") from None
     leaves: list[Any] = [None] * len(skel.tensors)

@@ -1,0 +1,182 @@
+"""Resume in place: load_checkpoint(into=...) and Checkpointer read into the tensors that exist
+(issue 14, part 1): same memory before and after, values bitwise, mismatches named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import zckpt
+from zckpt.adapters import Checkpointer
+from zckpt.testing import assert_states_equal
+
+
+def _state(seed: int = 0) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(300, 7, generator=g)
+    return {
+        "module": {"w": w.bfloat16(), "b": torch.randn(7, generator=g).bfloat16()},
+        "master": {"w": w, "b": torch.randn(7, generator=g)},
+        "optimizer": {"state": {"w": {"exp_avg": torch.randn(300, 7, generator=g)}}},
+        "global_steps": 4,
+    }
+
+
+def _like(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return torch.full_like(state, 7)
+    if isinstance(state, dict):
+        return {k: _like(v) for k, v in state.items()}
+    return state
+
+
+class Counting(zckpt.LocalStorage):
+    """Counts the tensor bytes read (raw chunks go straight into their destination)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> int:
+        n = super().read_into(path, offset, out)
+        self.bytes += n
+        return n
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd", "byteplane"])
+def test_whole_state_is_read_into_the_given_tensors(tmp_path: Path, codec: str) -> None:
+    state = _state()
+    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(4, 2), tag="t", codec=codec)
+    into = _like(state)
+    ptrs = {k: v.data_ptr() for k, v in into["master"].items()}
+    got = zckpt.load_checkpoint(tmp_path, into=into)
+    assert_states_equal(got.state, state)
+    assert got.state["master"]["w"] is not state["master"]["w"]
+    assert {k: v.data_ptr() for k, v in got.state["master"].items()} == ptrs
+    assert_states_equal(into["master"], state["master"])  # the caller's tensors hold the values
+
+
+def test_partitioned_ranges_are_read_into_this_ranks_holdings(tmp_path: Path) -> None:
+    state = _state()
+    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(2, 2), tag="t")
+    fresh = zckpt.load_checkpoint(tmp_path, world_size=3, rank=1)
+    into = _like(fresh.state)
+    got = zckpt.load_checkpoint(tmp_path, world_size=3, rank=1, into=into)
+    assert_states_equal(got.state, fresh.state)
+    assert got.state["master"]["w"].data_ptr() == into["master"]["w"].data_ptr()
+
+
+@pytest.mark.parametrize(
+    ("dest", "match"),
+    [
+        (torch.zeros(300, 7, dtype=torch.float16), "float16, the checkpoint holds torch.float32"),
+        (torch.zeros(299, 7), "2093 elements, the checkpoint 2100"),
+        (torch.zeros(7, 300).t(), "contiguous"),
+        ("not a tensor", "expected a tensor or SKIP"),
+    ],
+)
+def test_a_mismatched_destination_is_named(tmp_path: Path, dest: Any, match: str) -> None:
+    zckpt.save_checkpoint(tmp_path, _state(), zckpt.ZeroSpec(1, 1), tag="t")
+    with pytest.raises(zckpt.LoadError, match=match) as info:
+        zckpt.load_checkpoint(tmp_path, into={"master": {"w": dest}})
+    assert "master/w" in str(info.value)
+
+
+def test_skip_reads_nothing_of_a_leaf(tmp_path: Path) -> None:
+    state = _state()
+    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(1, 1), tag="t")
+    full, skipping = Counting(), Counting()
+    zckpt.load_checkpoint(tmp_path, storage=full)
+    got = zckpt.load_checkpoint(
+        tmp_path,
+        into={"optimizer": {"state": {"w": {"exp_avg": zckpt.store.SKIP}}}},
+        storage=skipping,
+    )
+    assert "exp_avg" not in got.state["optimizer"]["state"]["w"]
+    assert full.bytes - skipping.bytes >= 300 * 7 * 4
+    whole = zckpt.load_checkpoint(
+        tmp_path, into={"optimizer": zckpt.store.SKIP, "master": zckpt.store.SKIP}
+    )
+    # Skipped tensors are absent; the containers that held them stay, emptied.
+    assert whole.state["master"] == {} and whole.state["optimizer"] == {"state": {"w": {}}}
+    assert_states_equal(whole.state["module"], state["module"])
+
+
+class Net(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.fc = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 50, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        self.to(dtype)
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad()
+    model.head(model.fc(model.embed(torch.arange(10)))).float().sum().backward()
+    opt.step()
+    model.count += 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpointer_resumes_into_the_models_own_memory(
+    tmp_path: Path, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zckpt.assemble import _overlap
+
+    fresh: list[str] = []
+    real = _overlap.new_tensor
+
+    def counted(shape: Any, dt: torch.dtype, name: str) -> torch.Tensor:
+        fresh.append(name)
+        return real(shape, dt, name)
+
+    monkeypatch.setattr(_overlap, "new_tensor", counted)
+    torch.manual_seed(0)
+    model = Net(dtype)
+    opt = torch.optim.AdamW(model.parameters())
+    _train(model, opt)
+    ckpt = Checkpointer(model, opt)
+    ckpt.step()
+    ckpt.save_checkpoint(tmp_path)
+    torch.manual_seed(1)
+    model2 = Net(dtype)
+    opt2 = torch.optim.AdamW(model2.parameters())
+    ptrs = {k: v.data_ptr() for k, v in model2.state_dict().items()}
+    Checkpointer(model2, opt2).load_checkpoint(tmp_path)
+    assert {k: v.data_ptr() for k, v in model2.state_dict().items()} == ptrs
+    assert fresh and not [n for n in fresh if n.startswith("module/")]  # read in place
+    assert_states_equal(model2.state_dict(), model.state_dict())
+    assert model2.head.weight is model2.embed.weight
+    _train(model, opt)
+    _train(model2, opt2)  # one more step matches: the optimizer state came back too
+    assert_states_equal(model2.state_dict(), model.state_dict())
+
+
+def test_fp32_model_takes_masters_in_place_and_skips_the_16_bit_copy(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters())
+    _train(model, opt)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    state = {
+        "module": {
+            k: v.bfloat16() if v.is_floating_point() else v for k, v in model.state_dict().items()
+        },
+        "master": params,
+        "global_steps": 1,
+    }
+    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(2, 2), tag="t")
+    model2 = Net()
+    ptrs = {k: v.data_ptr() for k, v in model2.state_dict().items()}
+    counting = Counting()
+    Checkpointer(model2, storage=counting).load_checkpoint(tmp_path)
+    assert {k: v.data_ptr() for k, v in model2.state_dict().items()} == ptrs
+    for name, p in model2.named_parameters():
+        assert torch.equal(p, params[name]), name
+    fp32 = sum(p.numel() * 4 for p in params.values())
+    assert counting.bytes == fp32 + 8  # the masters and the int64 buffer; no bf16 weight read
