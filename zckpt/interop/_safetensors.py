@@ -1,5 +1,21 @@
 """Export a state dict as safetensors: one file, or Hugging Face style shards with an index.
 
+Sharded exports look like ``save_pretrained``'s (``transformers``, which shards with
+``huggingface_hub.split_torch_state_dict_into_shards``):
+
+- tensors are taken in the state dict's order (pass ``key_order``, e.g.
+  :func:`module_key_order`, to use the module's order when the state dict is in another one:
+  DeepSpeed's ``zero_to_fp32`` order puts buffers first and parameters by param group);
+- packing (:func:`plan_safetensors_shards`): each tensor goes into the open shard unless that
+  would take it past ``max_shard_size``, which closes the shard and opens a new one; a tensor
+  larger than ``max_shard_size`` gets a shard of its own, numbered when it is met, and the open
+  shard stays open for the tensors after it;
+- files ``model-00001-of-0000N.safetensors``, or ``model.safetensors`` alone (no index) when
+  everything fits in one shard; ``model.safetensors.index.json`` written as ``transformers``
+  writes it (``json.dumps(index, indent=2, sort_keys=True)`` and a newline, so ``weight_map`` is
+  sorted by name), with ``metadata.total_size`` (bytes of the stored tensors) and
+  ``metadata.total_parameters`` (their elements).
+
 Values may be tensors or :class:`zckpt.LazyTensor` (``lazy_mode=True`` output); lazy values are
 materialised one at a time and each shard file is written before the next shard's tensors are
 read, so peak memory is about one shard, not the whole model. Files are written by the
@@ -8,11 +24,14 @@ read, so peak memory is about one shard, not the whole model. Files are written 
 The output is written whole or not at all (``zckpt/interop/_output.py``): the one file, or the
 whole shard directory, is built under a dot-prefixed temporary name beside it, fsynced and
 renamed (a directory swapped) into place, so a reader or a crash sees the old export or the new
-one, never a mix. An existing output is refused unless ``overwrite=True``. Files get
-``0o666 & ~umask`` and directories ``0o777 & ~umask``.
+one, never a mix, and no shard or index of an earlier export survives a re-export. An existing
+output is refused unless ``overwrite=True``. Files get ``0o666 & ~umask`` and directories
+``0o777 & ~umask``.
 
 Tied weights (names whose values are the same object, or tensors over the same memory view) are
-written once, under the first name. How to re-tie them is recorded as ``{alias: stored_name}``:
+written once, under the first name in export order (``transformers`` also keeps one name and
+drops the tied ones, e.g. GPT-2's ``lm_head.weight``). How to re-tie them is recorded as
+``{alias: stored_name}``:
 
 - in every file's header metadata under the key ``"tied"``, as a JSON string (safetensors
   metadata values are strings);
@@ -34,6 +53,8 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import save_file
 
+from zckpt.assemble import fp32_entries
+from zckpt.interop._files import find_deepspeed, open_deepspeed
 from zckpt.interop._output import (
     PYTHON_FLAG,
     building_dir,
@@ -42,6 +63,7 @@ from zckpt.interop._output import (
     check_file_output,
     finish_file,
 )
+from zckpt.store import open_checkpoint
 
 __all__ = [
     "Exported",
@@ -49,6 +71,7 @@ __all__ = [
     "SINGLE_NAME",
     "export_safetensors",
     "is_directory_output",
+    "module_key_order",
     "parse_size",
     "plan_safetensors_shards",
     "write_safetensors",
@@ -72,10 +95,11 @@ _UNITS = {
 
 
 class Exported(NamedTuple):
-    """What :func:`export_safetensors` wrote.
+    """What :func:`export_safetensors` wrote: file paths (in index order), the index path or
+    None, ``{alias: stored_name}``, and the bytes and elements of the stored tensors.
 
     Example:
-        >>> Exported(("model.safetensors",), None, {}, 8).total_size
+        >>> Exported(("model.safetensors",), None, {}, 8, 2).total_size
         8
     """
 
@@ -83,6 +107,7 @@ class Exported(NamedTuple):
     index_path: str | None
     tied: dict[str, str]
     total_size: int
+    total_parameters: int
 
 
 def parse_size(size: int | str) -> int:
@@ -114,23 +139,77 @@ def parse_size(size: int | str) -> int:
 
 
 def plan_safetensors_shards(sizes: Iterable[int], max_shard_size: int) -> list[list[int]]:
-    """Group tensor indices, in order, into shards of at most ``max_shard_size`` bytes.
+    """Group tensor indices into shards by Hugging Face's rule, in the order the shards are made.
 
-    A tensor larger than the limit gets a shard of its own (it cannot be split).
+    Tensors are taken in order; each joins the open shard unless that would take the shard past
+    ``max_shard_size`` bytes, which closes it and opens a new one. A tensor larger than the limit
+    cannot be split: it gets a shard of its own, placed when it is met, and the open shard stays
+    open for the tensors after it (as ``huggingface_hub.split_state_dict_into_shards_factory``
+    does, so indices within a shard ascend but shards need not follow one another).
 
     Example:
         >>> plan_safetensors_shards([4, 4, 4, 10, 1], 8)
-        [[0, 1], [2], [3], [4]]
+        [[0, 1], [3], [2, 4]]
     """
     shards: list[list[int]] = []
+    current: list[int] = []
     used = 0
     for i, n in enumerate(sizes):
-        if not shards or (used + n > max_shard_size and shards[-1]):
-            shards.append([])
-            used = 0
-        shards[-1].append(i)
+        if n > max_shard_size:
+            shards.append([i])
+            continue
+        if current and used + n > max_shard_size:
+            shards.append(current)
+            current, used = [], 0
+        current.append(i)
         used += n
+    if current:
+        shards.append(current)
     return shards
+
+
+def module_key_order(checkpoint_dir: str | os.PathLike[str], tag: str | None = None) -> list[str]:
+    """The module state dict's keys in the module's order, as the checkpoint records them.
+
+    For ``key_order`` of :func:`export_safetensors`: a zckpt checkpoint's skeleton keeps the
+    module state dict's insertion order (which
+    :func:`zckpt.get_fp32_state_dict_from_zero_checkpoint` already follows); a DeepSpeed
+    checkpoint (regular or universal) records the module's ``state_dict()`` keys in rank 0's
+    model-states ``module`` entry, while its fp32 state dict follows ``zero_to_fp32`` (buffers,
+    frozen parameters, then trainable ones by param group, then tied names). Tied names are
+    included where the module has them. Names the record lacks (DeepSpeed keeps MoE experts in
+    files of their own; stage 1 records no frozen parameters) are not listed: the export puts
+    them after the listed ones, in the state dict's order. A DeepSpeed checkpoint without a
+    ``module`` record gives ``[]`` (the state dict's order is kept).
+
+    Raises:
+        zckpt.CheckpointNotFoundError: neither a zckpt nor a DeepSpeed checkpoint.
+
+    Example:
+        >>> import tempfile, torch, zckpt
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> w = {"a.weight": torch.randn(4), "z.weight": torch.randn(2)}
+        >>> write_zero_checkpoint(d, w, world_size=2, stage=2, groups=[["z.weight"], ["a.weight"]])
+        >>> list(zckpt.get_fp32_state_dict_from_zero_checkpoint(d)), module_key_order(d)
+        (['z.weight', 'a.weight'], ['a.weight', 'z.weight'])
+    """
+    if find_deepspeed(checkpoint_dir, tag) is not None:
+        module = open_deepspeed(checkpoint_dir, tag).model[0].get("module")
+        if not isinstance(module, Mapping):
+            return []
+        return [k for k in module if isinstance(k, str)]
+    m = open_checkpoint(checkpoint_dir, tag).manifest
+    return [e.name for e in fp32_entries(m.skeleton, m.spec)]
+
+
+def _in_order(state_dict: Mapping[str, Any], key_order: Iterable[str] | None) -> list[str]:
+    """The state dict's names: those in ``key_order`` first, in its order, then the rest."""
+    if key_order is None:
+        return list(state_dict)
+    first = [k for k in dict.fromkeys(key_order) if k in state_dict]
+    listed = set(first)
+    return first + [k for k in state_dict if k not in listed]
 
 
 def _alias_key(v: Any) -> tuple[Any, ...]:
@@ -151,11 +230,15 @@ def _target_dtype(v: Any, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and src.is_floating_point else src
 
 
-def _nbytes(v: Any, dtype: torch.dtype) -> int:
-    numel = 1
+def _numel(v: Any) -> int:
+    n = 1
     for d in v.shape:
-        numel *= int(d)
-    return numel * torch.empty((), dtype=dtype).element_size()
+        n *= int(d)
+    return n
+
+
+def _nbytes(v: Any, dtype: torch.dtype) -> int:
+    return _numel(v) * torch.empty((), dtype=dtype).element_size()
 
 
 def _materialise(v: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -190,22 +273,25 @@ def export_safetensors(
     dtype: torch.dtype | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     overwrite: bool = False,
+    key_order: Iterable[str] | None = None,
 ) -> Exported:
     """Write a flat state dict as safetensors, streaming one tensor (and one shard) at a time.
 
     Where it goes: ``out`` ending in ``.safetensors`` without ``max_shard_size`` is the one
-    file. Otherwise ``out`` is a directory: ``model.safetensors`` when everything fits
-    in one shard, else ``model-00001-of-0000N.safetensors`` ... plus
-    ``model.safetensors.index.json`` (``{"metadata": {"total_size": N, "tied": {...}},
-    "weight_map": {name: file}}``), as Hugging Face's ``save_pretrained`` does.
+    file. Otherwise ``out`` is a directory laid out as Hugging Face's ``save_pretrained`` lays
+    it out (see the module docstring for the packing rule): ``model.safetensors`` when
+    everything fits in one shard, else ``model-00001-of-0000N.safetensors`` ... plus
+    ``model.safetensors.index.json`` (``{"metadata": {"tied": {...}, "total_parameters": P,
+    "total_size": N}, "weight_map": {name: file}}``, keys sorted).
 
     The output appears whole or not at all: it is built under a dot-prefixed temporary name
     beside ``out`` (``.NAME.<id>.zckpt-tmp``), fsynced and renamed into place; a directory is
-    built whole and swapped in, so an interrupted export leaves the previous one intact (see
-    ``zckpt/interop/_output.py`` for the exact steps). A failed export removes its temporary
-    files. An existing ``out`` is refused unless ``overwrite=True``; a missing or empty directory
-    is free, and a directory holding files an export does not write (``config.json``, ...) is
-    refused even then, since replacing it whole would delete them.
+    built whole and swapped in, so an interrupted export leaves the previous one intact and a
+    finished one leaves no file of the previous one (see ``zckpt/interop/_output.py`` for the
+    exact steps). A failed export removes its temporary files. An existing ``out`` is refused
+    unless ``overwrite=True``; a missing or empty directory is free, and a directory holding
+    files an export does not write (``config.json``, ...) is refused even then, since replacing
+    it whole would delete them: export first, then add them.
 
     Args:
         state_dict: ``{name: tensor | LazyTensor}`` (e.g. from
@@ -216,9 +302,14 @@ def export_safetensors(
         dtype: cast floating-point tensors to this dtype (others keep theirs).
         on_tensor: called with ``(name, bytes)`` after each tensor is materialised (progress).
         overwrite: replace an existing output (atomically); without it one is refused.
+        key_order: the order to take tensors in (and so which of tied names is stored): names
+            listed here first, in this order, then the state dict's others in its order; names
+            not in the state dict are ignored. Default: the state dict's order. For a
+            checkpoint's fp32 state dict, :func:`module_key_order` gives the module's order.
 
     Returns:
-        The files written (paths), the index path or None, the tied map and the total bytes.
+        The files written (paths), the index path or None, the tied map, the total bytes and
+        elements of the stored tensors.
 
     Raises:
         ValueError: a non-string metadata value or key ``"tied"``/``"format"``, a bad size.
@@ -235,11 +326,13 @@ def export_safetensors(
         >>> r = export_safetensors(sd, d, max_shard_size=32)
         >>> [os.path.basename(f) for f in r.files]
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
-        >>> r.tied
-        {'head.weight': 'embed.weight'}
+        >>> r.tied, r.total_size, r.total_parameters
+        ({'head.weight': 'embed.weight'}, 48, 12)
         >>> torch.equal(load_file(r.files[0])["embed.weight"], emb)
         True
-        >>> _ = export_safetensors(sd, d, max_shard_size=32, overwrite=True)  # replaced whole
+        >>> r = export_safetensors(sd, d, max_shard_size=64, overwrite=True)  # replaced whole
+        >>> sorted(os.listdir(d))
+        ['model.safetensors']
     """
     return write_safetensors(
         state_dict,
@@ -249,7 +342,45 @@ def export_safetensors(
         dtype=dtype,
         on_tensor=on_tensor,
         overwrite=overwrite,
+        key_order=key_order,
     )
+
+
+class _Plan(NamedTuple):
+    """What to store, in export order: names, values, target dtypes, bytes; and the tied map."""
+
+    names: list[str]
+    values: list[Any]
+    dtypes: list[torch.dtype]
+    sizes: list[int]
+    tied: dict[str, str]
+
+
+def _plan(
+    state_dict: Mapping[str, Any], key_order: Iterable[str] | None, dtype: torch.dtype | None
+) -> _Plan:
+    names: list[str] = []
+    values: list[Any] = []
+    tied: dict[str, str] = {}
+    first: dict[tuple[Any, ...], str] = {}
+    for name in _in_order(state_dict, key_order):
+        if not isinstance(name, str):
+            raise ValueError(f"state dict keys must be strings, got {name!r}")
+        v = state_dict[name]
+        if not (isinstance(v, torch.Tensor) or hasattr(v, "contiguous")):
+            raise ValueError(
+                f"{name}: not a tensor ({type(v).__name__}); safetensors holds tensors"
+            )
+        key = _alias_key(v)
+        if key in first:
+            tied[name] = first[key]
+            continue
+        first[key] = name
+        names.append(name)
+        values.append(v)
+    dtypes = [_target_dtype(v, dtype) for v in values]
+    sizes = [_nbytes(v, dt) for v, dt in zip(values, dtypes)]
+    return _Plan(names, values, dtypes, sizes, tied)
 
 
 def write_safetensors(
@@ -261,6 +392,7 @@ def write_safetensors(
     dtype: torch.dtype | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     overwrite: bool = False,
+    key_order: Iterable[str] | None = None,
     flag: str = PYTHON_FLAG,
 ) -> Exported:
     """:func:`export_safetensors`, with ``flag`` naming how to ask for a replacement in errors
@@ -288,27 +420,9 @@ def write_safetensors(
             raise ValueError(f"safetensors metadata must map str to str, got {k!r}: {v!r}")
         if k in ("tied", "format"):
             raise ValueError(f"metadata key {k!r} is reserved for zckpt's own use")
-    names: list[str] = []
-    values: list[Any] = []
-    tied: dict[str, str] = {}
-    first: dict[tuple[Any, ...], str] = {}
-    for name, v in state_dict.items():
-        if not isinstance(name, str):
-            raise ValueError(f"state dict keys must be strings, got {name!r}")
-        if not (isinstance(v, torch.Tensor) or hasattr(v, "contiguous")):
-            raise ValueError(
-                f"{name}: not a tensor ({type(v).__name__}); safetensors holds tensors"
-            )
-        key = _alias_key(v)
-        if key in first:
-            tied[name] = first[key]
-            continue
-        first[key] = name
-        names.append(name)
-        values.append(v)
-    dtypes = [_target_dtype(v, dtype) for v in values]
-    sizes = [_nbytes(v, dt) for v, dt in zip(values, dtypes)]
+    names, values, dtypes, sizes, tied = _plan(state_dict, key_order, dtype)
     total = sum(sizes)
+    params = sum(_numel(v) for v in values)
     meta = {**user, "format": "pt"}
     if tied:
         meta["tied"] = json.dumps(tied, sort_keys=True)
@@ -322,7 +436,7 @@ def write_safetensors(
                     on_tensor(name, sizes[i])
             _write(tensors, tmp, meta)
             del tensors
-        return Exported((out,), None, tied, total)
+        return Exported((out,), None, tied, total, params)
 
     groups = plan_safetensors_shards(sizes, total + 1 if limit is None else limit) or [[]]
     n = len(groups)
@@ -343,13 +457,15 @@ def write_safetensors(
             _write(shard, os.path.join(tmp_dir, file), meta)
             del shard
         if n > 1:
-            doc: dict[str, Any] = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            index_meta: dict[str, Any] = {"total_parameters": params, "total_size": total}
             if tied:
-                doc["metadata"]["tied"] = dict(sorted(tied.items()))
+                index_meta["tied"] = tied
+            doc = {"metadata": index_meta, "weight_map": weight_map}
             index_tmp = os.path.join(tmp_dir, INDEX_NAME)
-            with open(index_tmp, "w") as f:
-                json.dump(doc, f, indent=2)
-                f.write("\n")
+            with open(index_tmp, "w", encoding="utf-8") as f:
+                # transformers' save_pretrained writes its index so: keys sorted at every level
+                f.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
             finish_file(index_tmp)
     paths = tuple(os.path.join(out, f) for f in files)
-    return Exported(paths, os.path.join(out, INDEX_NAME) if n > 1 else None, tied, total)
+    index_path = os.path.join(out, INDEX_NAME) if n > 1 else None
+    return Exported(paths, index_path, tied, total, params)
