@@ -2,7 +2,9 @@
 
 Three layers: raw bytes (stopped at the preamble), well-sealed msgpack indexes of arbitrary shape
 (past the checksum, into the schema checks), and valid blobs mutated byte-wise or field-wise and
-resealed with correct checksums (into the frame decoders).
+resealed with correct checksums (into the frame decoders). The mutated blobs are also decoded in
+a child under a memory limit (tests/test_format_hostile.py's ``LimitedDecoder``), where byte-wise
+damage must end in a zckpt error or decode to exactly the original.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import msgpack
 import pytest
 import torch
 import xxhash
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_format_hostile import LimitedDecoder
 
 import zckpt
 from zckpt.errors import ZckptError
@@ -129,15 +132,19 @@ def test_sealed_index_shaped_like_ours(obj: dict[str, Any], tail: bytes) -> None
     only_zckpt_errors(seal(msgpack.packb(obj, use_bin_type=True), tail))
 
 
-@given(
-    st.sampled_from(BLOBS),
-    st.lists(
-        st.tuples(st.sampled_from(["flip", "cut", "splice", "insert", "delete"]), st.data()),
-        min_size=1,
-        max_size=3,
-    ),
+EDITS = st.lists(
+    st.tuples(st.sampled_from(["flip", "cut", "splice", "insert", "delete"]), st.data()),
+    min_size=1,
+    max_size=3,
 )
+
+
+@given(st.sampled_from(BLOBS), EDITS)
 def test_mutated_blobs(blob: bytes, edits: list[tuple[str, st.DataObject]]) -> None:
+    only_zckpt_errors(mutate(blob, edits))
+
+
+def mutate(blob: bytes, edits: list[tuple[str, st.DataObject]]) -> bytes:
     b = bytearray(blob)
     for op, data in edits:
         n = len(b)
@@ -154,7 +161,7 @@ def test_mutated_blobs(blob: bytes, edits: list[tuple[str, st.DataObject]]) -> N
             b[i:i] = data.draw(st.binary(min_size=1, max_size=16))
         else:
             del b[i : i + data.draw(st.integers(1, 64))]
-    only_zckpt_errors(bytes(b))
+    return bytes(b)
 
 
 def _paths(x: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -215,3 +222,62 @@ def test_forged_frames_with_valid_checksums(blob: bytes, data: st.DataObject) ->
     b[c["o"] : c["o"] + len(frame)] = frame
     c["x"] = xxhash.xxh3_64_intdigest(bytes(frame))
     only_zckpt_errors(reseal(bytes(b), obj))
+
+
+# ---------------------------------------------------------------------------------- memory limit
+
+
+@pytest.fixture(scope="module")
+def limited() -> Any:
+    child = LimitedDecoder()  # its size after imports + 1 GiB: a blob here declares < 400 MiB
+    yield child
+    child.close()
+
+
+_ORIGINAL: dict[bytes, dict[str, list[Any]]] = {}
+
+
+def _original(limited: LimitedDecoder, blob: bytes) -> dict[str, list[Any]]:
+    if blob not in _ORIGINAL:
+        _ORIGINAL[blob] = limited(blob)
+        assert all(v[0] == "ok" for v in _ORIGINAL[blob].values()), _ORIGINAL[blob]
+    return _ORIGINAL[blob]
+
+
+@settings(max_examples=150)
+@given(blob=st.sampled_from(BLOBS), edits=EDITS, threads=st.sampled_from([1, 4]))
+def test_mutated_blobs_under_a_memory_limit_decode_exactly_or_fail_cleanly(
+    limited: LimitedDecoder, blob: bytes, edits: list[tuple[str, st.DataObject]], threads: int
+) -> None:
+    """Byte-wise damage: every decoder ends in a zckpt error (never MemoryError, RecursionError,
+    IndexError, OverflowError, a bare ValueError or torch's "can't allocate" RuntimeError), or
+    gives exactly the original tensors; ``iter_problems`` finds something iff a byte changed."""
+    b = mutate(blob, edits)
+    got = limited(b, threads=threads)  # asserts that nothing but zckpt errors escaped
+    want = _original(limited, blob)
+    for name in ("shard", "fragments"):
+        assert got[name][0] == "zckpt" or got[name][1] == want[name][1], (name, got[name])
+    assert got["problems"][0] == "ok"
+    assert (got["problems"][1] == []) == (b == blob), got["problems"]
+
+
+@settings(max_examples=150)
+@given(st.sampled_from(BLOBS), st.data())
+def test_mutated_index_fields_under_a_memory_limit(
+    limited: LimitedDecoder, blob: bytes, data: st.DataObject
+) -> None:
+    """Field-wise damage, resealed: the index may now say something else that is valid (then
+    decoding succeeds), but nothing other than a zckpt error ever escapes."""
+    obj = _index(blob)
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_paths(obj)))
+        old: Any = obj
+        for k in path:
+            old = old[k]
+        if isinstance(old, int) and not isinstance(old, bool) and data.draw(st.booleans()):
+            moves = [old + 1, old - 1, old * 2, old + 64, 0, 2**40, -old, old * 32768]
+            new = data.draw(st.sampled_from([v for v in moves if -(2**63) <= v < 2**64]))
+        else:
+            new = data.draw(msgpack_values)
+        obj = _replace(obj, path, new)
+    limited(reseal(blob, obj), threads=data.draw(st.sampled_from([1, 4])))

@@ -35,6 +35,7 @@ __all__ = [
     "TensorMeta",
     "flatten",
     "format_path",
+    "short_repr",
     "skeleton_of",
     "unflatten",
 ]
@@ -138,6 +139,71 @@ def format_path(path: Path) -> str:
         'module/fc1.weight'
     """
     return "/".join(str(k) for k in path) if path else "<root>"
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, without rendering the rest of it.
+
+    Error messages show values read from untrusted files: a list nested a thousand deep (whose
+    ``repr`` overflows the stack), a map of a million entries or a huge integer (whose ``repr``
+    raises) must cost only what is shown. Plain values and the builtin containers are rendered
+    as ``repr`` renders them; anything else by its type name.
+
+    Example:
+        >>> short_repr([1, "a", {"k": (2.5,)}, None, b"x"])
+        "[1, 'a', {'k': (2.5,)}, None, b'x']"
+        >>> deep = []
+        >>> for _ in range(100_000):
+        ...     deep = [deep]
+        >>> short_repr(deep, 12)
+        '[[[[[[[[[...'
+        >>> short_repr(10**5000)
+        '<a 16610-bit int>'
+    """
+    out: list[str] = []
+    _render(value, limit + 1, out)
+    text = "".join(out)
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
+def _render(v: Any, budget: int, out: list[str]) -> int:
+    """Append at most about ``budget`` characters of ``v``'s repr; return the budget left.
+
+    Each level of nesting spends at least one character, so recursion stops within ``budget``
+    levels."""
+    if budget <= 0:
+        return 0
+    if isinstance(v, (str, bytes, bytearray)):
+        piece = repr(v[: budget + 1])
+    elif isinstance(v, bool) or v is None or isinstance(v, float):
+        piece = repr(v)
+    elif isinstance(v, int):
+        piece = repr(v) if v.bit_length() <= 256 else f"<a {v.bit_length()}-bit int>"
+    elif isinstance(v, (list, tuple, dict)):
+        opening, closing = "[]" if isinstance(v, list) else "()" if isinstance(v, tuple) else "{}"
+        out.append(opening)
+        budget -= 1
+        items = v.items() if isinstance(v, dict) else v
+        for i, item in enumerate(items):
+            if budget <= 0:
+                return 0
+            if i:
+                out.append(", ")
+                budget -= 2
+            if isinstance(v, dict):
+                budget = _render(item[0], budget, out)
+                out.append(": ")
+                budget = _render(item[1], budget - 2, out)
+            else:
+                budget = _render(item, budget, out)
+        if isinstance(v, tuple) and len(v) == 1:
+            out.append(",")
+            budget -= 1
+        piece = closing
+    else:
+        piece = f"<{type(v).__name__}>"
+    out.append(piece)
+    return budget - len(piece)
 
 
 def _check_value(v: Any, path: Path) -> Any:

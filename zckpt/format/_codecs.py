@@ -18,7 +18,7 @@ import numpy.typing as npt
 import zstandard
 
 from zckpt import kernels
-from zckpt.errors import FormatError
+from zckpt.errors import AllocationError, FormatError
 from zckpt.format._checksum import xxh3, xxh3_parts
 
 __all__ = [
@@ -195,11 +195,14 @@ _SCRATCH_KEEP = 16 << 20  # larger scratch buffers are not kept alive between ch
 
 def _scratch(nbytes: int) -> U8:
     """A per-thread reusable buffer of at least ``nbytes`` (byteplane decoding)."""
-    if nbytes > _SCRATCH_KEEP:
-        return np.empty(nbytes, np.uint8)
-    buf: U8 | None = getattr(_local, "scratch", None)
-    if buf is None or len(buf) < nbytes:
-        buf = _local.scratch = np.empty(max(nbytes, 1 << 20), np.uint8)
+    try:
+        if nbytes > _SCRATCH_KEEP:
+            return np.empty(nbytes, np.uint8)
+        buf: U8 | None = getattr(_local, "scratch", None)
+        if buf is None or len(buf) < nbytes:
+            buf = _local.scratch = np.empty(max(nbytes, 1 << 20), np.uint8)
+    except MemoryError:
+        raise AllocationError(f"cannot allocate {nbytes} bytes to decode byte planes") from None
     return buf[:nbytes]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from zckpt.errors import FormatError, TruncatedError, ZckptError
+from zckpt.errors import AllocationError, FormatError, TruncatedError, ZckptError
 from zckpt.format._checksum import check
 from zckpt.format._codecs import RAW, decode_chunk
 from zckpt.format._dtypes import ITEMSIZE, dtype_code
@@ -27,6 +27,29 @@ U8 = npt.NDArray[np.uint8]
 Read = Callable[[int, int], Any]
 ReadInto = Callable[[int, memoryview], int]
 _PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _empty(numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``torch.empty(numel, dtype)``, or an :class:`AllocationError` naming what it is for.
+
+    The index bounds every size by the blob's own (a compressed chunk declares at most 32768
+    times its stored bytes), but a blob may still declare more than this machine holds."""
+    try:
+        return torch.empty(numel, dtype=dtype)
+    except (RuntimeError, MemoryError) as e:
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        raise AllocationError(
+            f"{what}: cannot allocate {nbytes} bytes ({numel} {dtype}) for it: "
+            f"{' '.join(str(e).split())[:200]}"
+        ) from None
+
+
+def _bytes(n: int, what: str) -> U8:
+    """``np.empty(n, uint8)``, or an :class:`AllocationError`."""
+    try:
+        return np.empty(n, np.uint8)
+    except MemoryError:
+        raise AllocationError(f"{what}: cannot allocate {n} bytes for it") from None
 
 
 def _decode_one(h: BlobHeader, fi: int, ci: int, stored: Any, dst: U8) -> None:
@@ -68,10 +91,15 @@ def _run(thunks: Iterable[Callable[[], None]], threads: int) -> None:
     with ThreadPoolExecutor(threads, thread_name_prefix="zckpt-codec") as pool:
         pending: deque[Future[None]] = deque()
         try:
-            for t in thunks:
-                pending.append(pool.submit(t))
-                if len(pending) >= 2 * threads:
+            try:
+                for t in thunks:
+                    pending.append(pool.submit(t))
+                    if len(pending) >= 2 * threads:
+                        pending.popleft().result()
+            except Exception:  # the producer failed (a read, an allocation): earlier work first
+                while pending:
                     pending.popleft().result()
+                raise
             while pending:
                 pending.popleft().result()
         finally:
@@ -150,7 +178,7 @@ def decode_fragment(
         raise ValueError(f"{header.describe(index)}: bad range [{start}, {stop}) of {f.numel}")
     dtype = header.skeleton.tensors[f.leaf].dtype
     if out is None:
-        out = torch.empty(hi - lo, dtype=dtype)
+        out = _empty(hi - lo, dtype, header.describe(index))
     elif out.dtype != dtype or out.dim() != 1 or out.numel() != hi - lo:
         raise ValueError(
             f"{header.describe(index)}: out must be a 1-D {dtype} tensor of {hi - lo} elements, "
@@ -159,7 +187,7 @@ def decode_fragment(
     if hi == lo:
         return out
     direct = out.device.type == "cpu" and out.is_contiguous() and not out.requires_grad
-    target = out if direct else torch.empty(hi - lo, dtype=dtype)
+    target = out if direct else _empty(hi - lo, dtype, header.describe(index))
     dst = target.view(torch.uint8).numpy()
     size = ITEMSIZE[dtype_code(dtype)]
     todo = [ci for ci, c in enumerate(chunks) if c.start_elem < hi and c.stop_elem > lo]
@@ -194,7 +222,7 @@ def _decode_partial(h: BlobHeader, fi: int, ci: int, stored: Any, part: U8, skip
     read buffer directly, a compressed one decoded into a temporary first."""
     c = h.fragments[fi].chunks[ci]
     if c.codec != RAW:
-        tmp = np.empty(c.raw_length, np.uint8)
+        tmp = _bytes(c.raw_length, h.describe(fi, ci))
         _decode_one(h, fi, ci, stored, tmp)
         part[:] = tmp[skip : skip + len(part)]
         return
@@ -220,6 +248,8 @@ def decode_shard(data: bytes | bytearray | memoryview, *, threads: int | None = 
     Raises:
         FormatError: not a valid blob (``VersionError``, ``TruncatedError``, ``ChecksumError``
             for the specific cases), naming the tensor, element range and byte offset.
+        AllocationError: the blob declares tensors larger than the memory available (each
+            tensor is allocated only when its first chunk is about to be decoded).
 
     Example:
         >>> import torch, zckpt
@@ -233,24 +263,23 @@ def decode_shard(data: bytes | bytearray | memoryview, *, threads: int | None = 
     mv = as_bytes_view(data)
     h = decode_header(mv, blob_size=len(mv))
     tensors: list[torch.Tensor] = []
-    jobs: list[tuple[int, int, U8]] = []
-    for fi, (f, chunks) in enumerate(h.fragments):
-        dtype = h.skeleton.tensors[f.leaf].dtype
-        t = torch.empty(f.numel, dtype=dtype)
-        tensors.append(t)
-        dst = t.view(torch.uint8).numpy()
-        size = ITEMSIZE[dtype_code(dtype)]
-        jobs.extend(
-            (fi, ci, dst[c.start_elem * size : c.stop_elem * size]) for ci, c in enumerate(chunks)
-        )
 
     def thunks() -> Iterator[Callable[[], None]]:
-        for fi, ci, part in jobs:
-            c = h.fragments[fi].chunks[ci]
-            stored = mv[c.offset : c.offset + c.length]
-            yield partial(_decode_one, h, fi, ci, stored, part)
+        # Each tensor is allocated when its first chunk is queued (at most 2 x threads chunks
+        # ahead of the decoding), so a bad chunk stops the allocations that would follow it.
+        for fi, (f, chunks) in enumerate(h.fragments):
+            dtype = h.skeleton.tensors[f.leaf].dtype
+            t = _empty(f.numel, dtype, h.describe(fi))
+            tensors.append(t)
+            dst = t.view(torch.uint8).numpy()
+            size = ITEMSIZE[dtype_code(dtype)]
+            for ci, c in enumerate(chunks):
+                part = dst[c.start_elem * size : c.stop_elem * size]
+                stored = mv[c.offset : c.offset + c.length]
+                yield partial(_decode_one, h, fi, ci, stored, part)
 
-    _run(thunks(), _threads_for(h.size, len(jobs), threads))
+    n_chunks = sum(len(e.chunks) for e in h.fragments)
+    _run(thunks(), _threads_for(h.size, n_chunks, threads))
     frags = tuple(e.fragment for e in h.fragments)
     return Shard(h.rank, h.spec, h.skeleton, frags, tuple(tensors))
 
@@ -282,7 +311,7 @@ def iter_problems(data: bytes | bytearray | memoryview) -> Iterator[ZckptError]:
         for ci, c in enumerate(e.chunks)
     )
     biggest = max((c.raw_length for e in h.fragments for c in e.chunks), default=0)
-    scratch = np.empty(biggest, np.uint8)
+    scratch = _bytes(biggest, f"rank {h.rank}: the largest chunk")
     pos = h.index_size
     for off, n, fi, ci in [*frames, (h.size, 0, -1, -1)]:
         if np.frombuffer(mv[pos:off], np.uint8).any():

@@ -25,6 +25,7 @@ from zckpt.format._header import (
     pack_preamble,
 )
 from zckpt.format._index import decode_header, index_object, pack_index
+from zckpt.format._skeleton import check_plain
 from zckpt.shard import Shard
 from zckpt.spec import Fragment
 
@@ -116,9 +117,13 @@ def _check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
         raise StateError("extra must be a mapping with str keys")
     out = dict(extra)
     try:  # what we write we must be able to read back (str keys, plain values, bounded depth)
-        msgpack.unpackb(msgpack.packb(out, use_bin_type=True), raw=False, strict_map_key=True)
+        packed = msgpack.packb(out, use_bin_type=True)
+        back = msgpack.unpackb(packed, raw=False, strict_map_key=True)
     except Exception as e:
         raise StateError(f"extra is not msgpack-able: {e}") from None
+    problem = check_plain(back)  # the reader's bound (MAX_DEPTH levels)
+    if problem is not None:
+        raise StateError(f"extra cannot be read back: {problem}")
     return out
 
 

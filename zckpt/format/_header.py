@@ -190,8 +190,8 @@ def parse_preamble(mv: memoryview, blob_size: int | None) -> tuple[int, int]:
         raise FormatError(f"byte offset 16: index length {n_index} is out of range")
     if blob_size is not None and PREAMBLE_SIZE + n_index > blob_size:
         raise TruncatedError(
-            f"blob of {blob_size} bytes ends inside its index "
-            f"(bytes [{PREAMBLE_SIZE}, {PREAMBLE_SIZE + n_index}))"
+            f"byte offset 16: index length {n_index} runs past the end of the {blob_size}-byte "
+            f"blob (the index would be bytes [{PREAMBLE_SIZE}, {PREAMBLE_SIZE + n_index}))"
         )
     return int(n_index), int(checksum)
 
@@ -201,22 +201,31 @@ def read_header_size(
 ) -> int:
     """How many leading bytes hold the preamble and index (what :func:`decode_header` needs).
 
+    Pass ``blob_size`` whenever it is known: the index length is the blob's own claim (up to
+    4 GiB), and it is checked against ``blob_size`` here, before a caller reads or allocates
+    that many bytes.
+
     Args:
         preamble: at least the first :data:`PREAMBLE_SIZE` bytes of a blob.
         blob_size: the blob's total size, if known (a header running past it is truncated).
 
     Raises:
         FormatError: bad magic or index length; ``VersionError`` for a newer format;
-            ``TruncatedError`` for fewer than :data:`PREAMBLE_SIZE` bytes.
+            ``TruncatedError`` for fewer than :data:`PREAMBLE_SIZE` bytes, or an index that
+            would end past ``blob_size`` (naming the index length field).
 
     Example:
         >>> import torch, zckpt
         >>> from zckpt.format import PREAMBLE_SIZE, decode_header, encode_shard
         >>> s = {"w": torch.ones(4)}
         >>> blob = encode_shard(zckpt.shard_state(s, zckpt.plan_shards(s, zckpt.ZeroSpec(1, 1)), 0))
-        >>> n = read_header_size(blob[:PREAMBLE_SIZE])
+        >>> n = read_header_size(blob[:PREAMBLE_SIZE], blob_size=len(blob))
         >>> decode_header(blob[:n]).fragments[0].fragment.numel
         4
+        >>> read_header_size(blob[:PREAMBLE_SIZE], blob_size=100)
+        Traceback (most recent call last):
+        ...
+        zckpt.errors.TruncatedError: byte offset 16: index length ... runs past the end of the ...
     """
     n_index, _ = parse_preamble(as_bytes_view(preamble), blob_size)
     return PREAMBLE_SIZE + n_index

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-from zckpt.errors import FormatError, SpecError, TruncatedError
+from zckpt.errors import AllocationError, FormatError, SpecError, TruncatedError
 from zckpt.format._checksum import check
 from zckpt.format._codecs import BYTEPLANE, MAX_EXPANSION, RAW, ZSTD
 from zckpt.format._dtypes import ITEMSIZE, dtype_code
@@ -28,7 +28,7 @@ from zckpt.format._header import (
     parse_preamble,
 )
 from zckpt.format._skeleton import (
-    VALUE_TYPES,
+    check_plain,
     expect_int,
     expect_list,
     expect_map,
@@ -119,6 +119,10 @@ def _unpack(index: memoryview, end: int) -> Any:
             max_map_len=n,
             max_ext_len=n,
         )
+    except MemoryError:
+        raise AllocationError(
+            f"index (bytes [{PREAMBLE_SIZE}, {end})): out of memory unpacking {n} bytes of msgpack"
+        ) from None
     except Exception as e:  # any failure to parse untrusted bytes is a format error
         raise FormatError(
             f"index (bytes [{PREAMBLE_SIZE}, {end})): malformed msgpack ({type(e).__name__}: {e})"
@@ -190,15 +194,11 @@ def _fragment(v: Any, i: int, skel: Skeleton, lo: int, size: int) -> FragmentEnt
 
 def _check_extra(v: Any) -> dict[str, Any]:
     extra = expect_map(v, "index 'extra'")
-    stack: list[Any] = [extra]
-    while stack:  # iterative: msgpack allows nesting deeper than Python's recursion limit
-        x = stack.pop()
-        if isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, list):
-            stack.extend(x)
-        elif type(x) not in VALUE_TYPES:
-            raise FormatError(f"index 'extra': {type(x).__name__} is not a plain msgpack value")
+    # Iterative and depth-bounded: msgpack nests up to 1023 deep, past Python's recursion limit,
+    # and the caller gets this value (repr, ==, copy and pickle all recurse).
+    problem = check_plain(extra)
+    if problem is not None:
+        raise FormatError(f"index 'extra': {problem}")
     return extra
 
 
@@ -234,7 +234,7 @@ def parse_index(index: memoryview, index_size: int, blob_size: int | None) -> Bl
         raise FormatError(f"index: version {version} disagrees with the preamble's")
     try:
         spec = ZeroSpec.from_dict(field(obj, "spec", "index"))
-    except (SpecError, TypeError, ValueError, AttributeError) as e:
+    except SpecError as e:  # from_dict raises nothing else, whatever the value
         raise FormatError(f"index 'spec': {e}") from None
     rank = expect_int(field(obj, "rank", "index"), "index 'rank'", 0, spec.world_size - 1)
     skel = parse_skeleton(

@@ -11,10 +11,22 @@ from typing import Any
 
 from zckpt.errors import FormatError, StateError
 from zckpt.format._dtypes import ITEMSIZE, dtype_code, dtype_of_code
-from zckpt.tree import DICT, LIST, TENSOR, TUPLE, VALUE, Path, Skeleton, TensorMeta, format_path
+from zckpt.tree import (
+    DICT,
+    LIST,
+    TENSOR,
+    TUPLE,
+    VALUE,
+    Path,
+    Skeleton,
+    TensorMeta,
+    format_path,
+    short_repr,
+)
 
 __all__ = [
     "MAX_DEPTH",
+    "check_plain",
     "expect_int",
     "expect_list",
     "expect_map",
@@ -27,9 +39,10 @@ __all__ = [
     "wire_node",
 ]
 
-MAX_DEPTH = 128  # container nesting of a skeleton; msgpack's own stack allows about 340
+MAX_DEPTH = 128  # container nesting of a skeleton or of 'extra'; msgpack's own stack allows 1023
 U64 = 2**64 - 1
 _I63 = 2**63 - 1
+_I64_MIN = -(2**63)
 VALUE_TYPES = (type(None), bool, int, float, str, bytes)
 
 
@@ -37,9 +50,41 @@ VALUE_TYPES = (type(None), bool, int, float, str, bytes)
 
 
 def show(v: Any) -> str:
-    """A value for an error message, cut to 60 characters."""
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
+    """A value for an error message, cut to 60 characters (without rendering the rest: values
+    read from a blob may be huge or nested a thousand deep, past the recursion limit)."""
+    return short_repr(v)
+
+
+def check_plain(v: Any, max_depth: int = MAX_DEPTH) -> str | None:
+    """Why ``v`` is not a plain msgpack value nested at most ``max_depth`` containers deep
+    (maps with str keys, arrays, nil, bool, 64-bit int, float, str, bin), or None if it is.
+
+    Iterative, so it checks values nested deeper than Python's recursion limit.
+
+    Example:
+        >>> check_plain({"a": [1, None, {"b": b"x"}]}) is None
+        True
+        >>> check_plain([[[]]], max_depth=2)
+        'containers nested deeper than 2 levels'
+    """
+    stack: list[tuple[Any, int]] = [(v, 0)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, (dict, list)):
+            if depth >= max_depth:
+                return f"containers nested deeper than {max_depth} levels"
+            if isinstance(x, dict):
+                for k in x:
+                    if type(k) is not str:
+                        return f"map key {show(k)} is not a str"
+                stack.extend((c, depth + 1) for c in x.values())
+            else:
+                stack.extend((c, depth + 1) for c in x)
+        elif type(x) not in VALUE_TYPES:
+            return f"{type(x).__name__} is not a plain msgpack value"
+        elif type(x) is int and not _I64_MIN <= x <= U64:
+            return f"integer {show(x)} does not fit in 64 bits"
+    return None
 
 
 def field(m: dict[str, Any], key: str, where: str) -> Any:
@@ -138,11 +183,17 @@ def parse_tensors(v: Any) -> tuple[TensorMeta, ...]:
         dims = tuple(
             expect_int(d, f"{where} shape", 0, _I63) for d in expect_list(shape, f"{where} shape")
         )
-        nbytes = ITEMSIZE[code]
+        # The bytes, counting a zero dimension as 1, must fit in int64: that bounds the element
+        # count and the byte size, and also the strides (torch computes them from the other
+        # dimensions, so [0, 2**62, 2**62] has no elements but cannot be made).
+        span = ITEMSIZE[code]
         for d in dims:  # stepwise, so a long list of huge dims never builds a huge integer
-            nbytes *= d
-            if nbytes > _I63:
-                raise FormatError(f"{where}: absurd shape {show(list(dims))}")
+            span *= max(d, 1)
+            if span > _I63:
+                raise FormatError(
+                    f"{where}: absurd shape {show(list(dims))} (its size in bytes, or a stride, "
+                    f"would not fit in 64 bits)"
+                )
         metas.append(TensorMeta(dtype, dims))
     return tuple(metas)
 
@@ -153,6 +204,8 @@ def parse_skeleton(v: Any, metas: tuple[TensorMeta, ...]) -> Skeleton:
     def node(x: Any, path: Path, depth: int) -> Any:
         where = f"index 'skeleton' at {format_path(path)}"
         tag, body = expect_list(x, where, 2)
+        if type(tag) is not int:  # True == 1 == LIST and 3.0 == TENSOR: compare ints only
+            raise FormatError(f"{where}: node tag {show(tag)} is not an integer")
         if tag == TENSOR:
             # A leaf index is either the next new leaf or an earlier one (a tied alias).
             leaf = expect_int(body, f"{where} tensor leaf", 0, len(paths))
@@ -164,6 +217,8 @@ def parse_skeleton(v: Any, metas: tuple[TensorMeta, ...]) -> Skeleton:
         if tag == VALUE:
             if type(body) not in VALUE_TYPES:
                 raise FormatError(f"{where}: {type(body).__name__} is not a storable value")
+            if type(body) is int and not _I64_MIN <= body <= U64:
+                raise FormatError(f"{where}: integer {show(body)} does not fit in 64 bits")
             return (VALUE, body)
         if tag not in (DICT, LIST, TUPLE):
             raise FormatError(f"{where}: unknown node tag {show(tag)}")
@@ -175,8 +230,8 @@ def parse_skeleton(v: Any, metas: tuple[TensorMeta, ...]) -> Skeleton:
         out, seen = [], set()
         for item in items:
             k, child = expect_list(item, where, 2)
-            if type(k) not in (str, int):
-                raise FormatError(f"{where}: dict key {show(k)} is not a str or int")
+            if type(k) not in (str, int) or (type(k) is int and not _I64_MIN <= k <= U64):
+                raise FormatError(f"{where}: dict key {show(k)} is not a str or a 64-bit int")
             if k in seen:
                 raise FormatError(f"{where}: duplicate dict key {show(k)}")
             seen.add(k)

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from zckpt.errors import SpecError
-from zckpt.tree import Path
+from zckpt.spec._patterns import MAX_EXPERT_ID, MAX_KEY_CHARS, compile_expert_patterns
+from zckpt.tree import Path, short_repr
 
-__all__ = ["ZeroSpec"]
+__all__ = ["MAX_ALIGNMENT", "MAX_WORLD_SIZE", "ZeroSpec"]
+
+# Bounds on values that come from checkpoints: a plan holds a list per rank, so a world size
+# read from a file must be one that a real job has (a million ranks is far beyond any today).
+MAX_WORLD_SIZE = 1 << 20
+MAX_ALIGNMENT = 1 << 20  # elements; DeepSpeed uses 2
+_KEYS = (
+    "world_size", "stage", "alignment", "module", "master", "replicate", "param_groups",
+    "experts", "expert_parallel_size",
+)  # fmt: skip
 
 
 def _prefix(p: str) -> tuple[str, ...]:
@@ -45,6 +56,23 @@ class ZeroSpec:
     per tensor over the group. Each expert's tensors are written to a file of their own, so they
     load at any other expert-parallel size and world size.
 
+    Expert patterns are read back from checkpoints, so they must match in linear time: only a
+    subset of Python's regular expressions is accepted (``zckpt/spec/_patterns.py`` and
+    ``docs/format.md``, "Untrusted values"). Quantifiers repeat one character, never a group
+    (``(a+)+`` is refused); no backreferences, lookarounds, conditionals or ``(?i)``; a
+    quantifier that varies is followed by a character it cannot match (``\d+\.``, not
+    ``\d+\d+``); a pattern with ``*`` or ``+`` starts with ``^`` or with a literal that the
+    repeated character is not (``experts\.(\d+)``, not ``(\d+)\.``); at most 8 patterns of at
+    most 256 characters, whose match attempts cost at most 512 weighted steps together. A
+    refused pattern raises a ``SpecError`` naming the construct and why. Group 1 must capture
+    a decimal id below 2**20 wherever a pattern matches, in tensor paths of at most 2048
+    characters.
+
+    Every field is validated when a spec is made, from code or from a checkpoint
+    (:meth:`from_dict`): ints are ints (not bools or floats), ``1 <= world_size <= 2**20``,
+    ``1 <= alignment <= 2**20``, ``expert_parallel_size`` divides ``world_size``, names are strs,
+    and a parameter is in at most one param group.
+
     Args:
         world_size: number of data-parallel ranks (>= 1).
         stage: ZeRO stage, 1, 2 or 3.
@@ -57,12 +85,19 @@ class ZeroSpec:
         experts: regular expressions matching expert parameter names; group 1 is the expert id.
         expert_parallel_size: number of expert-parallel ranks (divides world size and experts).
 
+    Raises:
+        SpecError: a field of the wrong type or out of range, or a refused expert pattern.
+
     Example:
         >>> spec = ZeroSpec(world_size=4, stage=2)
         >>> spec.padded(10)
         16
         >>> ZeroSpec(4, 3).stage
         3
+        >>> ZeroSpec(2, 1, experts=(r"(\w+)+\.",))
+        Traceback (most recent call last):
+        ...
+        zckpt.errors.SpecError: ZeroSpec.experts: pattern '(\\w+)+\\.' is not allowed: the ...
     """
 
     world_size: int
@@ -76,40 +111,44 @@ class ZeroSpec:
     expert_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "stage", "alignment"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise SpecError(f"ZeroSpec.{name} must be an int, got {v!r}")
-        if self.world_size < 1:
-            raise SpecError(f"ZeroSpec.world_size must be >= 1, got {self.world_size}")
-        if self.stage not in (1, 2, 3):
-            raise SpecError(f"ZeroSpec.stage must be 1, 2 or 3, got {self.stage}")
-        if self.alignment < 1:
-            raise SpecError(f"ZeroSpec.alignment must be >= 1, got {self.alignment}")
-        object.__setattr__(self, "replicate", tuple(self.replicate))
-        object.__setattr__(self, "param_groups", tuple(tuple(g) for g in self.param_groups))
-        object.__setattr__(self, "experts", tuple(self.experts))
+        _check_int("world_size", self.world_size, 1, MAX_WORLD_SIZE)
+        if type(self.stage) is not int or self.stage not in (1, 2, 3):
+            raise SpecError(f"ZeroSpec.stage must be 1, 2 or 3, got {short_repr(self.stage)}")
+        _check_int("alignment", self.alignment, 1, MAX_ALIGNMENT)
+        for name in ("module", "master"):
+            if not isinstance(getattr(self, name), str):
+                got = short_repr(getattr(self, name))
+                raise SpecError(f"ZeroSpec.{name} must be a str, got {got}")
+        replicate = _strs("replicate", self.replicate)
+        groups = tuple(
+            _strs(f"param_groups[{g}]", names)
+            for g, names in enumerate(_items("param_groups", self.param_groups))
+        )
+        experts = _strs("experts", self.experts)
+        compiled = compile_expert_patterns(experts)
         ep = self.expert_parallel_size
-        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
-            raise SpecError(f"ZeroSpec.expert_parallel_size must be an int >= 1, got {ep!r}")
+        _check_int("expert_parallel_size", ep, 1, self.world_size)
         if self.world_size % ep:
             raise SpecError(
                 f"ZeroSpec.expert_parallel_size {ep} does not divide world_size {self.world_size}"
             )
-        for pat in self.experts:
-            try:
-                if re.compile(pat).groups < 1:
-                    raise SpecError(f"ZeroSpec.experts: pattern {pat!r} has no group for the id")
-            except re.error as e:
-                raise SpecError(f"ZeroSpec.experts: bad pattern {pat!r}: {e}") from None
         seen: dict[str, int] = {}
-        for g, names in enumerate(self.param_groups):
+        for g, names in enumerate(groups):
             for n in names:
                 if n in seen:
                     raise SpecError(
-                        f"ZeroSpec.param_groups: parameter {n!r} is in groups {seen[n]} and {g}"
+                        f"ZeroSpec.param_groups: parameter {short_repr(n)} is in groups "
+                        f"{seen[n]} and {g}"
                     )
                 seen[n] = g
+        object.__setattr__(self, "replicate", replicate)
+        object.__setattr__(self, "param_groups", groups)
+        object.__setattr__(self, "experts", experts)
+        # Derived once: plans ask every tensor path, and these come from untrusted files too.
+        object.__setattr__(self, "_expert_rx", compiled)
+        prefixes = frozenset(p for p in map(_prefix, replicate) if p)
+        object.__setattr__(self, "_replicate_lengths", sorted({len(p) for p in prefixes}))
+        object.__setattr__(self, "_replicate_prefixes", prefixes)
 
     def padded(self, numel: int) -> int:
         """Size of a stage 1/2 flat buffer of ``numel`` elements after tail padding.
@@ -147,24 +186,43 @@ class ZeroSpec:
             >>> ZeroSpec(2, 1, replicate=("buffers",)).is_replicated_path(("buffers", "x"))
             True
         """
+        prefixes: frozenset[tuple[str, ...]] = self.__dict__["_replicate_prefixes"]
+        if not prefixes:
+            return False
         keys = tuple(str(k) for k in path)
-        return any(keys[: len(p)] == p for p in map(_prefix, self.replicate) if p)
+        lengths: list[int] = self.__dict__["_replicate_lengths"]
+        return any(keys[:n] in prefixes for n in lengths if n <= len(keys))
 
     def expert_of(self, path: Path) -> int | None:
         r"""The global expert id of a tensor at ``path``, or None for a non-expert tensor.
+
+        The first pattern (in order) that matches a key (in path order) decides.
+
+        Raises:
+            SpecError: a pattern matches but its group 1 is not a decimal id below 2**20, or
+                the path's str keys hold more than 2048 characters (the length at which the
+                patterns' worst case is bounded).
 
         Example:
             >>> spec = ZeroSpec(2, 2, experts=(r"experts\.(\d+)\.",))
             >>> spec.expert_of(("module", "moe.experts.3.w1")), spec.expert_of(("module", "fc"))
             (3, None)
         """
-        for pattern in self.experts:
-            rx = re.compile(pattern)
-            for key in path:
-                if isinstance(key, str):
-                    m = rx.search(key)
-                    if m:
-                        return int(m.group(1))
+        patterns: tuple[re.Pattern[str], ...] = self.__dict__["_expert_rx"]
+        if not patterns:
+            return None
+        keys = [k for k in path if isinstance(k, str)]
+        if sum(map(len, keys)) > MAX_KEY_CHARS:  # the bound the patterns' cost is measured at
+            raise SpecError(
+                f"ZeroSpec.experts: the tensor path {short_repr('/'.join(keys))} has "
+                f"{sum(map(len, keys))} characters, more than the {MAX_KEY_CHARS} that expert "
+                f"patterns are matched against"
+            )
+        for rx in patterns:
+            for key in keys:
+                m = rx.search(key)
+                if m:
+                    return _expert_id(rx, key, m.group(1))
         return None
 
     def is_module_path(self, path: Path) -> bool:
@@ -203,25 +261,89 @@ class ZeroSpec:
     def from_dict(d: Any) -> ZeroSpec:
         """Parse :meth:`to_dict` output, rejecting malformed input with a ``SpecError``.
 
-        Unknown keys are ignored (a newer writer may add fields).
+        The input is untrusted (it comes from checkpoint files): any value at all raises a
+        ``SpecError`` naming the field and what is wrong, or gives a valid spec. Fields are
+        checked for their exact type (lists, not strs or maps, for the arrays; no coercion),
+        then as the constructor checks them. ``world_size`` and ``stage`` are required; the
+        other fields default as in the constructor; unknown keys are ignored (a newer writer
+        may add fields, docs/format-evolution.md).
 
         Example:
             >>> ZeroSpec.from_dict({"world_size": 2, "stage": 1}).alignment
             2
+            >>> ZeroSpec.from_dict({"world_size": 2, "stage": 1, "replicate": "buffers"})
+            Traceback (most recent call last):
+            ...
+            zckpt.errors.SpecError: malformed spec: 'replicate' must be an array of strs, got ...
         """
         if not isinstance(d, dict):
-            raise SpecError(f"spec must be a map, got {type(d).__name__}")
+            raise SpecError(f"malformed spec: expected a map, got {short_repr(d)}")
+        for key in ("world_size", "stage"):
+            if key not in d:
+                raise SpecError(f"malformed spec: missing field {key!r}")
+
+        def strs(key: str, v: Any) -> tuple[str, ...]:
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise SpecError(
+                    f"malformed spec: {key!r} must be an array of strs, got {short_repr(v)}"
+                )
+            return tuple(v)
+
+        def text(key: str, default: str) -> str:
+            v = d.get(key, default)
+            if not isinstance(v, str):
+                raise SpecError(f"malformed spec: {key!r} must be a str, got {short_repr(v)}")
+            return v
+
+        groups = d.get("param_groups", [])
+        if not isinstance(groups, list):
+            raise SpecError(
+                f"malformed spec: 'param_groups' must be an array, got {short_repr(groups)}"
+            )
+        module, master = text("module", "module"), text("master", "master")
+        replicate = strs("replicate", d.get("replicate", []))
+        param_groups = tuple(strs(f"param_groups[{g}]", names) for g, names in enumerate(groups))
+        experts = strs("experts", d.get("experts", []))
         try:
             return ZeroSpec(
                 world_size=d["world_size"],
                 stage=d["stage"],
                 alignment=d.get("alignment", 2),
-                module=str(d.get("module", "module")),
-                master=str(d.get("master", "master")),
-                replicate=tuple(str(p) for p in d.get("replicate", ())),
-                param_groups=tuple(tuple(str(n) for n in g) for g in d.get("param_groups", ())),
-                experts=tuple(str(p) for p in d.get("experts", ())),
+                module=module,
+                master=master,
+                replicate=replicate,
+                param_groups=param_groups,
+                experts=experts,
                 expert_parallel_size=d.get("expert_parallel_size", 1),
             )
-        except (KeyError, TypeError) as e:
-            raise SpecError(f"malformed spec {d!r}: {e}") from None
+        except SpecError as e:
+            raise SpecError(f"malformed spec: {e}") from None
+
+
+def _check_int(name: str, v: Any, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise SpecError(f"ZeroSpec.{name} must be an int in [{lo}, {hi}], got {short_repr(v)}")
+
+
+def _items(name: str, v: Any) -> tuple[Any, ...]:
+    """A sequence field as a tuple; a str (a common slip for a 1-tuple) is refused."""
+    if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
+        raise SpecError(f"ZeroSpec.{name} must be a sequence of strs, got {short_repr(v)}")
+    return tuple(v)
+
+
+def _strs(name: str, v: Any) -> tuple[str, ...]:
+    items = _items(name, v)
+    for i, x in enumerate(items):
+        if not isinstance(x, str):
+            raise SpecError(f"ZeroSpec.{name}[{i}] must be a str, got {short_repr(x)}")
+    return items
+
+
+def _expert_id(rx: re.Pattern[str], key: str, gid: str | None) -> int:
+    if gid is not None and 0 < len(gid) <= 7 and gid.isdecimal() and int(gid) < MAX_EXPERT_ID:
+        return int(gid)
+    raise SpecError(
+        f"ZeroSpec.experts: pattern {short_repr(rx.pattern)} matches the key {short_repr(key)}, "
+        f"but its group 1 is {short_repr(gid)}, not a decimal expert id below {MAX_EXPERT_ID}"
+    )
