@@ -48,15 +48,34 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
 
 
-def check_against_deepspeed(sd: dict[str, Any], case: Path, exclude: bool = False) -> None:
+def check_against_deepspeed(
+    sd: dict[str, Any], case: Path, exclude: bool = False, compat: bool = False
+) -> None:
+    """``sd`` is zero_to_fp32's output (``compat``), or zckpt's: the same values with every
+    floating tensor fp32 and, at stage 1, the frozen parameters too (from ``module``)."""
     c = info(case)
-    frozen = set(c["model"]["frozen"]) if exclude else set()
-    keys = [k for k in c["checks"]["zero_to_fp32"]["keys"] if k not in frozen]
-    assert list(sd) == keys  # the order too
+    frozen = [k for k in c["model"]["frozen"]] if not exclude else []
+    keys = [
+        k
+        for k in c["checks"]["zero_to_fp32"]["keys"]
+        if exclude is False or k not in c["model"]["frozen"]
+    ]
     expected = load_file(case / "expected_fp32.safetensors")
+    if not compat and c["stage"] == 1 and frozen:
+        module = load_file(case / "expected_module_state.safetensors")
+        buffers = [b["name"] for b in c["model"]["buffers"] if b["persistent"]]
+        at = max(keys.index(b) for b in buffers) + 1 if buffers else 0
+        keys = keys[:at] + frozen + keys[at:]
+        expected = {**expected, **{k: module[k] for k in frozen}}
+    assert list(sd) == keys  # the order too
     for k in keys:
-        assert str(sd[k].dtype) == c["checks"]["zero_to_fp32"]["dtypes"][k], k
-        assert same_bits(sd[k], expected[k]), k
+        want = expected[k]
+        if compat:
+            assert str(sd[k].dtype) == c["checks"]["zero_to_fp32"]["dtypes"][k], k
+        elif want.is_floating_point():
+            assert sd[k].dtype == torch.float32, k
+            want = want.float()  # an exact upcast of what DeepSpeed gives
+        assert same_bits(sd[k], want), k
     for alias, target in c["model"]["tied"].items():
         if target in sd:
             assert sd[alias] is sd[target]
@@ -73,6 +92,8 @@ def test_fixture_equals_deepspeed_bitwise(case: Path, where: str) -> None:
     else:
         sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(str(ck), tag=info(case)["tag"])
     check_against_deepspeed(sd, case)
+    compat = zckpt.interop.deepspeed_fp32_state_dict(ck, zero_to_fp32_compat=True)
+    check_against_deepspeed(compat, case, compat=True)  # DeepSpeed's quirks, exactly
 
 
 @case_params
@@ -269,13 +290,18 @@ def test_synthetic_round_trip(tmp_path: Path, stage: int, ws: int, dtype: torch.
         tied={"head.weight": "p0.weight"},
     )  # fmt: skip
     sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path)
-    want = {**buffers, **(frozen if stage >= 2 else {}), **{n: params[n] for n in names[::2]}}
+    # Frozen parameters at every stage (stage 1 from ``module``), every float tensor in fp32.
+    want = {**buffers, **frozen, **{n: params[n] for n in names[::2]}}
     want.update({n: params[n] for n in names[1::2]})
     want["head.weight"] = params["p0.weight"]
     assert list(sd) == list(want)
     for k, v in want.items():
-        assert same_bits(sd[k], v), k
+        assert same_bits(sd[k], v.float() if v.is_floating_point() else v), k
     assert sd["head.weight"] is sd["p0.weight"]
+    compat = zckpt.interop.deepspeed_fp32_state_dict(tmp_path, zero_to_fp32_compat=True)
+    ds = {k: v for k, v in want.items() if stage >= 2 or k not in frozen}
+    assert list(compat) == list(ds)  # zero_to_fp32 drops stage 1's frozen, keeps their dtype
+    assert compat["frozen.weight"].dtype == dtype if stage >= 2 else "frozen.weight" not in compat
     excl = zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path, exclude_frozen_parameters=True)
     assert list(excl) == [k for k in want if k not in frozen]
 

@@ -130,3 +130,23 @@ def test_deepspeed_run_resumes_into_fp32_torch_with_its_masters(tmp_path: Path, 
     for name in trainable:
         got = dict(model.named_parameters())[name]
         assert torch.equal(got, expected[f"fp32/{name}"]), name
+
+
+def test_converted_exclude_frozen_checkpoint_loads_strictly(tmp_path: Path) -> None:
+    src = FIXTURES / "z2_ws2_bf16_exclude_frozen"
+    if not src.is_dir():
+        pytest.skip(f"no DeepSpeed fixture {src}")
+    zckpt.interop.convert_deepspeed(src / "checkpoint", tmp_path / "z")
+    m = zckpt.open_checkpoint(tmp_path / "z").manifest
+    assert m.excluded_frozen  # DeepSpeed records no names; zckpt records that they were left out
+    model = Model()
+    before = model.frozen_proj.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Checkpointer(model, _adamw(model)).load_checkpoint(tmp_path / "z")  # strict
+    assert torch.equal(model.frozen_proj.weight, before)  # not in the checkpoint: left alone
+    expected = load_file(src / "expected_optimizer.safetensors")
+    assert torch.equal(model.fc1.weight, expected["fp32/fc1.weight"])
+    other = torch.nn.Linear(2, 2)  # a parameter that is not frozen stays required
+    with pytest.raises(zckpt.LoadError, match="missing"):
+        Checkpointer(other).load_checkpoint(tmp_path / "z")

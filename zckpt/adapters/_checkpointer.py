@@ -377,7 +377,12 @@ class Checkpointer:
                 )
             return None, None
         ck = open_checkpoint(loaded.load_path, storage=self.storage)
-        allow_missing = ck.manifest.frozen if ck.manifest.excluded_frozen else ()
+        allow_missing: tuple[str, ...] = ()
+        if ck.manifest.excluded_frozen:
+            # The names recorded at save, and the model's own frozen parameters: a checkpoint
+            # converted from DeepSpeed with exclude_frozen_parameters records no names.
+            mine = tuple(n for n, p in self.module.named_parameters() if not p.requires_grad)
+            allow_missing = (*ck.manifest.frozen, *mine)
         state = loaded.state if isinstance(loaded.state, dict) else {}
         module = state.pop(MODULE, None)
         masters = state.pop(MASTER, None) if not want_optimizer else state.get(MASTER)

@@ -133,7 +133,7 @@ def deepspeed_training_state(
     """
     m0, f0 = ck.model[0], ck.model_files[0]
     layouts = group_layouts(ck)
-    skel, sources, entries = fp32_sources(ck)
+    skel, sources, entries = fp32_sources(ck, zero_to_fp32_compat=True)
     full = dict(assemble_fp32(index_sources(skel, sources), entries))
     masters = {n: full[n] for lay in layouts for n in lay.shapes}
     saved = get(m0, "module", f0, Mapping)
@@ -212,5 +212,25 @@ def convert_deepspeed(
     state, spec, frozen, client = deepspeed_training_state(ck)
     return save_checkpoint(
         dst_dir, state, spec, tag=ck.tag, client_state=client, frozen=frozen, codec=codec,
-        overwrite=overwrite,
+        overwrite=overwrite, exclude_frozen_parameters=excluded_frozen(ck),
     )  # fmt: skip
+
+
+def excluded_frozen(ck: DeepSpeedCheckpoint) -> bool:
+    """Whether DeepSpeed saved ``ck`` with ``exclude_frozen_parameters=True``.
+
+    Stage 2 and 3 record ``frozen_param_shapes`` (empty when nothing is frozen) unless frozen
+    parameters were excluded, when it is None; DeepSpeed records no names then. Stage 1 records
+    none either way (its frozen parameters are in ``module``, or were excluded from it).
+    The converted checkpoint says "frozen parameters excluded", so a strict load accepts the
+    destination model's frozen parameters as missing, as for zckpt's own such checkpoints.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> write_zero_checkpoint(d, {"w": torch.ones(3)}, world_size=2, stage=2)
+        >>> excluded_frozen(open_deepspeed(d))
+        False
+    """
+    return ck.stage >= 2 and ck.model[0].get("frozen_param_shapes", {}) is None

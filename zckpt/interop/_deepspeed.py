@@ -6,9 +6,16 @@ straight from them (no concatenated group buffer, unlike DeepSpeed's stage 1/2 p
 the file pages it has copied, so memory is the output plus one 16 MiB window, and ``lazy_mode``
 reads one tensor at a time.
 
-The output matches ``zero_to_fp32`` key for key: buffers (saved dtype), then frozen parameters
-(training dtype; recorded only by stage >= 2), then trainable parameters from the fp32 masters
-in ``param_shapes`` order, then the tied (``shared_params``) names, the same tensor objects.
+The output holds ``zero_to_fp32``'s keys in its order: buffers, then frozen parameters, then
+trainable parameters from the fp32 masters in ``param_shapes`` order, then the tied
+(``shared_params``) names, the same tensor objects. Where zckpt differs from ``zero_to_fp32``,
+on purpose (``zero_to_fp32_compat=True`` restores its behaviour):
+
+- every floating tensor is fp32: ``zero_to_fp32`` leaves a bf16 run's frozen parameters (and
+  16-bit buffers) in bf16 inside an otherwise fp32 state dict;
+- ZeRO-1 frozen parameters are kept: stage 1 records none in ``frozen_param_shapes``, so
+  ``zero_to_fp32`` drops them and ``from_pretrained`` re-initialises those layers, although their
+  values are in the model states' ``module`` entry, where zckpt takes them from.
 
 A universal checkpoint (``_universal.py``) goes the same way: its model states are the source
 checkpoint's, and each param group's partitions are its parameters' own tensors, so its fp32
@@ -185,7 +192,8 @@ def group_layouts(ck: DeepSpeedCheckpoint) -> list[GroupLayout]:
 class _Builder:
     """Leaves, sources and entries of the output, in output order."""
 
-    def __init__(self, ck: DeepSpeedCheckpoint) -> None:
+    def __init__(self, ck: DeepSpeedCheckpoint, upcast: bool = False) -> None:
+        self.upcast = upcast  # floating outputs in fp32 (16-bit sources are upcast when read)
         self.where = ck.path
         # The files' mappings: pieces lying in them are copied out with their pages released.
         self.mappings = file_mappings(ck.files)
@@ -198,7 +206,8 @@ class _Builder:
         if name in self.leaves:
             raise DeepSpeedFormatError(f"{self.where}: '{name}' is recorded twice")
         self.metas.append(TensorMeta(dtype, shape))
-        self.entries.append(Fp32Entry(name, len(self.metas) - 1, dtype, None))
+        out = torch.float32 if self.upcast and dtype in (torch.float16, torch.bfloat16) else dtype
+        self.entries.append(Fp32Entry(name, len(self.metas) - 1, out, None))
         self.leaves[name] = len(self.metas) - 1
         return len(self.metas) - 1
 
@@ -215,7 +224,8 @@ class _Builder:
     def tie(self, name: str, target: str) -> None:
         leaf = self.leaves.get(target)
         if leaf is not None and name not in self.leaves:
-            self.entries.append(Fp32Entry(name, leaf, self.metas[leaf].dtype, target))
+            out = next(e.dtype for e in self.entries if e.source == leaf and e.tied_to is None)
+            self.entries.append(Fp32Entry(name, leaf, out, target))
             self.leaves[name] = leaf
 
     def skeleton(self) -> Skeleton:
@@ -302,9 +312,15 @@ def gather(
 
 
 def fp32_sources(
-    ck: DeepSpeedCheckpoint, exclude_frozen_parameters: bool = False
+    ck: DeepSpeedCheckpoint,
+    exclude_frozen_parameters: bool = False,
+    *,
+    zero_to_fp32_compat: bool = False,
 ) -> tuple[Skeleton, list[TensorSource], list[Fp32Entry]]:
     """The output's skeleton, the saved pieces as sources (views, no copies), and its entries.
+
+    Every floating output is fp32 and ZeRO-1's frozen parameters come from the ``module``
+    entry, unless ``zero_to_fp32_compat`` (see the module docstring).
 
     Example:
         >>> import tempfile, torch
@@ -316,19 +332,25 @@ def fp32_sources(
         >>> [e.name for e in entries], len(sources)
         (['n', 'w'], 3)
     """
-    b = _Builder(ck)
+    b = _Builder(ck, upcast=not zero_to_fp32_compat)
     m0, f0 = ck.model[0], ck.model_files[0]
     module = get(m0, "module", f0, Mapping)
     buffers = set(get({"b": m0.get("buffer_names") or []}, "b", f0, (list, tuple)))
     for name, t in module.items():
         if name in buffers:
             b.whole(name, t, "buffer")
+    layouts = group_layouts(ck)
+    shared = m0.get("shared_params") or {}
     if not exclude_frozen_parameters:
         _frozen(b, ck)
+        if ck.stage == 1 and not zero_to_fp32_compat:
+            trainable = {n for lay in layouts for n in lay.shapes}
+            for name, t in module.items():
+                if name not in b.leaves and name not in trainable and name not in shared:
+                    b.whole(name, t, "frozen parameter")
     parts = partitions(ck)
-    for layout in group_layouts(ck):
+    for layout in layouts:
         _add_group(b, layout, parts)
-    shared = m0.get("shared_params") or {}
     for alias, target in get({"s": shared}, "s", f0, Mapping).items():
         b.tie(str(alias), str(target))
     return b.skeleton(), b.sources, b.entries
@@ -339,6 +361,8 @@ def deepspeed_fp32_state_dict(
     tag: str | None = None,
     exclude_frozen_parameters: bool = False,
     lazy_mode: bool = False,
+    *,
+    zero_to_fp32_compat: bool = False,
 ) -> dict[str, Any]:
     """DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``, without DeepSpeed or its pickles.
 
@@ -349,6 +373,8 @@ def deepspeed_fp32_state_dict(
         tag: the tag.
         exclude_frozen_parameters: leave out frozen parameters.
         lazy_mode: return :class:`zckpt.LazyTensor` values, read on ``.contiguous()``.
+        zero_to_fp32_compat: exactly ``zero_to_fp32``'s output: frozen parameters in the
+            training dtype, ZeRO-1's frozen parameters left out (see the module docstring).
 
     Raises:
         DeepSpeedFormatError: files missing or inconsistent (file, tensor and rank named).
@@ -367,7 +393,9 @@ def deepspeed_fp32_state_dict(
         torch.Size([4, 3])
     """
     ck = open_deepspeed(checkpoint_dir, tag)
-    skel, sources, entries = fp32_sources(ck, exclude_frozen_parameters)
+    skel, sources, entries = fp32_sources(
+        ck, exclude_frozen_parameters, zero_to_fp32_compat=zero_to_fp32_compat
+    )
     try:
         index = index_sources(skel, sources)
         if not lazy_mode:
