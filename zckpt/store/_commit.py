@@ -5,6 +5,7 @@ background thread."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -541,7 +542,16 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
         excluded_frozen=p.excluded_frozen,
         zckpt_version=zckpt.__version__,
     )
-    with dir_lock(storage, save_dir):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(dir_lock(storage, save_dir))
+        except (ZckptError, OSError) as e:  # e.g. no room for the lock file on a full disk
+            _discard(p)
+            return {
+                "error": f"committing {tag_dir} failed, nothing was committed: taking the "
+                f"save_dir's commit lock failed: {e}",
+                "committed": False,
+            }
         if p.lock is not None and not p.lock.intact():
             _discard(p)
             return {

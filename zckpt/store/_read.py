@@ -146,6 +146,28 @@ class Checkpoint:
                 "copied from another checkpoint or rewritten after the commit"
             )
 
+    def check_skeleton(self) -> None:
+        """The manifest's skeleton and spec are the ones its files were written with.
+
+        Every rank file's index carries both, and the file is bound to the manifest by its
+        index checksum; comparing with one file's (one small read) catches a manifest rewritten
+        with a valid checksum but other values, keys or metas than the files hold.
+        """
+        rec = next(iter(self.manifest.files), None)
+        if rec is None:
+            return
+        h = self.header(rec)
+        m = self.manifest
+        if h.skeleton != m.skeleton:
+            raise FormatError(
+                f"{self.path}/{MANIFEST}: its skeleton (the state's keys, values and tensor metas) "
+                f"differs from the one {rec.name} was written with"
+            )
+        if h.spec != m.spec:
+            raise FormatError(
+                f"{self.path}/{MANIFEST}: its spec differs from the one {rec.name} was written with"
+            )
+
     def sources(self, files: tuple[FileRecord, ...] | None = None) -> list[FileSource]:
         """Every fragment of the given files (default: all rank files), read lazily.
 
@@ -331,4 +353,29 @@ def open_checkpoint(
         ) from None
     except StorageError as e:
         raise CheckpointNotFoundError(errno.ENOENT, e.strerror or str(e)) from None
-    return Checkpoint(tag_dir, manifest, storage)
+    _check_tag_link(storage, path, tag_dir)
+    ck = Checkpoint(tag_dir, manifest, storage)
+    ck.check_skeleton()
+    return ck
+
+
+def _check_tag_link(storage: Storage, save_dir: str, tag_dir: str) -> None:
+    """A tag reached through a save_dir may be a symbolic link only to a directory inside it.
+
+    Otherwise a save_dir's tag (or the one ``latest`` names) could be another checkpoint
+    altogether, consistent in itself and so undetectable; a tag directory named directly is
+    the user's own choice and is followed.
+    """
+    from zckpt.store._storage import LocalStorage
+
+    if tag_dir == save_dir or not isinstance(storage, LocalStorage):
+        return
+    if not os.path.islink(tag_dir):
+        return
+    root, target = os.path.realpath(save_dir), os.path.realpath(tag_dir)
+    if os.path.commonpath([root, target]) != root:
+        raise CheckpointNotFoundError(
+            errno.ENOENT,
+            f"{tag_dir} is a symbolic link to {target}, outside {save_dir}: refused (pass "
+            f"{target} itself to load that checkpoint)",
+        )

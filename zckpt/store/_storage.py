@@ -540,9 +540,18 @@ class LocalStorage:
             raise StorageError(e.errno, f"creating directory {path}: {e.strerror}") from e
 
     def remove(self, path: str) -> None:
-        """Unlink a file; missing is fine."""
-        with contextlib.suppress(FileNotFoundError):
+        """Unlink a file (or a symbolic link, never what it points to); missing is fine, and so
+        is a directory, which is left alone: zckpt writes no directory where a file belongs."""
+        try:
             os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            pass
+        except OSError as e:
+            if e.errno in (errno.EISDIR, errno.EPERM) and os.path.isdir(path):
+                return  # EPERM: what unlink(2) says for a directory on some systems
+            raise StorageError(e.errno, f"removing {path}: {e.strerror}") from e
 
     def rmtree(self, path: str) -> None:
         """Remove a directory tree; missing is fine."""

@@ -22,7 +22,13 @@ from zckpt.errors import ZckptError
 from zckpt.format import iter_problems
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, read_latest
 from zckpt.store._manifest import FileRecord
-from zckpt.store._read import Checkpoint, open_checkpoint
+from zckpt.store._read import (
+    Checkpoint,
+    _check_tag_link,
+    open_checkpoint,
+    read_manifest,
+    resolve,
+)
 from zckpt.store._storage import LocalStorage, Storage, StorageError, open_regular
 
 __all__ = ["TagReport", "verify_checkpoint"]
@@ -100,13 +106,24 @@ def _file_problems(ck: Checkpoint, rec: FileRecord, client: bool) -> list[str]:
 def _verify_tag(
     storage: Storage, tag_dir: str, tag: str | None, on_bytes: Callable[[int], None] | None
 ) -> TagReport:
+    problems: list[str] = []
     try:
         ck = open_checkpoint(tag_dir, tag, storage=storage)
     except (ZckptError, OSError) as e:
-        return TagReport(tag_dir, tag or os.path.basename(tag_dir), 0, 0, (_one_line(e),))
+        # The manifest may be sound and a file bad (opening checks the first file): go on with
+        # the manifest alone, so every file's problems are listed, not just the first.
+        found = resolve(storage, tag_dir, tag)
+        try:
+            if found is None:
+                raise
+            _check_tag_link(storage, tag_dir, found[0])  # what a load refuses, verify does
+            ck = Checkpoint(found[0], read_manifest(storage, found[0]), storage)
+        except (ZckptError, OSError):
+            return TagReport(tag_dir, tag or os.path.basename(tag_dir), 0, 0, (_one_line(e),))
+        if "differs from the one" in str(e):
+            problems.append(_one_line(e))
     m = ck.manifest
     recs = [(r, False) for r in m.files] + ([(m.client, True)] if m.client else [])
-    problems: list[str] = []
     for rec, client in recs:
         problems += _file_problems(ck, rec, client)
         if on_bytes is not None:
@@ -158,10 +175,7 @@ def verify_checkpoint(
         return [_verify_tag(storage, path, tag, on_bytes)]
     if not storage.is_dir(path) and not os.path.isdir(path):
         raise StorageError(2, f"{path}: no such directory")
-    reports = [
-        _verify_tag(storage, os.path.join(path, name), None, on_bytes)
-        for name in _tag_dirs(storage, path)
-    ]
+    reports = [_verify_tag(storage, path, name, on_bytes) for name in _tag_dirs(storage, path)]
     by_tag = {r.tag: r for r in reports}
     for pointer in (LATEST, LATEST_UNIVERSAL):
         if not storage.exists(os.path.join(path, pointer)):
