@@ -34,7 +34,7 @@ from zckpt.interop._files import (
     find_deepspeed,
     open_deepspeed,
 )
-from zckpt.interop._safetensors import Exported, export_safetensors, parse_size
+from zckpt.interop._safetensors import Exported, export_safetensors, module_key_order, parse_size
 from zckpt.interop._universal import LATEST_UNIVERSAL, UniversalFiles
 from zckpt.interop._unpickle import (
     ALLOWED_GLOBALS,
@@ -65,6 +65,7 @@ __all__ = [
     "deepspeed_tags",
     "deepspeed_training_state",
     "export_safetensors",
+    "module_key_order",
     "find_deepspeed",
     "group_layouts",
     "is_deepspeed_checkpoint",
