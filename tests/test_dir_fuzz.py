@@ -271,7 +271,14 @@ def test_same_layout_file_swap_is_detected(env: Env, kind: str) -> None:
                                 for r in range(3)])  # fmt: skip
             must_raise("fp32 state dict", lambda: zckpt.get_fp32_state_dict_from_zero_checkpoint(d))
             must_raise("lazy fp32 state dict", lazy)
-            assert_states_equal(zckpt.open_checkpoint(d, "step2").client_state(), golden["client"])
+            # Opening checks the manifest against the first rank file, so the client state of a
+            # checkpoint with a foreign rank file may be refused too; it is never other data.
+            try:
+                got = zckpt.open_checkpoint(d, "step2").client_state()
+            except zckpt.ZckptError:
+                pass
+            else:
+                assert_states_equal(got, golden["client"])
         else:
             must_raise("client_state()", client)
             sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(d, "step2")
