@@ -119,23 +119,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 # ---------------------------------------------------------------------------------- sanity
 
-
-def expected_holdings(state: Any, target: zckpt.ZeroSpec, rank: int) -> list[torch.Tensor]:
-    plan = zckpt.plan_shards(state, target)
-    _, full = zckpt.tree.flatten(state)
-    held = {f.leaf: f for f in plan.holds(rank)}
-    out = []
-    for leaf, t in enumerate(full):
-        f = held.get(leaf)
-        if t.numel() == 0:
-            out.append(t)
-        elif f is None:
-            out.append(torch.empty(0, dtype=t.dtype))
-        elif f.numel == t.numel():
-            out.append(t)
-        else:
-            out.append(t.reshape(-1)[f.start : f.stop])
-    return out
+from test_store import expected_holdings  # noqa: E402  (tests/ is on sys.path: conftest)
 
 
 def expected_fp32(state: dict[str, Any]) -> dict[str, torch.Tensor]:
