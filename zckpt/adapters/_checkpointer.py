@@ -38,8 +38,14 @@ from zckpt.store import (
     save_checkpoint,
 )
 from zckpt.store._explain import explain
+from zckpt.store._resolve import is_url
 
 __all__ = ["Checkpointer"]
+
+
+def _where(path: str) -> str:
+    """A save_dir's identity: its real path, or a URL as it is (``realpath`` would mangle it)."""
+    return path.rstrip("/") if is_url(path) else os.path.realpath(path)
 
 
 class Checkpointer:
@@ -149,7 +155,7 @@ class Checkpointer:
 
     def _check_existing(self, save_dir: str) -> None:
         """The first save into a save_dir holding another run's committed tags needs a choice."""
-        where = os.path.realpath(save_dir)
+        where = _where(save_dir)
         if where in self._known_dirs:
             return
         found: list[str] = []
@@ -367,8 +373,8 @@ class Checkpointer:
             storage=self.storage,
         )
         if loaded.load_path is not None:
-            self._known_dirs.add(os.path.realpath(os.path.dirname(loaded.load_path)))
-            self._known_dirs.add(os.path.realpath(os.fspath(load_dir)))
+            self._known_dirs.add(_where(os.path.dirname(loaded.load_path)))
+            self._known_dirs.add(_where(os.fspath(load_dir)))
         if loaded.load_path is None:
             if require:
                 reason = explain(load_dir, tag, storage=self.storage)

@@ -38,6 +38,7 @@ from zckpt.interop._output import (
 from zckpt.interop._safetensors import is_directory_output, write_safetensors
 from zckpt.store._commit import prepare_save, write_and_commit
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, TagError, generation_of
+from zckpt.store._resolve import isdir, lexists, listdir
 
 __all__ = ["clean", "consolidate", "convert", "prune", "reshard"]
 
@@ -128,7 +129,7 @@ def consolidate(args: argparse.Namespace) -> int:
 def _check_save_dir(src: str, out: str) -> None:
     """Before reading: OUT is neither the input nor inside or around it, and not a file."""
     check_disjoint(src, out)
-    if os.path.lexists(out) and not os.path.isdir(out):
+    if lexists(out) and not isdir(out):
         raise OutputExistsError(
             f"{out} exists and is not a directory; OUT is a checkpoint save_dir: "
             "choose another path"
@@ -138,13 +139,13 @@ def _check_save_dir(src: str, out: str) -> None:
 def _check_run(out: str, tag: str, overwrite: bool) -> None:
     """Refuse to add ``tag`` to a directory that already holds a training run, without
     ``--overwrite``; refuse always when OUT/tag holds files that are not zckpt's."""
-    if not os.path.isdir(out):
+    if not isdir(out):
         return
     tag_dir = os.path.join(out, tag)
     tags = [c.tag for c in zckpt.list_tags(out)]
-    if tag not in tags and os.path.isdir(tag_dir):
+    if tag not in tags and isdir(tag_dir):
         foreign = sorted(
-            f for f in os.listdir(tag_dir) if not (f == MANIFEST or generation_of(f) is not None)
+            f for f in listdir(tag_dir) if not (f == MANIFEST or generation_of(f) is not None)
         )
         if foreign and not all(f.startswith(".") and ".tmp." in f for f in foreign):
             raise OutputExistsError(
@@ -154,7 +155,7 @@ def _check_run(out: str, tag: str, overwrite: bool) -> None:
             )
     if overwrite:
         return
-    pointers = [n for n in (LATEST, LATEST_UNIVERSAL) if os.path.lexists(os.path.join(out, n))]
+    pointers = [n for n in (LATEST, LATEST_UNIVERSAL) if lexists(os.path.join(out, n))]
     if not tags and not pointers:
         return
     held = [f"a '{n}' file" for n in pointers]
@@ -176,7 +177,7 @@ def _cli_wording(out: str, tag: str) -> Iterator[None]:
     try:
         yield
     except TagError as e:
-        committed = os.path.isdir(out) and tag in [c.tag for c in zckpt.list_tags(out)]
+        committed = isdir(out) and tag in [c.tag for c in zckpt.list_tags(out)]
         if not committed:
             raise
         raise OutputExistsError(
@@ -300,7 +301,7 @@ def prune(args: argparse.Namespace) -> int:
         1
     """
     _positive("--keep-last", args.keep_last)
-    if not os.path.isdir(args.path):
+    if not isdir(args.path):
         raise zckpt.CheckpointNotFoundError(f"{args.path}: no such directory")
     deleted = zckpt.apply_retention(args.path, args.keep_last)
     for tag in deleted:
@@ -318,7 +319,7 @@ def clean(args: argparse.Namespace) -> int:
         >>> main(["clean", "/nonexistent"])
         1
     """
-    if not os.path.isdir(args.path):
+    if not isdir(args.path):
         raise zckpt.CheckpointNotFoundError(f"{args.path}: no such directory")
     removed = zckpt.clean(args.path)
     for name in removed:

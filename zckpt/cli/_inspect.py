@@ -21,6 +21,7 @@ from zckpt.interop import (
     open_deepspeed,
 )
 from zckpt.store._layout import LATEST, read_latest
+from zckpt.store._resolve import storage_for
 
 __all__ = ["describe_value", "inspect", "verify"]
 
@@ -56,7 +57,7 @@ def describe_value(v: Any) -> Any:
 
 def _latest(path: str, name: str = LATEST) -> str | None:
     try:
-        return read_latest(zckpt.LocalStorage(), path, name)
+        return read_latest(*storage_for(path), name)
     except (zckpt.ZckptError, OSError):
         return None
 

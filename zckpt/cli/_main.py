@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -10,6 +11,7 @@ from typing import Any
 
 import zckpt
 from zckpt.errors import ZckptError
+from zckpt.store._resolve import storage_options_scope
 
 __all__ = ["CommandLineError", "Progress", "main", "progress"]
 
@@ -83,7 +85,39 @@ def _common() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="show the full traceback of an error",
     )
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="KEY=VALUE",
+        help="an fsspec option for s3://... and other URLs (repeatable), e.g. "
+        "endpoint_url=http://127.0.0.1:9000; VALUE is read as JSON when it parses "
+        "(true, 3), else as text. Credentials also come from AWS_* variables",
+    )
     return p
+
+
+def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``--storage-option KEY=VALUE`` pairs as fsspec options (None when none given).
+
+    Example:
+        >>> import argparse
+        >>> storage_options(argparse.Namespace(storage_option=["anon=true", "region=eu"]))
+        {'anon': True, 'region': 'eu'}
+    """
+    pairs = getattr(args, "storage_option", None)
+    if not pairs:
+        return None
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CommandLineError(f"--storage-option takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     try:
-        code: int = args.func(args)
+        with storage_options_scope(storage_options(args)):
+            code: int = args.func(args)
         return code
     except KeyboardInterrupt:
         print("zckpt: interrupted", file=sys.stderr)

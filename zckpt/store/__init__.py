@@ -13,9 +13,11 @@ Example:
 from zckpt.store._async import AsyncSaver, PendingSave, default_saver
 from zckpt.store._commit import Saved, SaveError, drop_frozen
 from zckpt.store._fp32 import LazyTensor, get_fp32_state_dict_from_zero_checkpoint
+from zckpt.store._fsspec import FsspecStorage
 from zckpt.store._layout import TagError, check_tag
 from zckpt.store._load import SKIP, Loaded, LoadError, load_checkpoint
 from zckpt.store._read import Checkpoint, CheckpointNotFoundError, FileSource, open_checkpoint
+from zckpt.store._resolve import storage_for
 from zckpt.store._retention import CommittedTag, apply_retention, clean, list_tags
 from zckpt.store._save import save_checkpoint
 from zckpt.store._storage import LocalStorage, Storage, StorageError
@@ -28,6 +30,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CommittedTag",
     "FileSource",
+    "FsspecStorage",
     "LazyTensor",
     "LoadError",
     "Loaded",
@@ -49,5 +52,6 @@ __all__ = [
     "load_checkpoint",
     "open_checkpoint",
     "save_checkpoint",
+    "storage_for",
     "verify_checkpoint",
 ]

@@ -37,8 +37,9 @@ from zckpt.store._layout import (
 )
 from zckpt.store._manifest import FileRecord, Manifest, encode_manifest
 from zckpt.store._read import read_manifest
+from zckpt.store._resolve import storage_for
 from zckpt.store._retention import apply_retention
-from zckpt.store._storage import LocalStorage, Lock, Storage
+from zckpt.store._storage import Lock, Storage
 from zckpt.tree import Skeleton, flatten
 
 __all__ = [
@@ -274,6 +275,7 @@ def prepare_save(
     chunk_bytes: int = 8 << 20,
     comm: Comm | None = None,
     storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> PreparedSave:
     """Validate a save and agree on it across ranks (round 1); write nothing yet.
 
@@ -289,9 +291,8 @@ def prepare_save(
         >>> [s.rank for s in p.shards], write_and_commit(p).tag
         ([0, 1], 't')
     """
-    storage = storage or LocalStorage()
+    storage, save_dir = storage_for(save_dir, storage, storage_options)
     comm = comm or SingleProcess()
-    save_dir = os.fspath(save_dir)
     my_tag = ""
     shards: list[Shard] = []
     client: dict[str, Any] = {}

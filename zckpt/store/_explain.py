@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from zckpt.errors import ZckptError
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, check_tag, read_latest
+from zckpt.store._resolve import storage_for
 from zckpt.store._storage import LocalStorage, Storage
 
 __all__ = ["Reason", "explain"]
@@ -119,8 +120,7 @@ def explain(
         >>> explain(d).kind
         'empty'
     """
-    storage = storage or LocalStorage()
-    path = os.fspath(path)
+    storage, path = storage_for(path, storage)
     local = isinstance(storage, LocalStorage)
     if local and not os.path.lexists(path):
         parent = os.path.dirname(os.path.abspath(path))

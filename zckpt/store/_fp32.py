@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 from zckpt.assemble import assemble_fp32, fp32_entries, index_sources
 from zckpt.store._load import LoadError
 from zckpt.store._read import following_latest, open_checkpoint
+from zckpt.store._resolve import storage_for
 from zckpt.store._storage import LocalStorage, Storage
 
 __all__ = ["LazyTensor", "get_fp32_state_dict_from_zero_checkpoint"]
@@ -54,6 +55,7 @@ def get_fp32_state_dict_from_zero_checkpoint(
     lazy_mode: bool = False,
     *,
     storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The module's state dict in fp32, rebuilt from every rank's partitions.
 
@@ -68,6 +70,8 @@ def get_fp32_state_dict_from_zero_checkpoint(
         tag: which tag.
         exclude_frozen_parameters: leave out parameters recorded as frozen at save.
         lazy_mode: return :class:`LazyTensor` values; ``.contiguous()`` reads one.
+        storage: the filesystem (default: local files, or the fsspec filesystem of a URL).
+        storage_options: options for a URL's fsspec filesystem.
 
     Example:
         >>> import tempfile, torch, zckpt
@@ -78,7 +82,9 @@ def get_fp32_state_dict_from_zero_checkpoint(
         >>> torch.equal(zckpt.get_fp32_state_dict_from_zero_checkpoint(d)["w"], w)
         True
     """
-    if storage is None or isinstance(storage, LocalStorage):
+    storage, path = storage_for(checkpoint_dir, storage, storage_options)
+    if isinstance(storage, LocalStorage):  # DeepSpeed folders are local files
+        checkpoint_dir = path
         # Imported here: zckpt.interop imports this module (LazyTensor).
         from zckpt.interop import deepspeed_fp32_state_dict, is_deepspeed_checkpoint
 
@@ -87,13 +93,9 @@ def get_fp32_state_dict_from_zero_checkpoint(
                 checkpoint_dir, tag, exclude_frozen_parameters, lazy_mode
             )
     if lazy_mode:
-        return _fp32(checkpoint_dir, tag, exclude_frozen_parameters, True, storage)
-    store = storage or LocalStorage()
+        return _fp32(path, tag, exclude_frozen_parameters, True, storage)
     return following_latest(
-        store,
-        os.fspath(checkpoint_dir),
-        tag,
-        lambda: _fp32(checkpoint_dir, tag, exclude_frozen_parameters, False, storage),
+        storage, path, tag, lambda: _fp32(path, tag, exclude_frozen_parameters, False, storage)
     )
 
 

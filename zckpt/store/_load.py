@@ -16,7 +16,8 @@ from zckpt.errors import ArgumentError, CoverageError, SpecError, ZckptError
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
 from zckpt.store._explain import DEEPSPEED, explain
 from zckpt.store._read import CheckpointNotFoundError, following_latest, open_checkpoint, resolve
-from zckpt.store._storage import LocalStorage, Storage
+from zckpt.store._resolve import storage_for
+from zckpt.store._storage import Storage
 from zckpt.tree import (
     DICT,
     LIST,
@@ -121,6 +122,7 @@ def load_checkpoint(
     load_masters: bool | None = None,
     into: Any = None,
     storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Loaded:
     """Load a committed checkpoint at any world size and stage; rank ``rank`` reads only its ranges.
 
@@ -156,7 +158,9 @@ def load_checkpoint(
             range's): anything else is a :class:`LoadError` naming the path. A leaf set to
             :data:`SKIP` is not read at all (and is absent from the result); paths ``into``
             does not name get new tensors.
-        storage: the filesystem.
+        storage: the filesystem (default: local files, or the fsspec filesystem of a URL such
+            as ``s3://bucket/run1``: see :func:`~zckpt.store.storage_for`).
+        storage_options: options for a URL's fsspec filesystem (``endpoint_url``, ...).
 
     Returns:
         :class:`Loaded` ``(load_path, client_state, state, plan, missing_keys, unexpected_keys)``;
@@ -181,8 +185,7 @@ def load_checkpoint(
         >>> got.state["master"]["w"].tolist(), got.state["module"]["w"].shape
         ([4.0, 5.0], torch.Size([6]))
     """
-    storage = storage or LocalStorage()
-    load_dir = os.fspath(load_dir)
+    storage, load_dir = storage_for(load_dir, storage, storage_options)
     _check_target(world_size, stage, rank)
     if resolve(storage, load_dir, tag) is None:
         reason = explain(load_dir, tag, storage=storage)

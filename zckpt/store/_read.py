@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -18,7 +18,8 @@ from zckpt.format._header import as_bytes_view, parse_preamble
 from zckpt.spec import Fragment
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, check_tag, read_latest
 from zckpt.store._manifest import FileRecord, Manifest, decode_manifest
-from zckpt.store._storage import LocalStorage, Storage, StorageError
+from zckpt.store._resolve import storage_for
+from zckpt.store._storage import Storage, StorageError
 from zckpt.tree import Skeleton
 
 __all__ = [
@@ -306,6 +307,7 @@ def following_latest(storage: Storage, path: str, tag: str | None, load: Callabl
     (retention of a running job) and ``latest`` now names another tag, run it once more.
 
     Example:
+        >>> from zckpt.store import LocalStorage
         >>> following_latest(LocalStorage(), "/nonexistent", "t", lambda: 3)
         3
     """
@@ -322,9 +324,16 @@ def following_latest(storage: Storage, path: str, tag: str | None, load: Callabl
 
 
 def open_checkpoint(
-    path: str | os.PathLike[str], tag: str | None = None, *, storage: Storage | None = None
+    path: str | os.PathLike[str],
+    tag: str | None = None,
+    *,
+    storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Open a committed zckpt checkpoint: a ``save_dir`` (tag from ``latest``) or a tag directory.
+
+    ``path`` may be a URL (``s3://bucket/run1``; ``storage_options`` go to its fsspec
+    filesystem) or any path of ``storage`` (see :func:`~zckpt.store.storage_for`).
 
     Raises:
         CheckpointNotFoundError: no ``latest`` and no tag, or the tag is not committed.
@@ -339,8 +348,7 @@ def open_checkpoint(
     """
     from zckpt.store._explain import explain
 
-    storage = storage or LocalStorage()
-    path = os.fspath(path)
+    storage, path = storage_for(path, storage, storage_options)
     found = resolve(storage, path, tag)
     if found is None:
         raise CheckpointNotFoundError(errno.ENOENT, explain(path, tag, storage=storage).message)

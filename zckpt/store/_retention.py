@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from zckpt.errors import ArgumentError, ZckptError
 from zckpt.store._layout import (
@@ -17,7 +19,8 @@ from zckpt.store._layout import (
     read_latest,
     try_tag_lock,
 )
-from zckpt.store._storage import LocalStorage, Storage
+from zckpt.store._resolve import storage_for
+from zckpt.store._storage import Storage
 
 __all__ = ["CommittedTag", "apply_retention", "clean", "list_tags"]
 
@@ -35,7 +38,12 @@ class CommittedTag:
     committed_at: float
 
 
-def list_tags(save_dir: str, *, storage: Storage | None = None) -> list[CommittedTag]:
+def list_tags(
+    save_dir: str,
+    *,
+    storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[CommittedTag]:
     """Committed tags in ``save_dir``, oldest first.
 
     Torn or foreign directories are skipped, and so is a tag that is a symbolic link: it still
@@ -51,7 +59,7 @@ def list_tags(save_dir: str, *, storage: Storage | None = None) -> list[Committe
     """
     from zckpt.store._read import read_manifest
 
-    storage = storage or LocalStorage()
+    storage, save_dir = storage_for(save_dir, storage, storage_options)
     out = []
     for name in storage.listdir(save_dir):
         path = os.path.join(save_dir, name)
@@ -87,7 +95,12 @@ def _delete_tag(storage: Storage, tag_dir: str) -> None:
 
 
 def apply_retention(
-    save_dir: str, keep_last: int, *, storage: Storage | None = None, locked: bool = False
+    save_dir: str,
+    keep_last: int,
+    *,
+    storage: Storage | None = None,
+    locked: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Delete all but the newest ``keep_last`` committed tags, never the one ``latest`` names.
 
@@ -106,7 +119,7 @@ def apply_retention(
         >>> zckpt.apply_retention(d, keep_last=1)
         ['a', 'b']
     """
-    storage = storage or LocalStorage()
+    storage, save_dir = storage_for(save_dir, storage, storage_options)
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise ArgumentError(f"keep_last must be an int >= 1, got {keep_last!r}")
     if not locked:
@@ -131,7 +144,12 @@ def apply_retention(
     return deleted
 
 
-def clean(save_dir: str, *, storage: Storage | None = None) -> list[str]:
+def clean(
+    save_dir: str,
+    *,
+    storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
     """Remove what no commit references: uncommitted tag directories (holding only zckpt's own
     files; anything else is left alone), temporary files, blob files of generations other than
     the committed one, and lock files no live process holds.
@@ -149,7 +167,7 @@ def clean(save_dir: str, *, storage: Storage | None = None) -> list[str]:
         >>> zckpt.clean(d)
         ['torn']
     """
-    storage = storage or LocalStorage()
+    storage, save_dir = storage_for(save_dir, storage, storage_options)
     removed = []
     with dir_lock(storage, save_dir):
         names = storage.listdir(save_dir)
@@ -177,6 +195,26 @@ def clean(save_dir: str, *, storage: Storage | None = None) -> list[str]:
                 removed += _clean_tag(storage, save_dir, name)
             finally:
                 lock.release()
+        removed += _abort_uploads(storage, save_dir)
+    return removed
+
+
+def _abort_uploads(storage: Storage, save_dir: str) -> list[str]:
+    """Object stores: abort the multipart uploads a killed save left unfinished, in tags no
+    running save holds."""
+    listing = getattr(storage, "unfinished_uploads", None)
+    if listing is None:
+        return []
+    removed = []
+    for tag in sorted({name.split("/", 1)[0] for name in listing(save_dir) if "/" in name}):
+        lock = try_tag_lock(storage, save_dir, tag)
+        if lock is None:  # a save in flight: its uploads are its own
+            continue
+        try:
+            aborted = storage.abort_uploads(os.path.join(save_dir, tag))  # type: ignore[attr-defined]
+            removed += [f"{os.path.join(tag, n)} (unfinished upload)" for n in aborted]
+        finally:
+            lock.release()
     return removed
 
 

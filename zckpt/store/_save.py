@@ -35,6 +35,7 @@ def save_checkpoint(
     chunk_bytes: int = 8 << 20,
     comm: Comm | None = None,
     storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     async_: Literal[False] = False,
 ) -> Saved: ...
 
@@ -59,6 +60,7 @@ def save_checkpoint(
     chunk_bytes: int = 8 << 20,
     comm: Comm | None = None,
     storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     async_: Literal[True] | AsyncSaver,
 ) -> PendingSave: ...
 
@@ -83,6 +85,7 @@ def save_checkpoint(
     chunk_bytes: int = 8 << 20,
     comm: Comm | None = None,
     storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     async_: bool | AsyncSaver = False,
 ) -> Saved | PendingSave: ...
 
@@ -106,6 +109,7 @@ def save_checkpoint(
     chunk_bytes: int = 8 << 20,
     comm: Comm | None = None,
     storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     async_: bool | AsyncSaver = False,
 ) -> Saved | PendingSave:
     """Save a sharded training state as ``save_dir/<tag>``, committed atomically.
@@ -137,7 +141,10 @@ def save_checkpoint(
         level: zstd level.
         chunk_bytes: frame size: the unit of checksums, parallel compression and partial reads.
         comm: the process group (:mod:`zckpt.dist`); None for one process writing every rank.
-        storage: the filesystem (default: local POSIX files).
+        storage: the filesystem (default: local POSIX files, or the fsspec filesystem of a
+            URL: ``s3://bucket/run1``, ``memory://run1``; see :func:`~zckpt.store.storage_for`).
+        storage_options: options for the URL's fsspec filesystem (``endpoint_url``, ``key``,
+            ``secret``, ...), as ``fsspec.open`` takes them.
         async_: ``True`` to return as soon as the state is copied into reused staging memory
             and write and commit in a background thread (with the process-wide
             :func:`~zckpt.store.default_saver`), or an :class:`~zckpt.store.AsyncSaver` to use
@@ -187,5 +194,6 @@ def save_checkpoint(
         chunk_bytes=chunk_bytes,
         comm=comm,
         storage=storage,
+        storage_options=storage_options,
     )
     return dispatch(async_, save_dir, state, spec, options)

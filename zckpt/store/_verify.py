@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
@@ -29,6 +30,7 @@ from zckpt.store._read import (
     read_manifest,
     resolve,
 )
+from zckpt.store._resolve import storage_for
 from zckpt.store._storage import LocalStorage, Storage, StorageError, open_regular
 
 __all__ = ["TagReport", "verify_checkpoint"]
@@ -82,6 +84,19 @@ def _mapped_problems(path: str, rec: FileRecord) -> list[str]:
     return found
 
 
+def _stored_problems(storage: Storage, path: str, rec: FileRecord) -> list[str]:
+    """The whole-file pass of :func:`_mapped_problems` for a blob read whole from ``storage``
+    (one blob in memory at a time)."""
+    buf = memoryview(bytearray(rec.size))
+    got = storage.read_into(path, 0, buf)
+    if got != rec.size:
+        return [f"{path}: {got} bytes read, the manifest says {rec.size}"]
+    found: list[str] = []
+    if xxhash.xxh3_64_intdigest(buf) != rec.xxh3:
+        found.append(f"{path}: whole-file xxh3 mismatch (the manifest says {rec.xxh3:#018x})")
+    return found + [f"{path}: {_one_line(p)}" for p in iter_problems(buf)]
+
+
 def _file_problems(ck: Checkpoint, rec: FileRecord, client: bool) -> list[str]:
     path = ck.file_path(rec)
     if not ck.storage.exists(path):
@@ -95,9 +110,9 @@ def _file_problems(ck: Checkpoint, rec: FileRecord, client: bool) -> list[str]:
             ck.header(rec)
     except (ZckptError, OSError) as e:
         return [_one_line(e)]
-    if not isinstance(ck.storage, LocalStorage):
-        return []  # the whole-file pass maps local files; other storages get the load's checks
     try:
+        if not isinstance(ck.storage, LocalStorage):  # an object store: read the blob whole
+            return _stored_problems(ck.storage, path, rec)
         return _mapped_problems(path, rec)
     except (ZckptError, OSError) as e:
         return [f"{path}: {_one_line(e)}"]
@@ -147,6 +162,7 @@ def verify_checkpoint(
     *,
     storage: Storage | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[TagReport]:
     """Check a tag directory, one ``tag`` of a save_dir, or every tag of a save_dir.
 
@@ -169,8 +185,7 @@ def verify_checkpoint(
         >>> [(r.tag, r.files, r.ok) for r in zckpt.verify_checkpoint(d)]
         [('a', 2, True), ('b', 2, True)]
     """
-    storage = storage or LocalStorage()
-    path = os.fspath(path)
+    storage, path = storage_for(path, storage, storage_options)
     if tag is not None or storage.exists(os.path.join(path, MANIFEST)):
         return [_verify_tag(storage, path, tag, on_bytes)]
     if not storage.is_dir(path) and not os.path.isdir(path):

@@ -1,0 +1,513 @@
+"""Checkpoints in an object store: a real S3 server on loopback (moto's server mode, started by
+the ``s3_server`` fixture), and ``memory://`` as a second fsspec backend where it makes sense.
+
+The same kinds of tests as on local disk: saves and loads at other world sizes, stages and
+codecs, overwrites, retention, async saves, fp32 consolidation, verify, the CLI with s3://
+URLs, two writers, failed uploads (a proxy between client and server fails chosen requests),
+and SIGKILL at random instants.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import zckpt
+from zckpt.testing import assert_states_equal
+
+s3fs = pytest.importorskip("s3fs", reason="needs s3fs: pip install 'zckpt[test-s3]'")
+fsspec = pytest.importorskip("fsspec", reason="needs fsspec: pip install 'zckpt[s3]'")
+
+from s3_support import BUCKET, KEY, SECRET, FaultProxy  # noqa: E402
+
+from zckpt.store import FsspecStorage  # noqa: E402
+
+SCALE = float(os.environ.get("ZCKPT_SLOW_SCALE", "1"))
+MiB = 1 << 20
+
+
+@dataclass
+class Where:
+    """A fresh save_dir URL, its storage, and the storage_options that reach it by URL."""
+
+    url: str
+    storage: FsspecStorage
+    options: dict[str, Any] | None
+    s3: bool
+
+
+def _s3_fs(endpoint: str, **kw: Any) -> Any:
+    return s3fs.S3FileSystem(
+        endpoint_url=endpoint, key=KEY, secret=SECRET, skip_instance_cache=True, **kw
+    )
+
+
+@pytest.fixture(params=["s3", "memory"])
+def where(request: pytest.FixtureRequest) -> Where:
+    run = uuid.uuid4().hex[:12]
+    if request.param == "memory":
+        fs = fsspec.filesystem("memory")
+        return Where(f"memory://zckpt-tests/{run}", FsspecStorage(fs, lease=5), None, False)
+    server = request.getfixturevalue("s3_server")
+    st = FsspecStorage(_s3_fs(server.endpoint), part_size=5 * MiB, lease=5)
+    return Where(f"s3://{BUCKET}/{run}", st, server.options, True)
+
+
+@pytest.fixture
+def s3(s3_server: Any) -> Where:
+    run = uuid.uuid4().hex[:12]
+    st = FsspecStorage(_s3_fs(s3_server.endpoint), part_size=5 * MiB, lease=5)
+    return Where(f"s3://{BUCKET}/{run}", st, s3_server.options, True)
+
+
+def state_of(seed: int, n: int = 1000) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    master = {
+        "emb": torch.randn(n // 10 + 7, 13, generator=g),
+        "fc.weight": torch.randn(37, 11, generator=g),
+        "fc.bias": torch.randn(37, generator=g),
+    }
+    return {
+        "module": {k: v.bfloat16() for k, v in master.items()},
+        "master": master,
+        "optimizer": {
+            "state": {k: {"exp_avg": torch.randn(v.shape, generator=g)} for k, v in master.items()}
+        },
+        "lr_scheduler": {"last_epoch": seed},
+        "global_steps": seed,
+    }
+
+
+def spec(ws: int, stage: int) -> zckpt.ZeroSpec:
+    return zckpt.ZeroSpec(ws, stage)
+
+
+# -- saves and loads -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ws_save", "ws_load", "stage", "codec"),
+    [
+        (1, 8, 1, "raw"),
+        (8, 1, 2, "zstd"),
+        (3, 5, 3, "byteplane"),
+        (4, 4, 2, "raw"),
+        (2, 7, 3, "zstd"),
+        (5, 2, 1, "byteplane"),
+        (6, 3, 2, "raw"),
+    ],
+)
+def test_save_load_other_world_sizes(
+    where: Where, tmp_path: Path, ws_save: int, ws_load: int, stage: int, codec: str
+) -> None:
+    """Every rank at another world size reads what a local checkpoint of the same save reads."""
+    state = state_of(ws_save * 10 + stage)
+    sp = spec(ws_save, stage)
+    saved = zckpt.save_checkpoint(
+        where.url, state, sp, tag="t", codec=codec, chunk_bytes=4096, storage=where.storage
+    )
+    assert saved.path == f"{where.url}/t"
+    zckpt.save_checkpoint(tmp_path, state, sp, tag="t", codec=codec, chunk_bytes=4096)
+    for rank in range(ws_load):
+        got = zckpt.load_checkpoint(where.url, world_size=ws_load, rank=rank, storage=where.storage)
+        want = zckpt.load_checkpoint(tmp_path, world_size=ws_load, rank=rank)
+        assert got.load_path == f"{where.url}/t"
+        assert_states_equal(got.state, want.state)
+    whole = zckpt.load_checkpoint(where.url, storage=where.storage)
+    assert_states_equal(whole.state, state)
+
+
+def test_urls_with_storage_options(where: Where) -> None:
+    """The URL alone (with storage_options the fsspec way) reaches the same store."""
+    state = state_of(3)
+    zckpt.save_checkpoint(
+        where.url + "/", state, spec(2, 2), tag="a", storage_options=where.options
+    )
+    assert [c.tag for c in zckpt.list_tags(where.url, storage_options=where.options)] == ["a"]
+    got = zckpt.load_checkpoint(where.url, storage_options=where.options)
+    assert_states_equal(got.state, state)
+    ck = zckpt.open_checkpoint(where.url, storage_options=where.options)
+    assert ck.path == f"{where.url}/a" and ck.manifest.spec.world_size == 2
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_large_blobs_go_up_in_parts(s3: Where, codec: str) -> None:
+    """Blobs past two parts are multipart uploads (raw: views of tensor memory; compressed: the
+    head is part 1, sent last); they load bitwise and verify (whole-file xxh3 included)."""
+    g = torch.Generator().manual_seed(7)
+    state = {"master": {"w": torch.randn(7_000_000, generator=g)}}  # 28 MB: 5+ parts of 5 MiB
+    zckpt.save_checkpoint(s3.url, state, spec(1, 2), tag="big", codec=codec, storage=s3.storage)
+    got = zckpt.load_checkpoint(s3.url, world_size=3, rank=1, storage=s3.storage)
+    n = 7_000_000
+    part = -(-n // 3)
+    assert torch.equal(got.state["master"]["w"], state["master"]["w"][part : 2 * part])
+    (report,) = zckpt.verify_checkpoint(s3.url, storage=s3.storage)
+    assert report.ok, report.problems
+    assert s3.storage.unfinished_uploads(s3.url) == []
+
+
+def test_overwrite_replaces_a_tag_atomically(where: Where) -> None:
+    first, second = state_of(1), state_of(2)
+    zckpt.save_checkpoint(where.url, first, spec(3, 1), tag="t", storage=where.storage)
+    with pytest.raises(zckpt.TagError, match="overwrite=True"):
+        zckpt.save_checkpoint(where.url, second, spec(3, 1), tag="t", storage=where.storage)
+    zckpt.save_checkpoint(
+        where.url, second, spec(2, 3), tag="t", overwrite=True, storage=where.storage
+    )
+    got = zckpt.load_checkpoint(where.url, storage=where.storage)
+    assert_states_equal(got.state, second)
+    gen = zckpt.open_checkpoint(where.url, storage=where.storage).manifest.generation
+    names = where.storage.listdir(f"{where.url}/t")
+    assert names == sorted(["manifest.zckm", *(f"{gen}.rank0000{r}-of-00002.zck" for r in (0, 1))])
+
+
+def test_retention_keep_last(where: Where) -> None:
+    for step in range(1, 6):
+        zckpt.save_checkpoint(
+            where.url, state_of(step), spec(2, 2), keep_last=2, storage=where.storage
+        )
+    assert [c.tag for c in zckpt.list_tags(where.url, storage=where.storage)] == [
+        "global_step4",
+        "global_step5",
+    ]
+    assert sorted(where.storage.listdir(where.url)) == ["global_step4", "global_step5", "latest"]
+    assert_states_equal(zckpt.load_checkpoint(where.url, storage=where.storage).state, state_of(5))
+    assert zckpt.apply_retention(where.url, keep_last=1, storage=where.storage) == ["global_step4"]
+
+
+def test_async_save(where: Where) -> None:
+    state = state_of(4)
+    with zckpt.store.AsyncSaver() as saver:
+        pending = zckpt.save_checkpoint(
+            where.url, state, spec(4, 2), tag="a", async_=saver, storage=where.storage
+        )
+        before = {k: v.clone() for k, v in state["master"].items()}
+        for v in state["master"].values():
+            v.add_(1.0)  # training goes on
+        assert pending.wait().path == f"{where.url}/a"
+    got = zckpt.load_checkpoint(where.url, storage=where.storage).state
+    assert_states_equal(got["master"], before)
+
+
+def test_fp32_state_dict(where: Where) -> None:
+    state = state_of(5)
+    zckpt.save_checkpoint(where.url, state, spec(3, 3), tag="t", storage=where.storage)
+    sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(where.url, storage=where.storage)
+    assert_states_equal(sd, state["master"])
+    lazy = zckpt.get_fp32_state_dict_from_zero_checkpoint(
+        where.url, lazy_mode=True, storage=where.storage
+    )
+    assert torch.equal(lazy["fc.bias"].contiguous(), state["master"]["fc.bias"])
+
+
+def test_verify_finds_damage(where: Where) -> None:
+    zckpt.save_checkpoint(where.url, state_of(6), spec(2, 1), tag="t", storage=where.storage)
+    (report,) = zckpt.verify_checkpoint(where.url, storage=where.storage)
+    assert report.ok and report.files == 2
+    blob = next(n for n in where.storage.listdir(f"{where.url}/t") if "rank00001" in n)
+    path = f"{where.url}/t/{blob}"
+    data = bytearray(where.storage.read(path, 0, where.storage.size(path)))
+    data[-3] ^= 0xFF
+    where.storage.fs.pipe_file(where.storage._key(path), bytes(data))
+    (report,) = zckpt.verify_checkpoint(where.url, storage=where.storage)
+    assert not report.ok
+    assert any(path in p for p in report.problems), report.problems
+
+
+def test_reading_a_directory_or_nothing_is_a_storage_error(where: Where) -> None:
+    zckpt.save_checkpoint(where.url, state_of(1), spec(1, 1), tag="t", storage=where.storage)
+    with pytest.raises(zckpt.StorageError, match="is a directory"):
+        where.storage.read(f"{where.url}/t", 0, 10)
+    with pytest.raises(zckpt.StorageError, match="no such file"):
+        where.storage.size(f"{where.url}/nothing")
+    assert where.storage.listdir(f"{where.url}/nothing") == []
+    assert where.storage.is_dir(f"{where.url}/t") and not where.storage.is_dir(f"{where.url}/x")
+
+
+def test_nothing_to_load_is_said_precisely(where: Where) -> None:
+    got = zckpt.load_checkpoint(where.url, storage=where.storage)
+    assert got.load_path is None  # an empty prefix: a fresh run, logged, no warning
+    zckpt.save_checkpoint(
+        where.url, state_of(1), spec(1, 1), tag="t", save_latest=False, storage=where.storage
+    )
+    with pytest.warns(UserWarning, match="committed tags are t"):
+        zckpt.load_checkpoint(where.url, storage=where.storage)
+    with pytest.raises(zckpt.CheckpointNotFoundError, match="no such tag"):
+        zckpt.load_checkpoint(where.url, tag="u", storage=where.storage)
+
+
+# -- the CLI with s3:// URLs --------------------------------------------------------------
+
+
+def test_cli_with_s3_urls(s3: Where, s3_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from zckpt.cli import main
+
+    opts = [
+        f"--storage-option=endpoint_url={s3_server.endpoint}",
+        f"--storage-option=key={KEY}",
+        f"--storage-option=secret={SECRET}",
+    ]
+    state = state_of(8)
+    zckpt.save_checkpoint(s3.url, state, spec(2, 2), tag="t", storage=s3.storage)
+    out = f"{s3.url}-resharded"
+    assert main(["reshard", s3.url, out, "--world-size", "3", "--stage", "3", *opts]) == 0
+    for rank in range(3):
+        got = zckpt.load_checkpoint(out, world_size=3, stage=3, rank=rank, storage=s3.storage)
+        want = zckpt.load_checkpoint(s3.url, world_size=3, stage=3, rank=rank, storage=s3.storage)
+        assert_states_equal(got.state, want.state)
+    assert zckpt.open_checkpoint(out, storage=s3.storage).manifest.spec.world_size == 3
+    assert main(["reshard", s3.url, out, "--world-size", "2", *opts]) == 1  # OUT holds a run
+    assert "already holds a training run" in capsys.readouterr().err
+    assert main(["verify", out, *opts]) == 0
+    assert main(["inspect", out, "--json", *opts]) == 0
+    assert '"latest": "t"' in capsys.readouterr().out
+    zckpt.save_checkpoint(out, state, spec(1, 1), tag="u", storage=s3.storage)
+    assert main(["prune", out, "--keep-last", "1", *opts]) == 0
+    assert "deleted t" in capsys.readouterr().out
+    assert main(["clean", out, *opts]) == 0
+    assert main(["prune", f"s3://{BUCKET}/nothing-{uuid.uuid4().hex}", "--keep-last", "1", *opts])
+    assert main(["verify", out, "--storage-option", "endpoint_url"]) == 1
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+# -- two writers ---------------------------------------------------------------------------
+
+
+def _other_job(where: Where) -> FsspecStorage:
+    """Another process's view of the same store: its own storage, locks and lease."""
+    fs = where.storage.fs
+    return FsspecStorage(fs, lease=where.storage.lease, part_size=5 * MiB)
+
+
+def test_second_writer_of_a_tag_is_refused(where: Where) -> None:
+    zckpt.save_checkpoint(where.url, state_of(1), spec(2, 1), tag="t", storage=where.storage)
+    other = _other_job(where)
+    held = other.try_lock(f"{where.url}/.t.zckpt-lock", "pid 4242 on elsewhere since then")
+    assert held is not None
+    try:
+        with pytest.raises(zckpt.store._commit.ConcurrentSaveError, match="pid 4242 on elsewhere"):
+            zckpt.save_checkpoint(
+                where.url, state_of(2), spec(2, 1), tag="t", overwrite=True, storage=where.storage
+            )
+        # A different tag proceeds side by side.
+        zckpt.save_checkpoint(where.url, state_of(3), spec(2, 1), tag="u", storage=where.storage)
+        # Retention never deletes a tag whose save is running.
+        assert zckpt.apply_retention(where.url, 1, storage=where.storage) == []
+    finally:
+        held.release()
+    got = zckpt.load_checkpoint(where.url, tag="t", storage=where.storage)
+    assert_states_equal(got.state, state_of(1))  # the refused save wrote nothing
+    assert len(where.storage.listdir(f"{where.url}/t")) == 3
+
+
+def test_a_held_lock_is_renewed_and_a_dead_ones_lapses(where: Where) -> None:
+    path = f"{where.url}/.lock-test"
+    quick = FsspecStorage(where.storage.fs, lease=1.0)
+    held = quick.try_lock(path, "holder")
+    assert held is not None
+    time.sleep(2.0)  # twice the lease: only renewal keeps it
+    assert where.storage.try_lock(path, "taker") is None
+    assert held.intact()
+    # The holder dies: nothing renews it any more (its renewal thread is gone with it).
+    quick._forget(held)  # type: ignore[arg-type]
+    time.sleep(3.2)  # the lease, and a second of slack for HTTP dates' whole seconds
+    taken = where.storage.try_lock(path, "taker")
+    assert taken is not None and where.storage.lock_owner(path) == "taker"
+    assert not held.intact()  # the old holder learns it lost the lock
+    held.release()  # and letting go does not remove the new holder's lock
+    assert where.storage.lock_owner(path) == "taker"
+    taken.release()
+    assert not where.storage.exists(path)
+
+
+def test_concurrent_takers_get_one_lock(s3: Where) -> None:
+    """Conditional writes: of several processes racing for one lock, exactly one wins."""
+    import threading
+
+    path = f"{s3.url}/.race"
+    takers = [_other_job(s3) for _ in range(6)]
+    got: list[Any] = [None] * len(takers)
+    go = threading.Barrier(len(takers))
+
+    def take(i: int) -> None:
+        go.wait()
+        got[i] = takers[i].try_lock(path, f"taker {i}")
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(takers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [g for g in got if g is not None]
+    assert len(winners) == 1
+    winners[0].release()
+
+
+# -- failures ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxied(s3_server: Any) -> Iterator[tuple[Where, FaultProxy]]:
+    proxy = FaultProxy(s3_server.endpoint).start()
+    # botocore's own retries off: the storage's retries are the ones under test.
+    fs = _s3_fs(proxy.endpoint, config_kwargs={"retries": {"max_attempts": 1}})
+    st = FsspecStorage(fs, part_size=5 * MiB, lease=5, retry_for=20)
+    run = uuid.uuid4().hex[:12]
+    yield Where(f"s3://{BUCKET}/{run}", st, None, True), proxy
+    proxy.stop()
+
+
+def _once(match: str, answer: int | str, times: int = 1) -> Any:
+    left = [times]
+
+    def fault(method: str, path: str) -> int | str | None:
+        if match in path and method in ("PUT", "POST") and left[0] > 0:
+            left[0] -= 1
+            return answer
+        return None
+
+    return fault
+
+
+@pytest.mark.parametrize("answer", [503, 500, "drop"])
+def test_transient_errors_are_retried(proxied: tuple[Where, FaultProxy], answer: int | str) -> None:
+    where, proxy = proxied
+    proxy.faults = [_once("rank00001", answer, times=2), _once("manifest.zckm", answer)]
+    state = state_of(9)
+    zckpt.save_checkpoint(where.url, state, spec(2, 2), tag="t", storage=where.storage)
+    assert [s for s in proxy.seen if s[2] == answer] and len(proxy.seen) > 3
+    assert_states_equal(zckpt.load_checkpoint(where.url, storage=where.storage).state, state)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_failed_upload_keeps_the_previous_checkpoint(
+    proxied: tuple[Where, FaultProxy], big: bool
+) -> None:
+    """A permanent failure (403) of one rank's upload: SaveError naming the rank and the object,
+    nothing committed, the previous checkpoint and latest intact, the save's objects removed and
+    its multipart upload aborted."""
+    where, proxy = proxied
+    old = state_of(1)
+    zckpt.save_checkpoint(where.url, old, spec(2, 1), tag="t", storage=where.storage)
+    new = state_of(2, n=2_500_000 if big else 1000)  # big: rank 1's blob is a multipart upload
+    proxy.faults = [lambda m, p: 403 if "rank00001" in p and m == "PUT" else None]
+    with pytest.raises(zckpt.SaveError) as e:
+        zckpt.save_checkpoint(
+            where.url, new, spec(2, 1), tag="t", overwrite=True, storage=where.storage
+        )
+    assert not e.value.committed and list(e.value.errors) == [1]
+    assert f"{where.url}/t/" in str(e.value) and "rank00001" in str(e.value)
+    multipart = [s for s in proxy.seen if "rank00001" in s[1] and "partNumber=" in s[1]]
+    assert bool(multipart) == big
+    proxy.faults = []
+    got = zckpt.load_checkpoint(where.url, storage=where.storage)
+    assert got.load_path == f"{where.url}/t"
+    assert_states_equal(got.state, old)
+    gen = zckpt.open_checkpoint(where.url, storage=where.storage).manifest.generation
+    assert all(
+        n == "manifest.zckm" or n.startswith(gen) for n in where.storage.listdir(f"{where.url}/t")
+    )
+    assert where.storage.unfinished_uploads(where.url) == []
+    assert not where.storage.exists(f"{where.url}/.t.zckpt-lock")
+
+
+def test_failed_write_on_memory_keeps_the_previous_checkpoint(monkeypatch: Any) -> None:
+    """memory://: an fs method that fails for one rank's blob."""
+    fs = fsspec.filesystem("memory")
+    st = FsspecStorage(fs)
+    url = f"memory://zckpt-tests/{uuid.uuid4().hex}"
+    zckpt.save_checkpoint(url, state_of(1), spec(2, 1), tag="t", storage=st)
+    real = fs.open
+
+    def failing_open(path: str, mode: str = "rb", **kw: Any) -> Any:
+        if "rank00001" in path and "w" in mode:
+            raise OSError(28, "No space left on device")
+        return real(path, mode, **kw)
+
+    monkeypatch.setattr(fs, "open", failing_open)
+    with pytest.raises(zckpt.SaveError, match="rank 1") as e:
+        zckpt.save_checkpoint(url, state_of(2), spec(2, 1), tag="t", overwrite=True, storage=st)
+    assert "No space left" in str(e.value) and f"{url}/t/" in str(e.value)
+    monkeypatch.setattr(fs, "open", real)
+    assert_states_equal(zckpt.load_checkpoint(url, storage=st).state, state_of(1))
+    assert len(st.listdir(f"{url}/t")) == 3
+
+
+def test_permanent_errors_name_the_object(proxied: tuple[Where, FaultProxy]) -> None:
+    where, proxy = proxied
+    zckpt.save_checkpoint(where.url, state_of(1), spec(1, 1), tag="t", storage=where.storage)
+    proxy.faults = [lambda m, p: 403 if m == "GET" and p.split("?")[0].endswith(".zck") else None]
+    with pytest.raises(zckpt.ZckptError, match=r"s3://.*\.rank00000-of-00001\.zck"):
+        zckpt.load_checkpoint(where.url, storage=where.storage)
+
+
+# -- crash safety --------------------------------------------------------------------------
+
+
+def _check_store(url: str, st: FsspecStorage) -> int:
+    from s3_crash_child import big_state as expected
+
+    latest = zckpt.load_checkpoint(url, storage=st)
+    assert latest.load_path is not None, "latest must name a complete checkpoint"
+    assert_states_equal(latest.state, expected(latest.state["version"]))
+    newest = latest.state["version"]
+    for c in zckpt.list_tags(url, storage=st):
+        got = zckpt.load_checkpoint(url, tag=c.tag, storage=st)
+        assert_states_equal(got.state, expected(got.state["version"]))
+        newest = max(newest, got.state["version"])
+    for name in st.listdir(url):
+        torn = st.is_dir(f"{url}/{name}") and not st.exists(f"{url}/{name}/manifest.zckm")
+        if not name.startswith(".") and torn:
+            with pytest.raises(zckpt.CheckpointNotFoundError):
+                zckpt.load_checkpoint(url, tag=name, storage=st)
+    return int(newest)
+
+
+def _crash_trials(s3_server: Any, trials: int, seed: int) -> None:
+    from s3_crash_child import big_state, storage
+
+    rng = random.Random(seed)
+    url = f"s3://{BUCKET}/crash-{uuid.uuid4().hex[:12]}"
+    st = storage(s3_server.endpoint)
+    zckpt.save_checkpoint(url, big_state(1), zckpt.ZeroSpec(1, 2), tag="v1", storage=st)
+    version = 1
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child_py = Path(__file__).parent / "s3_crash_child.py"
+    for _ in range(trials):
+        child = subprocess.Popen(
+            [sys.executable, str(child_py), s3_server.endpoint, url, str(version + 1)],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line.strip() == b"ready", line
+        time.sleep(rng.uniform(0.0, 2.0))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        version = max(version + 1, _check_store(url, st))
+        zckpt.clean(url, storage=st)  # waits out a dead commit's lock: its lease is 2 s
+        assert st.unfinished_uploads(url) == []
+        _check_store(url, st)
+
+
+def test_sigkill_during_saves_to_s3_never_loses_a_checkpoint(s3_server: Any) -> None:
+    _crash_trials(s3_server, trials=3, seed=0)
+
+
+@pytest.mark.slow
+def test_sigkill_s3_many_trials(s3_server: Any) -> None:
+    _crash_trials(s3_server, trials=max(3, int(20 * SCALE)), seed=1)

@@ -1,0 +1,689 @@
+"""Any fsspec filesystem as a :class:`~zckpt.store.Storage`: object stores without rename.
+
+The commit protocol (``docs/layout.md``) needs three things from a store, and object stores give
+them differently from POSIX files:
+
+* **An atomic, durable write of a whole file.** An object store has no rename, but a single PUT
+  (or a completed multipart upload) makes the whole object appear at once, and names are never
+  reused for data: every blob carries a fresh generation. So a blob is uploaded under its final
+  name and counted only once the store has confirmed it (its size, and on S3 the ETags: the MD5
+  of what was sent). The manifest, a single small PUT written last by rank 0, is the commit;
+  ``latest`` is written after it. A failed upload leaves no object (an unfinished multipart
+  upload is aborted), and the save removes what it uploaded, as on local disk.
+* **Only regular files.** Objects are the files; a "directory" is a name prefix that some
+  object lies under. Reading a directory, or a name that is neither, is a ``StorageError``.
+* **Locks whose holder may die.** A lock is a small object holding its owner's text and a random
+  token, created with a conditional write (``If-None-Match: *``: only if absent) and renewed
+  every quarter ``lease`` by a background thread; a lock not renewed for ``lease`` seconds
+  (its holder died or lost the network) is stale, and the next taker replaces it with
+  ``If-Match`` on the stale object's ETag, so of two takers only one wins. Staleness is judged
+  by the server's clock where the store says it (S3: its ``Date`` against the object's
+  ``Last-Modified``), else by the time written in the lock. A store that has no conditional
+  writes (or a non-S3 filesystem: ``memory://``, or others through fsspec) gets
+  check-then-write instead, and the lock is then advisory only: two jobs that start a save of
+  one tag within the same moment (one round trip) may both believe they hold it.
+
+Transient errors (HTTP 5xx, ``SlowDown``, dropped or timed-out connections) are retried with
+exponential backoff for at most ``retry_for`` seconds per request; anything else, and a
+transient error that outlasts that, raises a ``StorageError`` naming the object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import posixpath
+import random
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+import xxhash
+
+from zckpt.store._layout import generation_of
+from zckpt.store._storage import Lock, StorageError
+
+__all__ = [
+    "FsspecStorage",
+    "Head",
+    "PreconditionFailedError",
+    "Retry",
+    "UnsupportedError",
+    "is_transient",
+]
+
+T = TypeVar("T")
+
+# Error codes and statuses of S3 (and S3-compatible stores) worth another try.
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequests",
+        "ConditionalRequestConflict",
+        "OperationAborted",
+    }
+)
+_TRANSIENT_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+# Exception classes (by name: their packages are optional) that mean a dropped connection.
+_TRANSIENT_CLASSES = frozenset(
+    {
+        "HTTPClientError",  # botocore: EndpointConnectionError, ReadTimeoutError, ...
+        "ClientConnectionError",  # aiohttp: ServerDisconnectedError, ClientOSError, ...
+        "ClientPayloadError",
+        "IncompleteRead",
+        "ResponseParserError",
+        "FSTimeoutError",
+    }
+)
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether an error from a store is worth retrying: a dropped or timed-out connection, an
+    HTTP 5xx, 408, 409 or 429, or S3's ``SlowDown`` and the like.
+
+    Example:
+        >>> is_transient(ConnectionResetError()), is_transient(PermissionError())
+        (True, False)
+    """
+    if isinstance(e, ConnectionError | TimeoutError | asyncio.TimeoutError):
+        return True
+    if _TRANSIENT_CLASSES & {c.__name__ for c in type(e).__mro__}:
+        return True
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code", "")
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
+    return False
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How long transient errors are retried: exponential backoff with jitter, from ``first``
+    seconds up to ``cap``, for at most ``total`` seconds per request.
+
+    Example:
+        >>> r = Retry(total=10.0)
+        >>> 0.0 < r.delay(1, time.monotonic() + 10) <= 0.1
+        True
+    """
+
+    total: float = 60.0
+    first: float = 0.1
+    cap: float = 5.0
+
+    def delay(self, attempt: int, deadline: float) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` (never past ``deadline``)."""
+        base = min(self.cap, self.first * 2.0 ** (attempt - 1))
+        return max(0.0, min(base * random.uniform(0.5, 1.0), deadline - time.monotonic()))
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()``, retried while it raises transient errors."""
+        deadline = time.monotonic() + self.total
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Exception as e:
+                attempt += 1
+                if not is_transient(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(self.delay(attempt, deadline))
+
+
+class Head(NamedTuple):
+    """What a store says about an object: size, ETag ("" when none) and seconds since it was
+    written by the server's clock (None when the store does not say)."""
+
+    size: int
+    etag: str
+    age: float | None
+
+
+class PreconditionFailedError(OSError):
+    """A conditional write or delete found the object not as required."""
+
+
+class UnsupportedError(OSError):
+    """The store does not implement conditional requests."""
+
+
+class _FsBackend:
+    """Objects through the plain fsspec API: any filesystem fsspec knows (``memory://``, ...)."""
+
+    def __init__(self, fs: Any, retry: Retry) -> None:
+        self.fs, self.retry = fs, retry
+        protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        self.renames = bool({"file", "local"} & set(protocol))
+
+    def head(self, path: str) -> Head | None:
+        try:
+            info = self.retry.call(lambda: self.fs.info(path))
+        except FileNotFoundError:
+            return None
+        if info.get("type") != "file":
+            return None
+        return Head(int(info["size"]), str(info.get("ETag") or info.get("etag") or ""), None)
+
+    def is_prefix(self, path: str) -> bool:
+        return bool(self.retry.call(lambda: self.fs.isdir(path)))
+
+    def get(self, path: str, offset: int, length: int) -> bytes:
+        data = self.retry.call(lambda: self.fs.cat_file(path, start=offset, end=offset + length))
+        return bytes(data)
+
+    def get_small(self, path: str) -> tuple[bytes, Head] | None:
+        try:
+            data = bytes(self.retry.call(lambda: self.fs.cat_file(path)))
+        except FileNotFoundError:
+            return None
+        except (IsADirectoryError, NotADirectoryError):
+            return None
+        return data, Head(len(data), hashlib.md5(data, usedforsecurity=False).hexdigest(), None)
+
+    def listdir(self, path: str) -> list[str]:
+        if not self.is_prefix(path):
+            return []
+        try:
+            entries = self.retry.call(lambda: self.fs.ls(path, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+        base = path.rstrip("/")
+        return sorted({posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != base})
+
+    def delete(self, path: str, if_match: str | None = None) -> None:
+        if if_match is not None:
+            got = self.get_small(path)
+            if got is None:
+                return
+            if got[1].etag != if_match:
+                raise PreconditionFailedError(path)
+        with contextlib.suppress(FileNotFoundError):
+            self.retry.call(lambda: self.fs.rm_file(path))
+
+    def rmtree(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.retry.call(lambda: self.fs.rm(path, recursive=True))
+
+    def makedirs(self, path: str) -> None:
+        self.retry.call(lambda: self.fs.makedirs(path, exist_ok=True))
+
+    def remove_dir(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            if self.fs.isdir(path) and not self.fs.ls(path, detail=False, refresh=True):
+                self.fs.rmdir(path)
+
+    def put_small(
+        self, path: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        """Check-then-write where the filesystem offers nothing better (``mode="create"`` is
+        exclusive only where the backend implements it so)."""
+        if if_match is not None:
+            got = self.get_small(path)
+            if got is None or got[1].etag != if_match:
+                raise PreconditionFailedError(path)
+        try:
+            mode = "create" if if_absent else "overwrite"
+            self.retry.call(lambda: self.fs.pipe_file(path, data, mode=mode))
+        except FileExistsError as e:
+            raise PreconditionFailedError(path) from e
+        return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def put(self, path: str, buffers: Iterable[memoryview | bytes]) -> tuple[int, int]:
+        hasher, size = xxhash.xxh3_64(), 0
+        # A BlobStream iterates in file order (head first), holding its frames: this API
+        # cannot write at offsets.
+        views = [memoryview(b).cast("B") for b in buffers]
+        for v in views:
+            hasher.update(v)
+            size += v.nbytes
+        target = path
+        if self.renames:  # a local filesystem: write aside, then rename (atomic there)
+            d, name = posixpath.split(path)
+            target = posixpath.join(d, f".{name}.tmp.{secrets.token_hex(4)}")
+        unique = generation_of(posixpath.basename(path)) is not None
+        try:
+            if unique or self.renames:
+                # A fresh name: stream it (a failure leaves at most an unreferenced object).
+                with self.fs.open(target, "wb") as f:
+                    for v in views:
+                        f.write(v)
+            else:  # a reused name (manifest, latest): one whole write, never a torn object
+                self.retry.call(lambda: self.fs.pipe_file(target, b"".join(views)))
+            if self.renames:
+                self.fs.mv(target, path)
+        except BaseException:
+            if unique or self.renames:
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(target)
+            raise
+        self.fs.invalidate_cache(path)
+        got = self.head(path)
+        if got is None or got.size != size:
+            raise OSError(f"the store holds {got and got.size} bytes, {size} were written")
+        return size, hasher.intdigest()
+
+
+def _is_s3(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "s3" in protocol and hasattr(fs, "get_s3") and hasattr(fs, "split_path")
+
+
+class _LockBody(NamedTuple):
+    owner: str
+    token: str
+    stamp: float
+    lease: float
+
+
+def _lock_body(owner: str, token: str, lease: float) -> bytes:
+    owner = " ".join(owner.split())
+    return f"{owner}\n{token} {time.time():.3f} {lease:g}\n".encode("utf-8", "replace")
+
+
+def _parse_lock(data: bytes) -> _LockBody:
+    text = data.decode("utf-8", "replace")
+    owner, _, rest = text.partition("\n")
+    fields = rest.split()
+    try:
+        return _LockBody(owner, fields[0], float(fields[1]), float(fields[2]))
+    except (IndexError, ValueError):
+        return _LockBody(owner, "", 0.0, 0.0)  # not a lock zckpt wrote: stale once it is old
+
+
+class _ObjectLock:
+    """A lock object held by this process (see :meth:`FsspecStorage.try_lock`)."""
+
+    def __init__(self, storage: FsspecStorage, path: str, owner: str, token: str) -> None:
+        self.storage, self.path, self.owner, self.token = storage, path, owner, token
+        self.etag = ""
+        self.renewed = time.monotonic()
+        self.lost = False
+        self.released = False
+
+    def intact(self) -> bool:
+        if self.lost or self.released:
+            return False
+        try:
+            got = self.storage._read_lock(self.path)
+        except OSError:
+            return False
+        return got is not None and got[0].token == self.token
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.storage._forget(self)
+        with contextlib.suppress(Exception):  # best effort: a lease that lapses frees it too
+            self.storage._drop_lock(self)
+
+
+_live: weakref.WeakSet[FsspecStorage] = weakref.WeakSet()
+
+
+class FsspecStorage:
+    """Checkpoints in an object store or any fsspec filesystem: ``s3://``, ``memory://``, ...
+
+    Paths given to it may be URLs of its filesystem (``s3://bucket/run1/latest``) or the
+    filesystem's own paths (``bucket/run1/latest``). ``zckpt.save_checkpoint("s3://...")``
+    and the other entry points build one from the URL (``storage_options`` go to fsspec); pass
+    ``storage=FsspecStorage(fs)`` to use a filesystem you configured yourself.
+
+    Args:
+        fs: an ``fsspec.AbstractFileSystem`` (``s3fs.S3FileSystem`` gets the fast S3 path).
+        part_size: bytes per multipart part (S3: at least 5 MiB; blobs under two parts go up
+            as one PUT).
+        max_concurrency: parts in flight per blob (S3).
+        lease: seconds after which a lock that was not renewed is stale and may be taken.
+            Holders renew theirs every ``lease / 4``.
+        retry_for: seconds a request is retried while its errors are transient.
+        conditional_writes: use ``If-None-Match``/``If-Match`` for locks (S3); None: yes,
+            until the server says it does not implement them.
+
+    Example:
+        >>> import fsspec, torch, zckpt
+        >>> fs = fsspec.filesystem("memory")
+        >>> st = FsspecStorage(fs)
+        >>> st.write_atomic("memory://doc/a.bin", [b"ab", memoryview(b"cd")])[0]
+        4
+        >>> st.read("memory://doc/a.bin", 1, 2), st.listdir("memory://doc")
+        (b'bc', ['a.bin'])
+        >>> _ = zckpt.save_checkpoint("memory://doc/run", {"w": torch.ones(2)},
+        ...                           zckpt.ZeroSpec(1, 1), tag="t")
+        >>> zckpt.load_checkpoint("memory://doc/run").state["w"].tolist()
+        [1.0, 1.0]
+    """
+
+    def __init__(
+        self,
+        fs: Any,
+        *,
+        part_size: int = 50 << 20,
+        max_concurrency: int = 8,
+        lease: float = 30.0,
+        retry_for: float = 60.0,
+        conditional_writes: bool | None = None,
+    ) -> None:
+        if not (lease > 0 and retry_for >= 0 and part_size > 0 and max_concurrency > 0):
+            raise ValueError("lease, part_size and max_concurrency must be > 0, retry_for >= 0")
+        self.fs, self.lease, self.retry = fs, float(lease), Retry(total=float(retry_for))
+        self._conditional = conditional_writes is not False
+        self._backend: Any
+        self._s3 = _is_s3(fs)
+        if self._s3:
+            from zckpt.store._s3 import S3Backend
+
+            self._backend = S3Backend(fs, part_size, max_concurrency, self.retry)
+        else:
+            self._backend = _FsBackend(fs, self.retry)
+        self._held: dict[int, _ObjectLock] = {}
+        self._mutex = threading.Lock()
+        self._wake = threading.Event()
+        self._renewer: threading.Thread | None = None
+        _live.add(self)
+
+    def __repr__(self) -> str:
+        return f"FsspecStorage({type(self.fs).__name__})"
+
+    # -- paths and errors ---------------------------------------------------------------
+
+    def _key(self, path: str) -> str:
+        return str(self.fs._strip_protocol(os.fspath(path)))
+
+    def _fail(self, what: str, path: str, e: BaseException) -> StorageError:
+        if isinstance(e, StorageError):
+            return e
+        detail = " ".join(str(e).split()) or type(e).__name__
+        if is_transient(e):
+            detail += f" (retried for up to {self.retry.total:g} s)"
+        return StorageError(getattr(e, "errno", None) or errno.EIO, f"{what} {path}: {detail}")
+
+    def _not_a_file(self, path: str) -> StorageError:
+        """The error for a name that holds no object: a directory, or nothing."""
+        key = self._key(path)
+        try:
+            directory = self._backend.is_prefix(key)
+        except Exception:
+            directory = False
+        if directory:
+            return StorageError(
+                errno.EISDIR, f"{path}: is a directory, not a regular file; zckpt reads only files"
+            )
+        return StorageError(errno.ENOENT, f"{path}: no such file")
+
+    # -- Storage --------------------------------------------------------------------------
+
+    def write_atomic(self, path: str, buffers: Iterable[memoryview | bytes]) -> tuple[int, int]:
+        """Upload ``buffers`` as the object ``path``; return (size, xxh3_64) once the store has
+        confirmed it (size; on S3 the ETags too). A failed upload leaves no new object."""
+        try:
+            result: tuple[int, int] = self._backend.put(self._key(path), buffers)
+            return result
+        except Exception as e:
+            raise self._fail("writing", path, e) from e
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        """A ranged GET of ``length`` bytes at ``offset`` (fewer at the end of the object)."""
+        if length <= 0:
+            self.size(path)  # a missing file or a directory still raises
+            return b""
+        try:
+            data: bytes = self._backend.get(self._key(path), offset, length)
+            return data
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise self._not_a_file(path) from None
+        except Exception as e:
+            raise self._fail(f"reading byte {offset} of", path, e) from e
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> int:
+        """Read into ``out`` at ``offset``; return the bytes read."""
+        view = out.cast("B")
+        data = self.read(path, offset, view.nbytes)
+        view[: len(data)] = data
+        return len(data)
+
+    def size(self, path: str) -> int:
+        """The object's size (a StorageError for a directory or nothing)."""
+        try:
+            head = self._backend.head(self._key(path))
+        except Exception as e:
+            raise self._fail("looking up", path, e) from e
+        if head is None:
+            raise self._not_a_file(path)
+        return int(head.size)
+
+    def exists(self, path: str) -> bool:
+        """Whether an object, or a directory (a prefix some object lies under), is at ``path``."""
+        key = self._key(path)
+        try:
+            return self._backend.head(key) is not None or bool(self._backend.is_prefix(key))
+        except Exception as e:
+            raise self._fail("looking up", path, e) from e
+
+    def is_dir(self, path: str) -> bool:
+        """Whether some object lies under ``path/``."""
+        try:
+            return bool(self._backend.is_prefix(self._key(path)))
+        except Exception as e:
+            raise self._fail("listing", path, e) from e
+
+    def listdir(self, path: str) -> list[str]:
+        """Sorted names right under ``path`` ([] when nothing is)."""
+        try:
+            names: list[str] = self._backend.listdir(self._key(path))
+            return names
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise self._fail("listing", path, e) from e
+
+    def makedirs(self, path: str) -> None:
+        """Nothing on S3 (a directory exists once an object is in it); ``makedirs`` elsewhere."""
+        if self._s3:
+            return
+        try:
+            self._backend.makedirs(self._key(path))
+        except Exception as e:
+            raise self._fail("creating directory", path, e) from e
+
+    def remove(self, path: str) -> None:
+        """Delete the object ``path``; missing is fine."""
+        try:
+            self._backend.delete(self._key(path))
+        except Exception as e:
+            raise self._fail("removing", path, e) from e
+
+    def rmtree(self, path: str) -> None:
+        """Delete every object under ``path``; missing is fine."""
+        try:
+            self._backend.rmtree(self._key(path))
+        except Exception as e:
+            raise self._fail("removing", path, e) from e
+
+    def remove_dir(self, path: str) -> None:
+        """An empty directory goes with its last object on S3; elsewhere ``rmdir`` if empty."""
+        if not self._s3:
+            self._backend.remove_dir(self._key(path))
+
+    def unfinished_uploads(self, path: str) -> list[str]:
+        """Names, relative to ``path``, of the multipart uploads begun and never completed
+        under it (a killed save leaves them; S3 bills their parts). [] off S3."""
+        if not self._s3:
+            return []
+        try:
+            return sorted({name for name, _ in self._backend.uploads(self._key(path))})
+        except Exception as e:
+            raise self._fail("listing uploads under", path, e) from e
+
+    def abort_uploads(self, path: str) -> list[str]:
+        """Abort the unfinished multipart uploads under ``path``; their names relative to it."""
+        if not self._s3:
+            return []
+        try:
+            aborted: list[str] = self._backend.abort_uploads(self._key(path))
+            return aborted
+        except Exception as e:
+            raise self._fail("aborting uploads under", path, e) from e
+
+    # -- locks ----------------------------------------------------------------------------
+
+    def try_lock(self, path: str, owner: str) -> Lock | None:
+        """Create the lock object ``path`` if it is absent or stale; None when a live holder
+        has it. Renewed in the background until released (see the module docstring).
+
+        Example:
+            >>> import fsspec
+            >>> st = FsspecStorage(fsspec.filesystem("memory"))
+            >>> held = st.try_lock("memory://doc/.lock", "me")
+            >>> st.try_lock("memory://doc/.lock", "other") is None, st.lock_owner("memory://doc/.lock")
+            (True, 'me')
+            >>> held.release(); st.try_lock("memory://doc/.lock", "other") is not None
+            True
+        """
+        key = self._key(path)
+        token = secrets.token_hex(8)
+        body = _lock_body(owner, token, self.lease)
+        lock = _ObjectLock(self, key, owner, token)
+        try:
+            for _ in range(16):
+                current = self._read_lock(key)
+                try:
+                    if current is None:
+                        lock.etag = self._put_lock(key, body, if_absent=True)
+                    elif current[0].token == token:  # our own write, answered ambiguously
+                        lock.etag = current[1].etag
+                    elif not self._stale(current[0], current[1]):
+                        return None
+                    else:  # a dead holder's: replace it only if it is still that one
+                        lock.etag = self._put_lock(key, body, if_match=current[1].etag)
+                except PreconditionFailedError:
+                    continue  # someone else took or changed it meanwhile: look again
+                mine = self._read_lock(key)
+                if mine is None or mine[0].token != token:
+                    continue  # overwritten at once (a store without conditional writes)
+                lock.etag = mine[1].etag
+                self._hold(lock)
+                return lock
+        except Exception as e:
+            raise self._fail("locking", path, e) from e
+        raise StorageError(errno.EAGAIN, f"{path}: the lock keeps changing hands")
+
+    def lock_owner(self, path: str) -> str:
+        """The owner text of the lock object ``path`` ("" when there is none)."""
+        try:
+            got = self._read_lock(self._key(path))
+        except OSError:
+            return ""
+        return "" if got is None else got[0].owner
+
+    def _read_lock(self, key: str) -> tuple[_LockBody, Head] | None:
+        got = self._backend.get_small(key)
+        if got is None:
+            return None
+        data, head = got
+        return _parse_lock(data), head
+
+    def _stale(self, body: _LockBody, head: Head) -> bool:
+        lease = body.lease if body.lease > 0 else self.lease
+        if head.age is not None:  # HTTP dates have whole seconds: one more of slack
+            return head.age > lease + 1.0
+        return time.time() - body.stamp > lease
+
+    def _put_lock(
+        self, key: str, body: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        if self._conditional:
+            try:
+                etag: str = self._backend.put_small(
+                    key, body, if_absent=if_absent, if_match=if_match
+                )
+                return etag
+            except UnsupportedError:
+                self._conditional = False  # this store has none: check-then-write from now on
+        current = self._read_lock(key)
+        if (if_absent and current is not None) or (
+            if_match is not None and (current is None or current[1].etag != if_match)
+        ):
+            raise PreconditionFailedError(key)
+        etag = self._backend.put_small(key, body)
+        return etag
+
+    def _drop_lock(self, lock: _ObjectLock) -> None:
+        got = self._read_lock(lock.path)
+        if got is None or got[0].token != lock.token:
+            return  # not ours any more: someone broke a lapsed lease
+        try:
+            self._backend.delete(lock.path, if_match=got[1].etag if self._conditional else None)
+        except UnsupportedError:
+            self._conditional = False
+            self._backend.delete(lock.path)
+        except PreconditionFailedError:
+            pass
+
+    def _renew(self, lock: _ObjectLock) -> None:
+        body = _lock_body(lock.owner, lock.token, self.lease)
+        try:
+            lock.etag = self._put_lock(lock.path, body, if_match=lock.etag)
+            mine = self._read_lock(lock.path)
+            if mine is None or mine[0].token != lock.token:
+                lock.lost = True
+            else:
+                lock.etag = mine[1].etag
+        except PreconditionFailedError:
+            lock.lost = True  # broken by another process after our lease lapsed
+        except Exception:
+            return  # a transient failure outlasting the retries: try again next round
+        lock.renewed = time.monotonic()
+
+    def _hold(self, lock: _ObjectLock) -> None:
+        with self._mutex:
+            self._held[id(lock)] = lock
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(
+                    target=self._renew_loop, name="zckpt-lock-lease", daemon=True
+                )
+                self._renewer.start()
+
+    def _forget(self, lock: _ObjectLock) -> None:
+        with self._mutex:
+            self._held.pop(id(lock), None)
+
+    def _renew_loop(self) -> None:
+        period = self.lease / 4
+        while True:
+            self._wake.wait(period / 4)
+            with self._mutex:
+                locks = list(self._held.values())
+                if not locks:
+                    self._renewer = None
+                    return
+            now = time.monotonic()
+            for lock in locks:
+                if not lock.released and not lock.lost and now - lock.renewed >= period:
+                    self._renew(lock)
+
+
+def _after_fork() -> None:
+    # A forked child holds none of its parent's locks, and has no renewal thread.
+    for st in list(_live):
+        st._held.clear()
+        st._renewer = None
+        st._mutex = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)

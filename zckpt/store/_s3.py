@@ -1,0 +1,606 @@
+"""S3 for :class:`~zckpt.store.FsspecStorage`: s3fs's own aiobotocore client, called directly.
+
+s3fs's file objects buffer every write in Python and upload blocks one after another; its
+``pipe`` needs the whole object as one ``bytes``. A blob here goes up straight from the buffers
+it is made of (tensor memory, or compressed frames): a single PUT when it is small, else a
+multipart upload whose parts (``part_size`` bytes, ``max_concurrency`` in flight) are
+file-like views of those buffers, so nothing is copied into one big object and memory stays
+bounded by the parts in flight. Every upload is counted only once the server has confirmed it:
+each part's ETag (and a single PUT's) is the MD5 of the bytes sent, checked; the completed
+object's ETag is the MD5 of the parts' MD5s, checked; its size is read back with a HEAD. A
+compressed :class:`~zckpt.format.BlobStream` is streamed too: its frames fill parts 2, 3, ...
+as they are encoded, and part 1 (the head, known last, plus the frames up to ``part_size``) is
+uploaded last; S3 assembles parts by number, whatever their order of arrival. The whole-file
+xxh3 the manifest records then has to be computed in file order, head first: the object is
+read back once in ranged GETs (bounded memory, twice the traffic for a large compressed blob;
+blobs under two parts are held and sent as one PUT instead).
+
+Lock objects use conditional requests: ``If-None-Match: *`` creates one only if it is absent,
+``If-Match: <etag>`` replaces or deletes one only if it is still the one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import email.utils
+import hashlib
+import io
+import itertools
+import time
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from typing import Any, TypeVar
+
+import xxhash
+
+from zckpt.format import BlobStream
+from zckpt.store._fsspec import Head, PreconditionFailedError, Retry, UnsupportedError, is_transient
+
+__all__ = ["S3Backend", "ViewsReader", "flat_head", "flat_tail"]
+
+T = TypeVar("T")
+
+# S3's multipart rules: at most 10,000 parts; every part but the last at least 5 MiB.
+_MAX_PARTS = 10_000
+_MIN_PART = 5 << 20
+
+
+class ViewsReader(io.RawIOBase):
+    """A seekable, read-only file over a sequence of buffers, without copying them.
+
+    The body of one request: botocore reads it for its checksum, seeks back, and aiohttp reads
+    it again to send it.
+
+    Example:
+        >>> r = ViewsReader([memoryview(b"abc"), memoryview(b"de")])
+        >>> len(r), r.read(4), r.read(), r.seek(1), r.read(2)
+        (5, b'abcd', b'e', 1, b'bc')
+    """
+
+    def __init__(self, views: Iterable[memoryview]) -> None:
+        super().__init__()
+        self._views = [v for v in views if v.nbytes]
+        self._starts: list[int] = []
+        pos = 0
+        for v in self._views:
+            self._starts.append(pos)
+            pos += v.nbytes
+        self._size, self._pos, self._at = pos, 0, 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        self._at = 0
+        while self._at + 1 < len(self._views) and self._starts[self._at + 1] <= self._pos:
+            self._at += 1
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        out = memoryview(b).cast("B")
+        done = 0
+        while done < out.nbytes and self._pos < self._size:
+            v, start = self._views[self._at], self._starts[self._at]
+            inner = self._pos - start
+            if inner >= v.nbytes:
+                self._at += 1
+                continue
+            n = min(out.nbytes - done, v.nbytes - inner)
+            out[done : done + n] = v[inner : inner + n]
+            done, self._pos = done + n, self._pos + n
+        return done
+
+
+def _etag(text: str) -> str:
+    return text.strip('"').lower()
+
+
+def _code(e: BaseException) -> str:
+    response = getattr(e, "response", None)
+    if not isinstance(response, dict):
+        return ""
+    code = response.get("Error", {}).get("Code", "")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return str(code or status or "")
+
+
+def _server_age(r: dict[str, Any]) -> float | None:
+    """Seconds since the object was last written, by the server's own clock (its Date header
+    against the object's Last-Modified), so client clocks that disagree do not matter."""
+    try:
+        date = r["ResponseMetadata"]["HTTPHeaders"]["date"]
+        now = email.utils.parsedate_to_datetime(date).timestamp()
+        return max(0.0, now - float(r["LastModified"].timestamp()))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _cut(views: Iterable[memoryview | bytes], size: int) -> Iterator[list[memoryview]]:
+    """Consecutive pieces of ``size`` bytes (the last may be shorter), as lists of views."""
+    part: list[memoryview] = []
+    room = size
+    for buf in views:
+        b = memoryview(buf).cast("B")
+        while b.nbytes:
+            piece = b[:room]
+            part.append(piece)
+            room -= piece.nbytes
+            b = b[piece.nbytes :]
+            if room == 0:
+                yield part
+                part, room = [], size
+    if part:
+        yield part
+
+
+class S3Backend:
+    """Object operations on an ``s3fs.S3FileSystem``'s client (paths are ``bucket/key``)."""
+
+    def __init__(self, fs: Any, part_size: int, max_concurrency: int, retry: Retry) -> None:
+        self.fs, self.retry = fs, retry
+        self.part_size = max(_MIN_PART, part_size)
+        self.max_concurrency = max(1, max_concurrency)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
+        return future.result()
+
+    def _split(self, path: str) -> tuple[str, str]:
+        bucket, key, _ = self.fs.split_path(path)
+        return bucket, key
+
+    async def _call(self, what: str, method: str, **kw: Any) -> Any:
+        """One request, retried while its errors are transient, for at most the retry time."""
+
+        async def once() -> Any:
+            body = kw.get("Body")
+            if body is not None and hasattr(body, "seek"):
+                body.seek(0)  # a retry sends the whole body again, not what an attempt left
+            await self.fs.set_session()
+            client = await self.fs.get_s3(kw.get("Bucket"))
+            return await getattr(client, method)(**kw)
+
+        deadline = time.monotonic() + self.retry.total
+        attempt = 0
+        while True:
+            try:
+                return await once()
+            except Exception as e:
+                attempt += 1
+                if not is_transient(e) or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(self.retry.delay(attempt, deadline))
+
+    def _missing(self, e: BaseException) -> bool:
+        return _code(e) in ("404", "NoSuchKey", "NotFound")
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def head(self, path: str) -> Head | None:
+        """Size, ETag and age of the object ``path``; None when there is none."""
+        bucket, key = self._split(path)
+        if not key:
+            return None
+        try:
+            r = self._run(self._call(path, "head_object", Bucket=bucket, Key=key))
+        except Exception as e:
+            if self._missing(e):
+                return None
+            raise
+        return Head(int(r["ContentLength"]), _etag(r.get("ETag", "")), _server_age(r))
+
+    def get(self, path: str, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` (fewer at the end); FileNotFoundError if none."""
+        return self._run(self._get(path, offset, length))
+
+    async def _get(self, path: str, offset: int, length: int) -> bytes:
+        bucket, key = self._split(path)
+        if length <= 0:
+            return b""
+        try:
+            r = await self._call(
+                path,
+                "get_object",
+                Bucket=bucket,
+                Key=key,
+                Range=f"bytes={offset}-{offset + length - 1}",
+            )
+            async with r["Body"] as body:
+                data: bytes = await body.read()
+        except Exception as e:
+            if self._missing(e):
+                raise FileNotFoundError(path) from e
+            if _code(e) in ("InvalidRange", "416"):
+                return b""
+            raise
+        return data
+
+    def get_small(self, path: str) -> tuple[bytes, Head] | None:
+        """A small object whole, with its ETag and age; None when there is none."""
+        bucket, key = self._split(path)
+
+        async def go() -> tuple[bytes, Head]:
+            r = await self._call(path, "get_object", Bucket=bucket, Key=key)
+            async with r["Body"] as body:
+                data = await body.read()
+            return data, Head(len(data), _etag(r.get("ETag", "")), _server_age(r))
+
+        try:
+            return self._run(go())
+        except Exception as e:
+            if self._missing(e):
+                return None
+            raise
+
+    def is_prefix(self, path: str) -> bool:
+        """Whether any object lies under ``path/`` (a "directory")."""
+        bucket, key = self._split(path)
+        prefix = key.rstrip("/") + "/" if key else ""
+        r = self._run(self._call(path, "list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1))
+        return bool(r.get("KeyCount", len(r.get("Contents", []))))
+
+    def _list(self, path: str, delimiter: bool) -> list[dict[str, Any]]:
+        bucket, key = self._split(path)
+        prefix = key.rstrip("/") + "/" if key else ""
+
+        async def go() -> list[dict[str, Any]]:
+            pages: list[dict[str, Any]] = []
+            token: str | None = None
+            while True:
+                kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+                if delimiter:
+                    kw["Delimiter"] = "/"
+                if token:
+                    kw["ContinuationToken"] = token
+                r = await self._call(path, "list_objects_v2", **kw)
+                pages.append(r)
+                token = r.get("NextContinuationToken")
+                if not r.get("IsTruncated") or not token:
+                    return pages
+
+        return self._run(go())
+
+    def listdir(self, path: str) -> list[str]:
+        """Names of the objects and "directories" right under ``path``."""
+        _, key = self._split(path)
+        skip = len(key.rstrip("/") + "/") if key else 0
+        names: set[str] = set()
+        for page in self._list(path, delimiter=True):
+            names.update(o["Key"][skip:] for o in page.get("Contents", []))
+            names.update(p["Prefix"][skip:].rstrip("/") for p in page.get("CommonPrefixes", []))
+        names.discard("")
+        return sorted(names)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def delete(self, path: str, if_match: str | None = None) -> None:
+        """Delete ``path`` (missing is fine); with ``if_match``, only if its ETag still is that
+        one (:class:`PreconditionFailedError` otherwise)."""
+        bucket, key = self._split(path)
+        kw: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if if_match is not None:
+            kw["IfMatch"] = f'"{if_match}"'
+        try:
+            self._run(self._call(path, "delete_object", **kw))
+        except Exception as e:
+            if self._missing(e):
+                return
+            if _code(e) in ("PreconditionFailed", "412"):
+                raise PreconditionFailedError(path) from e
+            if if_match is not None and _code(e) in ("NotImplemented", "501"):
+                raise UnsupportedError(path) from e
+            raise
+
+    def rmtree(self, path: str) -> None:
+        """Delete every object under ``path/``, a thousand per request."""
+        bucket, _ = self._split(path)
+        keys = [
+            o["Key"] for page in self._list(path, delimiter=False) for o in page.get("Contents", [])
+        ]
+        for i in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+            self._run(self._call(path, "delete_objects", Bucket=bucket, Delete=batch))
+
+    def put_small(
+        self, path: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        """One PUT of ``data``, confirmed by its ETag; returns the ETag. ``if_absent``:
+        ``If-None-Match: *``; ``if_match``: ``If-Match``; a failed condition raises
+        :class:`PreconditionFailedError`, a server without them :class:`UnsupportedError`."""
+        cond: dict[str, str] = {}
+        if if_absent:
+            cond["IfNoneMatch"] = "*"
+        if if_match is not None:
+            cond["IfMatch"] = f'"{if_match}"'
+        view = memoryview(data)
+        try:
+            got = self._run(self._put(path, [view], cond))
+            want = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            if got and got != want:
+                raise OSError(f"the store's ETag {got} is not the MD5 {want} of the bytes sent")
+            return got
+        except Exception as e:
+            if _code(e) in ("PreconditionFailed", "412"):
+                raise PreconditionFailedError(path) from e
+            if cond and _code(e) in ("NotImplemented", "501"):
+                raise UnsupportedError(path) from e
+            raise
+
+    async def _put(self, path: str, views: list[memoryview], cond: dict[str, str]) -> str:
+        bucket, key = self._split(path)
+        r = await self._call(
+            path, "put_object", Bucket=bucket, Key=key, Body=ViewsReader(views), **cond
+        )
+        return _etag(r.get("ETag", ""))
+
+    def put(self, path: str, buffers: Iterable[memoryview | bytes]) -> tuple[int, int]:
+        """Upload a blob; return (size, xxh3_64) once the store has confirmed it."""
+        if isinstance(buffers, BlobStream):
+            size, digest, etag = self._put_stream(path, buffers)
+        else:
+            views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
+            hasher = xxhash.xxh3_64()
+            size = sum(v.nbytes for v in views)
+            if size < 2 * self.part_size:
+                etag = self._put_hashing(path, views, hasher)
+            else:
+                parts = iter(_cut(views, self._part_for(size)))
+                etag = self._multipart(path, parts, None, hasher)
+            digest = hasher.intdigest()
+        self._confirm(path, size, etag)
+        return size, digest
+
+    def _put_hashing(self, path: str, views: list[memoryview], hasher: Any) -> str:
+        """One PUT of ``views``; their MD5 (checked against the ETag) and ``hasher``'s update
+        are computed here while the bytes are on their way."""
+        fut = asyncio.run_coroutine_threadsafe(self._put(path, views, {}), self.fs.loop)
+        try:
+            md5 = hashlib.md5(usedforsecurity=False)
+            for v in views:
+                md5.update(v)
+                hasher.update(v)
+        finally:
+            got = fut.result()
+        if got and got != md5.hexdigest():
+            raise OSError(
+                f"the store's ETag {got} is not the MD5 {md5.hexdigest()} of the bytes sent"
+            )
+        return got
+
+    def _part_for(self, size: int) -> int:
+        """The part size for ``size`` bytes: ``part_size``, or more to stay in 10,000 parts."""
+        return max(self.part_size, -(-size // _MAX_PARTS))
+
+    def _confirm(self, path: str, size: int, etag: str) -> None:
+        head = self.head(path)
+        if head is None:
+            raise OSError("the store does not show the object just uploaded")
+        if head.size != size:
+            raise OSError(f"the store holds {head.size} bytes, {size} were uploaded")
+        if etag and head.etag and head.etag != etag:
+            raise OSError(f"the store's ETag is {head.etag}, the upload's was {etag}")
+
+    def _multipart(
+        self,
+        path: str,
+        parts: Iterator[list[memoryview]],
+        first: Callable[[], list[memoryview]] | None,
+        hasher: Any = None,
+    ) -> str:
+        """Upload ``parts`` as parts 1, 2, ... (from 2 when ``first`` gives part 1 at the end),
+        at most ``max_concurrency`` in flight; complete; return the checked ETag. Each part's
+        MD5 (and ``hasher``'s update, in part order) is computed while it is on its way."""
+        bucket, key = self._split(path)
+        mpu = self._run(self._call(path, "create_multipart_upload", Bucket=bucket, Key=key))
+        upload_id = mpu["UploadId"]
+        done: dict[int, bytes] = {}
+        flight: collections.deque[tuple[int, bytes, concurrent.futures.Future[str]]]
+        flight = collections.deque()
+        # Raw parts are views of tensor memory and cost nothing to keep in flight; streamed
+        # ones hold compressed frames, so fewer of them fly (plus part 1, held to the end).
+        limit = self.max_concurrency if first is None else min(self.max_concurrency, 4)
+
+        def settle(limit: int) -> None:
+            while len(flight) > limit:
+                number, md5, fut = flight.popleft()
+                got = fut.result()
+                if got and got != md5.hex():
+                    raise OSError(
+                        f"part {number}: the store's ETag {got} is not the MD5 {md5.hex()} "
+                        "of the bytes sent"
+                    )
+                done[number] = md5
+
+        def send(number: int, views: list[memoryview]) -> None:
+            settle(limit - 1)
+            coro = self._part(path, bucket, key, upload_id, number, views)
+            fut = asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
+            md5 = hashlib.md5(usedforsecurity=False)
+            for v in views:
+                md5.update(v)
+                if hasher is not None:
+                    hasher.update(v)
+            flight.append((number, md5.digest(), fut))
+
+        try:
+            number = 1 if first is None else 2
+            for views in parts:
+                send(number, views)
+                number += 1
+            if first is not None:
+                send(1, first())
+            settle(0)
+            md5s = [done[n] for n in sorted(done)]
+            listing = [{"PartNumber": n, "ETag": f'"{done[n].hex()}"'} for n in sorted(done)]
+            r = self._run(
+                self._call(
+                    path,
+                    "complete_multipart_upload",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": listing},
+                )
+            )
+        except BaseException:
+            for _, _, fut in flight:
+                fut.cancel()
+            for _, _, fut in flight:
+                with contextlib.suppress(BaseException):  # the failure raised below is the one
+                    fut.result()
+            with contextlib.suppress(Exception):  # best effort: `zckpt clean` aborts the rest
+                self._run(
+                    self._call(
+                        path, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id
+                    )
+                )
+            raise
+        want = f"{hashlib.md5(b''.join(md5s), usedforsecurity=False).hexdigest()}-{len(md5s)}"
+        got = _etag(r.get("ETag", ""))
+        if got and got != want:
+            raise OSError(f"the store's ETag {got} for the completed upload is not {want}")
+        return got
+
+    async def _part(
+        self, path: str, bucket: str, key: str, upload_id: str, number: int, views: list[memoryview]
+    ) -> str:
+        r = await self._call(
+            path,
+            "upload_part",
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=ViewsReader(views),
+        )
+        return _etag(r.get("ETag", ""))
+
+    def _put_stream(self, path: str, blob: BlobStream) -> tuple[int, int, str]:
+        """A compressed blob as it is encoded: frames into parts 2, 3, ...; part 1 (the head and
+        the first frames) last. Blobs under two parts are held and sent as one PUT."""
+        frames = iter(blob.frames())
+        room = max(0, self.part_size - blob.data_offset)  # frame bytes that go into part 1
+        held: list[memoryview] = []
+        held_bytes = 0
+        for buf in frames:  # until part 1 is full and part 2 has begun
+            v = memoryview(buf).cast("B")
+            held.append(v)
+            held_bytes += v.nbytes
+            if held_bytes >= room + self.part_size:
+                break
+        else:  # small: the whole blob is in hand
+            views = [memoryview(blob.head()), *held]
+            hasher = xxhash.xxh3_64()
+            etag = self._put_hashing(path, views, hasher)
+            return sum(v.nbytes for v in views), hasher.intdigest(), etag
+        first_frames = flat_head(held, room)
+        parts = _cut(itertools.chain(flat_tail(held, room), frames), self.part_size)
+        held = []
+        etag = self._multipart(path, parts, lambda: [memoryview(blob.head()), *first_frames])
+        size = blob.size
+        return size, self._hash_back(path, size), etag
+
+    def _hash_back(self, path: str, size: int) -> int:
+        """xxh3_64 of the object as stored, read back in file order in ranged GETs, a few in
+        flight."""
+        hasher = xxhash.xxh3_64()
+        step = self.part_size
+        starts = list(range(0, size, step))
+        flight: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+        for at in starts:
+            coro = self._get(path, at, min(step, size - at))
+            flight.append(asyncio.run_coroutine_threadsafe(coro, self.fs.loop))
+            if len(flight) >= self.max_concurrency:
+                hasher.update(flight.popleft().result())
+        while flight:
+            hasher.update(flight.popleft().result())
+        return hasher.intdigest()
+
+    def uploads(self, path: str) -> list[tuple[str, str]]:
+        """(name relative to ``path``, upload id) of every unfinished multipart upload under it."""
+        bucket, key = self._split(path)
+        prefix = key.rstrip("/") + "/" if key else ""
+
+        async def go() -> list[tuple[str, str]]:
+            found: list[tuple[str, str]] = []
+            marker: dict[str, str] = {}
+            while True:
+                r = await self._call(
+                    path, "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker
+                )
+                found += [(u["Key"][len(prefix) :], u["UploadId"]) for u in r.get("Uploads", [])]
+                if not r.get("IsTruncated"):
+                    return found
+                marker = {
+                    "KeyMarker": r.get("NextKeyMarker", ""),
+                    "UploadIdMarker": r.get("NextUploadIdMarker", ""),
+                }
+
+        return self._run(go())
+
+    def abort_uploads(self, path: str) -> list[str]:
+        """Abort every unfinished multipart upload under ``path/`` (a killed save's); return
+        their names relative to ``path``."""
+        bucket, key = self._split(path)
+        prefix = key.rstrip("/") + "/" if key else ""
+        aborted = []
+        for name, upload_id in self.uploads(path):
+            self._run(
+                self._call(
+                    path,
+                    "abort_multipart_upload",
+                    Bucket=bucket,
+                    Key=prefix + name,
+                    UploadId=upload_id,
+                )
+            )
+            aborted.append(name)
+        return aborted
+
+
+def flat_head(views: list[memoryview], n: int) -> list[memoryview]:
+    """The first ``n`` bytes of ``views``, as views.
+
+    Example:
+        >>> [bytes(v) for v in flat_head([memoryview(b"abc"), memoryview(b"de")], 4)]
+        [b'abc', b'd']
+    """
+    out: list[memoryview] = []
+    for v in views:
+        if n <= 0:
+            break
+        out.append(v[:n])
+        n -= out[-1].nbytes
+    return out
+
+
+def flat_tail(views: list[memoryview], skip: int) -> list[memoryview]:
+    """``views`` without their first ``skip`` bytes.
+
+    Example:
+        >>> [bytes(v) for v in flat_tail([memoryview(b"abc"), memoryview(b"de")], 4)]
+        [b'e']
+    """
+    out: list[memoryview] = []
+    for v in views:
+        if skip >= v.nbytes:
+            skip -= v.nbytes
+            continue
+        out.append(v[skip:])
+        skip = 0
+    return out
