@@ -268,7 +268,7 @@ class Scratch:
 def regular(p: Path) -> bool:
     try:
         return stat.S_ISREG(os.lstat(p).st_mode)
-    except FileNotFoundError:
+    except OSError:  # missing, or under a path whose tag directory a mutation made a FIFO
         return False
 
 

@@ -398,3 +398,14 @@ def test_fuzz_file_types(env: Env, p: Params, mutations: list[tuple[Any, ...]]) 
 @given(st.sampled_from(ALL_PARAMS), st.lists(any_mut, min_size=1, max_size=4))
 def test_fuzz_everything_slow(env: Env, p: Params, mutations: list[tuple[Any, ...]]) -> None:
     env.check(p, mutations, fail_fast=True)
+
+
+def test_counterexample_fifo_tag_then_manifest_edit(env: Env) -> None:
+    """Found by test_fuzz_everything_slow in CI: a manifest mutation after the tag directory
+    became a FIFO crashed the harness (NotADirectoryError), not zckpt."""
+    mutations = [
+        ("tagdir", "tagdir_fifo", 1),
+        ("manifest", "name_manifest", 1, 2),
+        ("tagdir", "tagdir_fifo", 1),
+    ]
+    env.check(Params(ws=3, stage=2, codec="byteplane", chunk=128), mutations, fail_fast=True)
