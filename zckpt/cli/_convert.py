@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, overload
 
 import torch
 
@@ -20,11 +21,13 @@ import zckpt
 from zckpt.assemble import ReshardedShards, index_sources
 from zckpt.cli._main import CommandLineError, progress
 from zckpt.errors import SpecError
+from zckpt.format import _codecs
 from zckpt.interop import (
     DeepSpeedFormatError,
-    convert_deepspeed,
+    deepspeed_tags,
     deepspeed_training_state,
     find_deepspeed,
+    is_deepspeed_checkpoint,
     open_deepspeed,
     parse_size,
 )
@@ -35,12 +38,23 @@ from zckpt.interop._output import (
     check_disjoint,
     check_file_output,
 )
-from zckpt.interop._safetensors import is_directory_output, write_safetensors
-from zckpt.store._commit import prepare_save, write_and_commit
+from zckpt.interop._safetensors import is_directory_output, module_key_order, write_safetensors
+from zckpt.spec._plan import TENSOR
+from zckpt.store._commit import Saved, prepare_save, write_and_commit
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, TagError, generation_of
 from zckpt.store._resolve import isdir, lexists, listdir
 
-__all__ = ["clean", "consolidate", "convert", "prune", "reshard"]
+__all__ = [
+    "WrittenShards",
+    "clean",
+    "consolidate",
+    "convert",
+    "output_kind",
+    "prune",
+    "reshard",
+    "shard_nbytes",
+    "source_codec",
+]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLAG = "--overwrite"
@@ -70,16 +84,80 @@ def _save_torch(sd: dict[str, Any], out: str, dtype: torch.dtype, args: argparse
     return 0
 
 
+def _export_bytes(sd: dict[str, Any], dtype: torch.dtype) -> int:
+    """Bytes a safetensors export of ``sd`` writes: tied values once, floating ones in
+    ``dtype`` (what ``on_tensor`` reports, so the bar ends at 100%)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    seen: dict[int, int] = {}
+    for v in sd.values():
+        if id(v) not in seen:
+            n = _nbytes(v)
+            seen[id(v)] = n // v.dtype.itemsize * size if v.dtype.is_floating_point else n
+    return sum(seen.values())
+
+
 def _positive(flag: str, value: int) -> None:
     if value < 1:
         raise CommandLineError(f"{flag} must be at least 1, got {value}")
 
 
+_SUFFIXES = {".safetensors": "one safetensors file", ".pt": "torch.save", ".bin": "torch.save"}
+
+
+def output_kind(out: str, max_shard_size: str | None = None) -> str:
+    """What ``zckpt consolidate`` writes at OUT: ``"torch"`` (a ``torch.save`` file, OUT ending
+    in ``.pt`` or ``.bin``), ``"file"`` (one ``.safetensors`` file) or ``"dir"`` (a directory
+    of Hugging Face style shards).
+
+    A directory is said by a path ending in ``/``, an existing directory, a last component
+    without a suffix (``hf``), or ``--max-shard-size``. Any other suffix is refused, so a typo
+    (``model.safetensor``) does not become a directory.
+
+    Raises:
+        CommandLineError: OUT has a suffix that is none of these.
+
+    Example:
+        >>> [output_kind(o) for o in ("m.safetensors", "m.pt", "hf", "hf.v2/")]
+        ['file', 'torch', 'dir', 'dir']
+        >>> output_kind("m.safetensor")
+        Traceback (most recent call last):
+        ...
+        zckpt.cli._main.CommandLineError: OUT m.safetensor has the unknown suffix '.safetensor' \
+(did you mean m.safetensors?); ...
+    """
+    if out.endswith((".pt", ".bin")):
+        return "torch"
+    if out.endswith(("/", os.sep)) or max_shard_size is not None:
+        return "dir"
+    if out.endswith(".safetensors"):
+        return "file"
+    suffix = os.path.splitext(os.path.basename(out))[1]
+    if not suffix or os.path.isdir(out):
+        return "dir"
+    close = difflib.get_close_matches(suffix, list(_SUFFIXES), n=1, cutoff=0.75)
+    hint = f" (did you mean {out[: -len(suffix)]}{close[0]}?)" if close else ""
+    raise CommandLineError(
+        f"OUT {out} has the unknown suffix {suffix!r}{hint}; OUT must end in .safetensors "
+        "(one file), .pt or .bin (torch.save), or name a directory for shards: end it with "
+        "'/' (or pass --max-shard-size)"
+    )
+
+
+def _module_order(args: argparse.Namespace) -> list[str] | None:
+    """The module's own key order (a DeepSpeed fp32 state dict comes in zero_to_fp32's), so
+    shards are laid out as save_pretrained lays them out; None when it cannot be read."""
+    try:
+        return list(module_key_order(args.path, args.tag))
+    except (zckpt.ZckptError, OSError):
+        return None
+
+
 def consolidate(args: argparse.Namespace) -> int:
     """``zckpt consolidate PATH OUT``: the fp32 state dict as safetensors or a torch.save file.
 
-    OUT is checked before the checkpoint is read: it may not be PATH or contain it, and an
-    existing OUT needs ``--overwrite`` (then it is replaced atomically).
+    OUT is checked before the checkpoint is read: its suffix must say what to write
+    (:func:`output_kind`), it may not be PATH or contain it, and an existing OUT needs
+    ``--overwrite`` (then it is replaced atomically).
 
     Example:
         >>> from zckpt.cli import main
@@ -87,9 +165,9 @@ def consolidate(args: argparse.Namespace) -> int:
         1
     """
     out: str = args.out
-    torch_file = out.endswith((".pt", ".bin"))
+    kind = output_kind(out, args.max_shard_size)
     if args.max_shard_size is not None:
-        if torch_file:
+        if kind == "torch":
             raise CommandLineError(
                 f"--max-shard-size applies to safetensors output, not .pt/.bin (OUT is {out})"
             )
@@ -98,7 +176,7 @@ def consolidate(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise CommandLineError(f"--max-shard-size: {e}") from None
     check_disjoint(args.path, out, allow_inside=True)
-    if torch_file or not is_directory_output(out, args.max_shard_size):
+    if kind != "dir" or not is_directory_output(out, args.max_shard_size):
         check_file_output(out, overwrite=args.overwrite, flag=FLAG)
     else:
         check_dir_output(out, overwrite=args.overwrite, flag=FLAG)
@@ -106,10 +184,9 @@ def consolidate(args: argparse.Namespace) -> int:
         args.path, args.tag, args.exclude_frozen, lazy_mode=args.lazy
     )
     dtype = DTYPES[args.dtype]
-    if torch_file:
+    if kind == "torch":
         return _save_torch(sd, out, dtype, args)
-    total = sum(_nbytes(v) for v in sd.values())
-    with progress(args, total, "export") as bar:
+    with progress(args, _export_bytes(sd, dtype), "export") as bar:
         r = write_safetensors(
             sd,
             out,
@@ -117,6 +194,7 @@ def consolidate(args: argparse.Namespace) -> int:
             dtype=None if dtype == torch.float32 else dtype,
             on_tensor=lambda _name, n: bar.update(n),
             overwrite=args.overwrite,
+            key_order=_module_order(args),
             flag=FLAG,
         )
     where = r.index_path or (r.files[0] if len(r.files) == 1 else out)
@@ -186,14 +264,178 @@ def _cli_wording(out: str, tag: str) -> Iterator[None]:
         ) from e
 
 
+def shard_nbytes(shard: zckpt.Shard) -> int:
+    """Bytes of tensor data a shard holds (before any codec).
+
+    Example:
+        >>> import torch, zckpt
+        >>> s = {"w": torch.zeros(10)}
+        >>> shard_nbytes(zckpt.shard_state(s, zckpt.plan_shards(s, zckpt.ZeroSpec(2, 1)), 0))
+        24
+    """
+    return sum(f.numel * shard.skeleton.tensors[f.leaf].itemsize for f in shard.fragments)
+
+
+class WrittenShards(Sequence[zckpt.Shard]):
+    """``shards``, telling ``on_written(nbytes)`` each time the writer is done with one.
+
+    The save protocol writes the shards it is given in order (``for shard in shards``): the
+    writer asks for the next shard only once the previous one is written, so each step of the
+    iteration reports the shard just written. Assembling, encoding and writing one new rank of
+    ``zckpt reshard`` is one step; nothing in :mod:`zckpt.store` needs to know.
+
+    Example:
+        >>> import torch, zckpt
+        >>> s = {"w": torch.zeros(10)}
+        >>> plan = zckpt.plan_shards(s, zckpt.ZeroSpec(2, 1))
+        >>> done = []
+        >>> shards = WrittenShards([zckpt.shard_state(s, plan, r) for r in (0, 1)], done.append)
+        >>> [sh.rank for sh in shards], done
+        ([0, 1], [24, 16])
+    """
+
+    def __init__(self, shards: Sequence[zckpt.Shard], on_written: Callable[[int], None]) -> None:
+        self._shards, self._on_written = shards, on_written
+
+    def __len__(self) -> int:
+        return len(self._shards)
+
+    @overload
+    def __getitem__(self, i: int) -> zckpt.Shard: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[zckpt.Shard]: ...
+    def __getitem__(self, i: int | slice) -> zckpt.Shard | Sequence[zckpt.Shard]:
+        return self._shards[i]
+
+    def __iter__(self) -> Iterator[zckpt.Shard]:
+        for shard in self._shards:
+            yield shard
+            self._on_written(shard_nbytes(shard))
+
+
+def source_codec(ck: zckpt.Checkpoint) -> str:
+    """The codec a zckpt checkpoint was written with, read from its blobs' headers.
+
+    Each chunk records the codec it is stored with, and every codec falls back to raw where
+    compression does not pay (byteplane also to zstd, on dtypes it does not split into planes):
+    any byteplane chunk means byteplane, else any zstd chunk zstd, else raw.
+
+    Example:
+        >>> import tempfile, torch, zckpt
+        >>> d = tempfile.mkdtemp()
+        >>> _ = zckpt.save_checkpoint(d, {"w": torch.zeros(64)}, zckpt.ZeroSpec(2, 1), tag="t",
+        ...                           codec="byteplane")
+        >>> source_codec(zckpt.open_checkpoint(d))
+        'byteplane'
+    """
+    names = {code: name for name, code in _codecs.CODECS.items()}
+    seen: set[int] = set()
+    for rec in ck.manifest.files:
+        for entry in ck.header(rec).fragments:
+            seen.update(c.codec for c in entry.chunks)
+    for code in (_codecs.BYTEPLANE, _codecs.ZSTD):
+        if code in seen:
+            return names[code]
+    return "raw"
+
+
+def _check_ranks(args: argparse.Namespace, state: Any, new: zckpt.ZeroSpec) -> None:
+    """Refuse, unless ``--allow-empty-ranks``, a world size past the most ranks that can hold
+    any of the largest thing ZeRO partitions: a stage 1/2 flat buffer of n elements is cut into
+    pieces of at least ``alignment`` elements (so at most ceil(n / alignment) ranks get one), a
+    stage 3 tensor into pieces of at least one. The ranks past that would hold no partitioned
+    state, yet each writes a file. A state with nothing partitioned (replicated tensors and
+    MoE experts only) passes. Planned at a small world size, so an absurd one costs nothing."""
+    ws = new.world_size
+    if args.allow_empty_ranks or ws == 1:
+        return
+    small = zckpt.plan_shards(state, dataclasses.replace(new, world_size=new.expert_parallel_size))
+    skel = small.skeleton
+    units: list[tuple[int, int, str, int]] = []  # (most ranks, elements, name, ranks at ws)
+    for g in small.groups:
+        part = new.padded(g.numel) // ws
+        most = -(-g.numel // new.alignment)
+        units.append((most, g.numel, g.key.split("[")[0] or "<root>", -(-g.numel // part)))
+    for leaf, p in enumerate(small.placements):
+        if p.kind == TENSOR:
+            n = skel.tensors[leaf].numel
+            units.append((n, n, skel.name(leaf), -(-n // -(-n // ws))))
+    if not units:  # nothing is partitioned (replicated tensors, experts): no rank goes empty
+        return
+    most, elements, name, _ = max(units)
+    if ws <= most:
+        return
+    holding = max(r for *_, r in units)
+    if new.stage == 3:
+        how = "cuts each tensor into --world-size pieces"
+    else:
+        how = (
+            "cuts each flat buffer into --world-size pieces of at least "
+            f"{new.alignment} elements (the spec's alignment)"
+        )
+    largest = (
+        f", and the largest, {name}, has {elements:,} elements: at most {most:,} ranks can "
+        "hold a piece of it"
+    )
+    raise CommandLineError(
+        f"{args.path}: --world-size {ws:,} is more ranks than there are elements to partition "
+        f"(ZeRO stage {new.stage} {how}{largest}); {ws - holding:,} of the {ws:,} ranks would "
+        f"hold no partitioned state, yet each writes a file: choose --world-size "
+        f"{most:,} or fewer, or pass --allow-empty-ranks"
+    )
+
+
+def _save_state(
+    args: argparse.Namespace,
+    state: Any,
+    spec: zckpt.ZeroSpec,
+    tag: str,
+    client: dict[str, Any],
+    frozen: list[str],
+    codec: str,
+) -> Saved:
+    """``save_checkpoint`` of a whole state held in memory (a DeepSpeed import), with a bar
+    that advances as each rank's file is written."""
+    with _cli_wording(args.out, tag):
+        prepared = prepare_save(
+            args.out,
+            state,
+            spec,
+            tag=tag,
+            client_state=client,
+            frozen=frozen,
+            codec=codec,
+            overwrite=args.overwrite,
+        )
+    total = sum(shard_nbytes(sh) for sh in prepared.shards)
+    with progress(args, total, "write") as bar:
+        shards = WrittenShards(prepared.shards, bar.update)
+        return write_and_commit(dataclasses.replace(prepared, shards=shards))
+
+
+def _import_deepspeed(
+    args: argparse.Namespace,
+) -> tuple[str, dict[str, Any], zckpt.ZeroSpec, list[str], dict[str, Any]]:
+    """``(tag, state, spec, frozen, client_state)`` of the DeepSpeed checkpoint at PATH, with
+    a two-step bar: its files loaded, then the training state assembled from them."""
+    with progress(args, 2, "import", unit="step") as bar:
+        ck = open_deepspeed(args.path, args.tag)
+        bar.update(1)
+        state, spec, frozen, client = deepspeed_training_state(ck)
+        bar.update(1)
+    return ck.tag, state, spec, frozen, client
+
+
 def reshard(args: argparse.Namespace) -> int:
     """``zckpt reshard PATH OUT --world-size M [--stage S]``: the same state, another spec.
 
     A zckpt checkpoint is resharded one new rank at a time: each rank's shard is assembled from
     the chunks of the old files it overlaps, written, and dropped, so memory holds one shard,
     not the state. A DeepSpeed checkpoint is imported whole first, then saved with the new spec.
-    The tag, client_state and frozen list carry over. OUT may not overlap PATH; an OUT already
-    holding a training run needs ``--overwrite``. Everything is checked before writing.
+    The tag, client_state and frozen list carry over; so does the codec, unless ``--codec``
+    (raw for DeepSpeed input). OUT may not overlap PATH; an OUT already holding a training run
+    needs ``--overwrite``; more ranks than elements to partition need ``--allow-empty-ranks``.
+    Everything is checked before writing; a bar shows the ranks being written.
 
     Example:
         >>> from zckpt.cli import main
@@ -203,36 +445,29 @@ def reshard(args: argparse.Namespace) -> int:
     _positive("--world-size", args.world_size)
     _check_save_dir(args.path, args.out)
     found = find_deepspeed(args.path, args.tag)
+    kept = args.codec is None
     if found is not None:
         _check_run(args.out, found[1], args.overwrite)
-        ck = open_deepspeed(args.path, args.tag)
-        state, spec, frozen, client = deepspeed_training_state(ck)
+        tag, state, spec, frozen, client = _import_deepspeed(args)
         new = _new_spec(spec, args)
+        _check_ranks(args, state, new)
         try:
             zckpt.plan_shards(state, new)  # a spec the state cannot take fails here
         except SpecError as e:
             raise _spec_error(args, e) from None
-        with _cli_wording(args.out, ck.tag):
-            saved = zckpt.save_checkpoint(
-                args.out,
-                state,
-                new,
-                tag=ck.tag,
-                client_state=client,
-                frozen=frozen,
-                codec=args.codec,
-                overwrite=args.overwrite,
-            )
+        codec = args.codec or "raw"
+        saved = _save_state(args, state, new, tag, client, frozen, codec)
     else:
         old = zckpt.open_checkpoint(args.path, args.tag)
         spec, skel = old.manifest.spec, old.manifest.skeleton
         new = _new_spec(spec, args)
+        _check_ranks(args, skel, new)
         try:
             plan = zckpt.plan_shards(skel, new)
         except SpecError as e:
             raise _spec_error(args, e) from None
         _check_run(args.out, old.tag, args.overwrite)
-        shards = ReshardedShards(index_sources(skel, old.sources()), plan)
+        codec = args.codec or source_codec(old)
         placeholder = zckpt.Shard(0, new, skel, (), ())  # gives prepare_save the spec only
         with _cli_wording(args.out, old.tag):
             prepared = prepare_save(
@@ -241,16 +476,22 @@ def reshard(args: argparse.Namespace) -> int:
                 tag=old.tag,
                 client_state=old.client_state(),
                 frozen=old.manifest.frozen,
-                codec=args.codec,
+                codec=codec,
                 overwrite=args.overwrite,
             )
-        excluded = old.manifest.excluded_frozen
-        saved = write_and_commit(
-            dataclasses.replace(prepared, shards=shards, excluded_frozen=excluded)
-        )
+        total = sum(f.numel * skel.tensors[f.leaf].itemsize for w in plan.writes for f in w)
+        with progress(args, total, "reshard") as bar:
+            shards = WrittenShards(
+                ReshardedShards(index_sources(skel, old.sources()), plan), bar.update
+            )
+            excluded = old.manifest.excluded_frozen
+            saved = write_and_commit(
+                dataclasses.replace(prepared, shards=shards, excluded_frozen=excluded)
+            )
+    how = " (the source's)" if kept and found is None else ""
     print(
         f"wrote {saved.path}: world size {spec.world_size} -> {new.world_size}, "
-        f"stage {spec.stage} -> {new.stage}, codec {args.codec}"
+        f"stage {spec.stage} -> {new.stage}, codec {codec}{how}"
     )
     return 0
 
@@ -271,8 +512,9 @@ def _new_spec(spec: zckpt.ZeroSpec, args: argparse.Namespace) -> zckpt.ZeroSpec:
 def convert(args: argparse.Namespace) -> int:
     """``zckpt convert --from deepspeed PATH OUT``: the whole DeepSpeed training state.
 
-    OUT may not overlap PATH (that would write into DeepSpeed's own tag folder); an OUT already
-    holding a training run (a committed tag or a ``latest`` file) needs ``--overwrite``.
+    What :func:`zckpt.interop.convert_deepspeed` writes, with progress bars. OUT may not
+    overlap PATH (that would write into DeepSpeed's own tag folder); an OUT already holding a
+    training run (a committed tag or a ``latest`` file) needs ``--overwrite``.
 
     Example:
         >>> from zckpt.cli import main
@@ -284,12 +526,23 @@ def convert(args: argparse.Namespace) -> int:
     if found is None:
         raise DeepSpeedFormatError(f"{args.path}: not a DeepSpeed checkpoint directory")
     _check_run(args.out, found[1], args.overwrite)
-    with _cli_wording(args.out, found[1]):
-        saved = convert_deepspeed(
-            args.path, args.out, args.tag, codec=args.codec, overwrite=args.overwrite
-        )
+    tag, state, spec, frozen, client = _import_deepspeed(args)
+    saved = _save_state(args, state, spec, tag, client, frozen, args.codec or "raw")
     print(f"wrote {saved.path} (tag {saved.tag}); it loads at any world size and stage")
     return 0
+
+
+def _zckpt_save_dir(path: str, command: str) -> None:
+    """``prune`` and ``clean`` manage zckpt save_dirs only: a DeepSpeed folder (a tag
+    directory, or a save_dir holding DeepSpeed tags and no committed zckpt tag) is refused."""
+    if not isdir(path):
+        raise zckpt.CheckpointNotFoundError(f"{path}: no such directory")
+    deepspeed = is_deepspeed_checkpoint(path) or bool(deepspeed_tags(path))
+    if deepspeed and not zckpt.list_tags(path):
+        raise CommandLineError(
+            f"{path} is a DeepSpeed checkpoint: zckpt {command} only manages zckpt "
+            "checkpoints and leaves DeepSpeed's files alone (nothing was changed)"
+        )
 
 
 def prune(args: argparse.Namespace) -> int:
@@ -301,8 +554,7 @@ def prune(args: argparse.Namespace) -> int:
         1
     """
     _positive("--keep-last", args.keep_last)
-    if not isdir(args.path):
-        raise zckpt.CheckpointNotFoundError(f"{args.path}: no such directory")
+    _zckpt_save_dir(args.path, "prune")
     deleted = zckpt.apply_retention(args.path, args.keep_last)
     for tag in deleted:
         print(f"deleted {tag}")
@@ -319,8 +571,7 @@ def clean(args: argparse.Namespace) -> int:
         >>> main(["clean", "/nonexistent"])
         1
     """
-    if not isdir(args.path):
-        raise zckpt.CheckpointNotFoundError(f"{args.path}: no such directory")
+    _zckpt_save_dir(args.path, "clean")
     removed = zckpt.clean(args.path)
     for name in removed:
         print(f"removed {name}")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 import zckpt
+from zckpt.cli._convert import source_codec
 from zckpt.cli._main import progress
 from zckpt.format import FORMAT_VERSION
 from zckpt.interop import (
@@ -22,8 +23,9 @@ from zckpt.interop import (
 )
 from zckpt.store._layout import LATEST, read_latest
 from zckpt.store._resolve import storage_for
+from zckpt.tree import format_path
 
-__all__ = ["describe_value", "inspect", "verify"]
+__all__ = ["describe_value", "files_summary", "inspect", "verify"]
 
 _DTYPES = {
     torch.float32: "fp32",
@@ -79,6 +81,11 @@ def _inspect_zckpt(args: argparse.Namespace) -> dict[str, Any]:
         version = h.version
         for e in h.fragments:
             stored[e.fragment.leaf] += sum(c.length for c in e.chunks)
+    skel = m.skeleton
+    # A tied tensor is stored once, under its first path; its other paths name the same leaf.
+    tied = {
+        format_path(p): skel.name(leaf) for p, leaf in skel.tensor_paths() if p != skel.paths[leaf]
+    }
     tensors = []
     for leaf, meta in enumerate(m.skeleton.tensors):
         raw = meta.nbytes
@@ -102,9 +109,15 @@ def _inspect_zckpt(args: argparse.Namespace) -> dict[str, Any]:
         "zckpt_version": m.zckpt_version,
         "world_size": m.spec.world_size,
         "stage": m.spec.stage,
-        "files": len(m.files),
+        "codec": source_codec(ck),
+        # What verify counts: every file the manifest lists, the client state's included.
+        "files": len(m.files) + (m.client is not None),
+        "rank_blobs": sum(r.expert < 0 for r in m.files),
+        "expert_blobs": sum(r.expert >= 0 for r in m.files),
+        "client_state_blob": m.client is not None,
         "bytes_on_disk": sum(r.size for r in m.files) + (m.client.size if m.client else 0),
         "frozen": list(m.frozen),
+        "tied": tied,
         "tensors": tensors,
         "client_state": describe_value(ck.client_state()),
     }
@@ -142,10 +155,40 @@ def _inspect_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def files_summary(
+    n: int, rank_blobs: int, expert_blobs: int, client: bool, *, noun: bool = True
+) -> str:
+    """How many files a zckpt tag holds, and what they are (inspect and verify say the same).
+
+    Example:
+        >>> files_summary(5, 4, 0, True)
+        '5 files (4 rank blobs + client state)'
+        >>> files_summary(3, 1, 2, False, noun=False)
+        '3 (1 rank blob + 2 expert blobs)'
+    """
+    parts = [f"{rank_blobs} rank blob{'s' * (rank_blobs != 1)}"]
+    if expert_blobs:
+        parts.append(f"{expert_blobs} expert blob{'s' * (expert_blobs != 1)}")
+    if client:
+        parts.append("client state")
+    count = f"{n} file{'s' * (n != 1)}" if noun else str(n)
+    return f"{count} ({' + '.join(parts)})"
+
+
+def _text(v: Any) -> str:
+    """A value of ``inspect``'s text output: never ``None`` or ``[]`` printed as such."""
+    if v is None or v == []:
+        return "(none)"
+    return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
 def _print_table(rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+_FILE_PARTS = ("rank_blobs", "expert_blobs", "client_state_blob")
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -161,10 +204,12 @@ def inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    skip = ("tensors", "params", "client_state")
+    skip = ("tensors", "params", "client_state", "tied", *_FILE_PARTS)
     for k, v in info.items():
+        if k == "files" and not ds:
+            v = files_summary(*(info[p] for p in ("files", *_FILE_PARTS)), noun=False)
         if k not in skip:
-            print(f"{k}: {v if not isinstance(v, list) else ', '.join(map(str, v)) or '-'}")
+            print(f"{k}: {_text(v)}")
     if ds:
         print(f"fp32 state dict ({len(info['params'])} entries):")
         rows = [["path", "dtype", "shape"]]
@@ -187,6 +232,9 @@ def inspect(args: argparse.Namespace) -> int:
             ]
         )
     _print_table(rows)
+    if info["tied"]:
+        print(f"tied ({len(info['tied'])}, stored once):")
+        _print_table([[alias, "->", t] for alias, t in info["tied"].items()])
     print(f"client_state: {json.dumps(info['client_state'])}")
     return 0
 
@@ -202,6 +250,18 @@ def _verify_deepspeed(args: argparse.Namespace) -> int:
         print(f"{ck.path}: {kind}, {n} files load with the allow-list; OK")
         print("(DeepSpeed records no checksums: only loadability and layout were checked)")
     return 0
+
+
+def _verified_files(r: zckpt.TagReport) -> str:
+    """``r.files``, with what they are when the tag's manifest reads (the count inspect shows)."""
+    try:
+        m = zckpt.open_checkpoint(r.path).manifest if r.files else None
+    except (zckpt.ZckptError, OSError):
+        m = None
+    if m is None or len(m.files) + (m.client is not None) != r.files:
+        return f"{r.files} files"
+    experts = sum(f.expert >= 0 for f in m.files)
+    return files_summary(r.files, len(m.files) - experts, experts, m.client is not None)
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -247,7 +307,7 @@ def verify(args: argparse.Namespace) -> int:
             for p in r.problems:
                 print(p)
             status = "OK" if r.ok else f"{len(r.problems)} problem(s)"
-            print(f"{r.path}: {r.files} files, {r.nbytes} bytes: {status}")
+            print(f"{r.path}: {_verified_files(r)}, {r.nbytes} bytes: {status}")
         if len(reports) > 1:
             bad = sum(not r.ok for r in reports)
             print(f"{len(reports)} tags checked: {'all OK' if not bad else f'{bad} with problems'}")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,9 +16,14 @@ import zckpt
 from zckpt.errors import ZckptError
 from zckpt.store._resolve import storage_options_scope
 
-__all__ = ["CommandLineError", "Progress", "main", "progress"]
+__all__ = ["EXIT_BROKEN_PIPE", "CommandLineError", "Progress", "cli_wording", "main", "progress"]
 
 Command = Callable[[argparse.Namespace], int]
+
+#: The exit status when the reader of stdout went away (``zckpt inspect ckpt | head -1``): what
+#: git returns (it dies of SIGPIPE, which a shell reports as 128 + 13), so ``set -o pipefail``
+#: scripts see the same thing for both.
+EXIT_BROKEN_PIPE = 141
 
 
 class CommandLineError(ZckptError, ValueError):
@@ -40,15 +48,17 @@ class Progress:
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
-            # Some pseudo-terminals report width 0, where tqdm would draw nothing: fall back to 80.
-            width = shutil.get_terminal_size((80, 24)).columns or 80
+            # Some pseudo-terminals report a size of 0 x 0, where tqdm would draw nothing (it
+            # measures rows as -1 and hides every bar): fall back to 80 x 24.
+            size = shutil.get_terminal_size((80, 24))
             self._bar = tqdm(
                 total=total,
                 desc=desc,
                 unit=unit,
                 unit_scale=unit == "B",
                 file=sys.stderr,
-                ncols=width,
+                ncols=size.columns or 80,
+                nrows=size.lines or 24,
             )
 
     def update(self, n: int) -> None:
@@ -74,16 +84,79 @@ def progress(args: argparse.Namespace, total: int | None, desc: str, unit: str =
     return Progress(total, desc, quiet=bool(getattr(args, "quiet", False)), unit=unit)
 
 
+# How the library spells advice for Python callers, and how the command line says it.
+_PYTHON_SPELLINGS = (
+    (re.compile(r"\bpass overwrite=True\b"), "pass --overwrite"),
+    (re.compile(r"\bpass tag=\.\.\."), "pass --tag TAG"),
+    (re.compile(r"\bpass tag=(?=['\"])"), "pass --tag "),
+    (re.compile(r": pass one as the tag\b"), ": pass one with --tag"),
+    (re.compile(r" \(zckpt\.interop\.convert_deepspeed\)"), ""),
+)
+
+
+def cli_wording(text: str) -> str:
+    """``text`` with advice worded for the command line instead of for Python callers.
+
+    Example:
+        >>> cli_wording("ckpt/step3 already holds a committed checkpoint; pass overwrite=True")
+        'ckpt/step3 already holds a committed checkpoint; pass --overwrite'
+        >>> cli_wording("ckpt has no 'latest' file; its tags are a, b: pass one as the tag")
+        "ckpt has no 'latest' file; its tags are a, b: pass one with --tag"
+    """
+    for pattern, replacement in _PYTHON_SPELLINGS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _reword(e: BaseException) -> None:
+    """Give ``e`` the command line's wording, in place: its type, traceback and other
+    arguments stay as they are (``--debug`` shows the same exception, worded for a CLI user)."""
+    if isinstance(e, OSError) and e.strerror:
+        e.strerror = cli_wording(e.strerror)
+    elif e.args and isinstance(e.args[0], str):
+        e.args = (cli_wording(e.args[0]), *e.args[1:])
+
+
+_DESCRIPTION = """\
+Inspect, verify, export and rewrite sharded ZeRO checkpoints (zckpt's, or DeepSpeed's).
+
+commands:
+  inspect      show a checkpoint's tags, spec, files, tensors, tied weights and client_state
+  verify       check that every file is present and every checksum matches (exit 1 if not)
+  consolidate  write the fp32 weights as .safetensors (a file or shards), .pt or .bin
+  reshard      rewrite a checkpoint for another world size and/or ZeRO stage
+  convert      import a DeepSpeed checkpoint (the whole training state) as a zckpt one
+  prune        delete all but the newest N committed tags of a save_dir
+  clean        remove torn tags and files that no commit references
+
+Run 'zckpt COMMAND --help' for a command's options and an example. Errors print one line,
+'zckpt: error: ...', and exit 1 (2 for a usage error); --debug shows the traceback."""
+
+_EPILOGS = {
+    "inspect": "example:\n  zckpt inspect ckpt --tag step300 --json",
+    "verify": "example:\n  zckpt verify ckpt          # every committed tag and 'latest'",
+    "consolidate": "example:\n  zckpt consolidate ckpt hf/ --max-shard-size 5GB --dtype bf16",
+    "reshard": "example:\n  zckpt reshard ckpt ckpt8 --world-size 8 --stage 3",
+    "convert": "example:\n  zckpt convert --from deepspeed ds_ckpt ckpt --codec zstd",
+    "prune": "example:\n  zckpt prune ckpt --keep-last 3",
+    "clean": "example:\n  zckpt clean ckpt           # when no save is running",
+}
+
+
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument(
-        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars (default: drawn on stderr when it is a terminal)",
     )
     p.add_argument(
         "--debug",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="show the full traceback of an error",
+        help="show the full traceback of an error (default: one line)",
     )
     p.add_argument(
         "--storage-option",
@@ -92,7 +165,7 @@ def _common() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="an fsspec option for s3://... and other URLs (repeatable), e.g. "
         "endpoint_url=http://127.0.0.1:9000; VALUE is read as JSON when it parses "
-        "(true, 3), else as text. Credentials also come from AWS_* variables",
+        "(true, 3), else as text. Credentials also come from AWS_* variables (default: none)",
     )
     return p
 
@@ -126,75 +199,196 @@ def _parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
         prog="zckpt",
-        description="Inspect, verify, consolidate, reshard, convert and prune checkpoints.",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"zckpt {zckpt.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        required=True,
+        help="one of the commands above",
+    )
 
-    def add(name: str, fn: Command, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[common])
+    def add(name: str, fn: Command, what: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            description=textwrap.fill(what, 88),
+            epilog=_EPILOGS[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[common],
+        )
         p.set_defaults(func=fn)
         return p
 
+    def path(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("path", metavar="PATH", help=what)
+
     def tag(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--tag", help="the tag (default: the one 'latest' names)")
+        p.add_argument("--tag", help="the tag to read (default: the one 'latest' names)")
+
+    def json_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--json",
+            action="store_true",
+            help="print one JSON document, keys as in docs/cli.md (default: text)",
+        )
 
     def run_overwrite(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--overwrite",
             action="store_true",
             help="OUT may already hold checkpoints: add the tag there (replacing a committed tag "
-            "of that name, atomically) and point 'latest' at it",
+            "of that name, atomically) and point 'latest' at it (default: refuse)",
         )
 
-    p = add("inspect", _inspect.inspect, "show a checkpoint's tags, spec, tensors and client_state")
-    p.add_argument("path", help="save_dir or tag directory (zckpt or DeepSpeed)")
-    tag(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    def codec(p: argparse.ArgumentParser, default: str) -> None:
+        p.add_argument("--codec", choices=("raw", "zstd", "byteplane"), default=None, help=default)
 
-    p = add("verify", _inspect.verify, "check completeness and every checksum")
-    p.add_argument("path", help="save_dir or tag directory")
-    tag(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    readable = "a zckpt save_dir or tag directory, or a DeepSpeed checkpoint (detected)"
 
-    p = add("consolidate", _convert.consolidate, "write the fp32 state dict (safetensors, .pt)")
-    p.add_argument("path", help="save_dir or tag directory (zckpt or DeepSpeed)")
-    p.add_argument("out", help="OUT.safetensors, a directory (sharded), or OUT.pt / OUT.bin")
+    p = add(
+        "inspect",
+        _inspect.inspect,
+        "Show a checkpoint's tags, 'latest', spec, files, codec, tensors (bytes and bytes on "
+        "disk), tied weights and client_state.",
+    )
+    path(p, readable)
     tag(p)
-    p.add_argument("--exclude-frozen", action="store_true", help="leave out frozen parameters")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--max-shard-size", help="e.g. 5GB, 500MB: Hugging Face style shards")
-    p.add_argument("--lazy", action="store_true", help="read one tensor at a time (low memory)")
+    json_flag(p)
+
+    p = add(
+        "verify",
+        _inspect.verify,
+        "Check that every file of a checkpoint is present, whole (size, whole-file xxh3) and "
+        "that every chunk's checksum matches; exit 1 when anything is wrong.",
+    )
+    path(p, "a save_dir (every committed tag and 'latest'), a tag directory, or DeepSpeed's")
+    p.add_argument("--tag", help="check only this tag (default: every tag of a save_dir)")
+    json_flag(p)
+
+    p = add(
+        "consolidate",
+        _convert.consolidate,
+        "Write the fp32 state dict (the module's weights, from the fp32 masters) as one "
+        ".safetensors file, Hugging Face style shards, or a torch.save file.",
+    )
+    path(p, readable)
+    p.add_argument(
+        "out",
+        metavar="OUT",
+        help="OUT.safetensors (one file), OUT.pt or OUT.bin (torch.save), or a directory "
+        "(shards): a path ending in '/', an existing directory, a name without a suffix, or "
+        "any OUT with --max-shard-size; other suffixes are refused",
+    )
+    tag(p)
+    p.add_argument(
+        "--exclude-frozen",
+        action="store_true",
+        help="leave out parameters recorded as frozen (default: keep them)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="cast floating tensors to this dtype (default: fp32)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="write OUT as a directory of shards of at most SIZE each, e.g. 5GB, 500MB "
+        "(default: no limit, one file)",
+    )
+    p.add_argument(
+        "--lazy",
+        action="store_true",
+        help="read one tensor at a time: memory near one tensor, not the model "
+        "(default: read all first)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing OUT (atomically: readers see the old export or the new one)",
+        help="replace an existing OUT, atomically: readers see the old export or the new one "
+        "(default: refuse)",
     )
 
-    p = add("reshard", _convert.reshard, "rewrite a checkpoint for another world size or stage")
-    p.add_argument("path", help="save_dir or tag directory (zckpt or DeepSpeed)")
-    p.add_argument("out", help="the new save_dir")
-    p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--stage", type=int, choices=(1, 2, 3), help="default: unchanged")
+    p = add(
+        "reshard",
+        _convert.reshard,
+        "Rewrite a checkpoint for another world size and/or ZeRO stage; the tag, client_state "
+        "and frozen list carry over. Nothing is written before every check has passed.",
+    )
+    path(p, readable)
+    p.add_argument("out", metavar="OUT", help="the new save_dir (may not overlap PATH)")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        required=True,
+        metavar="N",
+        help="the new number of data-parallel ranks (required)",
+    )
+    p.add_argument(
+        "--stage",
+        type=int,
+        choices=(1, 2, 3),
+        help="the new ZeRO stage (default: the source's)",
+    )
     tag(p)
-    p.add_argument("--codec", choices=("raw", "zstd", "byteplane"), default="raw")
+    codec(
+        p,
+        "codec of the new files (default: the source's, read from its blob headers; raw for "
+        "DeepSpeed input)",
+    )
+    p.add_argument(
+        "--allow-empty-ranks",
+        action="store_true",
+        help="write even when --world-size exceeds the elements there are to partition, so "
+        "that some ranks hold no partitioned state (default: refuse)",
+    )
     run_overwrite(p)
 
-    p = add("convert", _convert.convert, "import a DeepSpeed checkpoint as a zckpt checkpoint")
-    p.add_argument("--from", dest="source", choices=("deepspeed",), required=True)
-    p.add_argument("path", help="DeepSpeed save_dir or tag directory")
-    p.add_argument("out", help="the zckpt save_dir to write")
+    p = add(
+        "convert",
+        _convert.convert,
+        "Import a DeepSpeed ZeRO checkpoint (fp32 masters, optimizer state, step counts, LR "
+        "scheduler, client_state) as a zckpt checkpoint that loads at any world size and stage.",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        choices=("deepspeed",),
+        required=True,
+        help="the format of PATH (required; deepspeed is the only one)",
+    )
+    path(p, "a DeepSpeed save_dir or tag directory")
+    p.add_argument("out", metavar="OUT", help="the zckpt save_dir to write (may not overlap PATH)")
     tag(p)
-    p.add_argument("--codec", choices=("raw", "zstd", "byteplane"), default="raw")
+    codec(p, "codec of the zckpt files (default: raw)")
     run_overwrite(p)
 
-    p = add("prune", _convert.prune, "delete all but the newest N committed tags")
-    p.add_argument("path", help="save_dir")
-    p.add_argument("--keep-last", type=int, required=True, metavar="N")
+    p = add(
+        "prune",
+        _convert.prune,
+        "Delete all but the newest N committed tags of a zckpt save_dir (never the one "
+        "'latest' names); print each deleted tag.",
+    )
+    path(p, "a zckpt save_dir")
+    p.add_argument(
+        "--keep-last",
+        type=int,
+        required=True,
+        metavar="N",
+        help="how many of the newest committed tags to keep, at least 1 (required)",
+    )
 
-    p = add("clean", _convert.clean, "remove torn tags and files no commit references")
-    p.add_argument("path", help="save_dir")
+    p = add(
+        "clean",
+        _convert.clean,
+        "Remove torn tag directories, temporary files and blobs of uncommitted saves from a "
+        "zckpt save_dir. Run it when no save is running.",
+    )
+    path(p, "a zckpt save_dir")
     return parser
 
 
@@ -209,16 +403,55 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has closed it: the EPIPE a
+    ``BrokenPipeError`` reports was stdout's, not some other pipe's."""
+    try:
+        import select
+
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+    except (AttributeError, ImportError, OSError, ValueError):
+        return False  # not a real file descriptor (captured in-process), or no poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush finds nothing to fail
+    on (what Python's documentation of SIGPIPE recommends)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``zckpt`` command; return its exit code (0 only on success).
 
     Errors print one line, ``zckpt: error: ...``, on stderr (a traceback with ``--debug``);
-    usage errors exit 2, failures 1.
+    usage errors exit 2, failures 1. When the reader of stdout goes away
+    (``zckpt inspect ckpt | head -1``) it stops quietly with :data:`EXIT_BROKEN_PIPE` (141).
 
     Example:
         >>> main(["prune", "/nonexistent", "--keep-last", "0"])
         1
     """
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # here, where a closed pipe is still ours to handle
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -232,6 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("zckpt: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
+            raise
+        _reword(e)
         if getattr(args, "debug", False):
             raise
         print(f"zckpt: error: {_one_line(e)}", file=sys.stderr)
