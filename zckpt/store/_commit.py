@@ -488,11 +488,7 @@ def tag_lock(storage: Storage, save_dir: str, tag: str) -> Lock:
 
 
 def _committed(storage: Storage, tag_dir: str) -> bool:
-    try:
-        read_manifest(storage, tag_dir)
-    except (ZckptError, OSError):
-        return False
-    return True
+    return _manifest_generation(storage, tag_dir) is not None
 
 
 def _discard(p: PreparedSave) -> None:
@@ -510,6 +506,7 @@ def _discard(p: PreparedSave) -> None:
 
 
 def _manifest_generation(storage: Storage, tag_dir: str) -> str | None:
+    """The committed generation of a tag directory, or None when nothing valid is committed."""
     try:
         return read_manifest(storage, tag_dir).generation
     except (ZckptError, OSError):

@@ -74,13 +74,14 @@ def list_tags(
     return out
 
 
+def _is_temp(name: str) -> bool:
+    """A temporary name of an atomic write (``.<name>.tmp.<random>``)."""
+    return name.startswith(".") and ".tmp." in name
+
+
 def _ours(name: str) -> bool:
     """A file name zckpt writes inside a tag directory."""
-    return (
-        generation_of(name) is not None
-        or name == MANIFEST
-        or (name.startswith(".") and ".tmp." in name)
-    )
+    return generation_of(name) is not None or name == MANIFEST or _is_temp(name)
 
 
 def _delete_tag(storage: Storage, tag_dir: str) -> None:
@@ -182,7 +183,7 @@ def clean(
                     lock.release()
                     removed.append(name)
                 continue
-            if name.startswith(".") and ".tmp." in name:
+            if _is_temp(name):
                 storage.remove(path)
                 removed.append(name)
                 continue
@@ -233,7 +234,7 @@ def _clean_tag(storage: Storage, save_dir: str, name: str) -> list[str]:
     removed = []
     for f in storage.listdir(path):
         g = generation_of(f)
-        if (g is not None and g != m.generation) or (f.startswith(".") and ".tmp." in f):
+        if (g is not None and g != m.generation) or _is_temp(f):
             storage.remove(os.path.join(path, f))
             removed.append(os.path.join(name, f))
     return removed

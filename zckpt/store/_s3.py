@@ -29,6 +29,7 @@ import email.utils
 import hashlib
 import io
 import itertools
+import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ import xxhash
 
 from zckpt.format import BlobStream
 from zckpt.store._fsspec import Head, PreconditionFailedError, Retry, UnsupportedError, is_transient
+from zckpt.store._storage import windows
 
 __all__ = ["S3Backend", "ViewsReader", "flat_head", "flat_tail"]
 
@@ -126,24 +128,6 @@ def _server_age(r: dict[str, Any]) -> float | None:
         return max(0.0, now - float(r["LastModified"].timestamp()))
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-
-
-def _cut(views: Iterable[memoryview | bytes], size: int) -> Iterator[list[memoryview]]:
-    """Consecutive pieces of ``size`` bytes (the last may be shorter), as lists of views."""
-    part: list[memoryview] = []
-    room = size
-    for buf in views:
-        b = memoryview(buf).cast("B")
-        while b.nbytes:
-            piece = b[:room]
-            part.append(piece)
-            room -= piece.nbytes
-            b = b[piece.nbytes :]
-            if room == 0:
-                yield part
-                part, room = [], size
-    if part:
-        yield part
 
 
 class S3Backend:
@@ -359,7 +343,7 @@ class S3Backend:
             if size < 2 * self.part_size:
                 etag = self._put_hashing(path, views, hasher)
             else:
-                parts = iter(_cut(views, self._part_for(size)))
+                parts = iter(windows(views, self._part_for(size), max_buffers=sys.maxsize))
                 etag = self._multipart(path, parts, None, hasher)
             digest = hasher.intdigest()
         self._confirm(path, size, etag)
@@ -509,7 +493,9 @@ class S3Backend:
             etag = self._put_hashing(path, views, hasher)
             return sum(v.nbytes for v in views), hasher.intdigest(), etag
         first_frames = flat_head(held, room)
-        parts = _cut(itertools.chain(flat_tail(held, room), frames), self.part_size)
+        parts = windows(
+            itertools.chain(flat_tail(held, room), frames), self.part_size, max_buffers=sys.maxsize
+        )
         held = []
         etag = self._multipart(path, parts, lambda: [memoryview(blob.head()), *first_frames])
         size = blob.size

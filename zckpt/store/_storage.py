@@ -236,9 +236,17 @@ _SYNC_FILE_RANGE_WRITE = 2
 _start_writeback = _sync_file_range()
 
 
-def _windows(buffers: Iterable[memoryview | bytes], window: int) -> Iterator[list[memoryview]]:
-    """``buffers`` regrouped into lists of at most ``window`` bytes and ``_IOV_MAX`` buffers
-    (consumed lazily: a generator of buffers is read one window ahead of the writes)."""
+def windows(
+    buffers: Iterable[memoryview | bytes], window: int, max_buffers: int = _IOV_MAX
+) -> Iterator[list[memoryview]]:
+    """``buffers`` regrouped into lists of at most ``window`` bytes and ``max_buffers`` views
+    (consumed lazily: a generator of buffers is read one window ahead of the writes). Only the
+    last list may hold fewer bytes, unless the buffer cap closed one first.
+
+    Example:
+        >>> [[bytes(v) for v in w] for w in windows([b"abc", b"de"], 2)]
+        [[b'ab'], [b'c', b'd'], [b'e']]
+    """
     batch: list[memoryview] = []
     room = window
     for buf in buffers:
@@ -248,7 +256,7 @@ def _windows(buffers: Iterable[memoryview | bytes], window: int) -> Iterator[lis
             batch.append(piece)
             room -= piece.nbytes
             b = b[piece.nbytes :]
-            if room == 0 or len(batch) == _IOV_MAX:
+            if room == 0 or len(batch) == max_buffers:
                 yield batch
                 batch, room = [], window
     if batch:
@@ -261,7 +269,7 @@ def _writev_all(
     """Write ``buffers`` in order at the file position (``base``), window by window, starting
     each window's disk write as soon as it is in the page cache (:func:`_sync_file_range`)."""
     total = 0
-    for batch in _windows(buffers, window):
+    for batch in windows(buffers, window):
         start = base + total
         pending = list(batch)
         while pending:
