@@ -246,22 +246,75 @@ def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
     return node
 
 
-def _destinations(skel: Skeleton, into: Any, keep: list[int]) -> dict[int, Any]:
-    """Leaf -> what ``into`` names for it (a tensor or SKIP), over every path of the leaf."""
-    found: dict[int, Any] = {}
-    wanted = set(keep)
-    for path, n in iter_nodes(skel.node):
-        if n[0] != TENSOR or n[1] not in wanted:
-            continue
-        d = _lookup(into, path)
-        if d is None:
-            continue
-        if d is not SKIP and not isinstance(d, torch.Tensor):
-            raise LoadError(
-                f"into={format_path(path)}: expected a tensor or SKIP, got {type(d).__name__}"
-            )
-        found.setdefault(n[1], d)
-    return found
+class _Routes:
+    """Where ``into`` sends each saved tensor: ``read[leaf]`` is the memory the leaf is read
+    into (a tensor), or SKIP when every path of the leaf says SKIP; ``paths`` holds every path
+    that names a destination. A leaf has one value but may have several paths (a tied weight,
+    fp32 masters equal to fp32 weights): one tensor destination wins the read, the other paths'
+    tensors get a copy, SKIP paths are left out of the result, and a path ``into`` does not name
+    still gets the value (read fresh when no path names a tensor)."""
+
+    def __init__(self, skel: Skeleton, into: Any, keep: list[int]) -> None:
+        self.paths: dict[tuple[Any, ...], Any] = {}
+        self.read: dict[int, Any] = {}
+        wanted, fresh = set(keep), set()
+        for path, n in iter_nodes(skel.node):
+            if n[0] != TENSOR or n[1] not in wanted:
+                continue
+            d = _lookup(into, path)
+            if d is None:
+                fresh.add(n[1])
+                continue
+            if d is not SKIP and not isinstance(d, torch.Tensor):
+                raise LoadError(
+                    f"into={format_path(path)}: expected a tensor or SKIP, got {type(d).__name__}"
+                )
+            self.paths[path] = d
+            if self.read.get(n[1], SKIP) is SKIP:
+                self.read[n[1]] = d
+        for leaf in fresh:
+            if self.read.get(leaf) is SKIP:
+                del self.read[leaf]  # another path wants it: read fresh
+
+    @property
+    def skipped(self) -> set[int]:
+        return {leaf for leaf, d in self.read.items() if d is SKIP}
+
+    def copies(self, node: Any) -> list[tuple[int, torch.Tensor]]:
+        """(leaf, tensor) for every destination of ``node``'s tree that is not its leaf's read
+        memory and must receive a copy."""
+        out = []
+        for path, n in iter_nodes(node):
+            d = self.paths.get(path) if n[0] == TENSOR else None
+            if isinstance(d, torch.Tensor) and not _same_memory(d, self.read[n[1]]):
+                out.append((n[1], d))
+        return out
+
+    def route(self, node: Any, path: tuple[Any, ...] = ()) -> Any:
+        """The skeleton tree as the result is built from it: a SKIP path dropped (a dict entry
+        removed, a list item None), a path with its own destination holding that tensor."""
+        tag, body = node
+        if tag == TENSOR:
+            d = self.paths.get(path)
+            if d is SKIP:
+                return None
+            return node if d is None or d is self.read[body] else (VALUE, d)
+        if tag == DICT:
+            kids = ((k, self.route(v, (*path, k))) for k, v in body)
+            return (DICT, tuple((k, v) for k, v in kids if v is not None))
+        if tag in (LIST, TUPLE):
+            kids = (self.route(v, (*path, i)) for i, v in enumerate(body))
+            return (tag, tuple((VALUE, None) if v is None else v for v in kids))
+        return node
+
+
+def _same_memory(a: torch.Tensor, b: Any) -> bool:
+    return (
+        isinstance(b, torch.Tensor)
+        and a.data_ptr() == b.data_ptr()
+        and a.dtype == b.dtype
+        and a.numel() == b.numel()
+    )
 
 
 def _destination(skel: Skeleton, f: Fragment, d: torch.Tensor | None) -> torch.Tensor | None:
@@ -282,32 +335,6 @@ def _destination(skel: Skeleton, f: Fragment, d: torch.Tensor | None) -> torch.T
     if not d.is_contiguous() or d.device.type != "cpu":
         raise LoadError(f"{where}: the destination must be a contiguous CPU tensor")
     return d.detach().view(-1)
-
-
-def _without_leaves(node: Any, leaves: set[int]) -> Any:
-    """The skeleton tree without the TENSOR nodes of ``leaves`` (dict entries dropped, list
-    items None)."""
-    tag, body = node
-    if tag == TENSOR:
-        return node
-    if tag == DICT:
-        return (
-            DICT,
-            tuple(
-                (k, _without_leaves(v, leaves))
-                for k, v in body
-                if not (v[0] == TENSOR and v[1] in leaves)
-            ),
-        )
-    if tag in (LIST, TUPLE):
-        return (
-            tag,
-            tuple(
-                (VALUE, None) if v[0] == TENSOR and v[1] in leaves else _without_leaves(v, leaves)
-                for v in body
-            ),
-        )
-    return node
 
 
 def _check_target(world_size: int | None, stage: int | None, rank: int) -> None:
@@ -363,20 +390,35 @@ def _load(
     else:
         drop.add(saved.master)
     node, keep = _keep_top(skel, drop)
-    dests: dict[int, Any] = {} if into is None else _destinations(skel, into, keep)
-    skipped = {leaf for leaf, d in dests.items() if d is SKIP}
-    if skipped:
-        node = _without_leaves(node, skipped)
+    routes = None if into is None else _Routes(skel, into, keep)
+    dests: dict[int, Any] = {} if routes is None else routes.read
+    copies: list[tuple[int, torch.Tensor]] = []
+    if routes is not None:
+        skipped = routes.skipped
         keep = [leaf for leaf in keep if leaf not in skipped]
+        copies = routes.copies(node)
+        node = routes.route(node)
     kept = set(keep)
 
     held = [f for f in plan.holds(rank) if f.leaf in kept]
     outs = [_destination(skel, f, dests.get(f.leaf)) for f in held] if dests else None
+    # Checked before anything is read: the other destinations of a leaf, for its copies.
+    extra: dict[int, list[torch.Tensor]] = {}
+    for leaf, d in copies:
+        extra.setdefault(leaf, []).append(d)
+    copy_into = [
+        (i, view)
+        for i, f in enumerate(held)
+        for d in extra.get(f.leaf, ())
+        if (view := _destination(skel, f, d)) is not None
+    ]
     index = index_sources(skel, ck.sources())
     try:
         parts = assemble(index, held, out=outs)
     except CoverageError as e:
         raise CoverageError(f"{ck.path}: {e}") from None
+    for i, view in copy_into:
+        view.copy_(parts[i])
     leaves: list[Any] = [None] * len(skel.tensors)
     for leaf in keep:
         meta = skel.tensors[leaf]
