@@ -358,7 +358,9 @@ class Checkpointer:
         opt = self.optimizer
         zero = isinstance(opt, ZeroAdamW)
         want_optimizer = load_optimizer_states and not load_module_only
-        want_masters = not zero and custom_load_fn is None
+        # fp32 parameters take the fp32 masters with a ZeroAdamW too: its partitions come
+        # from the masters, and its parameters must agree with them (not be the 16-bit copy)
+        want_masters = custom_load_fn is None
         into, in_place = None, frozenset[str]()
         if custom_load_fn is None:
             into, in_place = self._in_place(load_dir, tag, want_masters)
@@ -398,8 +400,7 @@ class Checkpointer:
             else:
                 # Values read in place are where they belong; the rest is copied in (cast).
                 rest = {k: v for k, v in module.items() if k not in in_place}
-                if not zero:
-                    rest = prefer_masters(self.module, rest, masters)
+                rest = prefer_masters(self.module, rest, masters)
                 load_module_state(
                     self.module,
                     rest,
