@@ -47,6 +47,15 @@ Path = tuple[Key, ...]
 DICT, LIST, TUPLE, TENSOR, VALUE = 0, 1, 2, 3, 4
 
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+_ITEMSIZE: dict[torch.dtype, int] = {}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype`` (cached: making a tensor to ask costs microseconds)."""
+    n = _ITEMSIZE.get(dtype)
+    if n is None:
+        n = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
+    return n
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ class TensorMeta:
     @property
     def itemsize(self) -> int:
         """Bytes per element."""
-        return torch.empty((), dtype=self.dtype).element_size()
+        return _itemsize(self.dtype)
 
     @property
     def nbytes(self) -> int:

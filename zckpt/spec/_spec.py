@@ -225,6 +225,41 @@ class ZeroSpec:
                     return _expert_id(rx, key, m.group(1))
         return None
 
+    def experts_of(self, paths: Iterable[Path]) -> list[int | None]:
+        r""":meth:`expert_of` of every path, each key matched once (a training state repeats
+        every parameter name under module, master and each optimizer state).
+
+        Example:
+            >>> spec = ZeroSpec(2, 2, experts=(r"experts\.(\d+)\.",))
+            >>> spec.experts_of([("module", "experts.1.w"), ("master", "experts.1.w"), ("x",)])
+            [1, 1, None]
+        """
+        patterns: tuple[re.Pattern[str], ...] = self.__dict__["_expert_rx"]
+        if not patterns:
+            return [None for _ in paths]
+        seen: dict[tuple[int, str], int | None] = {}
+        out: list[int | None] = []
+        for path in paths:
+            keys = [k for k in path if isinstance(k, str)]
+            if sum(map(len, keys)) > MAX_KEY_CHARS:
+                self.expert_of(path)  # raises the error naming the path
+            found: int | None = None
+            for i, rx in enumerate(patterns):
+                for key in keys:
+                    hit = seen.get((i, key), -1)
+                    if hit == -1:
+                        m = rx.search(key)
+                        hit = seen[(i, key)] = (
+                            None if m is None else _expert_id(rx, key, m.group(1))
+                        )
+                    if hit is not None:
+                        found = hit
+                        break
+                if found is not None:
+                    break
+            out.append(found)
+        return out
+
     def is_module_path(self, path: Path) -> bool:
         """Whether ``path`` lies under the module subtree.
 
