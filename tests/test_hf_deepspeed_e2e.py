@@ -8,13 +8,16 @@ Per case:
    gives logits equal (``torch.equal``) to a model loaded from ``zero_to_fp32``'s state dict
    (ZeRO-1 frozen and excluded frozen parameters: zero_to_fp32 has none, so the reference takes
    them from the trained model's own weights / the pretrained init).
-2. ``convert_deepspeed`` -> ``Checkpointer(fp32 model, AdamW).load_checkpoint`` at world size 1:
-   parameters equal zero_to_fp32 bitwise; exp_avg, exp_avg_sq and step equal DeepSpeed's
-   (``safe_get_full_optimizer_state``, gathered right after the save) bitwise.
+2. ``convert_deepspeed`` -> ``Checkpointer(fp32 model, AdamW, LambdaLR).load_checkpoint`` at
+   world size 1: parameters equal zero_to_fp32 bitwise; exp_avg, exp_avg_sq and step equal
+   DeepSpeed's (``safe_get_full_optimizer_state``, gathered right after the save) bitwise; the
+   learning rate and the scheduler's state equal the engine's.
 3. One more step in plain PyTorch from the zckpt-resumed state equals (bitwise) the same step
    from DeepSpeed's state, and matches the DeepSpeed engine's own step 3 within
-   :data:`NEXT_STEP_ATOL` (see there).
+   :data:`hf_ds_train.NEXT_STEP_ATOL` (see there); scheduler state and learning rate after it
+   equal the engine's.
 
+World size 3 and ``ZeroAdamW`` resumes are tests/test_hf_deepspeed_resume.py (same runs).
 The default run has 3 cases; the rest of the matrix is ``slow`` and scaled by ZCKPT_SLOW_SCALE.
 """
 
@@ -23,8 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,89 +37,26 @@ transformers = pytest.importorskip("transformers", reason="needs transformers")
 import hf_ds_train as T  # noqa: E402, N812  (beside this file; conftest puts tests/ on sys.path)
 
 SCALE = float(os.environ.get("ZCKPT_SLOW_SCALE", "1"))
-HERE = Path(__file__).parent
 
-#: |zckpt-resumed plain-PyTorch step 3 - DeepSpeed engine's step 3| on the fp32 masters.
-#: fp32 runs: the two compute the same AdamW update; they differ only by rounding (the engine
-#: averages the two ranks' gradients with a gloo all-reduce and runs AdamW on flat partitions,
-#: we average one concatenated batch's loss; both clip the global norm to T.GRAD_CLIP, which
-#: only the llama runs reach: without our clip llama fp32 was 4.3e-4 off at every stage),
-#: measured 1.5e-8 (gpt2 z1), so 1e-6 = 1e-4 of lr.
-#: bf16 runs: the engine's forward/backward run in bf16 (gradients rounded to 8 mantissa bits),
-#: ours in fp32, so this is no rounding check: Adam's step-3 update m_hat/sqrt(v_hat)*lr is
-#: about lr in size whatever the gradient's scale, and two updates from differently rounded
-#: gradients differ by at most their sum (~2 lr). Measured 1.06e-2 (gpt2 z2) and 1.28e-2
-#: (llama z3), lr = 1e-2; tolerance 3 lr. The bitwise checks are the zckpt-vs-DeepSpeed ones.
-NEXT_STEP_ATOL = {"fp32": 1e-6, "bf16": 3 * T.LR}
+NEXT_STEP_ATOL = T.NEXT_STEP_ATOL
 
-Case = tuple  # (model, stage, dtype, frozen, exclude_frozen)
-
-
-def case_id(c: Case) -> str:
-    model, stage, dtype, frozen, excl = c
-    return f"{model}_z{stage}_{dtype}" + ("_frozen" if frozen else "") + ("_excl" if excl else "")
-
-
-DEFAULT_CASES = [
-    ("gpt2", 2, "bf16", True, False),
-    ("llama", 3, "bf16", False, False),
-    ("gpt2", 1, "fp32", False, False),
-]
-FULL = [
-    ("llama", 1, "bf16", True, False),  # ZeRO-1 frozen: zero_to_fp32 drops the frozen block
-    ("gpt2", 2, "bf16", True, True),  # exclude_frozen_parameters=True
-    ("llama", 3, "bf16", True, True),
-    ("llama", 3, "bf16", True, False),
-    ("gpt2", 3, "fp32", False, False),  # fp32: masters are the weights (one leaf, two paths)
-]  # the special cases first, so a reduced ZCKPT_SLOW_SCALE still runs them
-FULL += [
-    c
-    for m in ("gpt2", "llama")
-    for s in (1, 2, 3)
-    for d in ("bf16", "fp32")
-    if (c := (m, s, d, False, False)) not in FULL
-]
-SLOW_CASES = [c for c in FULL if c not in DEFAULT_CASES]
-SLOW_CASES = SLOW_CASES[: max(1, round(len(SLOW_CASES) * SCALE))]
+Case = T.Case
+case_id = T.case_id
+DEFAULT_CASES = T.DEFAULT_CASES
+SLOW_CASES = T.slow_cases(SCALE)
 
 
 @pytest.fixture(scope="session")
 def ds_runs(tmp_path_factory: pytest.TempPathFactory):
-    """case -> run dir, each DeepSpeed training run made once per session."""
-    cache: dict[Case, Path] = {}
-
-    def get(c: Case) -> Path:
-        if c not in cache:
-            model, stage, dtype, frozen, excl = c
-            out = tmp_path_factory.mktemp(case_id(c))
-            cmd = [sys.executable, str(HERE / "hf_ds_train.py"), "--out", str(out),
-                   "--model", model, "--stage", str(stage), "--dtype", dtype]  # fmt: skip
-            cmd += ["--frozen"] * frozen + ["--exclude-frozen"] * excl
-            env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            assert r.returncode == 0 and (out / "expected.safetensors").exists(), r.stderr[-4000:]
-            cache[c] = out
-        return cache[c]
-
-    return get
+    """case -> run dir, each DeepSpeed training run made once per session (shared with
+    tests/test_hf_deepspeed_resume.py through hf_ds_train's cache)."""
+    return lambda c: T.ds_run(c, tmp_path_factory)
 
 
 def _zero_to_fp32(ds_dir: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir))
-
-
-def _expected(run: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    from safetensors import safe_open
-
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(run / "expected.safetensors"), "pt") as f:
-        meta = f.metadata()
-        for k in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-            kind, name = k.split("/", 1)
-            out.setdefault(kind, {})[name] = f.get_tensor(k)
-    return out, meta
 
 
 def _logits(m: torch.nn.Module) -> torch.Tensor:
@@ -136,6 +74,23 @@ def _frozen_keys(c: Case) -> list[str]:
     return [n for n, p in m.named_parameters() if not p.requires_grad]
 
 
+def plain(x: object) -> object:
+    """``x`` as JSON gives it back (tuples as lists), to compare with the run's metadata."""
+    return json.loads(json.dumps(x))
+
+
+def plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched) -> None:
+    """Step 3 in plain PyTorch: both DeepSpeed ranks' batches as one, loss, backward, the
+    engine's gradient clipping, the optimizer step, the scheduler step."""
+    ids = torch.cat([T.batch(T.STEPS + 1, r) for r in range(T.WORLD_SIZE)])
+    model.train()
+    opt.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], T.GRAD_CLIP)
+    opt.step()
+    sched.step()
+
+
 def check_case(c: Case, run: Path, tmp_path: Path) -> None:
     import zckpt.cli
     from zckpt.adapters import Checkpointer
@@ -143,7 +98,7 @@ def check_case(c: Case, run: Path, tmp_path: Path) -> None:
 
     model_name, stage, dtype, frozen, excl = c
     ds_dir = run / "checkpoint"
-    exp, meta = _expected(run)
+    exp, meta = T.expected(run)
     ref_sd = _zero_to_fp32(ds_dir)
     frozen_keys = _frozen_keys(c)
     base = T.build_model(model_name, 0, frozen)  # the pretrained init training started from
@@ -192,7 +147,8 @@ def check_case(c: Case, run: Path, tmp_path: Path) -> None:
     # block must come from the pretrained init, as in a real resume
     model = T.build_model(model_name, 0 if excl else 1, frozen)
     opt = T.make_optimizer(model)
-    ck = Checkpointer(model, opt)
+    sched = T.make_scheduler(opt)
+    ck = Checkpointer(model, opt, sched)
     path, _ = ck.load_checkpoint(str(conv))
     assert path is not None
     sd = model.state_dict()
@@ -203,8 +159,10 @@ def check_case(c: Case, run: Path, tmp_path: Path) -> None:
             assert torch.equal(sd[k], exp["module"][k].float()), k
         elif excl:
             assert torch.equal(sd[k], base_sd[k]), k
-    adam_step = json.loads(meta["adam_step"])
+    adam_step = meta["adam_step"]
     assert len(adam_step) == 1
+    assert plain(sched.state_dict()) == meta["lr_scheduler"]
+    assert [g["lr"] for g in opt.param_groups] == meta["lr"] != [T.LR]
     names = {p: n for n, p in model.named_parameters()}
     assert len(opt.state) == len(exp["exp_avg"])
     for p, st in opt.state.items():
@@ -229,13 +187,14 @@ def check_case(c: Case, run: Path, tmp_path: Path) -> None:
             "exp_avg": exp["exp_avg"][n].clone(),
             "exp_avg_sq": exp["exp_avg_sq"][n].clone(),
         }
-    ids = torch.cat([T.batch(T.STEPS + 1, r) for r in range(T.WORLD_SIZE)])
-    for m, o in ((model, opt), (ds_model, ds_opt)):
-        m.train()
-        o.zero_grad()
-        m(input_ids=ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], T.GRAD_CLIP)
-        o.step()
+    ds_sched = T.make_scheduler(ds_opt)
+    ds_sched.load_state_dict(dict(meta["lr_scheduler"]))  # it pops lr_lambdas
+    for group, lr in zip(ds_opt.param_groups, meta["lr"]):
+        group["lr"] = lr
+    for m, o, s in ((model, opt, sched), (ds_model, ds_opt, ds_sched)):
+        plain_step(m, o, s)
+        assert plain(s.state_dict()) == meta["next_lr_scheduler"]
+        assert [g["lr"] for g in o.param_groups] == meta["next_lr"]
     worst = 0.0
     for n, p in ds_model.named_parameters():
         if p.requires_grad:
