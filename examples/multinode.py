@@ -443,11 +443,12 @@ def _catch_and_kill(
     )
 
 
-def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
-    """The runs and the checks; the report (raises RuntimeError on a failed check)."""
+def orchestrate(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
+    """The runs and the checks, filling ``report`` (RuntimeError on a failed check)."""
     root = Path(tempfile.mkdtemp(prefix="zckpt-multinode-"))
     c = Cluster(root)
-    report: dict[str, Any] = {"scratch": str(root), "ok": False}
+    report.update(scratch=str(root), ok=False)
+    report["namespaces"] = [c.store, *c.nodes]
     train = [
         f"--steps={args.steps}",
         f"--save-every={args.save_every}",
@@ -627,11 +628,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--steps must allow three saves")
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _terminate)
+    report: dict[str, Any] = {}
     try:
-        report = orchestrate(args)
+        report = orchestrate(args, report)
     except RuntimeError as e:
         print(f"[multinode] FAILED: {e}", file=sys.stderr, flush=True)
-        report = {"ok": False, "error": str(e)}
+        report.update(ok=False, error=str(e))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0 if report.get("ok") else 1
