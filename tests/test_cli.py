@@ -181,7 +181,7 @@ def test_deepspeed_inspect_verify_consolidate_convert(
     assert main(["inspect", str(case), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["format"] == "deepspeed" and doc["world_size"] == 2 and doc["stage"] == 2
-    assert doc["params"]
+    assert doc["fp32_state_dict"]
     assert main(["verify", str(case)]) == 0
     capsys.readouterr()
     out = tmp_path / "m.safetensors"

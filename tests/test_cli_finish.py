@@ -331,13 +331,10 @@ def test_reshard_codec_flag_wins_and_deepspeed_defaults_to_raw(
 
 # -- 5. inspect and verify --------------------------------------------------------------------
 
-#: The keys of ``zckpt inspect --json`` for a zckpt checkpoint, in order (docs/cli.md).
-INSPECT_KEYS = [
-    "format", "path", "tags", "latest", "tag", "blob_format_version", "zckpt_version",
-    "world_size", "stage", "codec", "files", "rank_blobs", "expert_blobs", "client_state_blob",
-    "bytes_on_disk", "frozen", "tied", "tensors", "client_state",
-]  # fmt: skip
-TENSOR_KEYS = ["path", "dtype", "shape", "bytes", "stored", "ratio"]
+#: The keys of ``zckpt inspect --json``, in order (docs/cli.md); tests/test_cli_inspect.py
+#: holds DeepSpeed input to the same list.
+INSPECT_KEYS = list(inspect_mod.INSPECT_SCHEMA)
+TENSOR_KEYS = list(inspect_mod.TENSOR_KEYS)
 
 
 def _json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:

@@ -239,7 +239,7 @@ def test_cli_on_universal_checkpoints(
         assert doc["tags"] == [tag] and doc["latest"] == tag and doc["tag"] == tag
         assert doc["client_state"] == info(case)["client_state"]
         assert main(["inspect", str(case / "checkpoint"), "--json"]) == 0
-        assert doc["params"] == json.loads(capsys.readouterr().out)["params"]
+        assert doc["fp32_state_dict"] == json.loads(capsys.readouterr().out)["fp32_state_dict"]
     assert main(["inspect", str(u)]) == 0
     text = capsys.readouterr().out
     assert "universal: True" in text and f"tags: {tag}" in text

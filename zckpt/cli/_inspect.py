@@ -12,6 +12,7 @@ import torch
 
 import zckpt
 from zckpt.cli._convert import source_codec
+from zckpt.cli._describe import _nbytes, deepspeed_files, deepspeed_tensors
 from zckpt.cli._main import progress
 from zckpt.format import FORMAT_VERSION
 from zckpt.interop import (
@@ -25,7 +26,7 @@ from zckpt.store._layout import LATEST, read_latest
 from zckpt.store._resolve import storage_for
 from zckpt.tree import format_path
 
-__all__ = ["describe_value", "files_summary", "inspect", "verify"]
+__all__ = ["INSPECT_SCHEMA", "describe_value", "files_summary", "inspect", "verify"]
 
 _DTYPES = {
     torch.float32: "fp32",
@@ -71,6 +72,67 @@ def _tags(path: str) -> list[str]:
         return []
 
 
+#: ``zckpt inspect --json``'s keys, in order, for zckpt and DeepSpeed input alike (docs/cli.md:
+#: a key is only ever added, at the end, never renamed or removed), with the JSON types each
+#: may take (``None``: null, where the checkpoint's format has no such value).
+INSPECT_SCHEMA: dict[str, tuple[type | None, ...]] = {
+    "format": (str,),
+    "path": (str,),
+    "tags": (list,),
+    "latest": (str, None),
+    "tag": (str,),
+    "blob_format_version": (int, None),
+    "zckpt_version": (str, None),
+    "world_size": (int,),
+    "stage": (int,),
+    "codec": (str,),
+    "files": (int,),
+    "rank_blobs": (int,),
+    "expert_blobs": (int,),
+    "client_state_blob": (bool,),
+    "bytes_on_disk": (int,),
+    "frozen": (list,),
+    "tied": (dict,),
+    "tensors": (list,),
+    "client_state": (dict,),
+    "universal": (bool,),
+    "deepspeed_version": (str, None),
+    "dtype": (str, None),
+    "shared_files": (int,),
+    "fp32_state_dict": (list,),
+}
+#: The keys of each object of ``tensors`` and of ``fp32_state_dict``.
+TENSOR_KEYS = ("path", "dtype", "shape", "bytes", "stored", "ratio")
+FP32_KEYS = ("path", "dtype", "shape")
+
+
+def _document(**values: Any) -> dict[str, Any]:
+    """``values`` in :data:`INSPECT_SCHEMA`'s order; every key, and no other."""
+    if set(values) != set(INSPECT_SCHEMA):
+        missing, extra = set(INSPECT_SCHEMA) - set(values), set(values) - set(INSPECT_SCHEMA)
+        raise AssertionError(f"inspect document: missing {sorted(missing)}, extra {sorted(extra)}")
+    return {k: values[k] for k in INSPECT_SCHEMA}
+
+
+def _tensor_row(path: str, dtype: torch.dtype, shape: Any, nbytes: int, stored: int) -> Any:
+    return {
+        "path": path,
+        "dtype": _dtype(dtype),
+        "shape": list(shape),
+        "bytes": nbytes,
+        "stored": stored,
+        "ratio": round(nbytes / stored, 3) if stored else None,
+    }
+
+
+def _fp32_rows(sd: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"path": k, "dtype": _dtype(v.dtype), "shape": list(v.shape)} for k, v in sd.items()]
+
+
+def _training_dtype(dtypes: Counter[str]) -> str | None:
+    return dtypes.most_common(1)[0][0] if dtypes else None
+
+
 def _inspect_zckpt(args: argparse.Namespace) -> dict[str, Any]:
     ck = zckpt.open_checkpoint(args.path, args.tag)
     m = ck.manifest
@@ -86,93 +148,133 @@ def _inspect_zckpt(args: argparse.Namespace) -> dict[str, Any]:
     tied = {
         format_path(p): skel.name(leaf) for p, leaf in skel.tensor_paths() if p != skel.paths[leaf]
     }
-    tensors = []
-    for leaf, meta in enumerate(m.skeleton.tensors):
-        raw = meta.nbytes
-        tensors.append(
-            {
-                "path": m.skeleton.name(leaf),
-                "dtype": _dtype(meta.dtype),
-                "shape": list(meta.shape),
-                "bytes": raw,
-                "stored": stored[leaf],
-                "ratio": round(raw / stored[leaf], 3) if stored[leaf] else None,
-            }
-        )
-    return {
-        "format": "zckpt",
-        "path": ck.path,
-        "tags": _tags(os.path.dirname(ck.path)),
-        "latest": _latest(os.path.dirname(ck.path)),
-        "tag": ck.tag,
-        "blob_format_version": version,
-        "zckpt_version": m.zckpt_version,
-        "world_size": m.spec.world_size,
-        "stage": m.spec.stage,
-        "codec": source_codec(ck),
+    tensors = [
+        _tensor_row(skel.name(leaf), meta.dtype, meta.shape, meta.nbytes, stored[leaf])
+        for leaf, meta in enumerate(skel.tensors)
+    ]
+    # The training dtype: that of the module's floating weights (what DeepSpeed's is, below).
+    module = [skel.tensors[leaf] for leaf, p in enumerate(skel.paths) if p and p[0] == "module"]
+    dtypes = Counter(_dtype(t.dtype) for t in module if t.dtype.is_floating_point)
+    fp32 = (
+        _fp32_rows(zckpt.get_fp32_state_dict_from_zero_checkpoint(ck.path, lazy_mode=True))
+        if module
+        else []
+    )
+    experts = sum(r.expert >= 0 for r in m.files)
+    return _document(
+        format="zckpt",
+        path=ck.path,
+        tags=_tags(os.path.dirname(ck.path)),
+        latest=_latest(os.path.dirname(ck.path)),
+        tag=ck.tag,
+        blob_format_version=version,
+        zckpt_version=m.zckpt_version,
+        world_size=m.spec.world_size,
+        stage=m.spec.stage,
+        codec=source_codec(ck),
         # What verify counts: every file the manifest lists, the client state's included.
-        "files": len(m.files) + (m.client is not None),
-        "rank_blobs": sum(r.expert < 0 for r in m.files),
-        "expert_blobs": sum(r.expert >= 0 for r in m.files),
-        "client_state_blob": m.client is not None,
-        "bytes_on_disk": sum(r.size for r in m.files) + (m.client.size if m.client else 0),
-        "frozen": list(m.frozen),
-        "tied": tied,
-        "tensors": tensors,
-        "client_state": describe_value(ck.client_state()),
-    }
+        files=len(m.files) + (m.client is not None),
+        rank_blobs=len(m.files) - experts,
+        expert_blobs=experts,
+        client_state_blob=m.client is not None,
+        bytes_on_disk=sum(r.size for r in m.files) + (m.client.size if m.client else 0),
+        frozen=list(m.frozen),
+        tied=tied,
+        tensors=tensors,
+        client_state=describe_value(ck.client_state()),
+        universal=False,
+        deepspeed_version=None,
+        dtype=_training_dtype(dtypes),
+        shared_files=0,
+        fp32_state_dict=fp32,
+    )
 
 
 def _inspect_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
     ck = open_deepspeed(args.path, args.tag)
-    module = ck.model[0].get("module") or {}
+    m0 = ck.model[0]
+    module = m0.get("module") or {}
     dtypes = Counter(
         _dtype(v.dtype)
         for v in module.values()
         if isinstance(v, torch.Tensor) and v.is_floating_point()
     )
     bf16 = any(os.path.basename(f).startswith("bf16_") for f in ck.optim_files)
+    if ck.universal is not None:  # its optimizer file is zero/optimizer_state.pt: no prefix
+        bf16 = bool((m0.get("ds_config") or {}).get("bf16", {}).get("enabled"))
     sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(args.path, args.tag, lazy_mode=True)
-    params = [{"path": k, "dtype": _dtype(v.dtype), "shape": list(v.shape)} for k, v in sd.items()]
     root = os.path.dirname(os.path.normpath(ck.path))
     universal = ck.universal is not None
+    files = deepspeed_files(ck)
+    held = deepspeed_tensors(ck)
+    version = m0.get("ds_version")
     # DeepSpeed merges client_state into the model states' top level: the keys not its own.
-    client = {str(k): v for k, v in ck.model[0].items() if k not in ENGINE_KEYS}
-    return {
-        "format": "deepspeed",
-        "universal": universal,
-        "path": ck.path,
-        "tags": deepspeed_tags(root),
+    client = {str(k): v for k, v in m0.items() if k not in ENGINE_KEYS}
+    return _document(
+        format="deepspeed",
+        path=ck.path,
+        tags=deepspeed_tags(root),
         # the pointer DeepSpeed's loader follows for this kind of checkpoint
-        "latest": _latest(root, LATEST_UNIVERSAL if universal else LATEST),
-        "tag": ck.tag,
-        "world_size": ck.world_size,
-        "stage": ck.stage,
-        "dtype": "bf16" if bf16 else (dtypes.most_common(1)[0][0] if dtypes else None),
-        "files": len(ck.files),
-        "params": params,
-        "client_state": describe_value(client),
-    }
+        latest=_latest(root, LATEST_UNIVERSAL if universal else LATEST),
+        tag=ck.tag,
+        blob_format_version=None,
+        zckpt_version=None,
+        world_size=ck.world_size,
+        stage=ck.stage,
+        codec="raw",  # torch.save's tensors are their bytes (what convert and reshard keep)
+        files=files.files,
+        rank_blobs=files.rank,
+        expert_blobs=files.expert,
+        client_state_blob=False,  # DeepSpeed merges it into the model states
+        bytes_on_disk=files.nbytes,
+        frozen=held.frozen,
+        tied=held.tied,
+        tensors=[_tensor_row(p, d, s, _nbytes(d, s), st) for p, d, s, st in held.tensors],
+        client_state=describe_value(client),
+        universal=universal,
+        deepspeed_version=str(version) if version is not None else None,
+        dtype="bf16" if bf16 else _training_dtype(dtypes),
+        shared_files=files.shared,
+        fp32_state_dict=_fp32_rows(sd),
+    )
 
 
 def files_summary(
-    n: int, rank_blobs: int, expert_blobs: int, client: bool, *, noun: bool = True
+    n: int,
+    rank_blobs: int,
+    expert_blobs: int,
+    client: bool,
+    *,
+    noun: bool = True,
+    shared: int = 0,
+    unit: str = "blob",
 ) -> str:
-    """How many files a zckpt tag holds, and what they are (inspect and verify say the same).
+    """How many files a checkpoint holds, and what they are (inspect and verify say the same).
+
+    ``unit`` names a rank's or an expert's file (``"blob"`` for zckpt, ``"file"`` for
+    DeepSpeed); ``shared`` counts the files every rank reads (DeepSpeed's model states).
 
     Example:
         >>> files_summary(5, 4, 0, True)
         '5 files (4 rank blobs + client state)'
         >>> files_summary(3, 1, 2, False, noun=False)
         '3 (1 rank blob + 2 expert blobs)'
+        >>> files_summary(3, 2, 0, False, shared=1, unit="file")
+        '3 files (2 rank files + 1 shared file)'
     """
-    parts = [f"{rank_blobs} rank blob{'s' * (rank_blobs != 1)}"]
+
+    def count(k: int, what: str) -> str:
+        return f"{k} {what}{'s' * (k != 1)}"
+
+    parts = [count(rank_blobs, f"rank {unit}")] if rank_blobs or not shared else []
     if expert_blobs:
-        parts.append(f"{expert_blobs} expert blob{'s' * (expert_blobs != 1)}")
+        parts.append(count(expert_blobs, f"expert {unit}"))
+    if shared:
+        parts.append(count(shared, "shared file"))
     if client:
         parts.append("client state")
-    count = f"{n} file{'s' * (n != 1)}" if noun else str(n)
-    return f"{count} ({' + '.join(parts)})"
+    total = count(n, "file") if noun else str(n)
+    return f"{total} ({' + '.join(parts)})"
 
 
 def _text(v: Any) -> str:
@@ -188,11 +290,32 @@ def _print_table(rows: list[list[str]]) -> None:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
-_FILE_PARTS = ("rank_blobs", "expert_blobs", "client_state_blob")
+#: Keys the text output shows otherwise (tables, the files line) or not at all for a format.
+_NOT_A_LINE = (
+    "rank_blobs", "expert_blobs", "client_state_blob", "shared_files",
+    "tied", "tensors", "client_state", "fp32_state_dict",
+)  # fmt: skip
+_ONLY = {"zckpt": ("blob_format_version", "zckpt_version"),
+         "deepspeed": ("universal", "deepspeed_version")}  # fmt: skip
+
+
+def _files_line(info: dict[str, Any], noun: bool = False) -> str:
+    return files_summary(
+        info["files"],
+        info["rank_blobs"],
+        info["expert_blobs"],
+        info["client_state_blob"],
+        noun=noun,
+        shared=info["shared_files"],
+        unit="blob" if info["format"] == "zckpt" else "file",
+    )
 
 
 def inspect(args: argparse.Namespace) -> int:
     """``zckpt inspect PATH [--tag T] [--json]``.
+
+    zckpt and DeepSpeed checkpoints (regular and universal) give the same keys
+    (:data:`INSPECT_SCHEMA`), and the text output the same lines.
 
     Example:
         >>> from zckpt.cli import main
@@ -204,19 +327,12 @@ def inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    skip = ("tensors", "params", "client_state", "tied", *_FILE_PARTS)
+    other = "deepspeed" if info["format"] == "zckpt" else "zckpt"
     for k, v in info.items():
-        if k == "files" and not ds:
-            v = files_summary(*(info[p] for p in ("files", *_FILE_PARTS)), noun=False)
-        if k not in skip:
+        if k == "files":
+            v = _files_line(info)
+        if k not in _NOT_A_LINE and k not in _ONLY[other]:
             print(f"{k}: {_text(v)}")
-    if ds:
-        print(f"fp32 state dict ({len(info['params'])} entries):")
-        rows = [["path", "dtype", "shape"]]
-        rows += [[p["path"], p["dtype"], str(tuple(p["shape"]))] for p in info["params"]]
-        _print_table(rows)
-        print(f"client_state: {json.dumps(info['client_state'])}")
-        return 0
     print(f"tensors ({len(info['tensors'])}):")
     rows = [["path", "dtype", "shape", "bytes", "on disk", "ratio"]]
     for t in info["tensors"]:
@@ -235,19 +351,32 @@ def inspect(args: argparse.Namespace) -> int:
     if info["tied"]:
         print(f"tied ({len(info['tied'])}, stored once):")
         _print_table([[alias, "->", t] for alias, t in info["tied"].items()])
+    fp32 = info["fp32_state_dict"]
+    print(f"fp32 state dict ({len(fp32)} entries, what consolidate writes):")
+    if fp32:
+        rows = [["path", "dtype", "shape"]]
+        rows += [[p["path"], p["dtype"], str(tuple(p["shape"]))] for p in fp32]
+        _print_table(rows)
     print(f"client_state: {json.dumps(info['client_state'])}")
     return 0
 
 
 def _verify_deepspeed(args: argparse.Namespace) -> int:
     ck = open_deepspeed(args.path, args.tag)  # loads every file with the pickle allow-list
-    n = len(ck.files)
     zckpt.get_fp32_state_dict_from_zero_checkpoint(args.path, args.tag, lazy_mode=True)
     kind = "DeepSpeed universal checkpoint" if ck.universal is not None else "DeepSpeed checkpoint"
+    counted = deepspeed_files(ck)
     if args.json:
-        print(json.dumps({"path": ck.path, "format": "deepspeed", "ok": True, "problems": []}))
+        # verify's layout for a zckpt tag, with the same meaning: one tag, its files, no problem
+        report = {"path": ck.path, "tag": ck.tag, "files": counted.files,
+                  "bytes": counted.nbytes, "ok": True, "problems": []}  # fmt: skip
+        doc = {"path": args.path, "tags": [report], "files": counted.files, "problems": [],
+               "ok": True, "tag": ck.tag, "format": "deepspeed"}  # fmt: skip
+        print(json.dumps(doc, indent=2))
     else:
-        print(f"{ck.path}: {kind}, {n} files load with the allow-list; OK")
+        said = files_summary(counted.files, counted.rank, counted.expert, False,
+                             shared=counted.shared, unit="file")  # fmt: skip
+        print(f"{ck.path}: {kind}, {said} load with the allow-list; OK")
         print("(DeepSpeed records no checksums: only loadability and layout were checked)")
     return 0
 
@@ -301,6 +430,7 @@ def verify(args: argparse.Namespace) -> int:
         }
         if len(reports) == 1:
             doc["tag"] = reports[0].tag
+        doc["format"] = "zckpt"
         print(json.dumps(doc, indent=2))
     else:
         for r in reports:
