@@ -583,7 +583,7 @@ def orchestrate(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, A
         report["ok"] = True
         report["seconds"] = round(time.monotonic() - started, 1)
         _log(
-            f"ok: losses of steps 1..{step - 1} on 2 nodes x 2 ranks and of steps "
+            f"ok: losses of steps 1..{max(crash_losses)} on 2 nodes x 2 ranks and of steps "
             f"{start + 1}..{args.steps} resumed on 3 ranks are the uninterrupted run's, bit "
             f"for bit, and so are the final parameters ({report['seconds']} s)"
         )
