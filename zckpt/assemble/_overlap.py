@@ -19,10 +19,10 @@ import torch
 
 from zckpt import kernels
 from zckpt.errors import AllocationError, CoverageError
-from zckpt.spec import Fragment
+from zckpt.spec import Fragment, ShardPlan
 from zckpt.tree import DICT, LIST, TUPLE, VALUE, Skeleton
 
-__all__ = ["Source", "SourceIndex", "TensorSource", "assemble", "index_sources"]
+__all__ = ["PlannedIndex", "Source", "SourceIndex", "TensorSource", "assemble", "index_sources"]
 
 
 class Source(Protocol):
@@ -88,14 +88,58 @@ class SourceIndex:
 
     def missing(self, want: Fragment) -> list[tuple[int, int]]:
         """Sub-ranges of ``want`` that no saved fragment covers."""
-        gaps, pos = [], want.start
-        for _, lo, hi in self.overlapping(want):
-            if lo > pos:
-                gaps.append((pos, lo))
-            pos = max(pos, hi)
-        if pos < want.stop:
-            gaps.append((pos, want.stop))
-        return gaps
+        return _gaps(want, self.overlapping(want))
+
+
+def _gaps(want: Fragment, found: Iterable[tuple[Source, int, int]]) -> list[tuple[int, int]]:
+    gaps, pos = [], want.start
+    for _, lo, hi in found:
+        if lo > pos:
+            gaps.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < want.stop:
+        gaps.append((pos, want.stop))
+    return gaps
+
+
+@dataclass(frozen=True, eq=False)
+class PlannedIndex:
+    """Saved fragments found by arithmetic: those a plan says were written, each made a
+    :class:`Source` by ``source(rank, fragment)`` only when a wanted range overlaps it.
+
+    What a checkpoint whose files hold exactly their plan's fragments is indexed by: finding
+    the sources of a wanted range costs O(log + the sources found), with no list of every
+    saved fragment (O(ranks x tensors) at stage 3).
+
+    Example:
+        >>> import zckpt
+        >>> from zckpt.tree import flatten
+        >>> skel, _ = flatten({"master": {"w": torch.zeros(6)}})
+        >>> saved = zckpt.plan_shards(skel, zckpt.ZeroSpec(3, 3))
+        >>> data = torch.arange(6.0)
+        >>> idx = PlannedIndex(saved, lambda r, f: TensorSource(f, data[f.start : f.stop]))
+        >>> assemble(idx, [Fragment(0, 1, 5)])[0].tolist()
+        [1.0, 2.0, 3.0, 4.0]
+    """
+
+    plan: ShardPlan
+    source: Callable[[int, Fragment], Source]
+
+    @property
+    def skeleton(self) -> Skeleton:
+        """The saved skeleton."""
+        return self.plan.skeleton
+
+    def overlapping(self, want: Fragment) -> Iterable[tuple[Source, int, int]]:
+        """``(source, lo, hi)`` for each saved fragment overlapping ``want``; lo/hi are absolute."""
+        for rank, f in self.plan.writers(want.leaf, want.start, want.stop):
+            lo, hi = max(f.start, want.start), min(f.stop, want.stop)
+            if lo < hi:
+                yield self.source(rank, f), lo, hi
+
+    def missing(self, want: Fragment) -> list[tuple[int, int]]:
+        """Sub-ranges of ``want`` that no saved fragment covers."""
+        return _gaps(want, self.overlapping(want))
 
 
 def index_sources(skeleton: Skeleton, sources: Iterable[Source]) -> SourceIndex:
@@ -186,7 +230,7 @@ def _copier(src_dtype: torch.dtype, dst_dtype: torch.dtype) -> Callable[..., Non
 
 
 def assemble(
-    index: SourceIndex,
+    index: SourceIndex | PlannedIndex,
     wanted: Sequence[Fragment],
     dtypes: Sequence[torch.dtype] | None = None,
     out: Sequence[torch.Tensor | None] | None = None,

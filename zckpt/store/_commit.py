@@ -19,7 +19,7 @@ from zckpt.errors import ArgumentError, SpecError, StateError, ZckptError
 from zckpt.format import _encode, encode_shard_parts, encode_shard_stream
 from zckpt.format._header import as_bytes_view, parse_preamble
 from zckpt.shard import Shard, shard_state
-from zckpt.spec import ZeroSpec, plan_shards
+from zckpt.spec import ShardPlan, ZeroSpec, plan_shards
 from zckpt.store._layout import (
     MANIFEST,
     TagError,
@@ -35,12 +35,12 @@ from zckpt.store._layout import (
     try_tag_lock,
     write_latest,
 )
-from zckpt.store._manifest import FileRecord, Manifest, encode_manifest
+from zckpt.store._manifest import FileRecord, Manifest, encode_manifest, file_report
 from zckpt.store._read import read_manifest
 from zckpt.store._resolve import storage_for
 from zckpt.store._retention import apply_retention
 from zckpt.store._storage import Lock, Storage
-from zckpt.tree import Skeleton, flatten
+from zckpt.tree import Skeleton, flatten, skeleton_of
 
 __all__ = [
     "ConcurrentSaveError",
@@ -318,7 +318,7 @@ def prepare_save(
             shards = [local_shard]
         else:
             kept = drop_frozen(state, frozen) if exclude_frozen_parameters else state
-            plan = plan_shards(kept, spec)
+            plan = plan_for(skeleton_of(kept), spec)
             ranks = range(spec.world_size) if comm.size == 1 else [comm.rank]
             shards = [shard_state(kept, plan, r) for r in ranks]
         if comm.rank == 0:
@@ -417,8 +417,31 @@ def write_and_commit(p: PreparedSave) -> Saved:
             p.lock.release()
 
 
+_PLANS: dict[str, tuple[Skeleton, ZeroSpec, ShardPlan]] = {}
+
+
+def plan_for(skeleton: Skeleton, spec: ZeroSpec) -> ShardPlan:
+    """``plan_shards(skeleton, spec)``, reused while the same skeleton object is saved again
+    (a save plans once for its shards and once for the records it reports to rank 0).
+
+    Example:
+        >>> import torch, zckpt
+        >>> skel = zckpt.tree.flatten({"w": torch.zeros(4)})[0]
+        >>> plan_for(skel, zckpt.ZeroSpec(2, 1)) is plan_for(skel, zckpt.ZeroSpec(2, 1))
+        True
+    """
+    hit = _PLANS.get("last")
+    if hit is not None and hit[0] is skeleton and hit[1] == spec:
+        return hit[2]
+    plan = plan_shards(skeleton, spec)
+    _PLANS["last"] = (skeleton, spec, plan)
+    return plan
+
+
 def _write_and_commit(p: PreparedSave) -> Saved:
     storage, comm, tag_dir, gen = p.storage, p.comm, p.tag_dir, p.generation
+    # Records of files whose fragments are the plan's travel without them (rank 0: O(files)).
+    plan = None if p.skeleton is None else plan_for(p.skeleton, p.spec)
     records: list[dict[str, Any]] = []
     errors: dict[int, str] = {}
     first_error: BaseException | None = None
@@ -428,12 +451,13 @@ def _write_and_commit(p: PreparedSave) -> Saved:
             failing_rank = sh.rank
             base, experts = split_experts(sh)
             name = blob_name(gen, sh.rank, p.spec.world_size)
-            records.append(_write_blob(storage, tag_dir, name, base, sh.rank, p.encoding).to_obj())
+            rec = _write_blob(storage, tag_dir, name, base, sh.rank, p.encoding)
+            records.append(file_report(rec, plan))
             for e, esh in experts.items():
                 rec = _write_blob(
                     storage, tag_dir, expert_name(gen, e), esh, sh.rank, p.encoding, e
                 )
-                records.append(rec.to_obj())
+                records.append(file_report(rec, plan))
         if comm.rank == 0 and p.client:
             failing_rank = 0
             client = _client_shard(p.client)
@@ -523,7 +547,7 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
         _discard(p)
         return {"error": f"{tag_dir}: rank 0 wrote no shard, nothing committed", "committed": False}
     files = sorted(
-        (FileRecord.from_obj(r) for rep in reports for r in rep["records"]),
+        (FileRecord.from_obj(r, allow_derived=True) for rep in reports for r in rep["records"]),
         key=lambda f: f.rank,
     )
     client = next((f for f in files if f.rank == -1), None)

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from zckpt.assemble import assemble, index_sources
+from zckpt.assemble import assemble
 from zckpt.errors import ArgumentError, CoverageError, SpecError, ZckptError
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
 from zckpt.store._explain import DEEPSPEED, explain
@@ -412,7 +412,7 @@ def _load(
         for d in extra.get(f.leaf, ())
         if (view := _destination(skel, f, d)) is not None
     ]
-    index = index_sources(skel, ck.sources())
+    index = ck.source_index()
     try:
         parts = assemble(index, held, out=outs)
     except CoverageError as e:

@@ -1,9 +1,16 @@
 """The manifest: the file whose atomic appearance commits a tag.
 
-Layout: 8-byte magic ``b"\\x89ZCKMAN\\n"``, u32 LE format version (1), u32 LE flags (0), u64 LE
-body length, u64 LE xxh3_64 of the body, then the msgpack body (a map; see ``docs/layout.md``).
-No pickle. A manifest that is missing, truncated or fails its checksum means the tag is not
-committed.
+Layout: 8-byte magic ``b"\\x89ZCKMAN\\n"``, u32 LE format version (1 or 2), u32 LE flags (0),
+u64 LE body length, u64 LE xxh3_64 of the body, then the msgpack body (a map; see
+``docs/layout.md`` and ``docs/format.md``, "Manifest v2"). No pickle. A manifest that is missing,
+truncated or fails its checksum means the tag is not committed.
+
+Version 2 grows with ranks plus tensors: the skeleton in the columnar form, per rank file only
+its size and hashes (packed arrays; names and fragments follow from the spec's plan), per expert
+file the same, and explicit fragment lists only for files whose fragments are not the plan's.
+Version 1 (every file's every fragment, one map per skeleton node) is still read, and still
+written for small checkpoints (fewer than :data:`V2_MIN_FRAGMENTS` rank-tensor pairs), which
+older zckpt releases can then read.
 
 A manifest is untrusted input (anyone can write a file with a valid checksum):
 :func:`decode_manifest` checks it as a whole, in this one place, before anything uses it:
@@ -15,30 +22,46 @@ bytes that the recorded file sizes can hold.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import msgpack
+import numpy as np
 import xxhash
 
 from zckpt.errors import FormatError, SpecError, VersionError
 from zckpt.format import PREAMBLE_SIZE, skeleton_from_wire, skeleton_to_wire
 from zckpt.format._codecs import MAX_EXPANSION
+from zckpt.format._columns import skeleton_from_columns, skeleton_to_columns
 from zckpt.format._dtypes import ITEMSIZE, dtype_code
 from zckpt.format._skeleton import U64, expect_int, expect_list, expect_map, field, show
-from zckpt.spec import Fragment, ZeroSpec
+from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
+from zckpt.spec._plan import EXPERT
 from zckpt.store._layout import blob_name, client_name, expert_name
 from zckpt.tree import Skeleton
 
-__all__ = ["FileRecord", "Manifest", "decode_manifest", "encode_manifest"]
+__all__ = [
+    "DerivedFragments",
+    "FileRecord",
+    "Manifest",
+    "decode_manifest",
+    "derived_fragments",
+    "encode_manifest",
+    "file_report",
+]
 
 
 MAGIC = b"\x89ZCKMAN\n"
-VERSION = 1
-KNOWN_FLAGS = 0  # no must-understand flags exist in version 1
+VERSION = 2  # the newest this zckpt reads and writes
+KNOWN_FLAGS = 0  # no must-understand flags exist in versions 1 and 2
+# A manifest is written as version 2 when world size x tensors reaches this (a v1 manifest lists
+# about that many fragments at stage 3); smaller ones stay version 1, readable by older zckpt.
+V2_MIN_FRAGMENTS = 1 << 16
 _PRE = struct.Struct("<8sIIQQ")
 _MAX_BODY = 1 << 31
 _NAME = re.compile(
@@ -50,6 +73,10 @@ _GEN = re.compile(r"[0-9a-f]{16}")
 @dataclass(frozen=True)
 class FileRecord:
     """One durable blob of a save: which rank wrote it, its size and checksums, what it holds.
+
+    ``derived`` says that ``fragments`` are the ones the manifest's spec plans for this file
+    (:func:`derived_fragments`); such a record carries no list of its own on the wire, and a
+    :class:`Manifest` gives it a lazy :class:`DerivedFragments`.
 
     ``xxh3`` is the hash of the whole file (what ``zckpt verify`` recomputes); ``index_xxh3``
     the checksum of its index as its preamble records it, which binds the file to this
@@ -66,35 +93,43 @@ class FileRecord:
     rank: int
     size: int
     xxh3: int
-    fragments: tuple[Fragment, ...]
+    fragments: Sequence[Fragment]
     expert: int = -1
     index_xxh3: int | None = None
+    derived: bool = False
 
-    def to_obj(self) -> dict[str, Any]:
-        """msgpack form."""
+    def to_obj(self, compact: bool = False) -> dict[str, Any]:
+        """msgpack form (version 1's record); ``compact`` leaves out a derived record's
+        fragments (what ranks report to rank 0)."""
         obj: dict[str, Any] = {
             "name": self.name,
             "rank": self.rank,
             "size": self.size,
             "xxh3": self.xxh3,
-            "fragments": [list(f) for f in self.fragments],
             "expert": self.expert,
         }
+        if compact and self.derived:
+            obj["derived"] = True
+        else:
+            obj["fragments"] = [list(f) for f in self.fragments]
         if self.index_xxh3 is not None:
             obj["index_xxh3"] = self.index_xxh3
         return obj
 
     @staticmethod
-    def from_obj(d: Any, where: str = "file record") -> FileRecord:
+    def from_obj(d: Any, where: str = "file record", allow_derived: bool = False) -> FileRecord:
         """Parse :meth:`to_obj` output, checking each field's type and range (not the
-        cross-references, which :func:`decode_manifest` checks)."""
+        cross-references, which :func:`decode_manifest` checks). A compact derived record
+        (no fragments) is accepted only with ``allow_derived`` (rank reports, not manifests)."""
         m = expect_map(d, where)
         name = field(m, "name", where)
         if type(name) is not str:
             raise FormatError(f"{where}: 'name' must be a string, got {show(name)}")
         where = f"{where} {name!r}"
         frags = []
-        for i, f in enumerate(expect_list(field(m, "fragments", where), f"{where} fragments")):
+        derived = allow_derived and m.get("derived", False) is True and "fragments" not in m
+        listed = [] if derived else field(m, "fragments", where)
+        for i, f in enumerate(expect_list(listed, f"{where} fragments")):
             a, b, c = expect_list(f, f"{where} fragment {i}", 3)
             fw = f"{where} fragment {i}"
             frags.append(Fragment(expect_int(a, fw), expect_int(b, fw), expect_int(c, fw)))
@@ -107,7 +142,101 @@ class FileRecord:
             tuple(frags),
             expect_int(m.get("expert", -1), f"{where} expert", -1, 1 << 24),
             None if ix is None else expect_int(ix, f"{where} index_xxh3", 0, U64),
+            derived,
         )
+
+
+def derived_fragments(plan: ShardPlan, rank: int, expert: int = -1) -> tuple[Fragment, ...]:
+    """The fragments a save following ``plan`` writes into a file: rank ``rank``'s blob
+    (``expert`` -1: the rank's fragments but its experts') or expert ``expert``'s blob.
+
+    Example:
+        >>> import torch
+        >>> plan = plan_shards({"master": {"w": torch.zeros(6)}}, ZeroSpec(2, 3))
+        >>> derived_fragments(plan, 1)
+        (Fragment(leaf=0, start=3, stop=6),)
+    """
+    if expert >= 0:
+        tensors = plan.skeleton.tensors
+        return tuple(Fragment(leaf, 0, tensors[leaf].numel) for leaf in plan.expert_leaves(expert))
+    own = plan.writes_of(rank)
+    if not plan.num_experts:
+        return own
+    return tuple(f for f in own if plan.placements[f.leaf].kind != EXPERT)
+
+
+class DerivedFragments(Sequence[Fragment]):
+    """A file's fragments as the manifest's plan derives them, computed when first read.
+
+    Compares equal to the tuple it stands for.
+
+    Example:
+        >>> import torch
+        >>> plan = plan_shards({"master": {"w": torch.zeros(6)}}, ZeroSpec(2, 3))
+        >>> f = DerivedFragments(plan, 0)
+        >>> f == (Fragment(0, 0, 3),), len(f), list(f)
+        (True, 1, [Fragment(leaf=0, start=0, stop=3)])
+    """
+
+    def __init__(self, plan: ShardPlan, rank: int, expert: int = -1) -> None:
+        self._plan, self._rank, self._expert = plan, rank, expert
+        self._items: tuple[Fragment, ...] | None = None
+
+    def _all(self) -> tuple[Fragment, ...]:
+        if self._items is None:
+            self._items = derived_fragments(self._plan, self._rank, self._expert)
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    @overload
+    def __getitem__(self, i: int) -> Fragment: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Fragment, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> Any:
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[Fragment]:
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DerivedFragments):
+            return self._all() == other._all()
+        if isinstance(other, tuple | list):
+            return self._all() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._all())
+
+    def __repr__(self) -> str:
+        return repr(self._all())
+
+
+def file_report(rec: FileRecord, plan: ShardPlan | None) -> dict[str, Any]:
+    """What a rank tells rank 0 about a file it wrote: its record, without fragments when
+    they are the ones ``plan`` (the manifest's) derives for it, so that rank 0's commit costs
+    O(files), not O(fragments). Checked here in O(the file's fragments).
+
+    Example:
+        >>> import torch
+        >>> plan = plan_shards({"master": {"w": torch.zeros(6)}}, ZeroSpec(2, 3))
+        >>> rec = FileRecord("g.rank00001-of-00002.zck", 1, 99, 7, (Fragment(0, 3, 6),))
+        >>> "fragments" in file_report(rec, plan), "fragments" in file_report(rec, None)
+        (False, True)
+    """
+    if plan is not None and rec.rank >= 0:
+        if rec.expert >= 0:
+            leaves = plan.expert_leaves(rec.expert)
+            ok = bool(leaves) and plan.placements[leaves[0]].owner == rec.rank
+        else:
+            ok = rec.rank < plan.world_size
+        if ok and tuple(rec.fragments) == derived_fragments(plan, rec.rank, rec.expert):
+            return dataclasses.replace(rec, derived=True).to_obj(compact=True)
+    return rec.to_obj()
 
 
 @dataclass(frozen=True)
@@ -133,12 +262,47 @@ class Manifest:
     excluded_frozen: bool
     zckpt_version: str
 
+    def __post_init__(self) -> None:
+        if any(f.derived and not isinstance(f.fragments, DerivedFragments) for f in self.files):
+            plan = self.plan()
+            files = tuple(
+                dataclasses.replace(f, fragments=DerivedFragments(plan, f.rank, f.expert))
+                if f.derived and not isinstance(f.fragments, DerivedFragments)
+                else f
+                for f in self.files
+            )
+            object.__setattr__(self, "files", files)
 
-def encode_manifest(m: Manifest) -> bytes:
-    """Manifest bytes: preamble + msgpack body."""
+    def plan(self) -> ShardPlan:
+        """The spec's plan of the skeleton (computed once): what derived records hold."""
+        plan: ShardPlan | None = self.__dict__.get("_plan")
+        if plan is None:
+            plan = plan_shards(self.skeleton, self.spec)
+            object.__setattr__(self, "_plan", plan)
+        return plan
+
+    @property
+    def derived(self) -> bool:
+        """Whether every rank file's fragments are the plan's (no explicit list anywhere)."""
+        return bool(self.files) and all(f.derived for f in self.files)
+
+
+def encode_manifest(m: Manifest, version: int | None = None) -> bytes:
+    """Manifest bytes: preamble + msgpack body.
+
+    ``version`` 1 or 2; default: 2 when world size x tensors is at least
+    :data:`V2_MIN_FRAGMENTS`, else 1.
+    """
+    if version is None:
+        big = m.spec.world_size * max(1, len(m.skeleton.tensors)) >= V2_MIN_FRAGMENTS
+        version = 2 if big and _fits_v2(m) else 1
+    if version == 2:
+        return _encode_v2(m)
+    if version != 1:
+        raise ValueError(f"manifest version {version} does not exist")
     body: bytes = msgpack.packb(
         {
-            "format": VERSION,
+            "format": 1,
             "zckpt_version": m.zckpt_version,
             "tag": m.tag,
             "generation": m.generation,
@@ -152,7 +316,70 @@ def encode_manifest(m: Manifest) -> bytes:
         },
         use_bin_type=True,
     )
-    return _PRE.pack(MAGIC, VERSION, 0, len(body), xxhash.xxh3_64_intdigest(body)) + body
+    return _PRE.pack(MAGIC, 1, 0, len(body), xxhash.xxh3_64_intdigest(body)) + body
+
+
+def _fits_v2(m: Manifest) -> bool:
+    """Whether version 2 can record these files: one blob per rank, with its index checksum,
+    and exactly the plan's expert files (other layouts are written as version 1)."""
+    ranks = [f.rank for f in m.files if f.expert < 0]
+    if ranks != list(range(m.spec.world_size)) or any(f.index_xxh3 is None for f in m.files):
+        return False
+    experts = [f for f in m.files if f.expert >= 0]
+    if not experts:
+        return not m.spec.experts or not any(f.expert >= 0 for f in m.files)
+    plan = m.plan()
+    want = [e for e in range(plan.num_experts) if plan.expert_leaves(e)]
+    got = sorted(experts, key=lambda f: f.expert)
+    return [f.expert for f in got] == want and all(
+        f.rank == plan.placements[plan.expert_leaves(f.expert)[0]].owner for f in got
+    )
+
+
+def _u8(values: list[int]) -> bytes:
+    return np.array(values, dtype="<u8").tobytes()
+
+
+def _encode_v2(m: Manifest) -> bytes:
+    ws = m.spec.world_size
+    ranks = [f for f in m.files if f.expert < 0]
+    experts = sorted((f for f in m.files if f.expert >= 0), key=lambda f: f.expert)
+    if [f.rank for f in ranks] != list(range(ws)):
+        raise ValueError("a version 2 manifest records one blob per rank, in rank order")
+    explicit = {
+        f.name: _u8([x for frag in f.fragments for x in frag]) for f in m.files if not f.derived
+    }
+
+    def hashes(files: list[FileRecord]) -> dict[str, bytes]:
+        return {
+            "size": _u8([f.size for f in files]),
+            "xxh3": _u8([f.xxh3 for f in files]),
+            "index_xxh3": _u8([f.index_xxh3 or 0 for f in files]),
+        }
+
+    body: bytes = msgpack.packb(
+        {
+            "format": 2,
+            "zckpt_version": m.zckpt_version,
+            "tag": m.tag,
+            "generation": m.generation,
+            "committed_at": m.committed_at,
+            "spec": m.spec.to_dict(),
+            "skeleton": skeleton_to_columns(m.skeleton),
+            "ranks": hashes(ranks),
+            "experts": {
+                "expert": np.array([f.expert for f in experts], dtype="<u4").tobytes(),
+                "rank": np.array([f.rank for f in experts], dtype="<u4").tobytes(),
+                **hashes(experts),
+            },
+            "explicit": explicit,
+            "client": None if m.client is None else m.client.to_obj(),
+            "frozen": list(m.frozen),
+            "excluded_frozen": m.excluded_frozen,
+        },
+        use_bin_type=True,
+    )
+    return _PRE.pack(MAGIC, 2, 0, len(body), xxhash.xxh3_64_intdigest(body)) + body
 
 
 def _string(v: Any, where: str, limit: int = 4096) -> str:
@@ -276,7 +503,7 @@ def decode_manifest(data: bytes, where: str = "manifest", *, check: bool = True)
             f"{where}: manifest format {version} is newer than this zckpt ({VERSION}); "
             "upgrade zckpt"
         )
-    if version != VERSION:
+    if version not in (1, 2):
         raise FormatError(f"{where}: byte 8: manifest format {version} does not exist")
     if flags & ~KNOWN_FLAGS:
         raise VersionError(f"{where}: byte 12: unknown must-understand flags {flags:#x}")
@@ -287,8 +514,8 @@ def decode_manifest(data: bytes, where: str = "manifest", *, check: bool = True)
         raise FormatError(f"{where}: checksum mismatch in the body (byte {_PRE.size} on)")
     d = _unpack(body, where)
     fmt = field(d, "format", where)
-    if fmt != VERSION or type(fmt) is not int:
-        raise FormatError(f"{where}: 'format' is {show(fmt)}, the preamble says {VERSION}")
+    if fmt != version or type(fmt) is not int:
+        raise FormatError(f"{where}: 'format' is {show(fmt)}, the preamble says {version}")
     try:
         spec = ZeroSpec.from_dict(field(d, "spec", where))
     except SpecError as e:
@@ -298,7 +525,10 @@ def decode_manifest(data: bytes, where: str = "manifest", *, check: bool = True)
     except Exception as e:  # from_dict of untrusted input
         raise FormatError(f"{where}: 'spec' is malformed ({type(e).__name__}: {e})") from None
     try:
-        skeleton = skeleton_from_wire(field(d, "skeleton", where))
+        if version == 1:
+            skeleton = skeleton_from_wire(field(d, "skeleton", where))
+        else:
+            skeleton = skeleton_from_columns(field(d, "skeleton", where))
     except FormatError as e:
         raise FormatError(f"{where}: 'skeleton': {e}") from None
     committed_at = field(d, "committed_at", where)
@@ -314,10 +544,14 @@ def decode_manifest(data: bytes, where: str = "manifest", *, check: bool = True)
     excluded = d.get("excluded_frozen", False)
     if type(excluded) is not bool:
         raise FormatError(f"{where}: 'excluded_frozen' is {show(excluded)}, not a bool")
-    files = tuple(
-        FileRecord.from_obj(f, f"{where} file {i}")
-        for i, f in enumerate(expect_list(field(d, "files", where), f"{where} 'files'"))
-    )
+    plan = None
+    if version == 1:
+        files = tuple(
+            FileRecord.from_obj(f, f"{where} file {i}")
+            for i, f in enumerate(expect_list(field(d, "files", where), f"{where} 'files'"))
+        )
+    else:
+        files, plan = _files_v2(d, spec, skeleton, generation, where)
     client_obj = field(d, "client", where)
     m = Manifest(
         tag=_string(field(d, "tag", where), f"{where} 'tag'"),
@@ -331,17 +565,111 @@ def decode_manifest(data: bytes, where: str = "manifest", *, check: bool = True)
         excluded_frozen=excluded,
         zckpt_version=_string(d.get("zckpt_version", "?"), f"{where} 'zckpt_version'"),
     )
+    if plan is not None:
+        object.__setattr__(m, "_plan", plan)
     names: set[str] = set()
     for rec in m.files:
         if rec.name in names:
             raise FormatError(f"{where}: file {rec.name!r} is listed twice")
         names.add(rec.name)
         _check_name(rec, m, f"{where} file {rec.name!r}", client=False)
+        if rec.derived:  # the plan's own fragments: inside their tensors, tiling them once
+            if rec.size < PREAMBLE_SIZE + 1:
+                raise FormatError(f"{where} file {rec.name!r}: size {rec.size} is too small")
+            continue
         _check_fragments(rec, skeleton, f"{where} file {rec.name!r}")
     if m.client is not None:
         _check_name(m.client, m, f"{where} client", client=True)
         if m.client.fragments and m.client.size < PREAMBLE_SIZE + 1:
             raise FormatError(f"{where}: client file of {m.client.size} bytes")
-    if check:
-        _check_tiling(m, where)
+    if check and not m.derived:
+        _check_tiling(m, where)  # explicit lists (all, or mixed with derived ones): O(fragments)
     return m
+
+
+def _column(m: dict[str, Any], key: str, dtype: str, n: int, where: str) -> list[int]:
+    v = m.get(key)
+    size = np.dtype(dtype).itemsize
+    if type(v) is not bytes or len(v) != n * size:
+        raise FormatError(
+            f"{where}: {key!r} must be {n} packed {dtype} values ({n * size} bytes), got {show(v)}"
+        )
+    out: list[int] = np.frombuffer(v, dtype=dtype).tolist()
+    return out
+
+
+def _files_v2(
+    d: dict[str, Any], spec: ZeroSpec, skeleton: Skeleton, gen: str, where: str
+) -> tuple[tuple[FileRecord, ...], ShardPlan | None]:
+    """The rank and expert records of a version 2 body, every field checked; the expert files
+    must be exactly the plan's (one per expert, written by the expert's writer)."""
+    ws = spec.world_size
+    ranks = expect_map(field(d, "ranks", where), f"{where} 'ranks'")
+    experts = expect_map(field(d, "experts", where), f"{where} 'experts'")
+    explicit = expect_map(d.get("explicit", {}), f"{where} 'explicit'")
+
+    def hashes(m: dict[str, Any], n: int, w: str) -> tuple[list[int], list[int], list[int]]:
+        sizes = _column(m, "size", "<u8", n, w)
+        for i, size in enumerate(sizes):
+            if not PREAMBLE_SIZE < size <= 1 << 62:
+                raise FormatError(f"{w}: file {i}'s size {size} is out of range")
+        return sizes, _column(m, "xxh3", "<u8", n, w), _column(m, "index_xxh3", "<u8", n, w)
+
+    sizes, xs, ixs = hashes(ranks, ws, f"{where} 'ranks'")
+    ew = f"{where} 'experts'"
+    raw_ids = experts.get("expert")
+    n_exp = len(raw_ids) // 4 if type(raw_ids) is bytes else -1
+    ids = _column(experts, "expert", "<u4", max(n_exp, 0), ew)
+    owners = _column(experts, "rank", "<u4", len(ids), ew)
+    esizes, exs, eixs = hashes(experts, len(ids), ew)
+    plan = None
+    if ids or spec.experts:
+        try:
+            plan = plan_shards(skeleton, spec)
+        except SpecError as err:
+            raise FormatError(f"{where}: the spec cannot plan the skeleton: {err}") from None
+        want = [e for e in range(plan.num_experts) if plan.expert_leaves(e)]
+        if ids != want:
+            raise FormatError(
+                f"{ew}: files for experts {show(ids)}, the plan has experts {show(want)}"
+            )
+        for ex, r in zip(ids, owners):
+            owner = plan.placements[plan.expert_leaves(ex)[0]].owner
+            if r != owner:
+                raise FormatError(
+                    f"{ew}: expert {ex}'s file is from rank {r}, its writer is {owner}"
+                )
+    names = [blob_name(gen, r, ws) for r in range(ws)] + [expert_name(gen, e) for e in ids]
+    lists: dict[str, tuple[Fragment, ...]] = {}
+    for name, v in explicit.items():
+        fw = f"{where} 'explicit' {show(name)}"
+        if type(v) is not bytes or len(v) % 24:
+            raise FormatError(f"{fw}: expected packed (leaf, start, stop) u64 triples")
+        flat = np.frombuffer(v, dtype="<u8").tolist()
+        lists[name] = tuple(map(Fragment, flat[0::3], flat[1::3], flat[2::3]))
+    unknown = set(lists) - set(names)
+    if unknown:
+        raise FormatError(f"{where}: 'explicit' names {show(sorted(unknown))}, not files of it")
+    records = [
+        FileRecord(names[r], r, sizes[r], xs[r], lists.get(names[r], ()), -1, ixs[r])
+        for r in range(ws)
+    ]
+    records += [
+        FileRecord(names[ws + i], owners[i], esizes[i], exs[i], (), ids[i], eixs[i])
+        for i in range(len(ids))
+    ]
+    if len(lists) < len(records) and plan is None:
+        try:
+            plan = plan_shards(skeleton, spec)
+        except SpecError as err:
+            raise FormatError(f"{where}: the spec cannot plan the skeleton: {err}") from None
+    if plan is None:  # every file has an explicit list
+        return tuple(records), None
+    return tuple(
+        rec
+        if rec.name in lists
+        else dataclasses.replace(
+            rec, derived=True, fragments=DerivedFragments(plan, rec.rank, rec.expert)
+        )
+        for rec in records
+    ), plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import threading
@@ -12,10 +13,12 @@ from typing import Any, TypeVar
 import torch
 import xxhash
 
+from zckpt.assemble._overlap import PlannedIndex, Source, SourceIndex, index_sources
 from zckpt.errors import FormatError, TruncatedError, ZckptError
 from zckpt.format import PREAMBLE_SIZE, BlobHeader, decode_fragment, decode_header, read_header_size
 from zckpt.format._header import as_bytes_view, parse_preamble
 from zckpt.spec import Fragment
+from zckpt.spec._plan import EXPERT
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, check_tag, read_latest
 from zckpt.store._manifest import FileRecord, Manifest, decode_manifest
 from zckpt.store._resolve import storage_for
@@ -168,6 +171,45 @@ class Checkpoint:
             raise FormatError(
                 f"{self.path}/{MANIFEST}: its spec differs from the one {rec.name} was written with"
             )
+
+    def source_index(self) -> SourceIndex | PlannedIndex:
+        """The saved fragments, indexed for :func:`~zckpt.assemble.assemble`.
+
+        When every rank file holds its plan's fragments (a version 2 manifest's derived
+        layout) they are found by arithmetic on the saved plan, and a file's fragment list
+        is only computed when a wanted range touches it; otherwise every listed fragment is
+        indexed (:func:`~zckpt.assemble.index_sources`).
+
+        Example:
+            >>> import tempfile, torch, zckpt
+            >>> from zckpt.spec import Fragment
+            >>> d = tempfile.mkdtemp()
+            >>> state = {"w": torch.arange(4.0)}
+            >>> _ = zckpt.save_checkpoint(d, state, zckpt.ZeroSpec(2, 3), tag="t")
+            >>> idx = zckpt.open_checkpoint(d).source_index()
+            >>> [(lo, hi) for s, lo, hi in idx.overlapping(Fragment(0, 1, 3))]
+            [(1, 2), (2, 3)]
+        """
+        m = self.manifest
+        if not m.derived:
+            return index_sources(m.skeleton, self.sources())
+        plan = m.plan()
+        by_rank = {f.rank: f for f in m.files if f.expert < 0}
+        by_expert = {f.expert: f for f in m.files if f.expert >= 0}
+        cache: dict[str, Any] = {}
+
+        def source(rank: int, frag: Fragment) -> Source:
+            p = plan.placements[frag.leaf]
+            rec = by_expert[p.expert] if p.kind == EXPERT else by_rank[rank]
+            starts = cache.get(rec.name)
+            if starts is None:
+                starts = cache[rec.name] = [(f.leaf, f.start) for f in rec.fragments]
+            i = bisect.bisect_left(starts, (frag.leaf, frag.start))
+            if i == len(starts) or rec.fragments[i] != frag:
+                raise FormatError(f"{self.file_path(rec)}: holds no fragment {list(frag)}")
+            return FileSource(frag, self, rec, i)
+
+        return PlannedIndex(plan, source)
 
     def sources(self, files: tuple[FileRecord, ...] | None = None) -> list[FileSource]:
         """Every fragment of the given files (default: all rank files), read lazily.
