@@ -13,21 +13,34 @@ Rows (MiB/s of blob bytes; each the best of ``--repeat`` runs):
 * ``zckpt save, zstd``: the streamed path (frames into parts, the head as part 1, sent last,
   the object read back once for its whole-file hash).
 * ``load, same world size`` and ``load, other world size``: every rank's ranged GETs.
+* ``zckpt save, raw, ws 1`` against ``DCP FsspecWriter``: the same state in one process,
+  ``torch.distributed.checkpoint.save(..., storage_writer=FsspecWriter("s3://...",
+  endpoint_url=...), no_dist=True)`` with DCP's default ``thread_count=1`` and with
+  ``--dcp-threads`` (DCP writes through s3fs file objects: buffered blocks uploaded one after
+  another per file, then its ``.metadata``).
+* ``peak memory``: a fresh child process builds the state, resets its high-water mark
+  (``/proc/self/clear_refs``) and saves it to the store at world size 1, raw and zstd; the row
+  is the growth of ``VmHWM`` over the resident set before the save (the state itself excluded).
 
 Loopback measures the client's own overhead and moto's (a Python server on the same cores),
 not a WAN: the ratios between rows are the point, not the MiB/s.
 
     .venv/bin/python bench/bench_s3.py --mib 256 --ranks 4
+    .venv/bin/python bench/bench_s3.py --mib 1024 --only peak     # the 1 GiB memory rows
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -80,13 +93,77 @@ def best(fn: Callable[[], Any], repeat: int) -> float:
     return min(times)
 
 
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_child(endpoint: str, mib: int, codec: str, part_mib: int) -> dict[str, Any]:
+    """In a fresh process: the VmHWM growth of one ws-1 save of a ``mib`` MiB state."""
+    import s3fs
+
+    from zckpt.store import FsspecStorage
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY, secret=SECRET)
+    storage = FsspecStorage(fs, part_size=part_mib << 20)
+    state = state_of(mib)
+    # A small save first: imports, the client's connections and thread pools are not counted.
+    zckpt.save_checkpoint(f"s3://{BUCKET}/warm/{uuid.uuid4().hex}", state_of(8),
+                          zckpt.ZeroSpec(1, 2), tag="t", codec=codec, storage=storage)  # fmt: skip
+    gc.collect()
+    base = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    t = time.perf_counter()
+    zckpt.save_checkpoint(f"s3://{BUCKET}/peak/{uuid.uuid4().hex}", state,
+                          zckpt.ZeroSpec(1, 2), tag="t", codec=codec, storage=storage)  # fmt: skip
+    seconds = time.perf_counter() - t
+    return {"growth_mib": _status_mib("VmHWM") - base, "seconds": seconds}
+
+
+def peak_rows(endpoint: str, mib: int, part_mib: int) -> list[tuple[str, float]]:
+    out = []
+    for codec in ("raw", "zstd"):
+        args = ["--peak-child", endpoint, str(mib), codec, str(part_mib)]
+        r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)  # fmt: skip
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        out.append((codec, float(got["growth_mib"])))
+        print(f"peak memory, {mib} MiB save, ws 1, {codec:4s}   +{got['growth_mib']:7.1f} MiB "
+              f"above the state ({got['seconds']:.1f} s)", flush=True)  # fmt: skip
+    return out
+
+
+def dcp_save(url: str, state: dict[str, Any], endpoint: str, threads: int) -> None:
+    """DCP's own object-store path: FsspecWriter on s3fs, one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    writer = FsspecWriter(url, thread_count=threads, endpoint_url=endpoint, key=KEY,
+                          secret=SECRET)  # fmt: skip
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process, yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, storage_writer=writer, no_dist=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=256, help="state size in MiB")
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--part-mib", type=int, default=50)
+    ap.add_argument("--dcp-threads", type=int, default=8, help="DCP's thread_count, 2nd row")
+    ap.add_argument("--only", choices=("all", "save", "dcp", "load", "peak"), default="all")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--peak-child"]:
+        endpoint, mib, codec, part = argv[1:5]
+        print(json.dumps(peak_child(endpoint, int(mib), codec, int(part))))
+        return 0
     args = ap.parse_args(argv)
+    parts = {"save", "dcp", "load", "peak"} if args.only == "all" else {args.only}
 
     import s3fs
 
@@ -134,57 +211,85 @@ def main(argv: list[str] | None = None) -> int:
         def write_one() -> None:
             storage.write_atomic(f"s3://{BUCKET}/one/{uuid.uuid4().hex}", buffers)
 
-        # Interleaved, best of each: the box's other load hits both alike.
-        pairs = [(pipe, save), (pipe_one, write_one)]
         got: dict[Callable[[], Any], float] = {}
-        for _ in range(args.repeat):
-            for a, b in pairs:
-                for fn in (a, b):
+
+        def interleaved(fns: list[Callable[[], Any]]) -> None:
+            # Best of each, taking turns: the box's other load hits all alike.
+            for _ in range(args.repeat):
+                for fn in fns:
                     got[fn] = min(got.get(fn, float("inf")), best(fn, 1))
-        row("pipe, one object per rank", got[pipe])
-        row("zckpt save, raw, ranks as threads", got[save])
-        row("pipe_file, one blob", got[pipe_one], mib1)
-        row("write_atomic, one blob", got[write_one], mib1)
 
-        def save_zstd() -> None:
-            url = f"s3://{BUCKET}/zstd/{uuid.uuid4().hex}"
-            zckpt.save_checkpoint(
-                url, state, zckpt.ZeroSpec(1, 2), tag="t", codec="zstd", storage=storage
-            )
+        ratios: list[tuple[str, str, str]] = []
+        if "save" in parts:
+            interleaved([pipe, save, pipe_one, write_one])
+            row("pipe, one object per rank", got[pipe])
+            row("zckpt save, raw, ranks as threads", got[save])
+            row("pipe_file, one blob", got[pipe_one], mib1)
+            row("write_atomic, one blob", got[write_one], mib1)
+            ratios += [
+                ("save / pipe (all ranks)", "zckpt save, raw, ranks as threads",
+                 "pipe, one object per rank"),
+                ("write_atomic / pipe_file (one blob)", "write_atomic, one blob",
+                 "pipe_file, one blob"),
+            ]  # fmt: skip
 
-        row("zckpt save, zstd, ws 1 (one process)", best(save_zstd, 1))
-        url = save()
+            def save_zstd() -> None:
+                url = f"s3://{BUCKET}/zstd/{uuid.uuid4().hex}"
+                zckpt.save_checkpoint(
+                    url, state, zckpt.ZeroSpec(1, 2), tag="t", codec="zstd", storage=storage
+                )
 
-        def load(ws: int) -> None:
-            def rank(comm: Any) -> None:
-                zckpt.load_checkpoint(url, world_size=ws, rank=comm.rank, storage=storage)
+            row("zckpt save, zstd, ws 1 (one process)", best(save_zstd, 1))
 
-            run_ranks(rank, ws, timeout=600)
+        if "dcp" in parts:
 
-        row(f"load, same world size ({args.ranks})", best(lambda: load(args.ranks), args.repeat))
-        other = args.ranks + 1
-        row(f"load, other world size ({other})", best(lambda: load(other), args.repeat))
+            def save_ws1() -> None:
+                url = f"s3://{BUCKET}/ws1/{uuid.uuid4().hex}"
+                zckpt.save_checkpoint(url, state, zckpt.ZeroSpec(1, 2), tag="t", storage=storage)
+
+            def dcp1() -> None:
+                dcp_save(f"s3://{BUCKET}/dcp/{uuid.uuid4().hex}", state, endpoint, 1)
+
+            def dcpn() -> None:
+                dcp_save(f"s3://{BUCKET}/dcp/{uuid.uuid4().hex}", state, endpoint,
+                         args.dcp_threads)  # fmt: skip
+
+            interleaved([save_ws1, dcp1, dcpn])
+            row("zckpt save, raw, ws 1 (one process)", got[save_ws1])
+            row("DCP FsspecWriter, thread_count=1 (default)", got[dcp1])
+            row(f"DCP FsspecWriter, thread_count={args.dcp_threads}", got[dcpn])
+            ratios += [
+                ("save / DCP FsspecWriter (default)", "zckpt save, raw, ws 1 (one process)",
+                 "DCP FsspecWriter, thread_count=1 (default)"),
+                (f"save / DCP FsspecWriter (thread_count={args.dcp_threads})",
+                 "zckpt save, raw, ws 1 (one process)",
+                 f"DCP FsspecWriter, thread_count={args.dcp_threads}"),
+            ]  # fmt: skip
+
+        if "load" in parts:
+            url = save()
+
+            def load(ws: int) -> None:
+                def rank(comm: Any) -> None:
+                    zckpt.load_checkpoint(url, world_size=ws, rank=comm.rank, storage=storage)
+
+                run_ranks(rank, ws, timeout=600)
+
+            other = args.ranks + 1
+            same_fn, other_fn = (lambda: load(args.ranks)), (lambda: load(other))
+            interleaved([same_fn, other_fn])
+            row(f"load, same world size ({args.ranks})", got[same_fn])
+            row(f"load, other world size ({other})", got[other_fn])
+            ratios.append(("other-size load / same-size load", f"load, other world size ({other})",
+                           f"load, same world size ({args.ranks})"))  # fmt: skip
+
+        peaks = peak_rows(endpoint, args.mib, args.part_mib) if "peak" in parts else []
         by = {name: rate for name, _, rate in rows}
-        ratios = [
-            (
-                "save / pipe (all ranks)",
-                "zckpt save, raw, ranks as threads",
-                "pipe, one object per rank",
-            ),
-            (
-                "write_atomic / pipe_file (one blob)",
-                "write_atomic, one blob",
-                "pipe_file, one blob",
-            ),
-            (
-                "other-size load / same-size load",
-                f"load, other world size ({other})",
-                f"load, same world size ({args.ranks})",
-            ),
-        ]
         print()
         for label, a, b in ratios:
             print(f"{label}: {by[a] / by[b]:.2f}")
+        for codec, growth in peaks:
+            print(f"peak above the state, {args.mib} MiB save, {codec}: {growth:.0f} MiB")
     finally:
         proc.kill()
         proc.wait()
