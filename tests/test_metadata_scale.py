@@ -271,3 +271,27 @@ def test_writes_reads_like_a_tuple() -> None:
     assert plan == zckpt.plan_shards({"master": {"w": torch.zeros(10)}}, zckpt.ZeroSpec(3, 3))
     with pytest.raises(IndexError):
         plan.writes[3]
+
+
+def test_bench_metadata_smoke_runs(tmp_path: Any) -> None:
+    """bench/bench_metadata.py --smoke: every case reports a row (numbers are not checked)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rows.json"
+    subprocess.run(
+        [sys.executable, str(root / "bench" / "bench_metadata.py"), "--smoke", "--json", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    rows = json.loads(out.read_text())
+    cases = {(r["model"], r["ws"], r["stage"]) for r in rows}
+    assert cases == {
+        (m, ws, st) for m in ("llama-smoke", "moe-smoke") for ws in (8, 64) for st in (1, 3)
+    }
+    for r in rows:
+        assert r["manifest_bytes"] > 0 and r["blob_index_bytes"] > 0 and r["sources"] > 0

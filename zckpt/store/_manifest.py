@@ -26,7 +26,7 @@ import dataclasses
 import math
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -178,13 +178,18 @@ class DerivedFragments(Sequence[Fragment]):
         (True, 1, [Fragment(leaf=0, start=0, stop=3)])
     """
 
-    def __init__(self, plan: ShardPlan, rank: int, expert: int = -1) -> None:
+    def __init__(
+        self, plan: ShardPlan | Callable[[], ShardPlan], rank: int, expert: int = -1
+    ) -> None:
+        # A callable defers planning until a file's list is first read (rank 0's commit
+        # never needs one).
         self._plan, self._rank, self._expert = plan, rank, expert
         self._items: tuple[Fragment, ...] | None = None
 
     def _all(self) -> tuple[Fragment, ...]:
         if self._items is None:
-            self._items = derived_fragments(self._plan, self._rank, self._expert)
+            plan = self._plan if isinstance(self._plan, ShardPlan) else self._plan()
+            self._items = derived_fragments(plan, self._rank, self._expert)
         return self._items
 
     def __len__(self) -> int:
@@ -264,9 +269,8 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if any(f.derived and not isinstance(f.fragments, DerivedFragments) for f in self.files):
-            plan = self.plan()
             files = tuple(
-                dataclasses.replace(f, fragments=DerivedFragments(plan, f.rank, f.expert))
+                dataclasses.replace(f, fragments=DerivedFragments(self.plan, f.rank, f.expert))
                 if f.derived and not isinstance(f.fragments, DerivedFragments)
                 else f
                 for f in self.files
@@ -326,8 +330,10 @@ def _fits_v2(m: Manifest) -> bool:
     if ranks != list(range(m.spec.world_size)) or any(f.index_xxh3 is None for f in m.files):
         return False
     experts = [f for f in m.files if f.expert >= 0]
-    if not experts:
-        return not m.spec.experts or not any(f.expert >= 0 for f in m.files)
+    if not experts or all(f.derived for f in experts):
+        # A derived expert record was checked against the plan by its writer (its owner and
+        # fragments), and a save writes every expert's file: the plan's table, exactly.
+        return True
     plan = m.plan()
     want = [e for e in range(plan.num_experts) if plan.expert_leaves(e)]
     got = sorted(experts, key=lambda f: f.expert)
