@@ -4,8 +4,9 @@ On each DeepSpeed-written checkpoint of ``_deepspeed`` (ZeRO-2 and ZeRO-3), one 
 each peer, round-robin, each a fresh process started by this one and timed from ``Popen`` to the
 output being durable:
 
-* ``zero_to_fp32.py``: DeepSpeed 0.19.8's own script, ``python deepspeed/utils/zero_to_fp32.py
-  DS_CKPT OUT --safe_serialization --max_shard_size 5GB`` (``DS_ACCELERATOR=cpu``). It does not
+* ``zero_to_fp32.py``: DeepSpeed 0.19.8's own script, ``python -m deepspeed.utils.zero_to_fp32
+  DS_CKPT OUT --safe_serialization --max_shard_size 5GB`` (``DS_ACCELERATOR=cpu``; the installed
+  file as ``__main__``: run by its path, its directory's ``torch.py`` shadows torch). It does not
   fsync its output, so every file it wrote, then the directory, is fsynced after it exits
   (inside the timing);
 * ``zckpt consolidate``: ``python -m zckpt consolidate DS_CKPT OUT --max-shard-size 5GB`` (zckpt
@@ -22,7 +23,6 @@ tensor by tensor (dtype, shape, xxh3 of the bytes), against DeepSpeed's.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -36,20 +36,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = ("zero_to_fp32.py", "zckpt consolidate", "zckpt consolidate --lazy")
 
 
-def zero_to_fp32_script() -> str:
-    """The path of DeepSpeed's installed ``zero_to_fp32.py`` (found without importing it)."""
-    spec = importlib.util.find_spec("deepspeed")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("deepspeed is not installed")
-    return os.path.join(next(iter(spec.submodule_search_locations)), "utils", "zero_to_fp32.py")
-
-
 def command(peer: str, ckpt: str, out: str) -> list[str]:
     """The command line of ``peer`` writing ``ckpt``'s fp32 weights into ``out``."""
     if peer == "zero_to_fp32.py":
+        # ``python -m``: the installed file run as __main__. Run by its path, its own directory
+        # (deepspeed/utils, which holds torch.py and logging.py) would shadow torch.
         return [
             sys.executable,
-            zero_to_fp32_script(),
+            "-m",
+            "deepspeed.utils.zero_to_fp32",
             ckpt,
             out,
             "--safe_serialization",
@@ -93,6 +88,7 @@ def run_once(peer: str, ckpt: str, out: str, timeout: float = 1800) -> dict[str,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env_for(peer),
+        cwd=os.path.dirname(out),
     )
     end = time.monotonic() + timeout
     while True:

@@ -6,10 +6,15 @@ hide what consolidation itself costs.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
-from peak_child import run_child
+from peak_child import PREAMBLE, run_child
 
 import zckpt
 
@@ -49,3 +54,83 @@ def test_lazy_consolidation_peak_is_one_tensor_not_the_total(tmp_path: Path) -> 
     lazy = run(tmp_path, "lazy")
     assert eager >= 0.9 * total_mib, eager
     assert lazy <= largest_mib + 32, (lazy, eager)
+
+
+# Fresh output memory (issue 14, part 2): new tensors are pre-faulted, and stay ordinary tensors.
+
+ALLOC_CHILD = r"""
+import torch
+from zckpt.assemble._overlap import new_tensor
+
+mib = int(sys.argv[1])
+new_tensor((1,), torch.float32, "warmup")
+start()
+t = new_tensor((mib << 18,), torch.float32, "t")   # mib MiB, not written by anyone yet
+def rss():
+    with open("/proc/self/status") as f:
+        return [int(x.split()[1]) / 1024 for x in f if x.startswith("VmRSS:")][0]
+after_alloc = rss()
+del t
+done(after_alloc=after_alloc - _base, after_free=rss() - _base)
+"""
+
+
+def _alloc_child(mib: int, **env: str) -> dict[str, float]:
+    script = PREAMBLE + ALLOC_CHILD
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(mib)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_new_tensors_are_prefaulted_and_freeing_frees_them() -> None:
+    from zckpt.assemble._memory import strategy
+
+    if strategy() != "prefault":
+        pytest.skip("MADV_POPULATE_WRITE is not available here")
+    got = _alloc_child(64)
+    assert got["after_alloc"] >= 60, got  # resident before anything wrote to it
+    assert got["after_free"] <= 8, got  # and handed back to the system when freed
+
+
+def test_zckpt_alloc_plain_turns_prefaulting_off() -> None:
+    got = _alloc_child(64, ZCKPT_ALLOC="plain")
+    assert got["after_alloc"] <= 8, got  # torch.empty alone: nothing resident until written
+    assert got["after_free"] <= 8, got
+
+
+def test_new_tensors_behave_like_ordinary_tensors(tmp_path: Path) -> None:
+    from zckpt.assemble._overlap import new_tensor
+
+    t = new_tensor((512, 1024), torch.float32, "w")  # 2 MiB: pre-faulted
+    assert t.is_contiguous() and t.dtype == torch.float32 and t.shape == (512, 1024)
+    t.copy_(torch.arange(t.numel(), dtype=torch.float32).view(512, 1024))
+    want = t.clone()
+    t.share_memory_()  # moved into shared memory, values kept
+    assert t.is_shared() and torch.equal(t, want)
+    model = torch.nn.Linear(1024, 512, bias=False)
+    model.load_state_dict({"weight": new_tensor((512, 1024), torch.float32, "w").copy_(want)})
+    assert torch.equal(model.weight, want)
+    u = new_tensor((1 << 20,), torch.bfloat16, "u").fill_(1.5)
+    assert float(u.float().sum()) == 1.5 * (1 << 20)
+    if torch.cuda.is_available():  # pin_memory needs an accelerator
+        p = new_tensor((1 << 20,), torch.float32, "p").fill_(2.0).pin_memory()
+        assert p.is_pinned() and float(p[0]) == 2.0
+
+
+def test_loaded_and_consolidated_tensors_are_ordinary(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1 << 19, generator=g)  # 2 MiB: over the pre-fault threshold
+    state = {"module": {"w": w.bfloat16()}, "master": {"w": w}}
+    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(2, 2), tag="t")
+    got = zckpt.load_checkpoint(tmp_path).state
+    assert torch.equal(got["master"]["w"], w)
+    fp32 = zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path)
+    assert torch.equal(fp32["w"], w)
+    fp32["w"].share_memory_()
+    assert fp32["w"].is_shared() and torch.equal(fp32["w"], w)

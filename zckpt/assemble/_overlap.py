@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from zckpt import kernels
+from zckpt.assemble import _memory
 from zckpt.errors import AllocationError, CoverageError
 from zckpt.spec import Fragment, ShardPlan
 from zckpt.tree import DICT, LIST, TUPLE, VALUE, Skeleton
@@ -175,8 +176,9 @@ def index_sources(skeleton: Skeleton, sources: Iterable[Source]) -> SourceIndex:
 
 
 def new_tensor(shape: int | tuple[int, ...], dtype: torch.dtype, name: str) -> torch.Tensor:
-    """``torch.empty(shape, dtype)``, or an :class:`AllocationError` naming the tensor and its
-    size when memory runs out (a checkpoint's metadata declares the sizes).
+    """``torch.empty(shape, dtype)`` (large ones pre-faulted: :mod:`zckpt.assemble._memory`),
+    or an :class:`AllocationError` naming the tensor and its size when memory runs out (a
+    checkpoint's metadata declares the sizes).
 
     Example:
         >>> new_tensor((2, 3), torch.float32, "w").shape
@@ -184,7 +186,7 @@ def new_tensor(shape: int | tuple[int, ...], dtype: torch.dtype, name: str) -> t
     """
     dims = (shape,) if isinstance(shape, int) else shape
     try:
-        return torch.empty(dims, dtype=dtype)
+        return _memory.empty(dims, dtype)
     except (RuntimeError, MemoryError) as e:
         n = 1
         for d in dims:
