@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -330,6 +331,50 @@ def test_a_held_lock_is_renewed_and_a_dead_ones_lapses(where: Where) -> None:
     assert where.storage.lock_owner(path) == "taker"
     taken.release()
     assert not where.storage.exists(path)
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_release_racing_a_renewal_leaves_no_lock(
+    s3: Where, monkeypatch: Any, conditional: bool
+) -> None:
+    """A renewal already past its checks when the lock was released, its PUT landing between
+    the release's read of the lock and its delete: the delete (if-match the old ETag) failed, or
+    on a store without conditional writes the PUT wrote the lock back. Either way a live lock
+    stayed behind and the next save of the tag was refused as concurrent until the lease ran
+    out (seen in CI under load, with a 5 s lease). A release now waits for a renewal in flight."""
+    st = FsspecStorage(s3.storage.fs, lease=60)
+    st._conditional = conditional
+    path = f"{s3.url}/.race-lock"
+    held = st.try_lock(path, "me")
+    assert held is not None
+    backend = st._backend
+    put_small, delete = backend.put_small, backend.delete
+    renewing, read_done, put_done = threading.Event(), threading.Event(), threading.Event()
+
+    def gated_put(key: str, body: bytes, **kw: Any) -> Any:
+        renewing.set()
+        read_done.wait(3)  # the release has read the lock (or, fixed, waits for us: 3 s)
+        try:
+            return put_small(key, body, **kw)
+        finally:
+            put_done.set()
+
+    def gated_delete(key: str, if_match: str | None = None) -> None:
+        read_done.set()
+        put_done.wait(3)  # the renewal's PUT lands between the release's read and delete
+        delete(key, if_match=if_match)
+
+    monkeypatch.setattr(backend, "put_small", gated_put)
+    monkeypatch.setattr(backend, "delete", gated_delete)
+    renewal = threading.Thread(target=held.renew_if_due, args=(time.monotonic() + 3600, 1.0))
+    renewal.start()
+    assert renewing.wait(10)  # the renewal is past its checks, its PUT about to go
+    held.release()
+    renewal.join()
+    monkeypatch.setattr(backend, "put_small", put_small)
+    monkeypatch.setattr(backend, "delete", delete)
+    assert not st.exists(path), st.lock_owner(path)
+    assert st.try_lock(path, "next") is not None
 
 
 def test_concurrent_takers_get_one_lock(s3: Where) -> None:

@@ -313,6 +313,9 @@ class _ObjectLock:
         self.renewed = time.monotonic()
         self.lost = False
         self.released = False
+        # A renewal and the release never overlap: a release reading the lock just before a
+        # renewal rewrote it would delete if-match the old ETag, fail, and leave a live lock.
+        self.mutex = threading.Lock()
 
     def intact(self) -> bool:
         if self.lost or self.released:
@@ -324,12 +327,18 @@ class _ObjectLock:
         return got is not None and got[0].token == self.token
 
     def release(self) -> None:
-        if self.released:
-            return
-        self.released = True
-        self.storage._forget(self)
-        with contextlib.suppress(Exception):  # best effort: a lease that lapses frees it too
-            self.storage._drop_lock(self)
+        with self.mutex:
+            if self.released:
+                return
+            self.released = True
+            self.storage._forget(self)
+            with contextlib.suppress(Exception):  # best effort: a lease that lapses frees it too
+                self.storage._drop_lock(self)
+
+    def renew_if_due(self, now: float, period: float) -> None:
+        with self.mutex:
+            if not self.released and not self.lost and now - self.renewed >= period:
+                self.storage._renew(self)
 
 
 _live: weakref.WeakSet[FsspecStorage] = weakref.WeakSet()
@@ -673,8 +682,7 @@ class FsspecStorage:
                     return
             now = time.monotonic()
             for lock in locks:
-                if not lock.released and not lock.lost and now - lock.renewed >= period:
-                    self._renew(lock)
+                lock.renew_if_due(now, period)
 
 
 def _after_fork() -> None:
