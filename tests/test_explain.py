@@ -118,3 +118,54 @@ def test_load_arguments_are_checked(tmp_path: Path, kw: dict[str, int]) -> None:
     _save(tmp_path)
     with pytest.raises(zckpt.ArgumentError):
         zckpt.load_checkpoint(tmp_path, **kw)
+
+
+def _ds_fixture() -> Path:
+    case = FIXTURES / "z2_ws2_bf16"
+    if not (case / "checkpoint").is_dir():
+        pytest.skip(f"no DeepSpeed fixture at {case}")
+    return case
+
+
+def test_a_folder_above_deepspeed_checkpoints_names_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    case = _ds_fixture()  # holds checkpoint/ (a save_dir, latest -> step3) and universal/
+    with pytest.raises(zckpt.CheckpointNotFoundError) as err:
+        zckpt.open_checkpoint(case)
+    msg = str(err.value)
+    assert "subdirectories 'checkpoint', 'universal' are DeepSpeed checkpoints" in msg, msg
+    assert f"pass {case / 'checkpoint'}" in msg and "--tag checkpoint" not in msg, msg
+    assert main(["inspect", str(case)]) == 1
+    said = capsys.readouterr().err
+    assert f"pass {case / 'checkpoint'}" in said and "as the tag" not in said
+    # what it says to pass is inspectable as it stands
+    assert main(["inspect", str(case / "checkpoint")]) == 0
+
+
+def test_a_deepspeed_save_dir_with_a_wrong_tag_lists_its_tags(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    d = _ds_fixture() / "checkpoint"
+    with pytest.raises(zckpt.CheckpointNotFoundError) as err:
+        zckpt.open_checkpoint(d, "nope")
+    msg = str(err.value)
+    assert f"{d} is a DeepSpeed checkpoint directory with no tag 'nope'; its tags: step3" in msg
+    assert "committed" not in msg and "manifest" not in msg, msg  # zckpt's own terms
+    assert main(["inspect", str(d), "--tag", "nope"]) == 1
+    said = capsys.readouterr().err
+    assert "DeepSpeed" in said and "step3" in said and "committed" not in said
+    with pytest.raises(zckpt.CheckpointNotFoundError, match="its tags: step3"):
+        zckpt.load_checkpoint(d, tag="nope")
+
+
+def test_a_deepspeed_save_dir_without_latest_lists_its_tags(tmp_path: Path) -> None:
+    d = tmp_path / "ds"
+    shutil.copytree(_ds_fixture() / "checkpoint", d)
+    os.remove(d / "latest")
+    with pytest.raises(zckpt.CheckpointNotFoundError) as err:
+        zckpt.open_checkpoint(d)
+    msg = str(err.value)
+    assert f"{d} is a DeepSpeed checkpoint directory with no 'latest' file; its tags: step3" in msg
+    assert "pass one as the tag" in msg and "zckpt convert --from deepspeed" in msg
+    assert main(["inspect", str(d), "--tag", "step3"]) == 0

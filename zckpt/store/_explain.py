@@ -104,6 +104,16 @@ def _is_deepspeed(path: str, tag: str | None) -> bool:
         return False
 
 
+def _deepspeed_tags(path: str) -> list[str]:
+    """The tags of ``path`` when it is a DeepSpeed save_dir (tag folders of model states)."""
+    from zckpt.interop import deepspeed_tags
+
+    try:
+        return deepspeed_tags(path)
+    except (ZckptError, OSError):
+        return []
+
+
 def explain(
     path: str | os.PathLike[str], tag: str | None = None, *, storage: Storage | None = None
 ) -> Reason:
@@ -135,6 +145,13 @@ def explain(
             f"`zckpt convert --from deepspeed {path} OUT` (zckpt.interop.convert_deepspeed), "
             "then load OUT at any world size; its fp32 weights load directly with "
             "zckpt.get_fp32_state_dict_from_zero_checkpoint",
+        )
+    ds_tags = _deepspeed_tags(path) if local else []
+    if tag is not None and ds_tags:
+        return Reason(
+            DEEPSPEED,
+            f"{path} is a DeepSpeed checkpoint directory with no tag {tag!r}; its tags: "
+            f"{_listing(ds_tags)}",
         )
     if tag is not None:
         check_tag(tag)
@@ -172,15 +189,31 @@ def explain(
             f"{path} has no '{LATEST}' file; its committed tags are {_listing(tags)}: pass one "
             "as the tag",
         )
+    if ds_tags:  # a DeepSpeed save_dir whose latest is missing
+        return Reason(
+            DEEPSPEED,
+            f"{path} is a DeepSpeed checkpoint directory with no '{LATEST}' file; its tags: "
+            f"{_listing(ds_tags)}: pass one as the tag (to load it with zckpt, convert it once: "
+            f"`zckpt convert --from deepspeed {path} OUT --tag {ds_tags[-1]}`)",
+        )
+    nested = [
+        n for n in sorted(names) if local and os.path.isdir(os.path.join(path, n))
+        and _is_deepspeed(os.path.join(path, n), None)
+    ]  # fmt: skip
+    if nested:
+        many = len(nested) > 1
+        quoted = ", ".join(repr(n) for n in nested[:_SHOWN])
+        first = os.path.join(path, nested[0])
+        return Reason(
+            DEEPSPEED,
+            f"{path} holds no checkpoint itself, but its "
+            f"{'subdirectories' if many else 'subdirectory'} {quoted} "
+            f"{'are DeepSpeed checkpoints' if many else 'is a DeepSpeed checkpoint'}: pass "
+            f"{first} (to load it with zckpt, convert it once: "
+            f"`zckpt convert --from deepspeed {first} OUT`)",
+        )
     for name in names:
         sub = os.path.join(path, name)
-        if local and storage.is_dir(sub) and _is_deepspeed(sub, None):
-            return Reason(
-                DEEPSPEED,
-                f"{path} has no '{LATEST}' file, and its subdirectory {name!r} is a DeepSpeed "
-                f"checkpoint tag: convert it with `zckpt convert --from deepspeed {path} OUT "
-                f"--tag {name}` (zckpt.interop.convert_deepspeed)",
-            )
         if storage.is_dir(sub) and (
             storage.exists(os.path.join(sub, LATEST)) or storage.exists(os.path.join(sub, MANIFEST))
         ):
