@@ -92,6 +92,7 @@ class Checkpoint:
     manifest: Manifest
     storage: Storage
     _headers: dict[str, BlobHeader] = field(default_factory=dict, repr=False)
+    _starts: dict[str, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -124,6 +125,20 @@ class Checkpoint:
         with self._lock:
             self._headers[rec.name] = h
         return h
+
+    def fragment_index(self, rec: FileRecord, frag: Fragment) -> int:
+        """The position of ``frag`` in ``rec``'s blob (from its header, bisected)."""
+        h = self.header(rec)
+        with self._lock:
+            starts = self._starts.get(rec.name)
+            if starts is None:
+                starts = self._starts[rec.name] = [
+                    (e.fragment.leaf, e.fragment.start) for e in h.fragments
+                ]
+        i = bisect.bisect_left(starts, (frag.leaf, frag.start))
+        if i == len(starts) or h.fragments[i].fragment != frag:
+            raise FormatError(f"{self.file_path(rec)}: holds no fragment {list(frag)}")
+        return i
 
     def _checked_size(self, rec: FileRecord) -> int:
         """The file's size (a regular file, see :func:`~zckpt.store._storage.open_regular`),
@@ -196,18 +211,14 @@ class Checkpoint:
         plan = m.plan()
         by_rank = {f.rank: f for f in m.files if f.expert < 0}
         by_expert = {f.expert: f for f in m.files if f.expert >= 0}
-        cache: dict[str, Any] = {}
 
         def source(rank: int, frag: Fragment) -> Source:
+            # The fragment's position in its file is looked up in the file's header when it is
+            # read: planning never lists a file's fragments (a rank holding every replicated
+            # tensor touches every rank's file).
             p = plan.placements[frag.leaf]
             rec = by_expert[p.expert] if p.kind == EXPERT else by_rank[rank]
-            starts = cache.get(rec.name)
-            if starts is None:
-                starts = cache[rec.name] = [(f.leaf, f.start) for f in rec.fragments]
-            i = bisect.bisect_left(starts, (frag.leaf, frag.start))
-            if i == len(starts) or rec.fragments[i] != frag:
-                raise FormatError(f"{self.file_path(rec)}: holds no fragment {list(frag)}")
-            return FileSource(frag, self, rec, i)
+            return FileSource(frag, self, rec, -1)
 
         return PlannedIndex(plan, source)
 
@@ -253,6 +264,9 @@ class Checkpoint:
 class FileSource:
     """One saved fragment in a blob file, read range by range (only overlapping chunks).
 
+    ``index`` is its position among the file's fragments; -1 looks it up in the file's header
+    when first read.
+
     Example:
         >>> import tempfile, torch, zckpt
         >>> d = tempfile.mkdtemp()
@@ -296,8 +310,11 @@ class FileSource:
         """Decode elements ``[start, stop)`` straight into ``out`` (or a new tensor)."""
         h = self.checkpoint.header(self.record)
         path = self.checkpoint.file_path(self.record)
+        index = self.index
+        if index < 0:
+            index = self.checkpoint.fragment_index(self.record, self.fragment)
         chunks = [
-            c for c in h.fragments[self.index].chunks if c.start_elem < stop and c.stop_elem > start
+            c for c in h.fragments[index].chunks if c.start_elem < stop and c.stop_elem > start
         ]
         hint = getattr(self.checkpoint.storage, "will_need", None)
         if chunks and hint is not None:
@@ -305,7 +322,7 @@ class FileSource:
         try:
             return decode_fragment(
                 h,
-                self.index,
+                index,
                 self._reader(),
                 start=start,
                 stop=stop,
