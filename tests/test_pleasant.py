@@ -40,3 +40,18 @@ def test_python_dash_m_zckpt() -> None:
         [sys.executable, "-m", "zckpt", "--version"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and out.stdout.startswith("zckpt ")
+
+
+def test_readme_blocks_that_import_run_on_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block that opens with its own imports reads as standalone: a reader pastes it alone."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```$", readme, re.S | re.M)
+    standalone = [b for b in blocks if b.lstrip().startswith(("import ", "from "))]
+    assert len(standalone) >= 2
+    monkeypatch.chdir(tmp_path)
+    for i, code in enumerate(standalone):
+        exec(compile(code, f"README.md[standalone block {i}]", "exec"), {"__name__": "readme"})
