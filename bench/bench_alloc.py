@@ -11,10 +11,10 @@ Strategies:
 
 * ``plain``: ``torch.empty`` per tensor;
 * ``thp-env``: ``torch.empty`` with torch's own ``THP_MEM_ALLOC_ENABLE=1`` in the environment;
-* ``huge``: ``torch.empty``, then ``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned part of it
-  (what ``zckpt.assemble.new_tensor`` does automatically for large tensors; see
+* ``huge``: ``torch.empty``, then ``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned part of it;
+* ``populate``: ``torch.empty``, then ``madvise(MADV_POPULATE_WRITE)`` (pre-fault in one call;
+  what ``zckpt.assemble.new_tensor`` does for tensors of 1 MiB or more, see
   ``zckpt/assemble/_memory.py``);
-* ``populate``: ``torch.empty``, then ``madvise(MADV_POPULATE_WRITE)`` (pre-fault in one call);
 * ``huge+populate``: both;
 * ``touch2``: ``torch.empty``, then two threads write one byte per 4 KiB page (pre-fault in
   parallel);

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -56,10 +57,12 @@ def test_lazy_consolidation_peak_is_one_tensor_not_the_total(tmp_path: Path) -> 
     assert lazy <= largest_mib + 32, (lazy, eager)
 
 
-# Fresh output memory (issue 14, part 2): new tensors are pre-faulted, and stay ordinary tensors.
+# Fresh output memory (issue 14, part 2): ZCKPT_ALLOC=prefault pre-faults new tensors, which stay
+# ordinary tensors; the default is plain torch.empty.
 
 ALLOC_CHILD = r"""
 import torch
+from zckpt.assemble._memory import strategy
 from zckpt.assemble._overlap import new_tensor
 
 mib = int(sys.argv[1])
@@ -71,11 +74,11 @@ def rss():
         return [int(x.split()[1]) / 1024 for x in f if x.startswith("VmRSS:")][0]
 after_alloc = rss()
 del t
-done(after_alloc=after_alloc - _base, after_free=rss() - _base)
+done(after_alloc=after_alloc - _base, after_free=rss() - _base, strategy=strategy())
 """
 
 
-def _alloc_child(mib: int, **env: str) -> dict[str, float]:
+def _alloc_child(mib: int, **env: str) -> dict[str, Any]:
     script = PREAMBLE + ALLOC_CHILD
     out = subprocess.run(
         [sys.executable, "-c", script, str(mib)],
@@ -84,29 +87,36 @@ def _alloc_child(mib: int, **env: str) -> dict[str, float]:
         text=True,
         env={**os.environ, **env},
     )
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
 
-def test_new_tensors_are_prefaulted_and_freeing_frees_them() -> None:
-    from zckpt.assemble._memory import strategy
+def test_prefaulted_tensors_are_resident_and_freeing_frees_them() -> None:
+    from zckpt.assemble._memory import _madvise
 
-    if strategy() != "prefault":
-        pytest.skip("MADV_POPULATE_WRITE is not available here")
-    got = _alloc_child(64)
+    if _madvise() is None:
+        pytest.skip("no madvise here")
+    got = _alloc_child(64, ZCKPT_ALLOC="prefault")
+    if got["strategy"] != "prefault":
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE")
     assert got["after_alloc"] >= 60, got  # resident before anything wrote to it
     assert got["after_free"] <= 8, got  # and handed back to the system when freed
 
 
-def test_zckpt_alloc_plain_turns_prefaulting_off() -> None:
-    got = _alloc_child(64, ZCKPT_ALLOC="plain")
+@pytest.mark.parametrize("value", ["", "plain"])
+def test_plain_allocation_is_the_default(value: str) -> None:
+    got = _alloc_child(64, ZCKPT_ALLOC=value)
     assert got["after_alloc"] <= 8, got  # torch.empty alone: nothing resident until written
     assert got["after_free"] <= 8, got
 
 
-def test_new_tensors_behave_like_ordinary_tensors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("value", ["plain", "prefault"])
+def test_new_tensors_behave_like_ordinary_tensors(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from zckpt.assemble._overlap import new_tensor
 
+    monkeypatch.setenv("ZCKPT_ALLOC", value)
     t = new_tensor((512, 1024), torch.float32, "w")  # 2 MiB: pre-faulted
     assert t.is_contiguous() and t.dtype == torch.float32 and t.shape == (512, 1024)
     t.copy_(torch.arange(t.numel(), dtype=torch.float32).view(512, 1024))
@@ -123,7 +133,11 @@ def test_new_tensors_behave_like_ordinary_tensors(tmp_path: Path) -> None:
         assert p.is_pinned() and float(p[0]) == 2.0
 
 
-def test_loaded_and_consolidated_tensors_are_ordinary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("value", ["plain", "prefault"])
+def test_loaded_and_consolidated_tensors_are_ordinary(
+    tmp_path: Path, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZCKPT_ALLOC", value)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(1 << 19, generator=g)  # 2 MiB: over the pre-fault threshold
     state = {"module": {"w": w.bfloat16()}, "master": {"w": w}}

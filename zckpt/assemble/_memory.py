@@ -6,16 +6,20 @@ safetensors export, a DeepSpeed import, ``reshard``) comes from :func:`empty`, t
 it is written; when a ``preadv`` or a copy takes those faults one by one, inside the kernel's
 copy loop, that is what dominates a load from the page cache.
 
-``empty`` is ``torch.empty``, and then, for a tensor of at least :data:`PREFAULT_MIN_BYTES`,
-``madvise(MADV_POPULATE_WRITE)`` on the whole pages inside it: the kernel faults them in one
-call, before the data arrives, instead of one trap per page during the copy. The tensor is an
+``empty`` is ``torch.empty``. With ``ZCKPT_ALLOC=prefault``, a tensor of at least
+:data:`PREFAULT_MIN_BYTES` then gets ``madvise(MADV_POPULATE_WRITE)`` on the whole pages inside
+it: the kernel faults them in one call, before the data arrives, instead of one trap per page
+during the copy. The tensor is an
 ordinary tensor of torch's own allocator (freeing it frees the memory; ``pin_memory()``,
 ``share_memory_()`` and ``load_state_dict`` behave as for any other), only its pages are
 resident already. Where the call is not available (not Linux, a kernel before 5.14, no
 ``madvise``) it fails and is not tried again: the tensor stays as ``torch.empty`` made it.
 
-``ZCKPT_ALLOC=plain`` turns it off (read at each allocation). See docs/benchmarks.md, "Fresh
-memory", for what was measured and when it does not win.
+The default is plain ``torch.empty`` (``ZCKPT_ALLOC`` unset or ``plain``; read at each
+allocation): measured on the loaded 2-core VM this project is built on, pre-faulting was never
+behind plain but not ahead by more than the noise, and huge pages (``MADV_HUGEPAGE``, torch's
+``THP_MEM_ALLOC_ENABLE``) were 2-4x slower (synchronous compaction); see docs/benchmarks.md,
+"Fresh memory", for the numbers and when pre-faulting cannot win.
 """
 
 from __future__ import annotations
@@ -51,14 +55,14 @@ def _madvise() -> object:
 
 
 def strategy() -> str:
-    """The allocation strategy in effect: ``"prefault"`` (the default) or ``"plain"``
-    (``ZCKPT_ALLOC=plain``, or pre-faulting found unsupported here).
+    """The allocation strategy in effect: ``"plain"`` (the default) or ``"prefault"``
+    (``ZCKPT_ALLOC=prefault``, where this kernel supports it).
 
     Example:
         >>> strategy() in ("prefault", "plain")
         True
     """
-    if os.environ.get("ZCKPT_ALLOC", "").strip().lower() == "plain":
+    if os.environ.get("ZCKPT_ALLOC", "").strip().lower() != "prefault":
         return "plain"
     if _state.get("unsupported") or _madvise() is None:
         return "plain"
@@ -80,8 +84,8 @@ def _prefault(t: torch.Tensor) -> None:
 
 
 def empty(dims: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty(dims, dtype)``, its pages faulted in up front when it is large (see the
-    module docstring); raises what ``torch.empty`` raises.
+    """``torch.empty(dims, dtype)``, its pages faulted in up front when it is large and
+    ``ZCKPT_ALLOC=prefault`` (see the module docstring); raises what ``torch.empty`` raises.
 
     Example:
         >>> t = empty((1024, 1024), torch.float32)

@@ -176,7 +176,7 @@ def index_sources(skeleton: Skeleton, sources: Iterable[Source]) -> SourceIndex:
 
 
 def new_tensor(shape: int | tuple[int, ...], dtype: torch.dtype, name: str) -> torch.Tensor:
-    """``torch.empty(shape, dtype)`` (large ones pre-faulted: :mod:`zckpt.assemble._memory`),
+    """``torch.empty(shape, dtype)`` (see :mod:`zckpt.assemble._memory`: ``ZCKPT_ALLOC``),
     or an :class:`AllocationError` naming the tensor and its size when memory runs out (a
     checkpoint's metadata declares the sizes).
 
