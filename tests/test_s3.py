@@ -400,6 +400,39 @@ def test_concurrent_takers_get_one_lock(s3: Where) -> None:
     winners[0].release()
 
 
+def test_a_lock_on_a_store_with_conditional_writes_costs_no_read_back(
+    proxied: tuple[Where, FaultProxy],
+) -> None:
+    """A conditional PUT that succeeded is the object there: taking a lock is one GET (absent)
+    and one PUT, a renewal one PUT, a release one GET and one DELETE. (Each read back was a
+    round trip of a save's fixed cost: two locks per save, 24 requests for 4 objects.)"""
+    where, proxy = proxied
+    path = f"{where.url}/.count-lock"
+    key = path.removeprefix("s3://" + BUCKET)
+    st = FsspecStorage(where.storage.fs, lease=60)
+
+    def requests() -> list[str]:
+        return [m for m, p, _ in proxy.seen if p.split("?")[0].endswith(key)]
+
+    held = st.try_lock(path, "me")
+    assert held is not None and requests() == ["GET", "PUT"]
+    proxy.seen.clear()
+    held.renew_if_due(time.monotonic() + 3600, 1.0)  # type: ignore[attr-defined]
+    assert requests() == ["PUT"] and held.intact()
+    proxy.seen.clear()
+    assert st.try_lock(path, "other") is None  # held: one GET to see it
+    assert requests() == ["GET"]
+    proxy.seen.clear()
+    held.release()
+    assert requests() == ["GET", "DELETE"] and not st.exists(path)
+    # A store without conditional writes (check-then-write) still reads its write back.
+    plain = FsspecStorage(where.storage.fs, lease=60, conditional_writes=False)
+    proxy.seen.clear()
+    again = plain.try_lock(path, "me")
+    assert again is not None and requests() == ["GET", "GET", "PUT", "GET"]
+    again.release()
+
+
 # -- failures ------------------------------------------------------------------------------
 
 

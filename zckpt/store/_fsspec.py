@@ -573,18 +573,21 @@ class FsspecStorage:
                 try:
                     if current is None:
                         lock.etag = self._put_lock(key, body, if_absent=True)
+                        sure = self._atomic_conditions() and bool(lock.etag)
                     elif current[0].token == token:  # our own write, answered ambiguously
-                        lock.etag = current[1].etag
+                        lock.etag, sure = current[1].etag, True
                     elif not self._stale(current[0], current[1]):
                         return None
                     else:  # a dead holder's: replace it only if it is still that one
                         lock.etag = self._put_lock(key, body, if_match=current[1].etag)
+                        sure = self._atomic_conditions() and bool(lock.etag)
                 except PreconditionFailedError:
                     continue  # someone else took or changed it meanwhile: look again
-                mine = self._read_lock(key)
-                if mine is None or mine[0].token != token:
-                    continue  # overwritten at once (a store without conditional writes)
-                lock.etag = mine[1].etag
+                if not sure:  # check-then-write: read back whether our write is the one there
+                    mine = self._read_lock(key)
+                    if mine is None or mine[0].token != token:
+                        continue  # overwritten at once (a store without conditional writes)
+                    lock.etag = mine[1].etag
                 self._hold(lock)
                 return lock
         except Exception as e:
@@ -631,7 +634,14 @@ class FsspecStorage:
         etag = self._backend.put_small(key, body)
         return etag
 
+    def _atomic_conditions(self) -> bool:
+        """Whether conditional writes are the server's own (S3 that implements them): then a
+        write that succeeded is known to be the one there, without reading it back."""
+        return self._s3 and self._conditional
+
     def _drop_lock(self, lock: _ObjectLock) -> None:
+        # Read first, though If-Match alone would do where the store honours it on DELETE:
+        # one that ignores the header would delete a lock another job took over.
         got = self._read_lock(lock.path)
         if got is None or got[0].token != lock.token:
             return  # not ours any more: someone broke a lapsed lease
@@ -647,11 +657,12 @@ class FsspecStorage:
         body = _lock_body(lock.owner, lock.token, self.lease)
         try:
             lock.etag = self._put_lock(lock.path, body, if_match=lock.etag)
-            mine = self._read_lock(lock.path)
-            if mine is None or mine[0].token != lock.token:
-                lock.lost = True
-            else:
-                lock.etag = mine[1].etag
+            if not (self._atomic_conditions() and lock.etag):
+                mine = self._read_lock(lock.path)
+                if mine is None or mine[0].token != lock.token:
+                    lock.lost = True
+                else:
+                    lock.etag = mine[1].etag
         except PreconditionFailedError:
             lock.lost = True  # broken by another process after our lease lapsed
         except Exception:
