@@ -85,11 +85,6 @@ def live_tensors(model: Model, opt: torch.optim.Optimizer) -> list[torch.Tensor]
     return out
 
 
-def fingerprint(tensors: list[torch.Tensor]) -> list[float]:
-    """A cheap checksum per tensor (sum of its float64 values, and of its squares)."""
-    return [float(t.double().sum()) + float(t.double().square().sum()) for t in tensors]
-
-
 def fsync_tree(path: str) -> None:
     """fsync every file under ``path`` (or the file itself)."""
     files = [path] if os.path.isfile(path) else []
@@ -136,7 +131,7 @@ def rank_main(a: argparse.Namespace) -> dict[str, Any]:
     peers = a.peers.split(",")
     model, opt = build(a.gib)
     live = live_tensors(model, opt)
-    expected = fingerprint(live)
+    expected = [t.clone() for t in live]  # what every resume must restore, bitwise
     nbytes = sum(t.numel() * t.element_size() for t in live)
     paths = {p: os.path.join(a.path, p) for p in peers}
     ckpt = Checkpointer(model, opt, comm=comm)
@@ -213,9 +208,9 @@ def rank_main(a: argparse.Namespace) -> dict[str, Any]:
                 mine = res.setdefault(peer, {}).setdefault(op, {"times": [], "peaks": []})
                 mine["times"].append(seconds)
                 mine["peaks"].append(status_mib("VmHWM") - base)
-                got = fingerprint(live_tensors(model, opt))
-                if got != expected:
-                    bad = [i for i, (x, y) in enumerate(zip(got, expected)) if x != y]
+                got = live_tensors(model, opt)
+                if len(got) != len(expected) or not all(map(torch.equal, got, expected)):
+                    bad = [i for i, (x, y) in enumerate(zip(got, expected)) if not x.equal(y)]
                     raise RuntimeError(f"{peer} rank {rank}: {op} resume left tensors {bad} wrong")
     if rank == 0:
         for peer in peers:
