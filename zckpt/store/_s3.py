@@ -47,6 +47,9 @@ T = TypeVar("T")
 # S3's multipart rules: at most 10,000 parts; every part but the last at least 5 MiB.
 _MAX_PARTS = 10_000
 _MIN_PART = 5 << 20
+# The read-back of a streamed blob: ranged GETs of at most this many bytes, this many in flight.
+READ_BACK_STEP = 8 << 20
+READ_BACK_FLIGHT = 4
 
 
 class ViewsReader(io.RawIOBase):
@@ -502,16 +505,18 @@ class S3Backend:
         return size, self._hash_back(path, size), etag
 
     def _hash_back(self, path: str, size: int) -> int:
-        """xxh3_64 of the object as stored, read back in file order in ranged GETs, a few in
-        flight."""
+        """xxh3_64 of the object as stored, read back in file order in ranged GETs of at most
+        :data:`READ_BACK_STEP` bytes, :data:`READ_BACK_FLIGHT` in flight: the bytes held stay
+        bounded whatever the part size (8 GETs of 50 MiB parts held 400 MiB: a 1 GiB zstd save
+        peaked 510 MiB above its state)."""
         hasher = xxhash.xxh3_64()
-        step = self.part_size
+        step = min(self.part_size, READ_BACK_STEP)
         starts = list(range(0, size, step))
         flight: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
         for at in starts:
             coro = self._get(path, at, min(step, size - at))
             flight.append(asyncio.run_coroutine_threadsafe(coro, self.fs.loop))
-            if len(flight) >= self.max_concurrency:
+            if len(flight) >= min(self.max_concurrency, READ_BACK_FLIGHT):
                 hasher.update(flight.popleft().result())
         while flight:
             hasher.update(flight.popleft().result())
