@@ -254,6 +254,25 @@ def test_absurd_world_size_is_refused_at_once_for_zckpt_and_deepspeed(
         assert not out.exists()
 
 
+def test_absurd_world_size_is_refused_when_nothing_is_partitioned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A module-only state at stage 1: every tensor replicated, each written once by one rank;
+    # 100,000 ranks would write 99,998 empty files (it ran for minutes, found by hand).
+    src = tmp_path / "ddp"
+    state = {"module": {"w": torch.ones(4), "b": torch.ones(2)}}
+    zckpt.save_checkpoint(src, state, zckpt.ZeroSpec(2, 1), tag="t")
+    assert all(p.kind != FLAT for p in zckpt.open_checkpoint(src).manifest.plan().placements)
+    out = tmp_path / "out"
+    assert main(["reshard", str(src), str(out), "--world-size", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert "99,998 of the 100,000 ranks would hold nothing" in err, err
+    assert "--world-size 2 or fewer" in err and not out.exists()
+    assert main(["reshard", str(src), str(out), "--world-size", "2", "-q"]) == 0
+    assert main(["reshard", str(src), str(tmp_path / "o3"), "--world-size", "3", "-q",
+                 "--allow-empty-ranks"]) == 0  # fmt: skip
+
+
 # -- 4. --help --------------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from zckpt.interop._output import (
     check_file_output,
 )
 from zckpt.interop._safetensors import is_directory_output, module_key_order, write_safetensors
-from zckpt.spec._plan import TENSOR
+from zckpt.spec._plan import EXPERT, REPLICATED, TENSOR
 from zckpt.store._commit import Saved, prepare_save, write_and_commit
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, TagError, generation_of
 from zckpt.store._resolve import isdir, lexists, listdir
@@ -344,8 +344,9 @@ def _check_ranks(args: argparse.Namespace, state: Any, new: zckpt.ZeroSpec) -> N
     any of the largest thing ZeRO partitions: a stage 1/2 flat buffer of n elements is cut into
     pieces of at least ``alignment`` elements (so at most ceil(n / alignment) ranks get one), a
     stage 3 tensor into pieces of at least one. The ranks past that would hold no partitioned
-    state, yet each writes a file. A state with nothing partitioned (replicated tensors and
-    MoE experts only) passes. Planned at a small world size, so an absurd one costs nothing."""
+    state, yet each writes a file. A state with nothing partitioned (replicated tensors only,
+    each written by one rank) allows as many ranks as it has tensors; MoE experts pass.
+    Planned at a small world size, so an absurd one costs nothing."""
     ws = new.world_size
     if args.allow_empty_ranks or ws == 1:
         return
@@ -360,8 +361,17 @@ def _check_ranks(args: argparse.Namespace, state: Any, new: zckpt.ZeroSpec) -> N
         if p.kind == TENSOR:
             n = skel.tensors[leaf].numel
             units.append((n, n, skel.name(leaf), -(-n // -(-n // ws))))
-    if not units:  # nothing is partitioned (replicated tensors, experts): no rank goes empty
-        return
+    if not units:  # nothing partitioned: each replicated tensor is written by one rank
+        held = sum(p.kind == REPLICATED for p in small.placements)
+        if ws <= held or any(p.kind == EXPERT for p in small.placements):
+            return
+        raise CommandLineError(
+            f"{args.path}: --world-size {ws:,} is more ranks than there are tensors to write: "
+            f"the checkpoint partitions nothing (ZeRO stage {new.stage} replicates its "
+            f"{held:,} tensors, each written once, by one rank); {ws - held:,} of the {ws:,} "
+            f"ranks would hold nothing, yet each writes a file: choose --world-size {held:,} "
+            "or fewer, or pass --allow-empty-ranks"
+        )
     most, elements, name, _ = max(units)
     if ws <= most:
         return
