@@ -132,7 +132,7 @@ def run_suite(tmp_path: Path, *options: str, timeout: float) -> str:
 
 
 def test_suite_smoke(tmp_path: Path) -> None:
-    text = run_suite(tmp_path, *(["--no-deepspeed"] if HAS_DEEPSPEED else []), timeout=600)
+    text = run_suite(tmp_path, *(["--no-deepspeed"] if HAS_DEEPSPEED else []), timeout=900)
     missing = [row for row in ROWS if row not in text]
     assert not missing, missing
     assert "Targets (issue 6)" in text and "Targets (issue 14)" in text
@@ -154,7 +154,7 @@ def test_suite_deepspeed_smoke(tmp_path: Path) -> None:
     # A cache of its own: DeepSpeed generates both tiny checkpoints in this test (one run, ~15 s).
     cache = tmp_path / "ds-cache"
     only = ["--only", "deepspeed,export"]
-    text = run_suite(tmp_path, *only, "--ds-cache", str(cache), timeout=600)
+    text = run_suite(tmp_path, *only, "--ds-cache", str(cache), timeout=900)
     missing = [row for row in DS_ROWS + EXPORT_ROWS if row not in text]
     assert not missing, missing
     for label in DS_LABELS:
