@@ -267,9 +267,10 @@ def test_absurd_world_size_is_refused_when_nothing_is_partitioned(
     assert main(["reshard", str(src), str(out), "--world-size", "100000"]) == 1
     err = capsys.readouterr().err
     assert "99,998 of the 100,000 ranks would hold nothing" in err, err
-    assert "--world-size 2 or fewer" in err and not out.exists()
-    assert main(["reshard", str(src), str(out), "--world-size", "2", "-q"]) == 0
-    assert main(["reshard", str(src), str(tmp_path / "o3"), "--world-size", "3", "-q",
+    assert "--world-size 6 or fewer" in err and not out.exists()  # 4 + 2 elements
+    assert main(["reshard", str(src), str(out), "--world-size", "6", "-q"]) == 0
+    assert main(["reshard", str(src), str(tmp_path / "o7"), "--world-size", "7", "-q"]) == 1
+    assert main(["reshard", str(src), str(tmp_path / "o7"), "--world-size", "7", "-q",
                  "--allow-empty-ranks"]) == 0  # fmt: skip
 
 

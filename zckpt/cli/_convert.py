@@ -345,7 +345,7 @@ def _check_ranks(args: argparse.Namespace, state: Any, new: zckpt.ZeroSpec) -> N
     pieces of at least ``alignment`` elements (so at most ceil(n / alignment) ranks get one), a
     stage 3 tensor into pieces of at least one. The ranks past that would hold no partitioned
     state, yet each writes a file. A state with nothing partitioned (replicated tensors only,
-    each written by one rank) allows as many ranks as it has tensors; MoE experts pass.
+    each written by one rank) allows as many ranks as it has elements; MoE experts pass.
     Planned at a small world size, so an absurd one costs nothing."""
     ws = new.world_size
     if args.allow_empty_ranks or ws == 1:
@@ -362,15 +362,16 @@ def _check_ranks(args: argparse.Namespace, state: Any, new: zckpt.ZeroSpec) -> N
             n = skel.tensors[leaf].numel
             units.append((n, n, skel.name(leaf), -(-n // -(-n // ws))))
     if not units:  # nothing partitioned: each replicated tensor is written by one rank
-        held = sum(p.kind == REPLICATED for p in small.placements)
-        if ws <= held or any(p.kind == EXPERT for p in small.placements):
+        held = [leaf for leaf, p in enumerate(small.placements) if p.kind == REPLICATED]
+        total = sum(skel.tensors[leaf].numel for leaf in held)
+        if ws <= total or any(p.kind == EXPERT for p in small.placements):
             return
         raise CommandLineError(
-            f"{args.path}: --world-size {ws:,} is more ranks than there are tensors to write: "
-            f"the checkpoint partitions nothing (ZeRO stage {new.stage} replicates its "
-            f"{held:,} tensors, each written once, by one rank); {ws - held:,} of the {ws:,} "
-            f"ranks would hold nothing, yet each writes a file: choose --world-size {held:,} "
-            "or fewer, or pass --allow-empty-ranks"
+            f"{args.path}: --world-size {ws:,} is more ranks than the checkpoint has elements: "
+            f"it partitions nothing (ZeRO stage {new.stage} replicates its {len(held):,} "
+            f"tensors, {total:,} elements in all, each tensor written once, by one rank); "
+            f"{ws - len(held):,} of the {ws:,} ranks would hold nothing, yet each writes a "
+            f"file: choose --world-size {total:,} or fewer, or pass --allow-empty-ranks"
         )
     most, elements, name, _ = max(units)
     if ws <= most:
