@@ -1029,8 +1029,8 @@ def export(s: Suite, gib: float, cache: str, root: str, skip: str | None) -> lis
     lines = [
         "Export: each command a new process, timed from start to a durable output (zero_to_fp32"
         ".py's files and directory are fsynced after it exits, inside its time; zckpt fsyncs "
-        f"its own); peak RSS = the process's ru_maxrss, imports included (a process that only "
-        f"imports torch peaks at {base:.0f} MiB here)."
+        "its own); peak RSS = the process's VmHWM polled every 5 ms, imports included (a "
+        f"process that only imports torch peaks at {base:.0f} MiB here)."
     ]
     for kind, (final, _info) in made.items():
         group, label = EXPORT_GROUPS[kind], _deepspeed.LABELS[kind]
@@ -1074,7 +1074,7 @@ def export(s: Suite, gib: float, cache: str, root: str, skip: str | None) -> lis
                 rs[0]["bytes"],
                 None if peer == EXPORT_DS else EXPORT_DS,
                 f"new process, end to end to a durable output; files {', '.join(rs[0]['files'])}; "
-                "peak RSS = the process's ru_maxrss (imports included)",
+                "peak RSS = the process's VmHWM, polled (imports included)",
             )
             row.extra = {"peak RSS MiB": rss}
             s.rows.append(row)
