@@ -166,10 +166,10 @@ class Checkpointer:
                 found = []
         found = self.comm.all_gather(found)[0]  # every rank decides as rank 0 saw it
         if found:
-            shown = ", ".join(found[-5:])
+            shown = ", ".join(found[-5:]) if len(found) <= 5 else "..., " + ", ".join(found[-5:])
             raise ArgumentError(
                 f"{save_dir} already holds checkpoints this run did not write ({len(found)} "
-                f"committed tags, newest {shown}); a fresh run would mix with them, and "
+                f"committed tags, the newest last: {shown}); a fresh run would mix with them, and "
                 "keep_last retention would delete them. Resume from them "
                 "(ckpt.load_checkpoint(save_dir)), save into another directory, or pass "
                 "Checkpointer(..., existing='keep') to save beside them"
