@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from zckpt.interop import DeepSpeedCheckpoint, DeepSpeedFormatError, group_layouts
-from zckpt.interop._convert import _plain
+from zckpt.interop._convert import training_scalars
 from zckpt.interop._deepspeed import fp32_sources
 from zckpt.interop._unpickle import get
 from zckpt.tree import _alias_key, flatten, format_path
@@ -90,7 +90,7 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
         n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * dtype.itemsize
 
 
 def deepspeed_tensors(ck: DeepSpeedCheckpoint) -> DeepSpeedTensors:
@@ -188,14 +188,7 @@ def deepspeed_tensors(ck: DeepSpeedCheckpoint) -> DeepSpeedTensors:
                          _nbytes(dtype, shape)))  # fmt: skip
 
     # the rest of the state convert writes, as it writes it (small: no partitions).
-    rest: dict[str, Any] = {}
-    for k in ("lr_scheduler", "global_steps", "skipped_steps", "global_samples"):
-        if m0.get(k) is not None:
-            rest[k] = _plain(m0[k])
-    o0 = ck.optim[0]
-    scaler = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad")
-    rest["loss_scaler"] = _plain({k: o0[k] for k in scaler if k in o0})
-    skel, _ = flatten(rest)
+    skel, _ = flatten(training_scalars(ck))
     for p, leaf in skel.tensor_paths():
         path = format_path(p)
         if p != skel.paths[leaf]:

@@ -69,6 +69,28 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def training_scalars(ck: DeepSpeedCheckpoint) -> dict[str, Any]:
+    """The small part of the training state ``convert`` writes besides module, masters and
+    optimizer: the scheduler, step counters and loss scaler, as zckpt stores them.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> write_zero_checkpoint(d, {"w": torch.ones(4)}, world_size=2, stage=2)
+        >>> "loss_scaler" in training_scalars(open_deepspeed(d))
+        True
+    """
+    m0, o0 = ck.model[0], ck.optim[0]
+    out: dict[str, Any] = {}
+    for k in ("lr_scheduler", "global_steps", "skipped_steps", "global_samples"):
+        if m0.get(k) is not None:
+            out[k] = _plain(m0[k])
+    scaler_keys = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad")
+    out["loss_scaler"] = _plain({k: o0[k] for k in scaler_keys if k in o0})
+    return out
+
+
 def _optimizer(ck: DeepSpeedCheckpoint, layouts: Any) -> dict[str, Any]:
     key = "optimizer_state_dict" if ck.stage == 3 else "base_optimizer_state"
     f0 = ck.optim_files[0]
@@ -145,12 +167,7 @@ def deepspeed_training_state(
         "master": masters,
         "optimizer": _optimizer(ck, layouts),
     }
-    for k in ("lr_scheduler", "global_steps", "skipped_steps", "global_samples"):
-        if m0.get(k) is not None:
-            state[k] = _plain(m0[k])
-    o0 = ck.optim[0]
-    scaler_keys = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad")
-    state["loss_scaler"] = _plain({k: o0[k] for k in scaler_keys if k in o0})
+    state.update(training_scalars(ck))
     state["deepspeed"] = _plain({
         "ds_version": m0.get("ds_version"), "ds_config": m0.get("ds_config"),
         "zero_stage": ck.stage, "dp_world_size": ck.world_size, "buffer_names": buffers,
