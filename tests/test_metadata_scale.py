@@ -30,7 +30,7 @@ from zckpt.spec._plan import (
     _group_key,
     _param_index,
 )
-from zckpt.testing import states, training_states
+from zckpt.testing import specs, states, training_states
 from zckpt.tree import Skeleton, TensorMeta, skeleton_of
 
 EXPERTS = (r"experts\.(\d+)\.",)
@@ -179,12 +179,7 @@ def cases(draw: st.DrawFn) -> tuple[Any, zckpt.ZeroSpec]:
         ep = draw(st.sampled_from(eps))
         return state, zckpt.ZeroSpec(ws, stage, alignment, experts=EXPERTS, expert_parallel_size=ep)
     state = draw(training_states(max_params=6) if kind == "training" else states())
-    groups: tuple[tuple[str, ...], ...] = ()
-    if isinstance(state, dict) and isinstance(state.get("master"), dict) and draw(st.booleans()):
-        names = [k for k in state["master"] if isinstance(k, str)]
-        perm = draw(st.permutations(names))
-        cut = draw(st.integers(0, len(perm)))
-        groups = tuple(g for g in (tuple(perm[:cut]), tuple(perm[cut:])) if g)
+    groups = draw(specs(state)).param_groups  # the shared strategy's random param groups
     replicate = draw(st.sampled_from([(), ("optimizer/state",), ("extra",), ("master",)]))
     return state, zckpt.ZeroSpec(ws, stage, alignment, replicate=replicate, param_groups=groups)
 
