@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,3 +57,26 @@ def timed_peak(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     out = fn()
     seconds = time.perf_counter() - t0
     return seconds, status_mib("VmHWM") - base, out
+
+
+def _each_file(path: str, fn: Callable[[int], Any]) -> None:
+    """Call ``fn(fd)`` on every file under ``path`` (or on the file itself), read-only."""
+    files = [path] if os.path.isfile(path) else []
+    for d, _, names in os.walk(path):
+        files += [os.path.join(d, n) for n in names]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            fn(fd)
+        finally:
+            os.close(fd)
+
+
+def drop_cache(path: str) -> None:
+    """posix_fadvise(DONTNEED) every file under ``path`` (clean pages only are dropped)."""
+    _each_file(path, lambda fd: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED))
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file under ``path`` (or the file itself)."""
+    _each_file(path, os.fsync)

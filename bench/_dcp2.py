@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _common import reset_peak, status_mib, training_state  # bench/ is sys.path[0]
+from _common import drop_cache, reset_peak, status_mib, training_state  # bench/ is sys.path[0]
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import zckpt
@@ -111,17 +111,6 @@ def run_two(peer: str, path: str, gib: float, reps: int, deadline_s: float) -> l
 
 # ---------------------------------------------------------------------------------------------
 # One rank
-
-
-def drop_cache(path: str) -> None:
-    """posix_fadvise(DONTNEED) every file under ``path`` (every writer fsynced: all clean)."""
-    for d, _, names in os.walk(path):
-        for n in names:
-            fd = os.open(os.path.join(d, n), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def read_files(path: str) -> None:

@@ -42,8 +42,8 @@ import warnings
 from typing import Any
 
 import torch
-from _common import reset_peak, status_mib  # bench/ is sys.path[0]
-from _dcp2 import drop_cache, read_files, spawn_ranks
+from _common import drop_cache, fsync_tree, reset_peak, status_mib  # bench/ is sys.path[0]
+from _dcp2 import read_files, spawn_ranks
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import zckpt
@@ -83,19 +83,6 @@ def live_tensors(model: Model, opt: torch.optim.Optimizer) -> list[torch.Tensor]
     for p in model.parameters():
         out += [v for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
     return out
-
-
-def fsync_tree(path: str) -> None:
-    """fsync every file under ``path`` (or the file itself)."""
-    files = [path] if os.path.isfile(path) else []
-    for d, _, names in os.walk(path):
-        files += [os.path.join(d, n) for n in names]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def rank_main(a: argparse.Namespace) -> dict[str, Any]:

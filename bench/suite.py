@@ -75,7 +75,7 @@ import _resume
 import numpy as np
 import safetensors.torch
 import torch
-from _common import timed_peak, training_state
+from _common import drop_cache, timed_peak, training_state
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load_into
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save_state
@@ -213,19 +213,6 @@ def fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def drop_cache(path: str) -> None:
-    """posix_fadvise(DONTNEED) every file under ``path`` (clean pages only are dropped)."""
-    files = [path] if os.path.isfile(path) else []
-    for d, _, names in os.walk(path):
-        files += [os.path.join(d, n) for n in names]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def remove(path: str) -> None:
