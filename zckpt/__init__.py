@@ -13,56 +13,135 @@ Example:
     (True, 3)
 """
 
+from typing import TYPE_CHECKING
+
+from zckpt._lazy import attach
+
 __version__ = "0.1.0"
 
-from zckpt import tree
-from zckpt.adapters import Checkpointer, restore_training_state, spec_for, training_state
-from zckpt.assemble import consolidate, fp32_state_dict, reshard
-from zckpt.errors import (
-    AllocationError,
-    ArgumentError,
-    ChecksumError,
-    CoverageError,
-    FormatError,
-    SpecError,
-    StateError,
-    TruncatedError,
-    VersionError,
-    ZckptError,
-)
-from zckpt.format import (
-    decode_fragment,
-    decode_header,
-    decode_shard,
-    encode_shard,
-    encode_shard_parts,
-    verify_blob,
-)
-from zckpt.shard import Shard, shard_from_local, shard_state
-from zckpt.spec import FlatGroup, Fragment, Placement, ShardPlan, ZeroSpec, plan_shards
-from zckpt.store import (
-    AsyncSaver,
-    Checkpoint,
-    CheckpointNotFoundError,
-    LazyTensor,
-    Loaded,
-    LoadError,
-    LocalStorage,
-    PendingSave,
-    Saved,
-    SaveError,
-    StorageError,
-    TagError,
-    TagReport,
-    apply_retention,
-    clean,
-    default_saver,
-    get_fp32_state_dict_from_zero_checkpoint,
-    list_tags,
-    load_checkpoint,
-    open_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
+if TYPE_CHECKING:
+    from zckpt import tree
+    from zckpt.adapters import Checkpointer, restore_training_state, spec_for, training_state
+    from zckpt.assemble import consolidate, fp32_state_dict, reshard
+    from zckpt.errors import (
+        AllocationError,
+        ArgumentError,
+        ChecksumError,
+        CoverageError,
+        FormatError,
+        SpecError,
+        StateError,
+        TruncatedError,
+        VersionError,
+        ZckptError,
+    )
+    from zckpt.format import (
+        decode_fragment,
+        decode_header,
+        decode_shard,
+        encode_shard,
+        encode_shard_parts,
+        verify_blob,
+    )
+    from zckpt.shard import Shard, shard_from_local, shard_state
+    from zckpt.spec import FlatGroup, Fragment, Placement, ShardPlan, ZeroSpec, plan_shards
+    from zckpt.store import (
+        AsyncSaver,
+        Checkpoint,
+        CheckpointNotFoundError,
+        LazyTensor,
+        Loaded,
+        LoadError,
+        LocalStorage,
+        PendingSave,
+        Saved,
+        SaveError,
+        StorageError,
+        TagError,
+        TagReport,
+        apply_retention,
+        clean,
+        default_saver,
+        get_fp32_state_dict_from_zero_checkpoint,
+        list_tags,
+        load_checkpoint,
+        open_checkpoint,
+        save_checkpoint,
+        verify_checkpoint,
+    )
+
+__getattr__, __dir__ = attach(
+    __name__,
+    {
+        "zckpt.adapters": (
+            "Checkpointer",
+            "restore_training_state",
+            "spec_for",
+            "training_state",
+        ),
+        "zckpt.assemble": (
+            "consolidate",
+            "fp32_state_dict",
+            "reshard",
+        ),
+        "zckpt.errors": (
+            "AllocationError",
+            "ArgumentError",
+            "ChecksumError",
+            "CoverageError",
+            "FormatError",
+            "SpecError",
+            "StateError",
+            "TruncatedError",
+            "VersionError",
+            "ZckptError",
+        ),
+        "zckpt.format": (
+            "decode_fragment",
+            "decode_header",
+            "decode_shard",
+            "encode_shard",
+            "encode_shard_parts",
+            "verify_blob",
+        ),
+        "zckpt.shard": (
+            "Shard",
+            "shard_from_local",
+            "shard_state",
+        ),
+        "zckpt.spec": (
+            "FlatGroup",
+            "Fragment",
+            "Placement",
+            "ShardPlan",
+            "ZeroSpec",
+            "plan_shards",
+        ),
+        "zckpt.store": (
+            "AsyncSaver",
+            "Checkpoint",
+            "CheckpointNotFoundError",
+            "LazyTensor",
+            "Loaded",
+            "LoadError",
+            "LocalStorage",
+            "PendingSave",
+            "Saved",
+            "SaveError",
+            "StorageError",
+            "TagError",
+            "TagReport",
+            "apply_retention",
+            "clean",
+            "default_saver",
+            "get_fp32_state_dict_from_zero_checkpoint",
+            "list_tags",
+            "load_checkpoint",
+            "open_checkpoint",
+            "save_checkpoint",
+            "verify_checkpoint",
+        ),
+    },
 )
 
 __all__ = [

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from zckpt.errors import SpecError, StateError
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec
 from zckpt.spec._plan import FLAT, REPLICATED
 from zckpt.tree import Skeleton, flatten
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Shard", "shard_from_local", "shard_state"]
 

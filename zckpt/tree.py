@@ -22,11 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from zckpt.errors import StateError
+from zckpt.format._dtypes import ITEMSIZE_OF_NAME, dtype_name, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Key",
@@ -47,29 +49,37 @@ Path = tuple[Key, ...]
 DICT, LIST, TUPLE, TENSOR, VALUE = 0, 1, 2, 3, 4
 
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
-_ITEMSIZE: dict[torch.dtype, int] = {}
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element of ``dtype`` (cached: making a tensor to ask costs microseconds)."""
-    n = _ITEMSIZE.get(dtype)
-    if n is None:
-        n = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
-    return n
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False)
 class TensorMeta:
     """What a tensor leaf is, without its bytes.
 
+    The dtype is kept by its torch name (``dtype_name``, e.g. ``"bfloat16"``), so a skeleton
+    decoded from a file needs no torch; :attr:`dtype` is the torch dtype, resolved (importing
+    torch) when asked for. Built from a torch dtype or from its name, the meta is the same value.
+
     Example:
+        >>> import torch
         >>> m = TensorMeta(torch.bfloat16, (3, 4))
-        >>> m.numel, m.nbytes
-        (12, 24)
+        >>> m.numel, m.nbytes, m.dtype_name, m == TensorMeta("bfloat16", (3, 4))
+        (12, 24, 'bfloat16', True)
     """
 
-    dtype: torch.dtype
+    dtype_name: str
     shape: tuple[int, ...]
+
+    def __init__(self, dtype: torch.dtype | str, shape: tuple[int, ...]) -> None:
+        object.__setattr__(self, "dtype_name", dtype_name(dtype))
+        object.__setattr__(self, "shape", shape)
+
+    def __repr__(self) -> str:
+        return f"TensorMeta(dtype=torch.{self.dtype_name}, shape={self.shape!r})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (imports torch on first use)."""
+        return torch_dtype(self.dtype_name)
 
     @property
     def numel(self) -> int:
@@ -79,7 +89,8 @@ class TensorMeta:
     @property
     def itemsize(self) -> int:
         """Bytes per element."""
-        return _itemsize(self.dtype)
+        n = ITEMSIZE_OF_NAME.get(self.dtype_name)
+        return n if n is not None else self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -91,6 +102,7 @@ class TensorMeta:
         """The meta of a tensor.
 
         Example:
+            >>> import torch
             >>> TensorMeta.of(torch.zeros(2, dtype=torch.int8))
             TensorMeta(dtype=torch.int8, shape=(2,))
         """
@@ -107,6 +119,7 @@ class Skeleton:
     other paths are further ``(TENSOR, i)`` nodes, listed by :meth:`tensor_paths`).
 
     Example:
+        >>> import torch
         >>> skel, _ = flatten([torch.zeros(1), {"a": torch.ones(())}])
         >>> skel.paths
         ((0,), (1, 'a'))
@@ -123,6 +136,7 @@ class Skeleton:
         """Every tensor node's ``(path, leaf)`` in tree order, tied aliases included.
 
         Example:
+            >>> import torch
             >>> w = torch.ones(2)
             >>> flatten({"a": w, "b": w})[0].tensor_paths()
             [(('a',), 0), (('b',), 0)]
@@ -133,6 +147,7 @@ class Skeleton:
         """The printable path of tensor leaf ``leaf``, for messages.
 
         Example:
+            >>> import torch
             >>> skel, _ = flatten({"opt": {0: {"exp_avg": torch.zeros(1)}}})
             >>> skel.name(0)
             'opt/0/exp_avg'
@@ -231,6 +246,8 @@ def _check_value(v: Any, path: Path) -> Any:
 
 
 def _check_tensor(t: torch.Tensor, path: Path) -> torch.Tensor:
+    import torch
+
     if t.layout != torch.strided:
         raise StateError(f"{format_path(path)}: tensor layout {t.layout} is not supported")
     if t.is_quantized or t.device.type == "meta":
@@ -272,10 +289,13 @@ def flatten(state: Any) -> tuple[Skeleton, list[torch.Tensor]]:
         StateError: for an unsupported leaf or key, naming its path.
 
     Example:
+        >>> import torch
         >>> skel, leaves = flatten({"a": torch.arange(3), "b": (1.5, None)})
         >>> len(leaves), unflatten(skel, leaves)["b"]
         (1, (1.5, None))
     """
+    import torch
+
     tensors: list[torch.Tensor] = []
     metas: list[TensorMeta] = []
     paths: list[Path] = []
@@ -325,6 +345,7 @@ def unflatten(skeleton: Skeleton, leaves: Sequence[Any]) -> Any:
     """Rebuild a state from its skeleton and one object per tensor leaf.
 
     Example:
+        >>> import torch
         >>> skel, leaves = flatten({"x": [torch.ones(1), 2]})
         >>> unflatten(skel, ["anything"])
         {'x': ['anything', 2]}
@@ -350,6 +371,7 @@ def skeleton_of(state: Any) -> Skeleton:
     """The skeleton of a state, or the state itself if it is already a skeleton.
 
     Example:
+        >>> import torch
         >>> skeleton_of({"a": torch.zeros(2)}).tensors[0].shape
         (2,)
     """

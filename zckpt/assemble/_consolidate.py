@@ -7,6 +7,7 @@ from typing import Any, NamedTuple, overload
 
 import torch
 
+from zckpt.assemble._keys import fp32_keys
 from zckpt.assemble._overlap import (
     SourceIndex,
     TensorSource,
@@ -16,6 +17,7 @@ from zckpt.assemble._overlap import (
     same_node,
 )
 from zckpt.errors import CoverageError
+from zckpt.format._dtypes import torch_dtype
 from zckpt.shard import Shard
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
 from zckpt.tree import Skeleton, unflatten
@@ -223,25 +225,10 @@ def fp32_entries(
         >>> [(e.name, e.source, e.dtype) for e in fp32_entries(skel, zckpt.ZeroSpec(1, 1))]
         [('a', 2, torch.float32), ('n', 1, torch.int64)]
     """
-    by_path = {p: i for i, p in enumerate(skel.paths)}
-    first: dict[int, str] = {}
-    out = []
-    for path, leaf in skel.tensor_paths():
-        if not spec.is_module_path(path):
-            continue
-        name = ".".join(map(str, path[1:]))
-        if name in exclude:
-            continue
-        meta = skel.tensors[leaf]
-        if leaf in first:
-            out.append(Fp32Entry(name, leaf, _fp32(meta.dtype), first[leaf]))
-            continue
-        first[leaf] = name
-        src = by_path.get((spec.master, *path[1:]), leaf)
-        if skel.tensors[src].shape != meta.shape:
-            src = leaf
-        out.append(Fp32Entry(name, src, _fp32(meta.dtype), None))
-    return out
+    return [
+        Fp32Entry(k.name, k.source, torch_dtype(k.dtype_name), k.tied_to)
+        for k in fp32_keys(skel, spec, exclude)
+    ]
 
 
 def assemble_fp32(

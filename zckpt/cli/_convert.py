@@ -19,15 +19,14 @@ import torch
 
 import zckpt
 from zckpt.assemble import ReshardedShards, index_sources
+from zckpt.cli._inspect import source_codec
 from zckpt.cli._main import CommandLineError, progress
+from zckpt.cli._manage import clean, positive, prune
 from zckpt.errors import SpecError
-from zckpt.format import _codecs
 from zckpt.interop import (
     DeepSpeedFormatError,
-    deepspeed_tags,
     deepspeed_training_state,
     find_deepspeed,
-    is_deepspeed_checkpoint,
     open_deepspeed,
     parse_size,
 )
@@ -94,11 +93,6 @@ def _export_bytes(sd: dict[str, Any], dtype: torch.dtype) -> int:
             n = _nbytes(v)
             seen[id(v)] = n // v.dtype.itemsize * size if v.dtype.is_floating_point else n
     return sum(seen.values())
-
-
-def _positive(flag: str, value: int) -> None:
-    if value < 1:
-        raise CommandLineError(f"{flag} must be at least 1, got {value}")
 
 
 _SUFFIXES = {".safetensors": "one safetensors file", ".pt": "torch.save", ".bin": "torch.save"}
@@ -313,32 +307,6 @@ class WrittenShards(Sequence[zckpt.Shard]):
             self._on_written(shard_nbytes(shard))
 
 
-def source_codec(ck: zckpt.Checkpoint) -> str:
-    """The codec a zckpt checkpoint was written with, read from its blobs' headers.
-
-    Each chunk records the codec it is stored with, and every codec falls back to raw where
-    compression does not pay (byteplane also to zstd, on dtypes it does not split into planes):
-    any byteplane chunk means byteplane, else any zstd chunk zstd, else raw.
-
-    Example:
-        >>> import tempfile, torch, zckpt
-        >>> d = tempfile.mkdtemp()
-        >>> _ = zckpt.save_checkpoint(d, {"w": torch.zeros(64)}, zckpt.ZeroSpec(2, 1), tag="t",
-        ...                           codec="byteplane")
-        >>> source_codec(zckpt.open_checkpoint(d))
-        'byteplane'
-    """
-    names = {code: name for name, code in _codecs.CODECS.items()}
-    seen: set[int] = set()
-    for rec in ck.manifest.files:
-        for entry in ck.header(rec).fragments:
-            seen.update(c.codec for c in entry.chunks)
-    for code in (_codecs.BYTEPLANE, _codecs.ZSTD):
-        if code in seen:
-            return names[code]
-    return "raw"
-
-
 def _check_ranks(args: argparse.Namespace, state: Any, new: zckpt.ZeroSpec) -> None:
     """Refuse, unless ``--allow-empty-ranks``, a world size past the most ranks that can hold
     any of the largest thing ZeRO partitions: a stage 1/2 flat buffer of n elements is cut into
@@ -453,7 +421,7 @@ def reshard(args: argparse.Namespace) -> int:
         >>> main(["reshard", "/nonexistent", "/tmp/x", "--world-size", "2"])
         1
     """
-    _positive("--world-size", args.world_size)
+    positive("--world-size", args.world_size)
     _check_save_dir(args.path, args.out)
     found = find_deepspeed(args.path, args.tag)
     kept = args.codec is None
@@ -540,51 +508,4 @@ def convert(args: argparse.Namespace) -> int:
     tag, state, spec, frozen, client = _import_deepspeed(args)
     saved = _save_state(args, state, spec, tag, client, frozen, args.codec or "raw")
     print(f"wrote {saved.path} (tag {saved.tag}); it loads at any world size and stage")
-    return 0
-
-
-def _zckpt_save_dir(path: str, command: str) -> None:
-    """``prune`` and ``clean`` manage zckpt save_dirs only: a DeepSpeed folder (a tag
-    directory, or a save_dir holding DeepSpeed tags and no committed zckpt tag) is refused."""
-    if not isdir(path):
-        raise zckpt.CheckpointNotFoundError(f"{path}: no such directory")
-    deepspeed = is_deepspeed_checkpoint(path) or bool(deepspeed_tags(path))
-    if deepspeed and not zckpt.list_tags(path):
-        raise CommandLineError(
-            f"{path} is a DeepSpeed checkpoint: zckpt {command} only manages zckpt "
-            "checkpoints and leaves DeepSpeed's files alone (nothing was changed)"
-        )
-
-
-def prune(args: argparse.Namespace) -> int:
-    """``zckpt prune PATH --keep-last N``: prints each deleted tag.
-
-    Example:
-        >>> from zckpt.cli import main
-        >>> main(["prune", "/nonexistent", "--keep-last", "1"])
-        1
-    """
-    _positive("--keep-last", args.keep_last)
-    _zckpt_save_dir(args.path, "prune")
-    deleted = zckpt.apply_retention(args.path, args.keep_last)
-    for tag in deleted:
-        print(f"deleted {tag}")
-    kept = [c.tag for c in zckpt.list_tags(args.path)]
-    print(f"kept {len(kept)}: {', '.join(kept) or '-'}")
-    return 0
-
-
-def clean(args: argparse.Namespace) -> int:
-    """``zckpt clean PATH``: remove torn tags and unreferenced files (run when no save is running).
-
-    Example:
-        >>> from zckpt.cli import main
-        >>> main(["clean", "/nonexistent"])
-        1
-    """
-    _zckpt_save_dir(args.path, "clean")
-    removed = zckpt.clean(args.path)
-    for name in removed:
-        print(f"removed {name}")
-    print(f"removed {len(removed)} item(s)")
     return 0

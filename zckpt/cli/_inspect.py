@@ -1,53 +1,64 @@
-"""``zckpt inspect`` and ``zckpt verify``: read-only looks at a checkpoint."""
+"""``zckpt inspect`` and ``zckpt verify``: read-only looks at a checkpoint.
+
+A zckpt checkpoint is described from its manifest and blob headers alone, and verified from its
+bytes: neither imports torch (nor Numba), so both start in a fraction of a second. DeepSpeed's
+``torch.save`` files need torch to be read; their modules are imported only for them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 from collections import Counter
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 import zckpt
-from zckpt.cli._convert import source_codec
-from zckpt.cli._describe import _nbytes, deepspeed_files, deepspeed_tensors
 from zckpt.cli._main import progress
-from zckpt.format import FORMAT_VERSION
-from zckpt.interop import (
-    ENGINE_KEYS,
-    LATEST_UNIVERSAL,
-    deepspeed_tags,
-    is_deepspeed_checkpoint,
-    open_deepspeed,
-)
+from zckpt.format._dtypes import dtype_name, is_floating
+from zckpt.format._header import FORMAT_VERSION
+from zckpt.interop import is_deepspeed_checkpoint
+from zckpt.store._fp32 import fp32_keys_of
 from zckpt.store._layout import LATEST, read_latest
 from zckpt.store._resolve import storage_for
 from zckpt.tree import format_path
 
-__all__ = ["INSPECT_SCHEMA", "describe_value", "files_summary", "inspect", "verify"]
+if TYPE_CHECKING:
+    import torch
 
-_DTYPES = {
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float64: "fp64",
-}
+__all__ = [
+    "INSPECT_SCHEMA",
+    "describe_value",
+    "files_summary",
+    "inspect",
+    "source_codec",
+    "verify",
+]
+
+_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 
 
-def _dtype(d: torch.dtype) -> str:
-    return _DTYPES.get(d, str(d).removeprefix("torch."))
+def _dtype(d: torch.dtype | str) -> str:
+    name = dtype_name(d)
+    return _DTYPES.get(name, name)
+
+
+def _is_tensor(v: Any) -> bool:
+    # A tensor exists only once torch is imported: no need to import it to ask.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(v, torch.Tensor)
 
 
 def describe_value(v: Any) -> Any:
     """A JSON-able rendering of a client_state value (tensors become a short description).
 
     Example:
+        >>> import torch
         >>> describe_value({"epoch": 2, "w": torch.zeros(2, 3)})
         {'epoch': 2, 'w': 'tensor(fp32, [2, 3])'}
     """
-    if isinstance(v, torch.Tensor):
+    if _is_tensor(v):
         return f"tensor({_dtype(v.dtype)}, {list(v.shape)})"
     if isinstance(v, dict):
         return {str(k): describe_value(x) for k, x in v.items()}
@@ -114,7 +125,7 @@ def _document(**values: Any) -> dict[str, Any]:
     return {k: values[k] for k in INSPECT_SCHEMA}
 
 
-def _tensor_row(path: str, dtype: torch.dtype, shape: Any, nbytes: int, stored: int) -> Any:
+def _tensor_row(path: str, dtype: torch.dtype | str, shape: Any, nbytes: int, stored: int) -> Any:
     return {
         "path": path,
         "dtype": _dtype(dtype),
@@ -149,17 +160,17 @@ def _inspect_zckpt(args: argparse.Namespace) -> dict[str, Any]:
         format_path(p): skel.name(leaf) for p, leaf in skel.tensor_paths() if p != skel.paths[leaf]
     }
     tensors = [
-        _tensor_row(skel.name(leaf), meta.dtype, meta.shape, meta.nbytes, stored[leaf])
+        _tensor_row(skel.name(leaf), meta.dtype_name, meta.shape, meta.nbytes, stored[leaf])
         for leaf, meta in enumerate(skel.tensors)
     ]
     # The training dtype: that of the module's floating weights (what DeepSpeed's is, below).
     module = [skel.tensors[leaf] for leaf, p in enumerate(skel.paths) if p and p[0] == "module"]
-    dtypes = Counter(_dtype(t.dtype) for t in module if t.dtype.is_floating_point)
-    fp32 = (
-        _fp32_rows(zckpt.get_fp32_state_dict_from_zero_checkpoint(ck.path, lazy_mode=True))
-        if module
-        else []
-    )
+    dtypes = Counter(_dtype(t.dtype_name) for t in module if is_floating(t.dtype_name))
+    # What get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True) holds, from the manifest.
+    fp32 = [
+        {"path": k.name, "dtype": _dtype(k.dtype_name), "shape": list(skel.tensors[k.source].shape)}
+        for k in (fp32_keys_of(ck) if module else [])
+    ]
     experts = sum(r.expert >= 0 for r in m.files)
     return _document(
         format="zckpt",
@@ -191,6 +202,11 @@ def _inspect_zckpt(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _inspect_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from zckpt.cli._describe import _nbytes, deepspeed_files, deepspeed_tensors
+    from zckpt.interop import ENGINE_KEYS, LATEST_UNIVERSAL, deepspeed_tags, open_deepspeed
+
     ck = open_deepspeed(args.path, args.tag)
     m0 = ck.model[0]
     module = m0.get("module") or {}
@@ -237,6 +253,34 @@ def _inspect_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
         shared_files=files.shared,
         fp32_state_dict=_fp32_rows(sd),
     )
+
+
+def source_codec(ck: zckpt.Checkpoint) -> str:
+    """The codec a zckpt checkpoint was written with, read from its blobs' headers.
+
+    Each chunk records the codec it is stored with, and every codec falls back to raw where
+    compression does not pay (byteplane also to zstd, on dtypes it does not split into planes):
+    any byteplane chunk means byteplane, else any zstd chunk zstd, else raw.
+
+    Example:
+        >>> import tempfile, torch, zckpt
+        >>> d = tempfile.mkdtemp()
+        >>> _ = zckpt.save_checkpoint(d, {"w": torch.zeros(64)}, zckpt.ZeroSpec(2, 1), tag="t",
+        ...                           codec="byteplane")
+        >>> source_codec(zckpt.open_checkpoint(d))
+        'byteplane'
+    """
+    from zckpt.format import _codecs
+
+    names = {code: name for name, code in _codecs.CODECS.items()}
+    seen: set[int] = set()
+    for rec in ck.manifest.files:
+        for entry in ck.header(rec).fragments:
+            seen.update(c.codec for c in entry.chunks)
+    for code in (_codecs.BYTEPLANE, _codecs.ZSTD):
+        if code in seen:
+            return names[code]
+    return "raw"
 
 
 def files_summary(
@@ -362,6 +406,9 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def _verify_deepspeed(args: argparse.Namespace) -> int:
+    from zckpt.cli._describe import deepspeed_files
+    from zckpt.interop import open_deepspeed
+
     ck = open_deepspeed(args.path, args.tag)  # loads every file with the pickle allow-list
     zckpt.get_fp32_state_dict_from_zero_checkpoint(args.path, args.tag, lazy_mode=True)
     kind = "DeepSpeed universal checkpoint" if ck.universal is not None else "DeepSpeed checkpoint"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -14,7 +15,6 @@ from typing import Any
 
 import zckpt
 from zckpt.errors import ZckptError
-from zckpt.store._resolve import storage_options_scope
 
 __all__ = ["EXIT_BROKEN_PIPE", "CommandLineError", "Progress", "cli_wording", "main", "progress"]
 
@@ -193,9 +193,18 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    from zckpt.cli import _convert, _inspect
+def _command(module: str, name: str) -> Command:
+    """Subcommand ``name`` of ``zckpt/cli/{module}.py``, imported when it runs: ``--help`` and
+    the commands that need no tensors never import what the others need (torch)."""
 
+    def run(args: argparse.Namespace) -> int:
+        fn: Command = getattr(importlib.import_module(f"zckpt.cli.{module}"), name)
+        return fn(args)
+
+    return run
+
+
+def _parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
         prog="zckpt",
@@ -250,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add(
         "inspect",
-        _inspect.inspect,
+        _command("_inspect", "inspect"),
         "Show a checkpoint's tags, 'latest', spec, files, codec, tensors (bytes and bytes on "
         "disk), tied weights and client_state.",
     )
@@ -260,7 +269,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add(
         "verify",
-        _inspect.verify,
+        _command("_inspect", "verify"),
         "Check that every file of a checkpoint is present, whole (size, whole-file xxh3) and "
         "that every chunk's checksum matches; exit 1 when anything is wrong.",
     )
@@ -270,7 +279,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add(
         "consolidate",
-        _convert.consolidate,
+        _command("_convert", "consolidate"),
         "Write the fp32 state dict (the module's weights, from the fp32 masters) as one "
         ".safetensors file, Hugging Face style shards, or a torch.save file.",
     )
@@ -315,7 +324,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add(
         "reshard",
-        _convert.reshard,
+        _command("_convert", "reshard"),
         "Rewrite a checkpoint for another world size and/or ZeRO stage; the tag, client_state "
         "and frozen list carry over. Nothing is written before every check has passed.",
     )
@@ -350,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add(
         "convert",
-        _convert.convert,
+        _command("_convert", "convert"),
         "Import a DeepSpeed ZeRO checkpoint (fp32 masters, optimizer state, step counts, LR "
         "scheduler, client_state) as a zckpt checkpoint that loads at any world size and stage.",
     )
@@ -369,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add(
         "prune",
-        _convert.prune,
+        _command("_manage", "prune"),
         "Delete all but the newest N committed tags of a zckpt save_dir (never the one "
         "'latest' names); print each deleted tag.",
     )
@@ -384,7 +393,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add(
         "clean",
-        _convert.clean,
+        _command("_manage", "clean"),
         "Remove torn tag directories, temporary files and blobs of uncommitted saves from a "
         "zckpt save_dir. Run it when no save is running.",
     )
@@ -457,6 +466,9 @@ def _run(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+    # Imported once the arguments parse: --help and --version need none of the store.
+    from zckpt.store._resolve import storage_options_scope
+
     try:
         with storage_options_scope(storage_options(args)):
             code: int = args.func(args)

@@ -15,20 +15,60 @@ Example:
     (True, True)
 """
 
-from zckpt.format._decode import decode_fragment, decode_shard, iter_problems, verify_blob
-from zckpt.format._encode import EncodedShard, encode_shard, encode_shard_parts
-from zckpt.format._header import (
-    FORMAT_VERSION,
-    MAGIC,
-    PREAMBLE_SIZE,
-    BlobHeader,
-    ChunkEntry,
-    FragmentEntry,
-    read_header_size,
+from typing import TYPE_CHECKING
+
+from zckpt._lazy import attach
+
+if TYPE_CHECKING:
+    from zckpt.format._decode import decode_fragment, decode_shard, iter_problems, verify_blob
+    from zckpt.format._encode import EncodedShard, encode_shard, encode_shard_parts
+    from zckpt.format._header import (
+        FORMAT_VERSION,
+        MAGIC,
+        PREAMBLE_SIZE,
+        BlobHeader,
+        ChunkEntry,
+        FragmentEntry,
+        read_header_size,
+    )
+    from zckpt.format._index import decode_header
+    from zckpt.format._skeleton import skeleton_from_wire, skeleton_to_wire
+    from zckpt.format._stream import BlobStream, encode_shard_stream
+
+__getattr__, __dir__ = attach(
+    __name__,
+    {
+        "zckpt.format._decode": (
+            "decode_fragment",
+            "decode_shard",
+            "iter_problems",
+            "verify_blob",
+        ),
+        "zckpt.format._encode": (
+            "EncodedShard",
+            "encode_shard",
+            "encode_shard_parts",
+        ),
+        "zckpt.format._header": (
+            "FORMAT_VERSION",
+            "MAGIC",
+            "PREAMBLE_SIZE",
+            "BlobHeader",
+            "ChunkEntry",
+            "FragmentEntry",
+            "read_header_size",
+        ),
+        "zckpt.format._index": ("decode_header",),
+        "zckpt.format._skeleton": (
+            "skeleton_from_wire",
+            "skeleton_to_wire",
+        ),
+        "zckpt.format._stream": (
+            "BlobStream",
+            "encode_shard_stream",
+        ),
+    },
 )
-from zckpt.format._index import decode_header
-from zckpt.format._skeleton import skeleton_from_wire, skeleton_to_wire
-from zckpt.format._stream import BlobStream, encode_shard_stream
 
 __all__ = [
     "FORMAT_VERSION",

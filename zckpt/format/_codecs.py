@@ -213,8 +213,16 @@ def decode_chunk(
     dst: U8,
     itemsize: int,
     where: str,
+    *,
+    join: bool = True,
 ) -> None:
     """Decode one frame (checksum already verified) into ``dst``, its exact raw length.
+
+    ``join=False`` checks a byteplane frame without putting its planes back together: each
+    plane is still decompressed and its length checked (all that can fail), but the transposition
+    into ``dst``, which cannot fail, is skipped and ``dst`` is left undefined (for elements of
+    one byte it is filled: that plane is the bytes). ``zckpt verify`` checks this way, so it
+    needs no compiled kernels.
 
     Example:
         >>> f = encode_chunk(np.arange(4096, dtype=np.uint8), 4, True, BYTEPLANE, 1)
@@ -238,4 +246,7 @@ def decode_chunk(
             else:
                 _zstd_into(piece, work[i], f"{where}, byte plane {i}")
             pos += ln
-        kernels.join_planes(work, dst, threads=1)
+        if join:
+            kernels.join_planes(work, dst, threads=1)
+        elif itemsize == 1:
+            dst[:] = work[0]

@@ -21,7 +21,7 @@ import numpy as np
 import xxhash
 
 from zckpt.errors import FormatError, StateError
-from zckpt.format._dtypes import CODE_OF, DTYPE_OF, ITEMSIZE, dtype_of_code
+from zckpt.format._dtypes import CODE_OF_NAME, ITEMSIZE, NAME_OF, name_of_code
 from zckpt.format._skeleton import MAX_DEPTH, U64, VALUE_TYPES, expect_list, expect_map, show
 from zckpt.tree import DICT, TENSOR, TUPLE, VALUE, Path, Skeleton, TensorMeta, format_path
 
@@ -35,7 +35,7 @@ _FIELDS = ("tags", "counts", "keys", "key_ids", "values", "leaves", "dtypes", "n
 
 
 def _raise_dtype(code: int, where: str) -> None:
-    dtype_of_code(code, where)  # raises the FormatError naming the code
+    name_of_code(code, where)  # raises the FormatError naming the code
 
 
 def skeleton_to_columns(skeleton: Skeleton) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def skeleton_to_columns(skeleton: Skeleton) -> dict[str, Any]:
     metas = skeleton.tensors
     codes: list[int] = []
     for i, m in enumerate(metas):
-        code = CODE_OF.get(m.dtype)
+        code = CODE_OF_NAME.get(m.dtype_name)
         if code is None:
             raise StateError(f"{skeleton.name(i)}: dtype {m.dtype} has no zckpt format code")
         codes.append(code)
@@ -156,7 +156,7 @@ def _metas(m: dict[str, Any], n_leaves: int, where: str) -> tuple[TensorMeta, ..
             f"{where}: the ranks add up to {int(ndims.sum())} dims, 'dims' has {len(dims)}"
         )
     known = np.zeros(256, dtype=bool)
-    known[list(DTYPE_OF)] = True
+    known[list(NAME_OF)] = True
     bad = np.flatnonzero(~known[codes])
     if len(bad):
         i = int(bad[0])
@@ -194,7 +194,7 @@ def _metas(m: dict[str, Any], n_leaves: int, where: str) -> tuple[TensorMeta, ..
         key = (code_list[i], tuple(dim_list[a : a + ranks[i]]))
         meta = interned.get(key)
         if meta is None:
-            meta = interned[key] = TensorMeta(DTYPE_OF[key[0]], key[1])
+            meta = interned[key] = TensorMeta(NAME_OF[key[0]], key[1])
         out.append(meta)
     return tuple(out)
 

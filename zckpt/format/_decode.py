@@ -6,11 +6,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from zckpt.errors import AllocationError, FormatError, TruncatedError, ZckptError
 from zckpt.format._checksum import check
@@ -20,6 +19,9 @@ from zckpt.format._encode import default_threads
 from zckpt.format._header import BlobHeader, as_bytes_view
 from zckpt.format._index import decode_header
 from zckpt.shard import Shard
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["decode_fragment", "decode_shard", "iter_problems", "verify_blob"]
 
@@ -34,6 +36,8 @@ def _empty(numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
 
     The index bounds every size by the blob's own (a compressed chunk declares at most 32768
     times its stored bytes), but a blob may still declare more than this machine holds."""
+    import torch
+
     try:
         return torch.empty(numel, dtype=dtype)
     except (RuntimeError, MemoryError) as e:
@@ -52,8 +56,14 @@ def _bytes(n: int, what: str) -> U8:
         raise AllocationError(f"{what}: cannot allocate {n} bytes for it") from None
 
 
-def _decode_one(h: BlobHeader, fi: int, ci: int, stored: Any, dst: U8) -> None:
-    """Check one frame's length and checksum, then decode it into ``dst`` (its raw bytes)."""
+def _decode_one(
+    h: BlobHeader, fi: int, ci: int, stored: Any, dst: U8, *, check_only: bool = False
+) -> None:
+    """Check one frame's length and checksum, then decode it into ``dst`` (its raw bytes).
+
+    ``check_only``: every check is made, but a byteplane frame's planes are not put back
+    together (``dst`` is then left undefined): see :func:`~zckpt.format._codecs.decode_chunk`.
+    """
     c = h.fragments[fi].chunks[ci]
     where = h.describe(fi, ci)
     mv = as_bytes_view(stored)
@@ -61,8 +71,9 @@ def _decode_one(h: BlobHeader, fi: int, ci: int, stored: Any, dst: U8) -> None:
         raise TruncatedError(f"{where}: read {len(mv)} of its {c.length} bytes")
     check(mv, c.checksum, where)
     meta = h.skeleton.tensors[h.fragments[fi].fragment.leaf]
-    decode_chunk(c.codec, c.planes, mv, dst, ITEMSIZE[dtype_code(meta.dtype)], where)
-    if meta.dtype == torch.bool and dst.max(initial=0) > 1:
+    size = ITEMSIZE[dtype_code(meta.dtype_name)]
+    decode_chunk(c.codec, c.planes, mv, dst, size, where, join=not check_only)
+    if meta.dtype_name == "bool" and dst.max(initial=0) > 1:
         raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
 
 
@@ -76,7 +87,7 @@ def _read_raw_into(h: BlobHeader, fi: int, ci: int, read_into: ReadInto, dst: U8
         raise TruncatedError(f"{where}: read {got} of its {c.length} bytes")
     check(view, c.checksum, where)
     meta = h.skeleton.tensors[h.fragments[fi].fragment.leaf]
-    if meta.dtype == torch.bool and dst.max(initial=0) > 1:
+    if meta.dtype_name == "bool" and dst.max(initial=0) > 1:
         raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
 
 
@@ -176,6 +187,8 @@ def decode_fragment(
         0 <= lo <= hi <= f.numel
     ):
         raise ValueError(f"{header.describe(index)}: bad range [{start}, {stop}) of {f.numel}")
+    import torch
+
     dtype = header.skeleton.tensors[f.leaf].dtype
     if out is None:
         out = _empty(hi - lo, dtype, header.describe(index))
@@ -232,7 +245,8 @@ def _decode_partial(h: BlobHeader, fi: int, ci: int, stored: Any, part: U8, skip
         raise TruncatedError(f"{where}: read {len(mv)} of its {c.length} bytes")
     check(mv, c.checksum, where)
     part[:] = np.frombuffer(mv, np.uint8, len(part), skip)
-    if h.skeleton.tensors[h.fragments[fi].fragment.leaf].dtype == torch.bool and part.max() > 1:
+    leaf = h.fragments[fi].fragment.leaf
+    if h.skeleton.tensors[leaf].dtype_name == "bool" and part.max() > 1:
         raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
 
 
@@ -268,6 +282,8 @@ def decode_shard(data: bytes | bytearray | memoryview, *, threads: int | None = 
         # Each tensor is allocated when its first chunk is queued (at most 2 x threads chunks
         # ahead of the decoding), so a bad chunk stops the allocations that would follow it.
         for fi, (f, chunks) in enumerate(h.fragments):
+            import torch  # here: a blob without tensors (a plain client state) needs none
+
             dtype = h.skeleton.tensors[f.leaf].dtype
             t = _empty(f.numel, dtype, h.describe(fi))
             tensors.append(t)
@@ -319,7 +335,7 @@ def iter_problems(data: bytes | bytearray | memoryview) -> Iterator[ZckptError]:
         if fi >= 0:
             try:
                 raw = h.fragments[fi].chunks[ci].raw_length
-                _decode_one(h, fi, ci, mv[off : off + n], scratch[:raw])
+                _decode_one(h, fi, ci, mv[off : off + n], scratch[:raw], check_only=True)
             except ZckptError as e:
                 yield e
         pos = off + n

@@ -6,12 +6,11 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import msgpack
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from zckpt.errors import StateError
 from zckpt.format._checksum import xxh3
@@ -28,6 +27,9 @@ from zckpt.format._index import decode_header, index_object, pack_index
 from zckpt.format._skeleton import check_plain
 from zckpt.shard import Shard
 from zckpt.spec import Fragment
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["EncodedShard", "default_threads", "encode_shard", "encode_shard_parts", "pool_map"]
 
@@ -100,6 +102,8 @@ def pool_map(fn: Callable[[T], R], items: Sequence[T], threads: int, work: int) 
 
 def _tensor_bytes(t: torch.Tensor) -> npt.NDArray[np.uint8]:
     """The bytes of a 1-D tensor as a uint8 array sharing its memory (CPU, contiguous)."""
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -143,6 +147,7 @@ def on_host(t: torch.Tensor) -> bool:
     """Whether a tensor's bytes are in host memory (its frames can be views of it).
 
     Example:
+        >>> import torch
         >>> on_host(torch.ones(2))
         True
     """

@@ -181,7 +181,7 @@ def _fragment(v: Any, i: int, skel: Skeleton, lo: int, size: int) -> FragmentEnt
     where = f"{where} ({skel.name(leaf)} elements [{start}, {stop}))"
     if start >= stop:
         raise FormatError(f"{where}: empty or inverted element range")
-    numel, itemsize = stop - start, ITEMSIZE[dtype_code(meta.dtype)]
+    numel, itemsize = stop - start, ITEMSIZE[dtype_code(meta.dtype_name)]
     chunks: list[ChunkEntry] = []
     pos = 0
     for j, c in enumerate(expect_list(field(m, "chunks", where), f"{where} chunks")):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from zckpt.errors import FormatError, StateError
-from zckpt.format._dtypes import ITEMSIZE, dtype_code, dtype_of_code
+from zckpt.format._dtypes import ITEMSIZE, dtype_code, name_of_code
 from zckpt.tree import (
     DICT,
     LIST,
@@ -148,7 +148,7 @@ def skeleton_to_wire(skeleton: Skeleton) -> dict[str, Any]:
     """
     return {
         "tensors": [
-            [dtype_code(m.dtype, skeleton.name(i)), list(m.shape)]
+            [dtype_code(m.dtype_name, skeleton.name(i)), list(m.shape)]
             for i, m in enumerate(skeleton.tensors)
         ],
         "skeleton": wire_node(skeleton.node),
@@ -179,7 +179,7 @@ def parse_tensors(v: Any) -> tuple[TensorMeta, ...]:
     for i, t in enumerate(expect_list(v, "index 'tensors'")):
         where = f"index 'tensors'[{i}]"
         code, shape = expect_list(t, where, 2)
-        dtype = dtype_of_code(expect_int(code, f"{where} dtype code"), where)
+        dtype = name_of_code(expect_int(code, f"{where} dtype code"), where)
         dims = tuple(
             expect_int(d, f"{where} shape", 0, _I63) for d in expect_list(shape, f"{where} shape")
         )

@@ -24,26 +24,77 @@ Example:
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from zckpt.interop._convert import ENGINE_KEYS, convert_deepspeed, deepspeed_training_state
-from zckpt.interop._deepspeed import GroupLayout, deepspeed_fp32_state_dict, group_layouts
-from zckpt.interop._files import (
-    DeepSpeedCheckpoint,
-    ExpertFile,
-    deepspeed_tags,
-    find_deepspeed,
-    open_deepspeed,
-)
-from zckpt.interop._safetensors import Exported, export_safetensors, module_key_order, parse_size
-from zckpt.interop._universal import LATEST_UNIVERSAL, UniversalFiles
-from zckpt.interop._unpickle import (
-    ALLOWED_GLOBALS,
-    DeepSpeedFormatError,
-    FragmentAddress,
-    LossScaler,
-    UnsafePickleError,
-    ZeroStage,
-    load_pickle,
+from zckpt._lazy import attach
+
+if TYPE_CHECKING:
+    from zckpt.interop._convert import ENGINE_KEYS, convert_deepspeed, deepspeed_training_state
+    from zckpt.interop._deepspeed import GroupLayout, deepspeed_fp32_state_dict, group_layouts
+    from zckpt.interop._files import (
+        DeepSpeedCheckpoint,
+        ExpertFile,
+        deepspeed_tags,
+        find_deepspeed,
+        open_deepspeed,
+    )
+    from zckpt.interop._safetensors import (
+        Exported,
+        export_safetensors,
+        module_key_order,
+        parse_size,
+    )
+    from zckpt.interop._universal import LATEST_UNIVERSAL, UniversalFiles
+    from zckpt.interop._unpickle import (
+        ALLOWED_GLOBALS,
+        DeepSpeedFormatError,
+        FragmentAddress,
+        LossScaler,
+        UnsafePickleError,
+        ZeroStage,
+        load_pickle,
+    )
+
+__getattr__, __dir__ = attach(
+    __name__,
+    {
+        "zckpt.interop._convert": (
+            "ENGINE_KEYS",
+            "convert_deepspeed",
+            "deepspeed_training_state",
+        ),
+        "zckpt.interop._deepspeed": (
+            "GroupLayout",
+            "deepspeed_fp32_state_dict",
+            "group_layouts",
+        ),
+        "zckpt.interop._files": (
+            "DeepSpeedCheckpoint",
+            "ExpertFile",
+            "deepspeed_tags",
+            "find_deepspeed",
+            "open_deepspeed",
+        ),
+        "zckpt.interop._safetensors": (
+            "Exported",
+            "export_safetensors",
+            "module_key_order",
+            "parse_size",
+        ),
+        "zckpt.interop._universal": (
+            "LATEST_UNIVERSAL",
+            "UniversalFiles",
+        ),
+        "zckpt.interop._unpickle": (
+            "ALLOWED_GLOBALS",
+            "DeepSpeedFormatError",
+            "FragmentAddress",
+            "LossScaler",
+            "UnsafePickleError",
+            "ZeroStage",
+            "load_pickle",
+        ),
+    },
 )
 
 __all__ = [
@@ -84,4 +135,6 @@ def is_deepspeed_checkpoint(path: str | os.PathLike[str], tag: str | None = None
         >>> is_deepspeed_checkpoint(tempfile.mkdtemp())
         False
     """
+    from zckpt.interop._files import find_deepspeed
+
     return find_deepspeed(path, tag) is not None

@@ -31,12 +31,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from zckpt.interop._moe import is_expert_group
 from zckpt.interop._unpickle import DeepSpeedFormatError, get, load_pickle
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "LATEST_UNIVERSAL",
@@ -148,12 +149,16 @@ class UniversalFiles:
 
 
 def _same(a: Any, b: Any) -> bool:
+    import torch
+
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.dtype == b.dtype and bool(torch.equal(a, b))
     return type(a) is type(b) and bool(a == b)
 
 
 def _show(v: Any) -> str:
+    import torch
+
     return str(v.item()) if isinstance(v, torch.Tensor) else repr(v)
 
 
@@ -166,6 +171,8 @@ def _check_name(name: str, zero_dir: str) -> None:
 
 
 def _tensor(v: Any, path: str, numel: int, name: str) -> torch.Tensor:
+    import torch
+
     if isinstance(v, Mapping):
         if v.get("is_expert_param"):
             raise DeepSpeedFormatError(
@@ -184,6 +191,8 @@ def _tensor(v: Any, path: str, numel: int, name: str) -> torch.Tensor:
 
 
 def _step(v: Any, path: str) -> Any:
+    import torch
+
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         return v
     if isinstance(v, int | float) and not isinstance(v, bool):
@@ -327,6 +336,8 @@ def optimizer_record(
         >>> sorted(rec["base_optimizer_state"]["state"][0]), rec["zero_stage"]
         (['exp_avg', 'step'], 2)
     """
+    import torch
+
     n = len(files.groups)
     if stage == 3:
         inner = get(saved, "optimizer_state_dict", where, Mapping)

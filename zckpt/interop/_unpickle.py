@@ -18,9 +18,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.serialization
-
 from zckpt.errors import FormatError
 
 __all__ = [
@@ -175,6 +172,9 @@ def load_pickle(path: str | os.PathLike[str]) -> Any:
         ...
         zckpt.interop._unpickle.UnsafePickleError: .../x.pt: refused to unpickle builtins.print ...
     """
+    import torch
+    import torch.serialization
+
     path = os.fspath(path)
     require_regular(path)
     try:

@@ -13,28 +13,22 @@ import bisect
 import heapq
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 import numpy as np
-import torch
 
 from zckpt.errors import SpecError
+from zckpt.format._dtypes import dtype_name, torch_dtype
 from zckpt.spec._spec import ZeroSpec
 from zckpt.tree import Path, Skeleton, TensorMeta, skeleton_of
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FlatGroup", "Fragment", "Placement", "RankWrites", "ShardPlan", "plan_shards"]
 
 # Placement kinds.
 FLAT, TENSOR, REPLICATED, EMPTY, EXPERT = "flat", "tensor", "replicated", "empty", "expert"
-
-_ITEMSIZE: dict[torch.dtype, int] = {}
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    n = _ITEMSIZE.get(dtype)
-    if n is None:
-        n = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
-    return n
 
 
 class Fragment(NamedTuple):
@@ -74,23 +68,45 @@ class Placement(NamedTuple):
     expert: int = -1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class FlatGroup:
     """A stage 1/2 flat buffer: tensors concatenated, tail-padded, cut into equal partitions.
 
+    Its dtype is kept by name (planning needs no torch); :attr:`dtype` is the torch dtype.
+
     Example:
+        >>> import torch
         >>> g = FlatGroup("exp_avg", torch.float32, (0, 1), (0, 3), 5, 8, 4)
-        >>> g.partition_range(1)
-        (4, 8)
+        >>> g.partition_range(1), g.dtype
+        ((4, 8), torch.float32)
     """
 
     key: str
-    dtype: torch.dtype
+    dtype_name: str
     leaves: tuple[int, ...]
     offsets: tuple[int, ...]
     numel: int
     padded_numel: int
     partition_numel: int
+
+    def __init__(
+        self,
+        key: str,
+        dtype: torch.dtype | str,
+        leaves: tuple[int, ...],
+        offsets: tuple[int, ...],
+        numel: int,
+        padded_numel: int,
+        partition_numel: int,
+    ) -> None:
+        values = (key, dtype_name(dtype), leaves, offsets, numel, padded_numel, partition_numel)
+        for name, v in zip(self.__dataclass_fields__, values):
+            object.__setattr__(self, name, v)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype of the group's tensors (imports torch on first use)."""
+        return torch_dtype(self.dtype_name)
 
     def partition_range(self, rank: int) -> tuple[int, int]:
         """``[start, stop)`` of ``rank``'s partition in the padded flat buffer."""
@@ -100,7 +116,7 @@ class FlatGroup:
         """The pieces of the group's leaves in flat range ``[lo, hi)``, in flat order.
 
         Example:
-            >>> FlatGroup("g", torch.float32, (3, 5), (0, 3), 5, 8, 4).fragments(2, 6)
+            >>> FlatGroup("g", "float32", (3, 5), (0, 3), 5, 8, 4).fragments(2, 6)
             [Fragment(leaf=3, start=2, stop=3), Fragment(leaf=5, start=0, stop=2)]
         """
         hi = min(hi, self.numel)
@@ -370,8 +386,8 @@ def _group_key(
         if isinstance(k, str) and k in params:
             g, order = params[k]
             rest = tuple(map(str, path[:j] + path[j + 1 :]))
-            return (rest, str(meta.dtype), g), order
-    return (tuple(map(str, path[:-1])), str(meta.dtype), -1), 0
+            return (rest, f"torch.{meta.dtype_name}", g), order
+    return (tuple(map(str, path[:-1])), f"torch.{meta.dtype_name}", -1), 0
 
 
 def _derive(
@@ -448,7 +464,7 @@ def plan_shards(state: Any, spec: ZeroSpec) -> ShardPlan:
     params = _param_index(spec)
     tensors = skel.tensors
     numels = [m.numel for m in tensors]
-    items = [_itemsize(m.dtype) for m in tensors]
+    items = [m.itemsize for m in tensors]
     experts = spec.experts_of(skel.paths) if spec.experts else None
     kinds: list[str] = []
     replicated: list[int] = []
@@ -493,10 +509,10 @@ def plan_shards(state: Any, spec: ZeroSpec) -> ShardPlan:
             total += numels[leaf]
         padded = spec.padded(total)
         part = padded // ws
-        dtype = tensors[leaves[0]].dtype
+        meta = tensors[leaves[0]]
         name = "/".join(key[0]) + f"[{key[1]}, group {key[2]}]"
-        groups.append(FlatGroup(name, dtype, leaves, tuple(offsets), total, padded, part))
-        _add_even(load, total, part, _itemsize(dtype))
+        groups.append(FlatGroup(name, meta.dtype_name, leaves, tuple(offsets), total, padded, part))
+        _add_even(load, total, part, meta.itemsize)
 
     # Experts: each expert's tensors are written whole, into its own file, by one rank of the
     # expert's group (experts are spread over the group's ranks).

@@ -10,18 +10,77 @@ Example:
     [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
 """
 
-from zckpt.store._async import AsyncSaver, PendingSave, default_saver
-from zckpt.store._commit import Saved, SaveError, drop_frozen
-from zckpt.store._fp32 import LazyTensor, get_fp32_state_dict_from_zero_checkpoint
-from zckpt.store._fsspec import FsspecStorage
-from zckpt.store._layout import TagError, check_tag
-from zckpt.store._load import SKIP, Loaded, LoadError, load_checkpoint
-from zckpt.store._read import Checkpoint, CheckpointNotFoundError, FileSource, open_checkpoint
-from zckpt.store._resolve import storage_for
-from zckpt.store._retention import CommittedTag, apply_retention, clean, list_tags
-from zckpt.store._save import save_checkpoint
-from zckpt.store._storage import LocalStorage, Storage, StorageError
-from zckpt.store._verify import TagReport, verify_checkpoint
+from typing import TYPE_CHECKING
+
+from zckpt._lazy import attach
+
+if TYPE_CHECKING:
+    from zckpt.store._async import AsyncSaver, PendingSave, default_saver
+    from zckpt.store._commit import Saved, SaveError, drop_frozen
+    from zckpt.store._fp32 import LazyTensor, get_fp32_state_dict_from_zero_checkpoint
+    from zckpt.store._fsspec import FsspecStorage
+    from zckpt.store._layout import TagError, check_tag
+    from zckpt.store._load import SKIP, Loaded, LoadError, load_checkpoint
+    from zckpt.store._read import Checkpoint, CheckpointNotFoundError, FileSource, open_checkpoint
+    from zckpt.store._resolve import storage_for
+    from zckpt.store._retention import CommittedTag, apply_retention, clean, list_tags
+    from zckpt.store._save import save_checkpoint
+    from zckpt.store._storage import LocalStorage, Storage, StorageError
+    from zckpt.store._verify import TagReport, verify_checkpoint
+
+__getattr__, __dir__ = attach(
+    __name__,
+    {
+        "zckpt.store._async": (
+            "AsyncSaver",
+            "PendingSave",
+            "default_saver",
+        ),
+        "zckpt.store._commit": (
+            "Saved",
+            "SaveError",
+            "drop_frozen",
+        ),
+        "zckpt.store._fp32": (
+            "LazyTensor",
+            "get_fp32_state_dict_from_zero_checkpoint",
+        ),
+        "zckpt.store._fsspec": ("FsspecStorage",),
+        "zckpt.store._layout": (
+            "TagError",
+            "check_tag",
+        ),
+        "zckpt.store._load": (
+            "SKIP",
+            "Loaded",
+            "LoadError",
+            "load_checkpoint",
+        ),
+        "zckpt.store._read": (
+            "Checkpoint",
+            "CheckpointNotFoundError",
+            "FileSource",
+            "open_checkpoint",
+        ),
+        "zckpt.store._resolve": ("storage_for",),
+        "zckpt.store._retention": (
+            "CommittedTag",
+            "apply_retention",
+            "clean",
+            "list_tags",
+        ),
+        "zckpt.store._save": ("save_checkpoint",),
+        "zckpt.store._storage": (
+            "LocalStorage",
+            "Storage",
+            "StorageError",
+        ),
+        "zckpt.store._verify": (
+            "TagReport",
+            "verify_checkpoint",
+        ),
+    },
+)
 
 __all__ = [
     "SKIP",

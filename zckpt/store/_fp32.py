@@ -5,17 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from zckpt.assemble import assemble_fp32, fp32_entries, index_sources
-from zckpt.store._load import LoadError
-from zckpt.store._read import following_latest, open_checkpoint
+from zckpt.assemble._keys import Fp32Key, fp32_keys
+from zckpt.store._read import Checkpoint, following_latest, open_checkpoint
 from zckpt.store._resolve import storage_for
 from zckpt.store._storage import LocalStorage, Storage
 
-__all__ = ["LazyTensor", "get_fp32_state_dict_from_zero_checkpoint"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LazyTensor", "fp32_keys_of", "get_fp32_state_dict_from_zero_checkpoint"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -23,6 +23,7 @@ class LazyTensor:
     """A tensor read, merged and upcast only when materialised with :meth:`contiguous`.
 
     Example:
+        >>> import torch
         >>> t = LazyTensor((2,), torch.float32, lambda: torch.zeros(2))
         >>> t.shape, t.contiguous().tolist()
         (torch.Size([2]), [0.0, 0.0])
@@ -35,6 +36,8 @@ class LazyTensor:
     @property
     def shape(self) -> torch.Size:
         """The tensor's shape (known without reading anything)."""
+        import torch
+
         return torch.Size(self._shape)
 
     def size(self) -> torch.Size:
@@ -99,6 +102,34 @@ def get_fp32_state_dict_from_zero_checkpoint(
     )
 
 
+def fp32_keys_of(ck: Checkpoint, exclude_frozen_parameters: bool = False) -> list[Fp32Key]:
+    """The keys of an open zckpt checkpoint's fp32 state dict, from its manifest alone: what
+    :func:`get_fp32_state_dict_from_zero_checkpoint` returns, without reading a tensor (or
+    importing torch).
+
+    Raises:
+        LoadError: the checkpoint has no tensors under the spec's module prefix.
+
+    Example:
+        >>> import tempfile, torch, zckpt
+        >>> d = tempfile.mkdtemp()
+        >>> s = {"module": {"w": torch.ones(2).half()}, "master": {"w": torch.ones(2)}}
+        >>> _ = zckpt.save_checkpoint(d, s, zckpt.ZeroSpec(2, 2), tag="t")
+        >>> [(k.name, k.dtype_name) for k in fp32_keys_of(zckpt.open_checkpoint(d))]
+        [('w', 'float32')]
+    """
+    m = ck.manifest
+    if not any(m.spec.is_module_path(p) for p, _ in m.skeleton.tensor_paths()):
+        from zckpt.store._load import LoadError
+
+        raise LoadError(
+            f"{ck.path}: the checkpoint has no tensors under '{m.spec.module}' (the module state "
+            "dict); use zckpt.load_checkpoint or zckpt.consolidate for other states"
+        )
+    exclude = frozenset(m.frozen) if exclude_frozen_parameters else frozenset()
+    return fp32_keys(m.skeleton, m.spec, exclude)
+
+
 def _fp32(
     checkpoint_dir: str | os.PathLike[str],
     tag: str | None,
@@ -106,15 +137,13 @@ def _fp32(
     lazy_mode: bool,
     storage: Storage | None,
 ) -> dict[str, Any]:
+    from zckpt.assemble import Fp32Entry, assemble_fp32, index_sources
+    from zckpt.format._dtypes import torch_dtype
+
     ck = open_checkpoint(checkpoint_dir, tag, storage=storage)
     m = ck.manifest
-    exclude = frozenset(m.frozen) if exclude_frozen_parameters else frozenset()
-    if not any(m.spec.is_module_path(p) for p, _ in m.skeleton.tensor_paths()):
-        raise LoadError(
-            f"{ck.path}: the checkpoint has no tensors under '{m.spec.module}' (the module state "
-            "dict); use zckpt.load_checkpoint or zckpt.consolidate for other states"
-        )
-    entries = fp32_entries(m.skeleton, m.spec, exclude)
+    keys = fp32_keys_of(ck, exclude_frozen_parameters)
+    entries = [Fp32Entry(k.name, k.source, torch_dtype(k.dtype_name), k.tied_to) for k in keys]
     index = index_sources(m.skeleton, ck.sources())
     if not lazy_mode:
         return dict(assemble_fp32(index, entries))

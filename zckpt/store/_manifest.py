@@ -458,7 +458,7 @@ def _check_fragments(rec: FileRecord, skel: Skeleton, where: str) -> int:
                 f"{where}: fragment [{f.start}, {f.stop}) of {skel.name(f.leaf)} is empty or "
                 f"outside its {meta.numel} elements"
             )
-        nbytes += (f.stop - f.start) * ITEMSIZE[dtype_code(meta.dtype)]
+        nbytes += (f.stop - f.start) * ITEMSIZE[dtype_code(meta.dtype_name)]
     if rec.size < PREAMBLE_SIZE + 1:
         raise FormatError(f"{where}: size {rec.size} is too small for a zckpt blob")
     if nbytes > rec.size * MAX_EXPANSION:

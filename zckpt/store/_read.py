@@ -8,12 +8,10 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
 import xxhash
 
-from zckpt.assemble._overlap import PlannedIndex, Source, SourceIndex, index_sources
 from zckpt.errors import FormatError, TruncatedError, ZckptError
 from zckpt.format import PREAMBLE_SIZE, BlobHeader, decode_fragment, decode_header, read_header_size
 from zckpt.format._header import as_bytes_view, parse_preamble
@@ -23,7 +21,12 @@ from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, check_tag, r
 from zckpt.store._manifest import FileRecord, Manifest, decode_manifest
 from zckpt.store._resolve import storage_for
 from zckpt.store._storage import Storage, StorageError
-from zckpt.tree import Skeleton
+from zckpt.tree import Skeleton, unflatten
+
+if TYPE_CHECKING:
+    import torch
+
+    from zckpt.assemble._overlap import PlannedIndex, Source, SourceIndex
 
 __all__ = [
     "Checkpoint",
@@ -205,6 +208,8 @@ class Checkpoint:
             >>> [(lo, hi) for s, lo, hi in idx.overlapping(Fragment(0, 1, 3))]
             [(1, 2), (2, 3)]
         """
+        from zckpt.assemble._overlap import PlannedIndex, index_sources
+
         m = self.manifest
         if not m.derived:
             return index_sources(m.skeleton, self.sources())
@@ -235,8 +240,6 @@ class Checkpoint:
 
     def client_state(self) -> dict[str, Any]:
         """The client_state saved with the checkpoint ({} when none)."""
-        from zckpt.assemble import consolidate
-
         rec = self.manifest.client
         if rec is None:
             return {}
@@ -256,6 +259,11 @@ class Checkpoint:
             shard = decode_shard(data)
         except FormatError as e:
             raise type(e)(f"{path}: {e}") from None
+        if not shard.skeleton.tensors:  # plain values only: nothing to assemble (no torch)
+            plain: dict[str, Any] = unflatten(shard.skeleton, [])
+            return plain
+        from zckpt.assemble import consolidate
+
         result: dict[str, Any] = consolidate([shard])
         return result
 
