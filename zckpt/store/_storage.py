@@ -20,12 +20,14 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import xxhash
 
 from zckpt.errors import ZckptError
-from zckpt.format import BlobStream
+
+if TYPE_CHECKING:
+    from zckpt.format import BlobStream
 
 __all__ = ["LocalStorage", "Lock", "Storage", "StorageError"]
 
@@ -387,6 +389,8 @@ class LocalStorage:
         A :class:`~zckpt.format.BlobStream` is written as it is encoded: frames from its
         ``data_offset`` on, then its head at the start (see :func:`_write_stream`).
         """
+        from zckpt.format import BlobStream  # here: reading files needs no encoder
+
         d, name = os.path.split(path)
         tmp = os.path.join(d, f".{name}.tmp.{secrets.token_hex(4)}")
         try:
