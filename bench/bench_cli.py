@@ -1,13 +1,15 @@
 """Start-up time of the ``zckpt`` command (issue 14 part 4): each command is a new process.
 
 For every row: the median (min-max) wall time of ``--reps`` new processes, from ``fork`` to exit,
-stdout discarded, and whether torch or Numba was imported (a separate run of the same command
-through ``zckpt.cli.main`` that then looks at ``sys.modules``). The zckpt rows run the installed
-``zckpt`` console script when it is next to this Python (what a user types), else its body
-(``from zckpt.cli import main; main()``) with ``python -c``. The checkpoint is small: a model's
-bf16 weights, fp32 masters and Adam moments of about 1 MiB, world size 2, two committed tags,
-a plain client_state. Reference rows: ``python -c pass`` (the interpreter and ``site``, here
-including the editable install's finder), ``import zckpt`` and ``import torch``.
+stdout discarded; the median CPU time (user + system, from the children's rusage: what the
+process itself costs, less sensitive than wall time to other load on the machine); and whether
+torch or Numba was imported (a separate run of the same command through ``zckpt.cli.main`` that
+then looks at ``sys.modules``). The zckpt rows run the installed ``zckpt`` console script when it
+is next to this Python (what a user types), else its body (``from zckpt.cli import main;
+main()``) with ``python -c``. The checkpoint is small: a model's bf16 weights, fp32 masters and
+Adam moments of about 1 MiB, world size 2, two committed tags, a plain client_state. Reference
+rows: ``python -c pass`` (the interpreter and ``site``, here including the editable install's
+finder), ``import zckpt`` and ``import torch``.
 
     OMP_NUM_THREADS=1 python bench/bench_cli.py --reps 11 [--out F.md]
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -48,6 +51,7 @@ class Measured(NamedTuple):
 
     name: str
     times: list[float]
+    cpu: list[float]
     imported: list[str] | None  # None: not a zckpt command (nothing checked)
     goal: float | None
 
@@ -113,10 +117,15 @@ def _imported(args: list[str]) -> list[str]:
     return found
 
 
-def _time(argv: list[str]) -> float:
+def _time(argv: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one new process running ``argv``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return wall, cpu
 
 
 def measure(reps: int, root: str | None = None) -> list[Measured]:
@@ -130,13 +139,17 @@ def measure(reps: int, root: str | None = None) -> list[Measured]:
         for argv, _ in cmds.values():  # once untimed: the page cache holds every file
             _time(argv)
         times: dict[str, list[float]] = {name: [] for name, _ in ROWS}
+        cpu: dict[str, list[float]] = {name: [] for name, _ in ROWS}
         for _ in range(reps):
             for name, _goal in ROWS:
-                times[name].append(_time(cmds[name][0]))
+                wall, used = _time(cmds[name][0])
+                times[name].append(wall)
+                cpu[name].append(used)
         out = []
         for name, goal in ROWS:
             args = cmds[name][1]
-            out.append(Measured(name, times[name], None if args is None else _imported(args), goal))
+            heavy = None if args is None else _imported(args)
+            out.append(Measured(name, times[name], cpu[name], heavy, goal))
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,16 +161,16 @@ def report(rows: list[Measured]) -> list[str]:
     lines = [
         f"New processes, medians of {len(rows[0].times)}; zckpt runs as {how}.",
         "",
-        "| command | s median (min-max) | goal | verdict | imports torch/Numba |",
-        "|---|---|---|---|---|",
+        "| command | s median (min-max) | CPU s median | goal | verdict | imports torch/Numba |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         goal = f"<= {r.goal} s" if r.goal is not None else ""
         verdict = "" if r.goal is None else ("met" if r.median <= r.goal else "missed")
         heavy = "" if r.imported is None else (", ".join(r.imported) or "neither")
         lines.append(
-            f"| {r.name} | {r.median:.3f} ({min(r.times):.3f}-{max(r.times):.3f}) | {goal} | "
-            f"{verdict} | {heavy} |"
+            f"| {r.name} | {r.median:.3f} ({min(r.times):.3f}-{max(r.times):.3f}) | "
+            f"{statistics.median(r.cpu):.3f} | {goal} | {verdict} | {heavy} |"
         )
     return lines
 

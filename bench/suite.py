@@ -39,6 +39,11 @@ the end; each peer's files are removed as soon as its loads are done):
   eager one and zckpt's lazy one (peak RSS = VmHWM growth over the process's baseline after its
   imports). zckpt's and DeepSpeed's outputs are checked bitwise equal, once per checkpoint.
 
+* command line start-up (``bench/bench_cli.py``, issue 14 part 4): new processes of ``zckpt
+  --help``, ``--version``, ``inspect``, ``verify`` and ``prune`` of a small checkpoint, with
+  ``python -c pass``, ``import zckpt`` and ``import torch`` for reference (medians of at least 5
+  processes; CPU time as an extra), and whether each command imported torch or Numba.
+
 ``--only io,reshard,fp32,async,compress,dcp2,deepspeed`` runs a subset (``io`` is the durable
 save and the warm/cold loads of the one-process peers); ``--no-deepspeed`` skips DeepSpeed.
 
@@ -72,6 +77,7 @@ import _dcp2  # bench/ is sys.path[0]
 import _deepspeed
 import _export
 import _resume
+import bench_cli
 import numpy as np
 import safetensors.torch
 import torch
@@ -98,6 +104,7 @@ GROUPS = (
     "resume",
     "tmpfs",
     "export",
+    "cli",
 )
 DCP2, ZCKPT2 = "DCP, 2 processes", "zckpt raw, ws 2, 2 processes"
 DS_ROW, DS_EAGER, DS_LAZY = "DeepSpeed zero_to_fp32", "zckpt eager", "zckpt lazy (one at a time)"
@@ -1282,6 +1289,16 @@ def targets(s: Suite, ws: int, ds_skipped: str | None) -> list[str]:
     return lines
 
 
+def cli(s: Suite, root: str) -> None:
+    """Command line start-up: one row per command, new processes (``bench_cli.measure``)."""
+    for m in bench_cli.measure(max(5, s.reps), root):
+        heavy = "" if m.imported is None else f"imports {', '.join(m.imported) or 'no torch/Numba'}"
+        row = Row("cli", m.name, "warm", m.times, 0.0, 0, note=heavy)
+        row.extra["CPU s"] = statistics.median(m.cpu)
+        s.rows.append(row)
+        print(f"  {'cli':>10s} | {m.name:<44s} {m.median:8.3f} s", file=sys.stderr, flush=True)
+
+
 def targets14(s: Suite, skipped: dict[str, str]) -> list[str]:
     """Issue 14's targets, as measured in this run ("not measured" for groups left out;
     ``skipped`` says why per group)."""
@@ -1370,7 +1387,34 @@ def targets14(s: Suite, skipped: dict[str, str]) -> list[str]:
             ".2f",
         ),
     ]
+
+    def median(name: str) -> float:
+        return s.find("cli", name).median
+
+    def within(seconds: float, v: float) -> bool:
+        return v <= seconds
+
+    for command, seconds in bench_cli.ROWS:
+        if seconds is not None:
+            rows.append(
+                (
+                    "cli",
+                    f"{command}: new process, median s",
+                    functools.partial(median, command),
+                    f"<= {seconds}",
+                    functools.partial(within, seconds),
+                    ".3f",
+                )
+            )
+
     lines = ["| target | measured | goal | verdict |", "|---|---|---|---|"]
+    commands = [r for r in s.rows if r.group == "cli" and r.note]  # the zckpt commands
+    if commands:
+        light = all(r.note.endswith("no torch/Numba") for r in commands)
+        lines.append(
+            "| zckpt --help, --version, inspect, verify, prune: torch and Numba never imported | "
+            f"{'yes' if light else 'NO'} | yes | {'met' if light else 'missed'} |"
+        )
     for group, name, measure, goal, ok, fmt in rows:
         try:
             v = measure()
@@ -1486,7 +1530,7 @@ def main(argv: list[str] | None = None) -> int:
             async_save(s, state, root)
         if "compress" in groups:
             compression(s, state)
-        skipped14 = {g: "group not run" for g in ("resume", "tmpfs", "export")}
+        skipped14 = {g: "group not run" for g in ("resume", "tmpfs", "export", "cli")}
         if "resume" in groups:
             resume(s, root, args.gib)
         if "tmpfs" in groups:
@@ -1501,6 +1545,8 @@ def main(argv: list[str] | None = None) -> int:
             if more[0].startswith("Export rows skipped"):
                 skipped14["export"] = more[0].removeprefix("Export rows skipped: ").rstrip(".")
                 print(more[0], file=sys.stderr, flush=True)
+        if "cli" in groups:
+            cli(s, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -22,6 +22,19 @@ ROOT = Path(__file__).resolve().parent.parent
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 DS_LABELS = ("z2 4xLinear", "z3 transformer")
+CLI = (
+    "python -c pass",
+    'python -c "import zckpt"',
+    'python -c "import torch"',
+    "zckpt --help",
+    "zckpt --version",
+    "zckpt inspect CKPT",
+    "zckpt verify CKPT",
+    "zckpt prune CKPT --keep-last 2",
+)
+NO_TORCH = (
+    "| zckpt --help, --version, inspect, verify, prune: torch and Numba never imported | yes |"
+)
 TWO = ("DCP, 2 processes", "zckpt raw, ws 2, 2 processes")
 ROWS = [
     "| save | raw tofile/readinto |",
@@ -74,6 +87,7 @@ ROWS = [
     "| tmpfs save | zckpt raw, ws 1 |",
     "| tmpfs load | raw readinto into existing tensors |",
     "| tmpfs load | zckpt load_checkpoint(into=) |",
+    *(f"| cli | {name} |" for name in CLI),
 ]
 TARGETS14 = [
     "| resume warm, 1 process: Checkpointer.load_checkpoint / readinto into live tensors |",
@@ -81,6 +95,7 @@ TARGETS14 = [
     "| resume cold, 1 process: Checkpointer.load_checkpoint / raw cold reads |",
     "| tmpfs: durable save raw ws 1 / raw tofile |",
     "| tmpfs: load into existing tensors / readinto |",
+    *(f"| {name}: new process, median s |" for name in CLI[3:]),
 ]
 EXPORT = ("zero_to_fp32.py", "zckpt consolidate", "zckpt consolidate --lazy")
 EXPORT_ROWS = [f"| export DS {label} | {peer} |" for label in DS_LABELS for peer in EXPORT]
@@ -136,6 +151,7 @@ def test_suite_smoke(tmp_path: Path) -> None:
     missing = [row for row in ROWS if row not in text]
     assert not missing, missing
     assert "Targets (issue 6)" in text and "Targets (issue 14)" in text
+    assert NO_TORCH in text
     for target in TARGETS14:
         assert target in text and f"{target} not measured" not in text, target
     assert not any(row in text for row in EXPORT_ROWS)
