@@ -47,7 +47,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import xxhash
 
-from zckpt.store._layout import generation_of
+from zckpt.store._layout import LockSeen, generation_of
 from zckpt.store._storage import Lock, StorageError
 
 __all__ = [
@@ -601,6 +601,30 @@ class FsspecStorage:
         except OSError:
             return ""
         return "" if got is None else got[0].owner
+
+    def lock_state(self, path: str) -> LockSeen | None:
+        """The lock object ``path`` as a waiter sees it (None when there is none): a version
+        that changes with every renewal, and its holder's lease. A save of a tag whose lock
+        another process holds watches it (:func:`~zckpt.store._layout.wait_tag_lock`): renewed
+        means a live holder, unchanged for a lease means a dead one, whose lock it takes over.
+
+        Example:
+            >>> import fsspec
+            >>> st = FsspecStorage(fsspec.filesystem("memory"), lease=8)
+            >>> held = st.try_lock("memory://doc/.state-lock", "me")
+            >>> st.lock_state("memory://doc/.state-lock").lease
+            8.0
+            >>> held.release(); st.lock_state("memory://doc/.state-lock") is None
+            True
+        """
+        try:
+            got = self._read_lock(self._key(path))
+        except Exception as e:
+            raise self._fail("reading the lock", path, e) from e
+        if got is None:
+            return None
+        body, head = got
+        return LockSeen(f"{body.token} {body.stamp:.3f} {head.etag}", body.lease or self.lease)
 
     def _read_lock(self, key: str) -> tuple[_LockBody, Head] | None:
         got = self._backend.get_small(key)
