@@ -41,7 +41,6 @@ from zckpt.format._columns import skeleton_from_columns, skeleton_to_columns
 from zckpt.format._dtypes import ITEMSIZE, dtype_code
 from zckpt.format._skeleton import U64, expect_int, expect_list, expect_map, field, show
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
-from zckpt.spec._plan import EXPERT
 from zckpt.store._layout import blob_name, client_name, expert_name
 from zckpt.tree import Skeleton
 
@@ -157,12 +156,8 @@ def derived_fragments(plan: ShardPlan, rank: int, expert: int = -1) -> tuple[Fra
         (Fragment(leaf=0, start=3, stop=6),)
     """
     if expert >= 0:
-        tensors = plan.skeleton.tensors
-        return tuple(Fragment(leaf, 0, tensors[leaf].numel) for leaf in plan.expert_leaves(expert))
-    own = plan.writes_of(rank)
-    if not plan.num_experts:
-        return own
-    return tuple(f for f in own if plan.placements[f.leaf].kind != EXPERT)
+        return plan.expert_writes(expert)
+    return plan.writes_of(rank, experts=False)
 
 
 class DerivedFragments(Sequence[Fragment]):
