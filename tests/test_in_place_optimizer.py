@@ -405,3 +405,23 @@ def test_gpu_optimizer_state_is_filled_in_its_own_gpu_tensors(tmp_path: Path) ->
     restore_training_state(zckpt.load_checkpoint(tmp_path).state, ref, ref_opt)
     assert_optimizers_equal(o2, ref_opt)
     assert all(state_tensors(o2)[k] is t for k, t in tensors.items())
+
+
+def test_state_shared_by_two_parameters_stays_one_tensor(tmp_path: Path) -> None:
+    """One state tensor under two parameters is saved once; load_state_dict gives one tensor
+    back under both, and so must the in-place resume (in the optimizer's own tensor)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    shared = torch.arange(9.0).reshape(3, 3)
+    opt.state[model[0].weight]["momentum_buffer"] = shared
+    opt.state[model[1].weight]["momentum_buffer"] = shared
+    Checkpointer(model, opt).save_checkpoint(tmp_path, tag="t")
+    m2 = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    o2 = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
+    own = torch.zeros(3, 3)
+    o2.state[m2[0].weight]["momentum_buffer"] = own
+    o2.state[m2[1].weight]["momentum_buffer"] = torch.zeros(3, 3)
+    Checkpointer(m2, o2).load_checkpoint(tmp_path)
+    a = o2.state[m2[0].weight]["momentum_buffer"]
+    assert a is own and o2.state[m2[1].weight]["momentum_buffer"] is own
+    assert torch.equal(own, shared)

@@ -159,6 +159,7 @@ def optimizer_into(
     tree: dict[str, dict[str, torch.Tensor]] = {}
     dests: list[tuple[str, str, torch.Tensor, bool]] = []
     reused = 0
+    by_leaf: dict[int, torch.Tensor] = {}
     for path, leaf in skel.tensor_paths():
         if len(path) != 4 or path[0] != OPTIMIZER or path[1] != "state":
             continue
@@ -168,6 +169,9 @@ def optimizer_into(
             continue  # matched_groups refused unknown names; a non-str key stays as loaded
         meta = skel.tensors[leaf]
         if meta.numel == 0:
+            continue
+        if leaf in by_leaf:  # one saved tensor under two entries: one tensor again, as saved
+            dests.append((name, key, by_leaf[leaf], True))
             continue
         dtype, device = _target(p, key, meta.dtype, group_of[name])
         own = optimizer.state.get(p, {}).get(key) if p in optimizer.state else None
@@ -190,6 +194,7 @@ def optimizer_into(
             else:
                 dest = torch.empty(meta.shape, dtype=dtype, device=device)
         taken.add(dest.data_ptr())
+        by_leaf[leaf] = dest
         direct = dest.device.type == "cpu" and dest.dtype == meta.dtype and dest.is_contiguous()
         if direct:
             tree.setdefault(name, {})[key] = dest
