@@ -590,6 +590,32 @@ def test_streamed_parts_grow_to_stay_within_s3s_part_count(monkeypatch: Any) -> 
     assert b"".join(bytes(v) for p in parts for v in p) == data
 
 
+def test_a_blobs_header_costs_one_ranged_get(s3: Where) -> None:
+    """Opening a blob read its preamble, then its header: two ranged GETs at offset 0 of every
+    blob a rank opens (a load at another world size opens more of them per rank). The first
+    now fetches HEAD_PREFIX bytes, and the header is served from them."""
+    from zckpt.store._fsspec import HEAD_PREFIX
+
+    zckpt.save_checkpoint(s3.url, state_of(4), spec(3, 2), tag="t", storage=s3.storage)
+    st = FsspecStorage(s3.storage.fs)
+    get, at_zero = st._backend.get, []
+
+    def counting(key: str, offset: int, length: int) -> bytes:
+        if offset == 0 and key.endswith(".zck"):
+            at_zero.append((key, length))
+        data: bytes = get(key, offset, length)
+        return data
+
+    st._backend.get = counting
+    for rank in range(2):
+        got = zckpt.load_checkpoint(s3.url, world_size=2, rank=rank, storage=st)
+        assert got.state["lr_scheduler"] == {"last_epoch": 4}
+    # One GET per blob each load opens (was two: the preamble's, then the header's).
+    assert len({k for k, _ in at_zero}) == 3 and all(n == HEAD_PREFIX for _, n in at_zero)
+    full = zckpt.load_checkpoint(s3.url, storage=st).state
+    assert_states_equal(full, zckpt.load_checkpoint(s3.url, storage=s3.storage).state)
+
+
 # -- failures ------------------------------------------------------------------------------
 
 

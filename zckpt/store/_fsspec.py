@@ -90,6 +90,13 @@ _TRANSIENT_CLASSES = frozenset(
 )
 
 
+# A blob's first bytes, fetched by the read of its preamble for the read of its header that
+# follows (see FsspecStorage.read): how many, for how long, for how many blobs at most.
+HEAD_PREFIX = 64 << 10
+_PREFIX_FOR = 10.0
+_PREFIXES_KEPT = 64
+
+
 def is_transient(e: BaseException) -> bool:
     """Whether an error from a store is worth retrying: a dropped or timed-out connection, an
     HTTP 5xx, 408, 409 or 429, or S3's ``SlowDown`` and the like.
@@ -400,6 +407,7 @@ class FsspecStorage:
         else:
             self._backend = _FsBackend(fs, self.retry)
         self._held: dict[int, _ObjectLock] = {}
+        self._prefixes: dict[str, tuple[float, bytes]] = {}  # see read()
         self._mutex = threading.Lock()
         self._wake = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -446,17 +454,44 @@ class FsspecStorage:
             raise self._fail("writing", path, e) from e
 
     def read(self, path: str, offset: int, length: int) -> bytes:
-        """A ranged GET of ``length`` bytes at ``offset`` (fewer at the end of the object)."""
+        """A ranged GET of ``length`` bytes at ``offset`` (fewer at the end of the object).
+
+        A blob's header is read in two steps, its fixed-size preamble (which says how long the
+        header is), then the header: on S3 the first short read at offset 0 of a blob (names
+        are never reused, so its bytes never change) fetches :data:`HEAD_PREFIX` bytes, and
+        the next read within them, from any thread, within a few seconds, is served from
+        those: one ranged GET per blob opened instead of two.
+        """
         if length <= 0:
             self.size(path)  # a missing file or a directory still raises
             return b""
+        key = self._key(path)
         try:
-            data: bytes = self._backend.get(self._key(path), offset, length)
+            if self._s3 and offset + length <= HEAD_PREFIX:
+                return self._read_prefix(key, offset, length)
+            data: bytes = self._backend.get(key, offset, length)
             return data
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._not_a_file(path) from None
         except Exception as e:
             raise self._fail(f"reading byte {offset} of", path, e) from e
+
+    def _read_prefix(self, key: str, offset: int, length: int) -> bytes:
+        with self._mutex:
+            kept = self._prefixes.pop(key, None)
+        if kept is not None and time.monotonic() - kept[0] < _PREFIX_FOR:
+            first = kept[1]
+            if offset + length <= len(first) or len(first) < HEAD_PREFIX:  # shorter: the end
+                return first[offset : offset + length]
+        if offset != 0 or generation_of(posixpath.basename(key)) is None:
+            got: bytes = self._backend.get(key, offset, length)
+            return got
+        data: bytes = self._backend.get(key, 0, HEAD_PREFIX)
+        with self._mutex:
+            self._prefixes[key] = (time.monotonic(), data)
+            while len(self._prefixes) > _PREFIXES_KEPT:
+                self._prefixes.pop(next(iter(self._prefixes)))
+        return data[:length]
 
     def read_into(self, path: str, offset: int, out: memoryview) -> int:
         """Read into ``out`` at ``offset``; return the bytes read."""
