@@ -197,30 +197,35 @@ def _metas(m: dict[str, Any], n_leaves: int, where: str) -> tuple[TensorMeta, ..
     nz = np.flatnonzero(ndims)
     if len(nz):
         per[nz] = np.add.reduceat(logs, starts[nz])
-    shapes_at = starts.tolist()
-    ranks = ndims.tolist()
-    dim_list = dims.tolist()
     for i in np.flatnonzero(per + np.log2(item) > 62.0).tolist():
         span = ITEMSIZE[int(codes[i])]
-        for d in dim_list[shapes_at[i] : shapes_at[i] + ranks[i]]:
+        shape = dims[int(starts[i]) : int(starts[i]) + int(ndims[i])].tolist()
+        for d in shape:
             span *= max(d, 1)
         if span > _I63:
-            shape = dim_list[shapes_at[i] : shapes_at[i] + ranks[i]]
             raise FormatError(
                 f"{where}: tensor {i}: absurd shape {show(shape)} (its size in bytes, or a "
                 "stride, would not fit in 64 bits)"
             )
-    interned: dict[tuple[int, tuple[int, ...]], TensorMeta] = {}
-    out: list[TensorMeta] = []
-    code_list = codes.tolist()
-    for i in range(n_leaves):
-        a = shapes_at[i]
-        key = (code_list[i], tuple(dim_list[a : a + ranks[i]]))
-        meta = interned.get(key)
-        if meta is None:
-            meta = interned[key] = TensorMeta(DTYPE_OF[key[0]], key[1])
-        out.append(meta)
-    return tuple(out)
+    # One TensorMeta per distinct (dtype, shape), found for each rank by classing the rows of
+    # that rank's leaves (dtype code, dims) one column at a time; no padding.
+    out = np.empty(n_leaves, dtype=object)
+    for nd in np.unique(ndims).tolist():
+        idx = np.flatnonzero(ndims == nd)
+        rows = np.empty((len(idx), nd + 1), dtype=np.uint64)
+        rows[:, 0] = codes[idx]
+        if nd:
+            rows[:, 1:] = dims[starts[idx][:, None] + np.arange(nd)]
+        key = np.zeros(len(idx), dtype=np.int64)  # each row's class, compacted column by column
+        for col in rows.T:
+            _, inv = np.unique(col, return_inverse=True)
+            _, key = np.unique(key * (int(inv.max()) + 1) + inv, return_inverse=True)
+        _, first = np.unique(key, return_index=True)  # a row of each class, by class
+        made = np.empty(len(first), dtype=object)
+        made[:] = [TensorMeta(DTYPE_OF[r[0]], tuple(r[1:])) for r in rows[first].tolist()]
+        out[idx] = made[key.reshape(-1)]
+    metas: tuple[TensorMeta, ...] = tuple(out.tolist())
+    return metas
 
 
 def _check_keys(obj: Any, where: str) -> list[Any]:

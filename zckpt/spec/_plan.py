@@ -14,6 +14,7 @@ import heapq
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, NamedTuple, overload
 
 import numpy as np
@@ -379,13 +380,25 @@ class ShardPlan:
         out = [f for f in self.writes_of(rank) if kinds[f.leaf] <= _TENSOR]
         out.extend(Fragment(leaf, 0, numels[leaf]) for leaf in lay.replicated)
         ep = self.spec.expert_parallel_size
-        for expert, leaves in lay.expert_leaves.items():
-            if rank % ep != self._expert_slot(expert):
-                continue
-            for leaf in leaves:
-                f = self._expert_holding(leaf, rank)
-                if f is not None:
-                    out.append(f)
+        mine = [v for e, v in lay.expert_leaves.items() if rank % ep == self._expert_slot(e)]
+        if mine:
+            # The rank's part of each tensor of its experts: whole for 0-d tensors (and module
+            # weights under stages 1-2), else its slice over the expert's group of ranks.
+            leaves = np.fromiter(chain.from_iterable(mine), dtype=np.int64)
+            info = _leaves(self.skeleton)
+            numel = info.numel[leaves]
+            whole = info.scalar[leaves]
+            if self.spec.stage < 3:
+                paths, module = self.skeleton.paths, self.spec.module
+                whole |= np.array(
+                    [bool(paths[i]) and str(paths[i][0]) == module for i in leaves.tolist()],
+                    dtype=bool,
+                )
+            per = -(-numel // (self.world_size // ep))
+            a = np.where(whole, 0, (rank // ep) * per)
+            b = np.where(whole, numel, np.minimum(numel, a + per))
+            keep = a < b
+            out.extend(map(Fragment, leaves[keep].tolist(), a[keep].tolist(), b[keep].tolist()))
         out.sort()
         return tuple(out)
 
@@ -449,19 +462,6 @@ class ShardPlan:
 
     def _expert_slot(self, expert: int) -> int:
         return expert // (self.num_experts // self.spec.expert_parallel_size)
-
-    def _expert_holding(self, leaf: int, rank: int) -> Fragment | None:
-        """``rank``'s part of expert leaf ``leaf`` (rank in the expert's group)."""
-        meta = self.skeleton.tensors[leaf]
-        path = self.skeleton.paths[leaf]
-        if not meta.shape or (self.spec.stage < 3 and self.spec.is_module_path(path)):
-            return Fragment(leaf, 0, meta.numel)
-        ep = self.spec.expert_parallel_size
-        size = self.world_size // ep
-        per = -(-meta.numel // size)
-        i = rank // ep
-        a, b = i * per, min(meta.numel, (i + 1) * per)
-        return Fragment(leaf, a, b) if a < b else None
 
     def _check_rank(self, rank: int) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:

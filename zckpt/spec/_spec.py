@@ -256,18 +256,21 @@ class ZeroSpec:
         uniq = list(dict.fromkeys(chain.from_iterable(paths)))
         uid = {k: i for i, k in enumerate(uniq)}
         npat = len(patterns)
+        strs = [i for i, k in enumerate(uniq) if isinstance(k, str)]
+        text: list[str] = [k if isinstance(k, str) else "" for k in uniq]
         klen = np.zeros(len(uniq), dtype=np.int64)
+        klen[strs] = [len(text[i]) for i in strs]
         kpat = np.full(len(uniq), npat, dtype=np.int64)  # first pattern matching the key
         gids: dict[int, str | None] = {}
-        for i, k in enumerate(uniq):
-            if not isinstance(k, str):
-                continue
-            klen[i] = len(k)
-            for j, rx in enumerate(patterns):
-                m = rx.search(k)
-                if m:
-                    kpat[i], gids[i] = j, m.group(1)
-                    break
+        todo = strs  # keys no earlier pattern matched
+        for j, rx in enumerate(patterns):
+            found = list(map(rx.search, [text[i] for i in todo]))
+            hits = [i for i, m in zip(todo, found) if m is not None]
+            for i, m in zip(todo, found):
+                if m is not None:
+                    gids[i] = m.group(1)
+            kpat[hits] = j
+            todo = [i for i, m in zip(todo, found) if m is None]
         lens = np.fromiter(map(len, paths), dtype=np.int64, count=n)
         total = int(lens.sum())
         flat = np.fromiter(map(uid.__getitem__, chain.from_iterable(paths)), np.int64, total)
@@ -283,20 +286,17 @@ class ZeroSpec:
             best = np.minimum.reduceat(code, starts[nz])
             hit = best // max(1, total) < npat
             rows, pos = nz[hit], best[hit] % max(1, total)
-            chosen = flat[pos]
-            ok: dict[int, int] = {}
-            bad_rows = []
-            for row, u in zip(rows.tolist(), chosen.tolist()):
-                e = ok.get(u)
-                if e is None:
-                    try:
-                        e = ok[u] = _expert_id(patterns[int(kpat[u])], uniq[u], gids[u])
-                    except SpecError:
-                        bad_rows.append(row)
-                        continue
-                out[row] = e
-            if bad_rows:
-                first = bad_rows[0]
+            keys, which = np.unique(flat[pos], return_inverse=True)
+            ids = np.empty(len(keys), dtype=np.int64)
+            for j, u in enumerate(keys.tolist()):
+                try:
+                    ids[j] = _expert_id(patterns[int(kpat[u])], text[u], gids[u])
+                except SpecError:
+                    ids[j] = -2  # not an id: an error if this path comes first
+            out[rows] = ids[which.reshape(-1)]
+            bad = np.flatnonzero(out == -2)
+            if len(bad):
+                first = int(bad[0])
                 if len(too_long) and too_long[0] < first:
                     first = int(too_long[0])
                 self.expert_of(paths[first])  # raises the error naming the path
