@@ -569,11 +569,11 @@ def test_a_streamed_blobs_parts_in_flight_are_bounded_by_bytes(s3: Where, monkey
 
 
 def test_streamed_parts_grow_to_stay_within_s3s_part_count(monkeypatch: Any) -> None:
-    from zckpt.store import _s3
+    from zckpt.store import _parts
 
-    monkeypatch.setattr(_s3, "_GROW_EVERY", 2)
+    monkeypatch.setattr(_parts, "GROW_EVERY", 2)
     data = bytes(range(256)) * 4
-    parts = list(_s3.growing_parts([data[:100], data[100:]], 16))
+    parts = list(_parts.growing_parts([data[:100], data[100:]], 16))
     assert [sum(v.nbytes for v in p) for p in parts] == [
         16,
         16,

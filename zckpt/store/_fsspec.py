@@ -30,25 +30,21 @@ transient error that outlasts that, raises a ``StorageError`` naming the object.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
-import hashlib
 import os
 import posixpath
-import random
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
-import xxhash
-
+from zckpt.store._fsbackend import FsBackend, Head, PreconditionFailedError, UnsupportedError
 from zckpt.store._layout import LockSeen, generation_of
 from zckpt.store._storage import Lock, StorageError
+from zckpt.store._transient import Retry, is_transient
 
 __all__ = [
     "FsspecStorage",
@@ -59,229 +55,11 @@ __all__ = [
     "is_transient",
 ]
 
-T = TypeVar("T")
-
-# Error codes and statuses of S3 (and S3-compatible stores) worth another try.
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "InternalError",
-        "ServiceUnavailable",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "Throttling",
-        "ThrottlingException",
-        "TooManyRequests",
-        "ConditionalRequestConflict",
-        "OperationAborted",
-    }
-)
-_TRANSIENT_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-# Exception classes (by name: their packages are optional) that mean a dropped connection.
-_TRANSIENT_CLASSES = frozenset(
-    {
-        "HTTPClientError",  # botocore: EndpointConnectionError, ReadTimeoutError, ...
-        "ClientConnectionError",  # aiohttp: ServerDisconnectedError, ClientOSError, ...
-        "ClientPayloadError",
-        "IncompleteRead",
-        "ResponseParserError",
-        "FSTimeoutError",
-    }
-)
-
-
 # A blob's first bytes, fetched by the read of its preamble for the read of its header that
 # follows (see FsspecStorage.read): how many, for how long, for how many blobs at most.
 HEAD_PREFIX = 64 << 10
 _PREFIX_FOR = 10.0
 _PREFIXES_KEPT = 64
-
-
-def is_transient(e: BaseException) -> bool:
-    """Whether an error from a store is worth retrying: a dropped or timed-out connection, an
-    HTTP 5xx, 408, 409 or 429, or S3's ``SlowDown`` and the like.
-
-    Example:
-        >>> is_transient(ConnectionResetError()), is_transient(PermissionError())
-        (True, False)
-    """
-    if isinstance(e, ConnectionError | TimeoutError | asyncio.TimeoutError):
-        return True
-    if _TRANSIENT_CLASSES & {c.__name__ for c in type(e).__mro__}:
-        return True
-    response = getattr(e, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code", "")
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
-    return False
-
-
-@dataclass(frozen=True)
-class Retry:
-    """How long transient errors are retried: exponential backoff with jitter, from ``first``
-    seconds up to ``cap``, for at most ``total`` seconds per request.
-
-    Example:
-        >>> r = Retry(total=10.0)
-        >>> 0.0 < r.delay(1, time.monotonic() + 10) <= 0.1
-        True
-    """
-
-    total: float = 60.0
-    first: float = 0.1
-    cap: float = 5.0
-
-    def delay(self, attempt: int, deadline: float) -> float:
-        """Seconds to wait before attempt ``attempt + 1`` (never past ``deadline``)."""
-        base = min(self.cap, self.first * 2.0 ** (attempt - 1))
-        return max(0.0, min(base * random.uniform(0.5, 1.0), deadline - time.monotonic()))
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """``fn()``, retried while it raises transient errors."""
-        deadline = time.monotonic() + self.total
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except Exception as e:
-                attempt += 1
-                if not is_transient(e) or time.monotonic() >= deadline:
-                    raise
-                time.sleep(self.delay(attempt, deadline))
-
-
-class Head(NamedTuple):
-    """What a store says about an object: size, ETag ("" when none) and seconds since it was
-    written by the server's clock (None when the store does not say)."""
-
-    size: int
-    etag: str
-    age: float | None
-
-
-class PreconditionFailedError(OSError):
-    """A conditional write or delete found the object not as required."""
-
-
-class UnsupportedError(OSError):
-    """The store does not implement conditional requests."""
-
-
-class _FsBackend:
-    """Objects through the plain fsspec API: any filesystem fsspec knows (``memory://``, ...)."""
-
-    def __init__(self, fs: Any, retry: Retry) -> None:
-        self.fs, self.retry = fs, retry
-        protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-        self.renames = bool({"file", "local"} & set(protocol))
-
-    def head(self, path: str) -> Head | None:
-        try:
-            info = self.retry.call(lambda: self.fs.info(path))
-        except FileNotFoundError:
-            return None
-        if info.get("type") != "file":
-            return None
-        return Head(int(info["size"]), str(info.get("ETag") or info.get("etag") or ""), None)
-
-    def is_prefix(self, path: str) -> bool:
-        return bool(self.retry.call(lambda: self.fs.isdir(path)))
-
-    def get(self, path: str, offset: int, length: int) -> bytes:
-        data = self.retry.call(lambda: self.fs.cat_file(path, start=offset, end=offset + length))
-        return bytes(data)
-
-    def get_small(self, path: str) -> tuple[bytes, Head] | None:
-        try:
-            data = bytes(self.retry.call(lambda: self.fs.cat_file(path)))
-        except FileNotFoundError:
-            return None
-        except (IsADirectoryError, NotADirectoryError):
-            return None
-        return data, Head(len(data), hashlib.md5(data, usedforsecurity=False).hexdigest(), None)
-
-    def listdir(self, path: str) -> list[str]:
-        if not self.is_prefix(path):
-            return []
-        try:
-            entries = self.retry.call(lambda: self.fs.ls(path, detail=False, refresh=True))
-        except FileNotFoundError:
-            return []
-        base = path.rstrip("/")
-        return sorted({posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != base})
-
-    def delete(self, path: str, if_match: str | None = None) -> None:
-        if if_match is not None:
-            got = self.get_small(path)
-            if got is None:
-                return
-            if got[1].etag != if_match:
-                raise PreconditionFailedError(path)
-        with contextlib.suppress(FileNotFoundError):
-            self.retry.call(lambda: self.fs.rm_file(path))
-
-    def rmtree(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.retry.call(lambda: self.fs.rm(path, recursive=True))
-
-    def makedirs(self, path: str) -> None:
-        self.retry.call(lambda: self.fs.makedirs(path, exist_ok=True))
-
-    def remove_dir(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError, OSError):
-            if self.fs.isdir(path) and not self.fs.ls(path, detail=False, refresh=True):
-                self.fs.rmdir(path)
-
-    def put_small(
-        self, path: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
-    ) -> str:
-        """Check-then-write where the filesystem offers nothing better (``mode="create"`` is
-        exclusive only where the backend implements it so)."""
-        if if_match is not None:
-            got = self.get_small(path)
-            if got is None or got[1].etag != if_match:
-                raise PreconditionFailedError(path)
-        try:
-            mode = "create" if if_absent else "overwrite"
-            self.retry.call(lambda: self.fs.pipe_file(path, data, mode=mode))
-        except FileExistsError as e:
-            raise PreconditionFailedError(path) from e
-        return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-    def put(self, path: str, buffers: Iterable[memoryview | bytes]) -> tuple[int, int]:
-        hasher, size = xxhash.xxh3_64(), 0
-        # A BlobStream iterates in file order (head first), holding its frames: this API
-        # cannot write at offsets.
-        views = [memoryview(b).cast("B") for b in buffers]
-        for v in views:
-            hasher.update(v)
-            size += v.nbytes
-        target = path
-        if self.renames:  # a local filesystem: write aside, then rename (atomic there)
-            d, name = posixpath.split(path)
-            target = posixpath.join(d, f".{name}.tmp.{secrets.token_hex(4)}")
-        unique = generation_of(posixpath.basename(path)) is not None
-        try:
-            if unique or self.renames:
-                # A fresh name: stream it (a failure leaves at most an unreferenced object).
-                with self.fs.open(target, "wb") as f:
-                    for v in views:
-                        f.write(v)
-            else:  # a reused name (manifest, latest): one whole write, never a torn object
-                self.retry.call(lambda: self.fs.pipe_file(target, b"".join(views)))
-            if self.renames:
-                self.fs.mv(target, path)
-        except BaseException:
-            if unique or self.renames:
-                with contextlib.suppress(Exception):
-                    self.fs.rm_file(target)
-            raise
-        self.fs.invalidate_cache(path)
-        got = self.head(path)
-        if got is None or got.size != size:
-            raise OSError(f"the store holds {got and got.size} bytes, {size} were written")
-        return size, hasher.intdigest()
 
 
 def _is_s3(fs: Any) -> bool:
@@ -405,7 +183,7 @@ class FsspecStorage:
 
             self._backend = S3Backend(fs, part_size, max_concurrency, self.retry)
         else:
-            self._backend = _FsBackend(fs, self.retry)
+            self._backend = FsBackend(fs, self.retry)
         self._held: dict[int, _ObjectLock] = {}
         self._prefixes: dict[str, tuple[float, bytes]] = {}  # see read()
         self._mutex = threading.Lock()

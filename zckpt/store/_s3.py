@@ -9,9 +9,10 @@ bounded by the parts in flight. Every upload is counted only once the server has
 each part's ETag (and a single PUT's) is the MD5 of the bytes sent, checked; the completed
 object's ETag is the MD5 of the parts' MD5s, checked; its size is read back with a HEAD. A
 compressed :class:`~zckpt.format.BlobStream` is streamed too: its frames fill parts 2, 3, ...
-as they are encoded, and part 1 (the head, known last, plus the frames up to ``part_size``) is
-uploaded last; S3 assembles parts by number, whatever their order of arrival. The whole-file
-xxh3 the manifest records then has to be computed in file order, head first: the object is
+(of at most :data:`STREAM_PART` bytes, at most :data:`STREAM_FLIGHT` of them in flight) as they
+are encoded, and part 1 (the head, known last, plus the first frames) is uploaded last; S3
+assembles parts by number, whatever their order of arrival. The whole-file xxh3 the manifest
+records then has to be computed in file order, head first: the object is
 read back once in ranged GETs (bounded memory, twice the traffic for a large compressed blob;
 blobs under two parts are held and sent as one PUT instead).
 
@@ -27,7 +28,6 @@ import concurrent.futures
 import contextlib
 import email.utils
 import hashlib
-import io
 import itertools
 import sys
 import time
@@ -37,10 +37,12 @@ from typing import Any, TypeVar
 import xxhash
 
 from zckpt.format import BlobStream
-from zckpt.store._fsspec import Head, PreconditionFailedError, Retry, UnsupportedError, is_transient
+from zckpt.store._fsbackend import Head, PreconditionFailedError, UnsupportedError
+from zckpt.store._parts import ViewsReader, flat_head, flat_tail, growing_parts
 from zckpt.store._storage import windows
+from zckpt.store._transient import Retry, is_transient
 
-__all__ = ["S3Backend", "ViewsReader", "flat_head", "flat_tail", "growing_parts"]
+__all__ = ["S3Backend"]
 
 T = TypeVar("T")
 
@@ -57,64 +59,6 @@ READ_BACK_FLIGHT = 4
 # save peaked 392 MiB above its state.
 STREAM_PART = 8 << 20
 STREAM_FLIGHT = 64 << 20
-_GROW_EVERY = 1000
-
-
-class ViewsReader(io.RawIOBase):
-    """A seekable, read-only file over a sequence of buffers, without copying them.
-
-    The body of one request: botocore reads it for its checksum, seeks back, and aiohttp reads
-    it again to send it.
-
-    Example:
-        >>> r = ViewsReader([memoryview(b"abc"), memoryview(b"de")])
-        >>> len(r), r.read(4), r.read(), r.seek(1), r.read(2)
-        (5, b'abcd', b'e', 1, b'bc')
-    """
-
-    def __init__(self, views: Iterable[memoryview]) -> None:
-        super().__init__()
-        self._views = [v for v in views if v.nbytes]
-        self._starts: list[int] = []
-        pos = 0
-        for v in self._views:
-            self._starts.append(pos)
-            pos += v.nbytes
-        self._size, self._pos, self._at = pos, 0, 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        self._at = 0
-        while self._at + 1 < len(self._views) and self._starts[self._at + 1] <= self._pos:
-            self._at += 1
-        return self._pos
-
-    def readinto(self, b: Any) -> int:
-        out = memoryview(b).cast("B")
-        done = 0
-        while done < out.nbytes and self._pos < self._size:
-            v, start = self._views[self._at], self._starts[self._at]
-            inner = self._pos - start
-            if inner >= v.nbytes:
-                self._at += 1
-                continue
-            n = min(out.nbytes - done, v.nbytes - inner)
-            out[done : done + n] = v[inner : inner + n]
-            done, self._pos = done + n, self._pos + n
-        return done
 
 
 def _etag(text: str) -> str:
@@ -580,63 +524,3 @@ class S3Backend:
             )
             aborted.append(name)
         return aborted
-
-
-def flat_head(views: list[memoryview], n: int) -> list[memoryview]:
-    """The first ``n`` bytes of ``views``, as views.
-
-    Example:
-        >>> [bytes(v) for v in flat_head([memoryview(b"abc"), memoryview(b"de")], 4)]
-        [b'abc', b'd']
-    """
-    out: list[memoryview] = []
-    for v in views:
-        if n <= 0:
-            break
-        out.append(v[:n])
-        n -= out[-1].nbytes
-    return out
-
-
-def flat_tail(views: list[memoryview], skip: int) -> list[memoryview]:
-    """``views`` without their first ``skip`` bytes.
-
-    Example:
-        >>> [bytes(v) for v in flat_tail([memoryview(b"abc"), memoryview(b"de")], 4)]
-        [b'e']
-    """
-    out: list[memoryview] = []
-    for v in views:
-        if skip >= v.nbytes:
-            skip -= v.nbytes
-            continue
-        out.append(v[skip:])
-        skip = 0
-    return out
-
-
-def growing_parts(buffers: Iterable[memoryview | bytes], size: int) -> Iterator[list[memoryview]]:
-    """``buffers`` cut into parts of ``size`` bytes, twice that after 1,000 parts, four times
-    after 2,000, ... (only the last may be shorter): parts small enough to hold while the
-    size of the whole is still unknown, and never more than S3's 10,000 of them.
-
-    Example:
-        >>> [[bytes(v) for v in p] for p in growing_parts([b"abc", b"de"], 2)]
-        [[b'ab'], [b'c', b'd'], [b'e']]
-    """
-    batch: list[memoryview] = []
-    count = 0
-    room = size
-    for buf in buffers:
-        b = memoryview(buf).cast("B")
-        while b.nbytes:
-            piece = b[:room]
-            batch.append(piece)
-            room -= piece.nbytes
-            b = b[piece.nbytes :]
-            if room == 0:
-                yield batch
-                count += 1
-                batch, room = [], size << (count // _GROW_EVERY)
-    if batch:
-        yield batch
