@@ -3,6 +3,8 @@
 A blob is a 32-byte preamble (magic, version, flags, index length and checksum), a msgpack index
 (skeleton, spec, fragments, and for every chunk its codec, offset, lengths and xxh3 checksum) and
 64-byte aligned frames holding the tensor bytes, raw, zstd-compressed or split into byte planes.
+A version 2 index (written by saves into large checkpoints) replaces the skeleton by its digest
+and the dtypes and shapes of the blob's own tensors; the skeleton is in the manifest.
 No pickle: decoding an untrusted blob can only raise a :class:`~zckpt.FormatError`.
 
 Example:
@@ -19,6 +21,7 @@ from zckpt.format._decode import decode_fragment, decode_shard, iter_problems, v
 from zckpt.format._encode import EncodedShard, encode_shard, encode_shard_parts
 from zckpt.format._header import (
     FORMAT_VERSION,
+    FORMAT_VERSIONS,
     MAGIC,
     PREAMBLE_SIZE,
     BlobHeader,
@@ -32,6 +35,7 @@ from zckpt.format._stream import BlobStream, encode_shard_stream
 
 __all__ = [
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "MAGIC",
     "PREAMBLE_SIZE",
     "BlobHeader",
