@@ -395,11 +395,12 @@ def bind_skeleton(h: BlobHeader, skeleton: Skeleton) -> BlobHeader:
             f"skeleton it is read with ({want:#018x}): it was written for another state"
         )
     tensors = skeleton.tensors
+    last = max(h.leaf_metas, default=-1)
+    if last >= len(tensors):
+        raise FormatError(
+            f"rank {h.rank}: the blob lists tensor leaf {last}, the skeleton has {len(tensors)}"
+        )
     for leaf, meta in h.leaf_metas.items():
-        if leaf >= len(tensors):
-            raise FormatError(
-                f"rank {h.rank}: the blob lists tensor leaf {leaf}, the skeleton has {len(tensors)}"
-            )
         if tensors[leaf] != meta:
             raise FormatError(
                 f"rank {h.rank}: tensor {skeleton.name(leaf)} is {meta} in the blob but "
