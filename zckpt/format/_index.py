@@ -300,10 +300,15 @@ def _check_layout(h: BlobHeader, blob_size: int | None) -> None:
 
 
 def parse_index(
-    index: memoryview, index_size: int, blob_size: int | None, version: int = 1
+    index: memoryview,
+    index_size: int,
+    blob_size: int | None,
+    version: int = 1,
+    skeleton: Skeleton | None = None,
 ) -> BlobHeader:
     """Validate an unpacked index against the blob's geometry and build its header
-    (``version``: the preamble's)."""
+    (``version``: the preamble's; ``skeleton``, for a version 2 index, names its tensors in
+    messages: it is checked by :func:`bind_skeleton`)."""
     obj = expect_map(_unpack(index, index_size), "index")
     if obj.get("format") != "zckpt":
         raise FormatError(f"index: 'format' is {show(obj.get('format'))}, expected 'zckpt'")
@@ -332,6 +337,8 @@ def parse_index(
         metas = own
 
         def name_of(leaf: int) -> str:
+            if skeleton is not None and leaf < len(skeleton.tensors):
+                return skeleton.name(leaf)
             return f"tensor leaf {leaf}"
 
         def meta_of(leaf: int, where: str) -> TensorMeta:
@@ -454,5 +461,5 @@ def decode_header(
         )
     index = mv[PREAMBLE_SIZE:end]
     check(index, checksum, f"index (bytes [{PREAMBLE_SIZE}, {end}))")
-    h = parse_index(index, end, blob_size, preamble_version(mv))
+    h = parse_index(index, end, blob_size, preamble_version(mv), skeleton)
     return h if skeleton is None else bind_skeleton(h, skeleton)
