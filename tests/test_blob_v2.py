@@ -130,6 +130,27 @@ def test_version_2_round_trips_bitwise_with_its_skeleton(codec: str, stream: boo
     assert all(tensors_bitwise_equal(a, b) for a, b in zip(back.data, shard.data, strict=True))
 
 
+def test_the_example_in_format_md() -> None:
+    s = {"w": torch.arange(4.0), "step": 3}
+    blob = encode_shard(_shard(s, zckpt.ZeroSpec(1, 1), 0), version=2)
+    index, version = _index(blob)
+    assert (len(blob), PRE.unpack_from(blob)[3], version) == (336, 282, 2)
+    assert index["skeleton_digest"] == 1989777196552328313
+    assert {k: v.hex() for k, v in index["leaves"].items()} == {
+        "leaf": "00000000",
+        "dtypes": "00",
+        "ndims": "01",
+        "dims": "0400000000000000",
+    }
+    assert index["fragments"][0]["chunks"][0] == {
+        "a": 0, "b": 4, "c": 0, "o": 320, "n": 16, "r": 16, "x": 787602748309198206
+    }  # fmt: skip
+    assert list(index) == [
+        "format", "version", "rank", "spec", "skeleton_digest", "leaves", "fragments", "extra",
+        "size",
+    ]  # fmt: skip
+
+
 def test_a_lone_version_2_blob_says_where_its_skeleton_is() -> None:
     shard = _shard(_state(), zckpt.ZeroSpec(2, 2), 0)
     blob = encode_shard(shard, version=2)
