@@ -290,3 +290,51 @@ def test_bench_metadata_smoke_runs(tmp_path: Any) -> None:
     }
     for r in rows:
         assert r["manifest_bytes"] > 0 and r["blob_index_bytes"] > 0 and r["sources"] > 0
+
+
+_KEYS = st.one_of(
+    st.sampled_from(["module", "master", "state", "exp_avg", "gate.weight", "x" * 700]),
+    st.builds(
+        lambda e, w: f"moe.experts.{e}.{w}",
+        st.sampled_from(["0", "3", "12", "9999999", "01"]),
+        st.sampled_from(["w1", "b1"]),
+    ),
+    st.builds(lambda e: f"block.{e}.ffn", st.sampled_from(["1", "2", "x"])),
+    st.integers(-3, 5),
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.lists(_KEYS, max_size=5).map(tuple), max_size=12),
+    st.sampled_from(
+        [
+            EXPERTS,
+            (r"^block\.(\w+)\.", r"experts\.(\d+)\."),
+            (r"experts\.(\d+)\.", r"^block\.(\d+)\."),
+        ]
+    ),
+)
+@example([("module", "x" * 700, "x" * 700, "moe.experts.3.w1")], EXPERTS)  # too long
+@example([("block.x.ffn", "moe.experts.3.w1")], (r"^block\.(\w+)\.", r"experts\.(\d+)\."))
+@example([("moe.experts.9999999.w1",), ("x" * 700,) * 3], EXPERTS)  # bad id before too long
+def test_experts_of_is_expert_of_on_each_path(
+    paths: list[tuple[Any, ...]], patterns: tuple[str, ...]
+) -> None:
+    """The vectorised matcher gives expert_of's answer for every path, or the error expert_of
+    raises on the first path (in order) that raises."""
+    spec = zckpt.ZeroSpec(2, 1, experts=patterns)
+    want: list[int | None] = []
+    error = None
+    for p in paths:
+        try:
+            want.append(spec.expert_of(p))
+        except zckpt.SpecError as e:
+            error = str(e)
+            break
+    if error is None:
+        assert spec.experts_of(paths) == want
+    else:
+        with pytest.raises(zckpt.SpecError) as got:
+            spec.experts_of(paths)
+        assert str(got.value) == error

@@ -333,6 +333,79 @@ def test_a_held_lock_is_renewed_and_a_dead_ones_lapses(where: Where) -> None:
     assert not where.storage.exists(path)
 
 
+def test_a_killed_saves_tag_lock_is_taken_over_after_its_lease(s3_server: Any) -> None:
+    """A save SIGKILLed mid-save leaves its tag's lock object behind (no kernel frees it). The
+    next save of the tag was refused as concurrent until the lease ran out (30 s by default; a
+    local flock frees at once); now it waits for the lock to lapse (it is not renewed any more)
+    and takes it over."""
+    lease = 5.0  # longer than the 3 s a save used to wait: without the takeover, refused
+    url = f"s3://{BUCKET}/killed-{uuid.uuid4().hex[:12]}"
+    st = FsspecStorage(_s3_fs(s3_server.endpoint), part_size=5 * MiB, lease=lease)
+    zckpt.save_checkpoint(url, state_of(1), spec(1, 2), tag="t", storage=st)
+    lock_path = f"{url}/.t.zckpt-lock"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child_py = Path(__file__).parent / "s3_lock_child.py"
+    for _ in range(5):  # until the kill lands while the child holds the lock (nearly always)
+        child = subprocess.Popen(
+            [sys.executable, str(child_py), s3_server.endpoint, url, str(lease)],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == b"ready"
+        deadline = time.monotonic() + 30
+        while not st.lock_owner(lock_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        if f"pid {child.pid} " in st.lock_owner(lock_path):
+            break
+    assert f"pid {child.pid} " in st.lock_owner(lock_path), st.lock_owner(lock_path)
+    zckpt.save_checkpoint(url, state_of(7), spec(1, 2), tag="t", overwrite=True, storage=st)
+    assert_states_equal(zckpt.load_checkpoint(url, tag="t", storage=st).state, state_of(7))
+    assert st.lock_owner(lock_path) == ""  # the taken-over lock was released after the save
+
+
+def test_waiters_for_a_dead_holders_tag_lock_one_wins(s3: Where) -> None:
+    """Several saves wait for the same lapsed lock: the takeover is a conditional write on the
+    stale lock's ETag, so exactly one gets it; the others see it renewed by its new holder and
+    are refused as concurrent. A live holder (renewing a lease shorter than the wait) keeps its
+    lock against all of them."""
+    from zckpt.store._commit import ConcurrentSaveError, tag_lock
+
+    lease = 3.0
+    dead = FsspecStorage(s3.storage.fs, lease=lease)
+    held = dead.try_lock(f"{s3.url}/.t.zckpt-lock", "pid 1 on a dead node")
+    assert held is not None
+    dead._forget(held)  # type: ignore[arg-type]  # its holder died: nobody renews it
+    live = FsspecStorage(s3.storage.fs, lease=1.0)
+    alive = live.try_lock(f"{s3.url}/.u.zckpt-lock", "pid 2 on a live node")
+    assert alive is not None
+    waiters = [FsspecStorage(s3.storage.fs, lease=lease) for _ in range(4)]
+    got: dict[str, list[Any]] = {"t": [None] * 4, "u": [None] * 4}
+    go = threading.Barrier(8)
+
+    def wait(tag: str, i: int) -> None:
+        go.wait()
+        try:
+            got[tag][i] = tag_lock(waiters[i], s3.url, tag)
+        except ConcurrentSaveError as e:
+            got[tag][i] = e
+
+    threads = [threading.Thread(target=wait, args=(t, i)) for t in ("t", "u") for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [g for g in got["t"] if not isinstance(g, ConcurrentSaveError)]
+    assert len(winners) == 1, got["t"]
+    assert all(isinstance(g, ConcurrentSaveError) for g in got["u"]), got["u"]
+    assert "pid 2 on a live node" in str(got["u"][0]) and alive.intact()
+    winners[0].release()
+    alive.release()
+
+
 @pytest.mark.parametrize("conditional", [True, False])
 def test_release_racing_a_renewal_leaves_no_lock(
     s3: Where, monkeypatch: Any, conditional: bool
@@ -462,6 +535,85 @@ def test_reading_a_streamed_blob_back_holds_a_bounded_number_of_bytes(s3: Where)
     digest = backend._hash_back(st._key(path), len(data))
     assert digest == xxhash.xxh3_64_intdigest(data)
     assert most[0] <= READ_BACK_FLIGHT * READ_BACK_STEP < 50 * MiB, most[0] / MiB
+
+
+def test_a_streamed_blobs_parts_in_flight_are_bounded_by_bytes(s3: Where, monkeypatch: Any) -> None:
+    """A compressed save streams frames into parts, and each part in flight holds its frames:
+    with 50 MiB parts, 4 in flight and two held for part 1, a 1 GiB zstd save peaked 392 MiB
+    above its state. Streamed parts are now at most STREAM_PART bytes whatever ``part_size``,
+    and at most STREAM_FLIGHT bytes of them are in flight."""
+    from zckpt.store import _s3
+
+    monkeypatch.setattr(_s3, "STREAM_FLIGHT", 16 * MiB)
+    st = FsspecStorage(s3.storage.fs, part_size=50 * MiB, max_concurrency=8)
+    backend = st._backend
+    part, outstanding, most, sizes = backend._part, [0], [0], []
+
+    async def counting(*args: Any) -> str:
+        n = sum(v.nbytes for v in args[-1])
+        sizes.append(n)
+        outstanding[0] += n
+        most[0] = max(most[0], outstanding[0])
+        try:
+            return await part(*args)
+        finally:
+            outstanding[0] -= n
+
+    monkeypatch.setattr(backend, "_part", counting)
+    g = torch.Generator().manual_seed(5)
+    state = {"w": torch.randint(0, 256, (40 * MiB,), dtype=torch.uint8, generator=g)}
+    zckpt.save_checkpoint(s3.url, state, spec(1, 1), tag="t", codec="zstd", storage=st)
+    assert len(sizes) >= 4 and max(sizes) <= _s3.STREAM_PART, sizes
+    assert most[0] <= 16 * MiB, most[0] / MiB
+    assert_states_equal(zckpt.load_checkpoint(s3.url, storage=st).state, state)
+
+
+def test_streamed_parts_grow_to_stay_within_s3s_part_count(monkeypatch: Any) -> None:
+    from zckpt.store import _parts
+
+    monkeypatch.setattr(_parts, "GROW_EVERY", 2)
+    data = bytes(range(256)) * 4
+    parts = list(_parts.growing_parts([data[:100], data[100:]], 16))
+    assert [sum(v.nbytes for v in p) for p in parts] == [
+        16,
+        16,
+        32,
+        32,
+        64,
+        64,
+        128,
+        128,
+        256,
+        256,
+        32,
+    ]
+    assert b"".join(bytes(v) for p in parts for v in p) == data
+
+
+def test_a_blobs_header_costs_one_ranged_get(s3: Where) -> None:
+    """Opening a blob read its preamble, then its header: two ranged GETs at offset 0 of every
+    blob a rank opens (a load at another world size opens more of them per rank). The first
+    now fetches HEAD_PREFIX bytes, and the header is served from them."""
+    from zckpt.store._fsspec import HEAD_PREFIX
+
+    zckpt.save_checkpoint(s3.url, state_of(4), spec(3, 2), tag="t", storage=s3.storage)
+    st = FsspecStorage(s3.storage.fs)
+    get, at_zero = st._backend.get, []
+
+    def counting(key: str, offset: int, length: int) -> bytes:
+        if offset == 0 and key.endswith(".zck"):
+            at_zero.append((key, length))
+        data: bytes = get(key, offset, length)
+        return data
+
+    st._backend.get = counting
+    for rank in range(2):
+        got = zckpt.load_checkpoint(s3.url, world_size=2, rank=rank, storage=st)
+        assert got.state["lr_scheduler"] == {"last_epoch": 4}
+    # One GET per blob each load opens (was two: the preamble's, then the header's).
+    assert len({k for k, _ in at_zero}) == 3 and all(n == HEAD_PREFIX for _, n in at_zero)
+    full = zckpt.load_checkpoint(s3.url, storage=st).state
+    assert_states_equal(full, zckpt.load_checkpoint(s3.url, storage=s3.storage).state)
 
 
 # -- failures ------------------------------------------------------------------------------

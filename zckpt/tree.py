@@ -19,8 +19,10 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +58,31 @@ def _itemsize(dtype: torch.dtype) -> int:
     if n is None:
         n = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
     return n
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a large metadata structure is built or read.
+
+    A skeleton of a few hundred thousand tensors is millions of tracked objects, and building
+    another such structure triggers collections that scan all of them again and again (seconds
+    per plan or manifest on a MoE state). What is built here holds no reference cycles, so
+    reference counting frees it all the same; the collector resumes on exit (if it ran before).
+
+    Example:
+        >>> import gc
+        >>> with _gc_paused():
+        ...     gc.isenabled()
+        False
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
+from zckpt.adapters._in_place import OptimizerInto, optimizer_into
 from zckpt.adapters._state import (
     GLOBAL_STEPS,
     LR_SCHEDULER,
     MASTER,
     MODULE,
+    OPTIMIZER,
     frozen_names,
     load_module_state,
     prefer_masters,
@@ -39,6 +41,7 @@ from zckpt.store import (
 )
 from zckpt.store._explain import explain
 from zckpt.store._resolve import is_url
+from zckpt.tree import Skeleton
 
 __all__ = ["Checkpointer"]
 
@@ -263,17 +266,41 @@ class Checkpointer:
         return saved
 
     def _in_place(
-        self, load_dir: str | os.PathLike[str], tag: str | None, masters: bool
-    ) -> tuple[dict[str, Any] | None, frozenset[str]]:
-        """The ``into=`` tree that reads module values straight into the model's own memory:
-        each CPU parameter or buffer whose saved value has its dtype and shape, and an fp32
-        parameter from its fp32 master (the 16-bit copy then is not read at all); and the
-        module names so filled. Anything else is read fresh and copied (cast) as before."""
+        self,
+        load_dir: str | os.PathLike[str],
+        tag: str | None,
+        masters: bool,
+        module: bool,
+        optimizer: bool,
+    ) -> tuple[dict[str, Any] | None, frozenset[str], OptimizerInto | None]:
+        """The ``into=`` tree that reads straight into the memory the training objects own;
+        the module names so filled; the optimizer's destinations (see
+        :func:`~zckpt.adapters._in_place.optimizer_into`), when ``optimizer``.
+
+        Module (``module``): each CPU parameter or buffer whose saved value has its dtype and
+        shape, and an fp32 parameter from its fp32 master (the 16-bit copy then is not read at
+        all). Anything else is read fresh and copied (cast) as before.
+        """
         try:
-            manifest = open_checkpoint(load_dir, tag, storage=self.storage).manifest
+            ck = open_checkpoint(load_dir, tag, storage=self.storage)
         except (ZckptError, OSError):
-            return None, frozenset()  # load_checkpoint says why, in its own words
-        spec, skel = manifest.spec, manifest.skeleton
+            return None, frozenset(), None  # load_checkpoint says why, in its own words
+        into, done = self._module_into(ck.manifest.spec, ck.manifest.skeleton, masters, module)
+        opt_into = None
+        if optimizer:
+            taken = {t.data_ptr() for t in self.module.state_dict().values()}
+            opt_into = optimizer_into(self.module, self.optimizer, ck.manifest.skeleton,
+                                      ck.path, taken)  # fmt: skip
+            if opt_into is not None:
+                into = {**(into or {}), OPTIMIZER: opt_into.tree}
+        return into, done, opt_into
+
+    def _module_into(
+        self, spec: ZeroSpec, skel: Skeleton, masters: bool, module_wanted: bool
+    ) -> tuple[dict[str, Any] | None, frozenset[str]]:
+        """The module's part of :meth:`_in_place`: its ``into=`` tree and the names filled."""
+        if not module_wanted:
+            return None, frozenset()
         leaf_of = dict(skel.tensor_paths())
         metas = {path: skel.tensors[leaf] for path, leaf in leaf_of.items()}
         dests = self.module.state_dict()
@@ -338,6 +365,12 @@ class Checkpointer:
         ``ZeroAdamW`` loaded without its optimizer states refreshes its masters from the loaded
         weights.
 
+        The values are read where they live (``docs/training.md``, "Resume in place"): into the
+        model's parameters and buffers, into the optimizer's own state tensors (created first
+        for a fresh optimizer, with the dtype and device ``load_state_dict`` gives them; no
+        training step), into a ``ZeroAdamW``'s partitions. The optimizer then goes through its
+        ``load_state_dict`` as always and ends exactly as a plain load would leave it.
+
         Returns:
             ``(load_path, client_state)``; ``(None, None)`` when there was nothing to load (no
             ``latest`` and no tag): logged for an empty directory (a fresh run), a
@@ -348,7 +381,9 @@ class Checkpointer:
             CheckpointNotFoundError: the tag (or the one ``latest`` names) is not committed;
                 ``load_dir`` is a DeepSpeed checkpoint (convert it first); with
                 ``require=True``, whenever nothing was loaded, with the reason.
-            LoadError: strict module keys or the optimizer's param groups do not match.
+            LoadError: strict module keys or the optimizer's param groups do not match, or an
+                optimizer state tensor's shape is not the saved one (named by its path; checked
+                before anything is read).
 
         Example:
             >>> import tempfile
@@ -361,9 +396,13 @@ class Checkpointer:
         # fp32 parameters take the fp32 masters with a ZeroAdamW too: its partitions come
         # from the masters, and its parameters must agree with them (not be the 16-bit copy)
         want_masters = custom_load_fn is None
-        into, in_place = None, frozenset[str]()
-        if custom_load_fn is None:
-            into, in_place = self._in_place(load_dir, tag, want_masters)
+        into, in_place, opt_into = self._in_place(
+            load_dir,
+            tag,
+            want_masters,
+            module=custom_load_fn is None,
+            optimizer=want_optimizer and opt is not None and not zero,
+        )
         loaded = load_checkpoint(
             load_dir,
             tag=tag,
@@ -411,6 +450,8 @@ class Checkpointer:
             state = {}
         if not load_lr_scheduler_states:
             state.pop(LR_SCHEDULER, None)
+        if opt_into is not None and isinstance(state.get(OPTIMIZER), dict):
+            opt_into.place(state[OPTIMIZER])  # the optimizer's tensors, filled where they are
         if isinstance(opt, ZeroAdamW):
             if want_optimizer:
                 load_partitions(opt, ck)

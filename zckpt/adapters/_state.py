@@ -229,11 +229,39 @@ def load_optimizer_state(
         >>> fresh.param_groups[0]["lr"]
         0.1
     """
+    groups, index = matched_groups(model, optimizer, saved)
+    state = {index[name]: st for name, st in saved.get("state", {}).items()}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def matched_groups(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    saved: Mapping[str, Any],
+    where: str = "",
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The param groups ``load_state_dict`` gets from :func:`optimizer_state` output ``saved``
+    (the optimizer's own hyperparameters, replaced by the saved ones; ``params`` the indices),
+    and each parameter name's index; checked before anything is loaded.
+
+    Raises:
+        LoadError: the param groups differ in number or in which parameters they hold, or the
+            saved state names a parameter the optimizer lacks (``where`` prefixes the message).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        >>> saved = {"param_groups": [{"lr": 0.1, "params": ["bias", "weight"]}]}
+        >>> groups, index = matched_groups(model, opt, saved)
+        >>> groups[0]["lr"], groups[0]["params"], index
+        (0.1, [0, 1], {'weight': 0, 'bias': 1})
+    """
+    at = f"{where}: " if where else ""
     current = optimizer_param_names(model, optimizer)
     saved_groups = list(saved.get("param_groups", ()))
     if len(saved_groups) != len(current):
         raise LoadError(
-            f"optimizer: the checkpoint has {len(saved_groups)} param groups, "
+            f"{at}optimizer: the checkpoint has {len(saved_groups)} param groups, "
             f"the optimizer {len(current)}"
         )
     index: dict[str, int] = {}
@@ -244,20 +272,18 @@ def load_optimizer_state(
             missing = sorted(set(names) - set(saved_names))[:3]
             extra = sorted(set(saved_names) - set(names))[:3]
             raise LoadError(
-                f"optimizer/param_groups/{g}: parameters differ: the checkpoint lacks {missing}, "
-                f"the optimizer lacks {extra}"
+                f"{at}optimizer/param_groups/{g}: parameters differ: the checkpoint lacks "
+                f"{missing}, the optimizer lacks {extra}"
             )
         new = {k: v for k, v in group.items() if k != "params"}
         new.update({k: v for k, v in sg.items() if k != "params"})
         new["params"] = list(range(len(index), len(index) + len(names)))
         index.update({n: len(index) + i for i, n in enumerate(names)})
         groups.append(new)
-    state = {}
-    for name, st in saved.get("state", {}).items():
+    for name in saved.get("state", {}) or {}:
         if name not in index:
-            raise LoadError(f"optimizer/state/{name}: no such parameter in the optimizer")
-        state[index[name]] = st
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+            raise LoadError(f"{at}optimizer/state/{name}: no such parameter in the optimizer")
+    return groups, index
 
 
 def prefer_masters(

@@ -32,7 +32,7 @@ from zckpt.adapters._state import (
     optimizer_param_names,
     unwrap,
 )
-from zckpt.assemble import assemble, index_sources
+from zckpt.assemble import assemble
 from zckpt.errors import SpecError
 from zckpt.shard import Shard, shard_from_local
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
@@ -429,6 +429,18 @@ def zero_shard(
     return shard_from_local(plan, optimizer.rank, groups, tensors)
 
 
+def _uncovered(lay: GroupLayout) -> list[tuple[int, int]]:
+    """The ranges of this rank's partition that hold no parameter's elements (padding)."""
+    out, at = [], 0
+    for _, a, b, o in sorted(lay.pieces(), key=lambda piece: piece[3]):
+        if o > at:
+            out.append((at, o))
+        at = max(at, o + (b - a))
+    if lay.stop - lay.start > at:
+        out.append((at, lay.stop - lay.start))
+    return out
+
+
 def load_partitions(optimizer: ZeroAdamW, checkpoint: Checkpoint) -> None:
     """Fill this rank's partitions from a checkpoint saved at any world size, stage or layout.
 
@@ -495,12 +507,18 @@ def load_partitions(optimizer: ZeroAdamW, checkpoint: Checkpoint) -> None:
         unsupported = [k for k in ("amsgrad", "maximize") if saved_groups[g].get(k)]
         if unsupported:
             raise LoadError(f"{where}: param group {g} uses {unsupported}, which ZeroAdamW lacks")
-        for buf in optimizer.flat[g].values():
-            buf.zero_()  # the padding stays zero
+        fresh = g in fresh_groups
+        # Every buffer is read where it lives; only what no piece covers (the tail padding, a
+        # fresh group's moments) is zeroed, so a resume writes each byte once.
+        for kind, buf in optimizer.flat[g].items():
+            if fresh and kind != MASTER:
+                buf.zero_()
+            else:
+                for lo, hi in _uncovered(lay):
+                    buf[lo:hi].zero_()
         for name in lay.scalars:
             for t in optimizer.scalar[name].values():
                 t.zero_()
-        fresh = g in fresh_groups
 
         def source(name: str, kind: str, fresh: bool = fresh) -> int | None:
             shape = optimizer._params[name].shape
@@ -531,7 +549,7 @@ def load_partitions(optimizer: ZeroAdamW, checkpoint: Checkpoint) -> None:
                     raise LoadError(f"{where}: optimizer/state/{name}/step is not saved")
                 steps.append((g, name, i))
 
-    index = index_sources(skel, checkpoint.sources())
+    index = checkpoint.source_index()
     got_steps = assemble(index, [Fragment(i, 0, 1) for _, _, i in steps])
     assemble(index, wanted, [torch.float32] * len(wanted), outs)
 

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, overload
@@ -180,8 +181,11 @@ def consolidate(args: argparse.Namespace) -> int:
         check_file_output(out, overwrite=args.overwrite, flag=FLAG)
     else:
         check_dir_output(out, overwrite=args.overwrite, flag=FLAG)
-    sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(
-        args.path, args.tag, args.exclude_frozen, lazy_mode=args.lazy
+    # What is in memory now (torch and zckpt's imports, ~10^6 objects) outlives the command:
+    # no cyclic collection, during the export or at exit, need traverse it again (~0.3-0.5 s).
+    gc.freeze()
+    sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(  # safetensors: streamed, always lazy
+        args.path, args.tag, args.exclude_frozen, lazy_mode=args.lazy or kind != "torch"
     )
     dtype = DTYPES[args.dtype]
     if kind == "torch":

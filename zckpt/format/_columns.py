@@ -15,6 +15,7 @@ leaf index, dtype code and dimension is checked before anything is built, with t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -24,7 +25,17 @@ import xxhash
 from zckpt.errors import FormatError, StateError
 from zckpt.format._dtypes import CODE_OF, DTYPE_OF, ITEMSIZE, dtype_of_code
 from zckpt.format._skeleton import MAX_DEPTH, U64, VALUE_TYPES, expect_list, expect_map, show
-from zckpt.tree import DICT, TENSOR, TUPLE, VALUE, Path, Skeleton, TensorMeta, format_path
+from zckpt.tree import (
+    DICT,
+    TENSOR,
+    TUPLE,
+    VALUE,
+    Path,
+    Skeleton,
+    TensorMeta,
+    _gc_paused,
+    format_path,
+)
 
 __all__ = [
     "COLUMNS_VERSION",
@@ -68,38 +79,51 @@ def skeleton_to_columns(skeleton: Skeleton) -> dict[str, Any]:
     leaves: list[int] = []
     table: dict[tuple[type, Any], int] = {}
     keys: list[Any] = []
-    stack: list[tuple[Any, int, int]] = [(skeleton.node, 0, -1)]
-    while stack:
-        (tag, body), depth, key_id = stack.pop()
-        tags.append(tag)
-        if key_id >= 0:  # a dict's child: its key, in preorder as the reader consumes them
-            key_ids.append(key_id)
+    add_tag, add_kid, add_value, add_leaf = (
+        tags.append,
+        key_ids.append,
+        values.append,
+        leaves.append,
+    )
+
+    def kid(node: Any, depth: int) -> None:
+        tag, body = node
+        add_tag(tag)
         if tag == TENSOR:
-            leaves.append(body)
+            add_leaf(body)
         elif tag == VALUE:
-            values.append(body)
+            add_value(body)
         else:
-            if depth >= MAX_DEPTH:
-                raise StateError(f"the state nests containers deeper than {MAX_DEPTH} levels")
-            counts.append(len(body))
-            if tag == DICT:
-                kids = []
-                for k, v in body:
-                    i = table.setdefault((type(k), k), len(keys))
-                    if i == len(keys):
-                        keys.append(k)
-                    kids.append((v, depth + 1, i))
-            else:
-                kids = [(v, depth + 1, -1) for v in body]
-            stack.extend(reversed(kids))
-    metas = skeleton.tensors
-    codes: list[int] = []
-    for i, m in enumerate(metas):
-        code = CODE_OF.get(m.dtype)
-        if code is None:
-            raise StateError(f"{skeleton.name(i)}: dtype {m.dtype} has no zckpt format code")
-        codes.append(code)
-    dims = [d for m in metas for d in m.shape]
+            container(tag, body, depth)
+
+    def container(tag: int, body: Any, depth: int) -> None:
+        if depth >= MAX_DEPTH:
+            raise StateError(f"the state nests containers deeper than {MAX_DEPTH} levels")
+        counts.append(len(body))
+        if tag == DICT:
+            # A dict's keys enter the table when the dict is reached, before its children's.
+            ids = []
+            for k, _ in body:
+                i = table.setdefault((type(k), k), len(keys))
+                if i == len(keys):
+                    keys.append(k)
+                ids.append(i)
+            for i, (_, v) in zip(ids, body):
+                add_kid(i)
+                kid(v, depth + 1)
+        else:
+            for v in body:
+                kid(v, depth + 1)
+
+    with _gc_paused():
+        kid(skeleton.node, 0)
+        metas = skeleton.tensors
+        codes = list(map(CODE_OF.get, [m.dtype for m in metas]))
+        if None in codes:
+            i = codes.index(None)
+            raise StateError(f"{skeleton.name(i)}: dtype {metas[i].dtype} has no zckpt format code")
+        shapes = [m.shape for m in metas]
+        dims = list(chain.from_iterable(shapes))
     return {
         "v": COLUMNS_VERSION,
         "tags": bytes(tags),
@@ -108,8 +132,8 @@ def skeleton_to_columns(skeleton: Skeleton) -> dict[str, Any]:
         "key_ids": np.array(key_ids, dtype="<u4").tobytes(),
         "values": values,
         "leaves": np.array(leaves, dtype="<u4").tobytes(),
-        "dtypes": bytes(codes),
-        "ndims": bytes(len(m.shape) for m in metas),
+        "dtypes": bytes(codes),  # type: ignore[arg-type]
+        "ndims": bytes(map(len, shapes)),
         "dims": np.array(dims, dtype="<u8").tobytes(),
     }
 
@@ -264,30 +288,35 @@ def _metas(m: dict[str, Any], n_leaves: int, where: str) -> tuple[TensorMeta, ..
     nz = np.flatnonzero(ndims)
     if len(nz):
         per[nz] = np.add.reduceat(logs, starts[nz])
-    shapes_at = starts.tolist()
-    ranks = ndims.tolist()
-    dim_list = dims.tolist()
     for i in np.flatnonzero(per + np.log2(item) > 62.0).tolist():
         span = ITEMSIZE[int(codes[i])]
-        for d in dim_list[shapes_at[i] : shapes_at[i] + ranks[i]]:
+        shape = dims[int(starts[i]) : int(starts[i]) + int(ndims[i])].tolist()
+        for d in shape:
             span *= max(d, 1)
         if span > _I63:
-            shape = dim_list[shapes_at[i] : shapes_at[i] + ranks[i]]
             raise FormatError(
                 f"{where}: tensor {i}: absurd shape {show(shape)} (its size in bytes, or a "
                 "stride, would not fit in 64 bits)"
             )
-    interned: dict[tuple[int, tuple[int, ...]], TensorMeta] = {}
-    out: list[TensorMeta] = []
-    code_list = codes.tolist()
-    for i in range(n_leaves):
-        a = shapes_at[i]
-        key = (code_list[i], tuple(dim_list[a : a + ranks[i]]))
-        meta = interned.get(key)
-        if meta is None:
-            meta = interned[key] = TensorMeta(DTYPE_OF[key[0]], key[1])
-        out.append(meta)
-    return tuple(out)
+    # One TensorMeta per distinct (dtype, shape), found for each rank by classing the rows of
+    # that rank's leaves (dtype code, dims) one column at a time; no padding.
+    out = np.empty(n_leaves, dtype=object)
+    for nd in np.unique(ndims).tolist():
+        idx = np.flatnonzero(ndims == nd)
+        rows = np.empty((len(idx), nd + 1), dtype=np.uint64)
+        rows[:, 0] = codes[idx]
+        if nd:
+            rows[:, 1:] = dims[starts[idx][:, None] + np.arange(nd)]
+        key = np.zeros(len(idx), dtype=np.int64)  # each row's class, compacted column by column
+        for col in rows.T:
+            _, inv = np.unique(col, return_inverse=True)
+            _, key = np.unique(key * (int(inv.max()) + 1) + inv, return_inverse=True)
+        _, first = np.unique(key, return_index=True)  # a row of each class, by class
+        made = np.empty(len(first), dtype=object)
+        made[:] = [TensorMeta(DTYPE_OF[r[0]], tuple(r[1:])) for r in rows[first].tolist()]
+        out[idx] = made[key.reshape(-1)]
+    metas: tuple[TensorMeta, ...] = tuple(out.tolist())
+    return metas
 
 
 def _check_keys(obj: Any, where: str) -> list[Any]:
@@ -369,14 +398,9 @@ def skeleton_from_columns(obj: Any, where: str = "skeleton") -> Skeleton:
                 f"leaf {int(prev[bad[0]]) + 1}"
             )
     n_leaves = int(leaves.max()) + 1 if len(leaves) else 0
-    metas = _metas(m, n_leaves, where)
-    return _build(tags, counts, keys, key_ids, values, leaves, metas, where)
-
-
-def _child_path(frame: list[Any] | None, kid: int, keys: list[Any]) -> Path:
-    if frame is None:
-        return ()
-    return (*frame[3], keys[kid] if kid >= 0 else len(frame[2]))
+    with _gc_paused():
+        metas = _metas(m, n_leaves, where)
+        return _build(tags, counts, keys, key_ids, values, leaves, metas, where)
 
 
 def _build(
@@ -389,70 +413,77 @@ def _build(
     metas: tuple[TensorMeta, ...],
     where: str,
 ) -> Skeleton:
-    """The node tree from checked columns: one pass in preorder over a stack of open
-    containers, each ``[tag, children left, children, path, key ids]``."""
-    tag_list, count_list = tags.tolist(), counts.tolist()
-    id_list = key_ids.tolist()
-    leaf_list = leaves.tolist()
+    """The node tree from checked columns, by recursive descent in preorder (one call per
+    container; leaves are built inline by their parent)."""
+    next_tag = iter(tags.tolist()).__next__
+    next_count = iter(counts.tolist()).__next__
+    next_kid = iter(key_ids.tolist()).__next__
+    next_leaf = iter(leaves.tolist()).__next__
+    next_value = iter(values).__next__
     paths: list[Path] = []
-    ci = ki = vi = li = 0
-    stack: list[list[Any]] = []
-    root: Any = None
-    frame: list[Any] | None = None  # the innermost open container
-    for tag in tag_list:
-        kid = -1
-        if frame is None:
-            if root is not None:
-                raise FormatError(f"{where}: nodes after the root's end")
-        elif frame[0] == DICT:
-            kid = id_list[ki]
-            ki += 1
-        if tag == VALUE:
-            node: Any = (VALUE, values[vi])
-            vi += 1
-        elif tag == TENSOR:
-            leaf = leaf_list[li]
-            li += 1
-            if leaf == len(paths):
-                paths.append(_child_path(frame, kid, keys))
-            node = (TENSOR, leaf)
-        else:
-            path = _child_path(frame, kid, keys)
-            if len(stack) >= MAX_DEPTH:
-                raise FormatError(
-                    f"{where} at {format_path(path)}: containers nested deeper than "
-                    f"{MAX_DEPTH} levels"
-                )
-            left = count_list[ci]
-            ci += 1
-            if left:
-                frame = [tag, left, [], path, [], kid]
-                stack.append(frame)
-                continue
-            node = (tag, ())
-        # Attach the finished node, closing every container it completes.
-        while frame is not None:
-            if frame[0] == DICT:
-                frame[2].append((keys[kid], node))
-                frame[4].append(kid)
-            else:
-                frame[2].append(node)
-            frame[1] -= 1
-            if frame[1]:
-                break
-            stack.pop()
-            if frame[0] == DICT and len(set(frame[4])) != len(frame[4]):
-                ids = sorted(frame[4])
+    add_path = paths.append
+
+    def container(tag: int, path: Path, depth: int) -> Any:
+        if depth >= MAX_DEPTH:
+            raise FormatError(
+                f"{where} at {format_path(path)}: containers nested deeper than {MAX_DEPTH} levels"
+            )
+        n = next_count()
+        kids: list[Any] = []
+        add = kids.append
+        if tag == DICT:
+            ids = []
+            for _ in range(n):
+                kid = next_kid()
+                ids.append(kid)
+                key = keys[kid]
+                t = next_tag()
+                if t == TENSOR:
+                    leaf = next_leaf()
+                    if leaf == len(paths):
+                        add_path((*path, key))
+                    add((key, (TENSOR, leaf)))
+                elif t == VALUE:
+                    add((key, (VALUE, next_value())))
+                else:
+                    add((key, container(t, (*path, key), depth + 1)))
+            if n > 1 and len(set(ids)) != n:
+                ids.sort()
                 dup = next(a for a, b in zip(ids, ids[1:]) if a == b)
                 raise FormatError(
-                    f"{where} at {format_path(frame[3])}: duplicate dict key {show(keys[dup])}"
+                    f"{where} at {format_path(path)}: duplicate dict key {show(keys[dup])}"
                 )
-            node, kid = (frame[0], tuple(frame[2])), frame[5]
-            frame = stack[-1] if stack else None
         else:
-            root = node
-    if root is None or stack:
-        raise FormatError(f"{where}: the node arrays end inside an open container")
+            for i in range(n):
+                t = next_tag()
+                if t == TENSOR:
+                    leaf = next_leaf()
+                    if leaf == len(paths):
+                        add_path((*path, i))
+                    add((TENSOR, leaf))
+                elif t == VALUE:
+                    add((VALUE, next_value()))
+                else:
+                    add(container(t, (*path, i), depth + 1))
+        return (tag, tuple(kids))
+
+    try:
+        tag = next_tag()
+        if tag == TENSOR:
+            root: Any = (TENSOR, next_leaf())
+            paths.append(())
+        elif tag == VALUE:
+            root = (VALUE, next_value())
+        else:
+            root = container(tag, (), 0)
+    except StopIteration:
+        raise FormatError(f"{where}: the node arrays end inside an open container") from None
+    try:
+        next_tag()
+    except StopIteration:
+        pass
+    else:
+        raise FormatError(f"{where}: nodes after the root's end")
     if len(paths) != len(metas):  # unreachable after the leaf checks; kept as a guard
         raise FormatError(f"{where}: {len(paths)} tensor leaves, {len(metas)} metas")
     return Skeleton(root, metas, tuple(paths))

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from zckpt.assemble import Fp32Entry, TensorSource, assemble_fp32, index_sources
+from zckpt.assemble import Fp32Entry, SourceIndex, TensorSource, assemble_fp32, index_sources
 from zckpt.errors import CoverageError
 from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
 from zckpt.interop._layout import (
@@ -45,6 +45,7 @@ from zckpt.interop._layout import (
 from zckpt.interop._layout import stage3_piece_size as piece_size
 from zckpt.interop._moe import expert_pieces, is_expert_group, local_expert_counts
 from zckpt.interop._pages import PagedSource, file_mappings
+from zckpt.interop._stream import Segment, StreamedTensor
 from zckpt.interop._unpickle import DeepSpeedFormatError
 from zckpt.spec import Fragment
 from zckpt.store._fp32 import LazyTensor
@@ -407,9 +408,32 @@ def deepspeed_fp32_state_dict(
         if e.tied_to is not None:
             out[e.name] = out[e.tied_to]
             continue
+        meta = skel.tensors[e.source]
 
         def load(e: Fp32Entry = e) -> torch.Tensor:
             return dict(assemble_fp32(index, [e]))[e.name]
 
-        out[e.name] = LazyTensor(skel.tensors[e.source].shape, e.dtype, load)
+        if meta.dtype != e.dtype:  # upcast when read: no bytes to stream as they are
+            out[e.name] = LazyTensor(meta.shape, e.dtype, load)
+            continue
+
+        def segments(e: Fp32Entry = e, n: int = meta.numel) -> list[Segment]:
+            return _segments(ck.path, index, skel, Fragment(e.source, 0, n))
+
+        out[e.name] = StreamedTensor(meta.shape, e.dtype, load, segments)
     return out
+
+
+def _segments(where: str, index: SourceIndex, skel: Skeleton, want: Fragment) -> list[Segment]:
+    """The saved ranges making up ``want``, in order (relative to each source)."""
+    gaps = index.missing(want)
+    if gaps:
+        shown = ", ".join(f"[{a}, {b})" for a, b in gaps[:4])
+        raise DeepSpeedFormatError(
+            f"{where}: {skel.name(want.leaf)}: elements {shown} of {want.numel} are in no "
+            "saved shard"
+        )
+    return [
+        (src, lo - src.fragment.start, hi - src.fragment.start)
+        for src, lo, hi in index.overlapping(want)
+    ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import weakref
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ __all__ = [
     "find_deepspeed",
     "get",
     "open_deepspeed",
+    "recently_opened",
 ]
 
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -314,6 +316,56 @@ def open_deepspeed(path: str | os.PathLike[str], tag: str | None = None) -> Deep
     if found is None:
         raise DeepSpeedFormatError(f"{os.fspath(path)}: not a DeepSpeed checkpoint directory")
     d, tag = found
+    ck = _open(d, tag)
+    if ck.universal is None:
+        with _LOCK:
+            _opened[(os.path.realpath(d), _fingerprint(d))] = ck
+    return ck
+
+
+# Checkpoints opened and still alive in this process (the fp32 state dict's lazy values keep
+# theirs), by directory and its files' identities: see recently_opened.
+_opened: weakref.WeakValueDictionary[tuple[str, Any], DeepSpeedCheckpoint] = (
+    weakref.WeakValueDictionary()
+)
+_LOCK = threading.Lock()
+
+
+def _fingerprint(d: str) -> tuple[tuple[str, int, int, int, int], ...] | None:
+    try:
+        with os.scandir(d) as it:
+            entries = [(e.name, e.stat(follow_symlinks=True)) for e in it]
+    except OSError:
+        return None
+    return tuple(sorted((n, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for n, st in entries))
+
+
+def recently_opened(path: str | os.PathLike[str], tag: str | None = None) -> DeepSpeedCheckpoint:
+    """:func:`open_deepspeed`, or the checkpoint it opened earlier in this process for the same
+    directory if that is still alive (e.g. held by a lazy fp32 state dict) and none of the
+    directory's entries changed since (same names, devices, inodes, sizes, mtimes). For
+    read-only uses (``module_key_order`` reading the module's keys while an export runs): the
+    result may be shared with other callers, so it must not be modified.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> write_zero_checkpoint(d, {"w": torch.randn(5)}, world_size=2, stage=2)
+        >>> ck = open_deepspeed(d)
+        >>> recently_opened(d) is ck
+        True
+    """
+    found = find_deepspeed(path, tag)
+    if found is not None:
+        with _LOCK:
+            ck = _opened.get((os.path.realpath(found[0]), _fingerprint(found[0])))
+        if ck is not None and ck.tag == found[1]:
+            return ck
+    return open_deepspeed(path, tag)
+
+
+def _open(d: str, tag: str) -> DeepSpeedCheckpoint:
     optim_files, model3, model, experts = _scan(d)
     if not optim_files and is_universal(d):
         return _open_universal(d, tag, model3, model, experts)

@@ -19,12 +19,13 @@ import mmap
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from zckpt.assemble import TensorSource
 
-__all__ = ["PagedSource", "file_mappings"]
+__all__ = ["FileMapping", "PagedSource", "file_mappings", "release_pages"]
 
 _MADV_DONTNEED = 4
 _WINDOW = 16 << 20
@@ -48,8 +49,37 @@ def _madvise() -> Callable[[int, int], None] | None:
 _dontneed = _madvise()
 
 
-def file_mappings(paths: Iterable[str]) -> tuple[tuple[int, int], ...]:
-    """Address ranges ``[start, end)`` where this process maps any of ``paths`` (Linux).
+def release_pages(lo: int, hi: int) -> None:
+    """Hand back the whole pages inside addresses ``[lo, hi)`` of a private file mapping that
+    was never written (``MADV_DONTNEED``: they are read again from the file if touched). Only
+    call it on memory :func:`file_mappings` found; elsewhere it would discard data.
+
+    Example:
+        >>> release_pages(0, 0)  # nothing inside: no call
+    """
+    first = -(-lo // _PAGE) * _PAGE
+    last = hi // _PAGE * _PAGE
+    if _dontneed is not None and last > first:
+        _dontneed(first, last - first)
+
+
+class FileMapping(NamedTuple):
+    """Addresses ``[start, end)`` of this process mapping ``path`` from byte ``offset`` on.
+
+    Example:
+        >>> m = FileMapping(4096, 8192, 0, "/f")
+        >>> m.end - m.start
+        4096
+    """
+
+    start: int
+    end: int
+    offset: int
+    path: str
+
+
+def file_mappings(paths: Iterable[str]) -> tuple[FileMapping, ...]:
+    """Where this process maps any of ``paths`` (Linux ``/proc/self/maps``; else ``()``).
 
     Example:
         >>> import tempfile
@@ -65,16 +95,17 @@ def file_mappings(paths: Iterable[str]) -> tuple[tuple[int, int], ...]:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].rstrip("\n") in wanted:
+                path = parts[5].rstrip("\n") if len(parts) == 6 else ""
+                if path in wanted:
                     lo, hi = parts[0].split("-")
-                    found.append((int(lo, 16), int(hi, 16)))
-    except OSError:
+                    found.append(FileMapping(int(lo, 16), int(hi, 16), int(parts[2], 16), path))
+    except (OSError, ValueError):
         return ()
     return tuple(sorted(found))
 
 
-def _inside(ranges: tuple[tuple[int, int], ...], lo: int, hi: int) -> bool:
-    return any(a <= lo and hi <= b for a, b in ranges)
+def _mapping_of(ranges: tuple[FileMapping, ...], lo: int, hi: int) -> FileMapping | None:
+    return next((m for m in ranges if m.start <= lo and hi <= m.end), None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,22 +121,37 @@ class PagedSource(TensorSource):
         [1.0, 2.0]
     """
 
-    mappings: tuple[tuple[int, int], ...]
+    mappings: tuple[FileMapping, ...]
+
+    def file_range(self, start: int, stop: int) -> tuple[str, int, int] | None:
+        """``(path, byte offset, bytes)`` of elements ``[start, stop)`` in the checkpoint file
+        they are mapped from, or None when they lie in no mapping of one (e.g. memory).
+
+        Example:
+            >>> from zckpt.spec import Fragment
+            >>> PagedSource(Fragment(0, 0, 4), torch.arange(4.0), ()).file_range(0, 2) is None
+            True
+        """
+        src = self.data[start:stop]
+        if not src.is_contiguous():
+            return None
+        lo = src.data_ptr()
+        n = src.numel() * src.element_size()
+        m = _mapping_of(self.mappings, lo, lo + n)
+        return None if m is None else (m.path, m.offset + (lo - m.start), n)
 
     def read_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Copy elements ``[start, stop)`` into ``out``, releasing the source pages copied."""
         src = self.data[start:stop]
         item = src.element_size()
         lo = src.data_ptr()
-        release = _dontneed is not None and _inside(self.mappings, lo, lo + src.numel() * item)
+        inside = _mapping_of(self.mappings, lo, lo + src.numel() * item)
+        release = _dontneed is not None and inside is not None
         step = max(1, _WINDOW // item)
         with torch.no_grad():
             for a in range(0, src.numel(), step):
                 b = min(src.numel(), a + step)
                 out[a:b].copy_(src[a:b])
-                if release and _dontneed is not None:
-                    first = -(-(lo + a * item) // _PAGE) * _PAGE
-                    last = (lo + b * item) // _PAGE * _PAGE
-                    if last > first:
-                        _dontneed(first, last - first)
+                if release:
+                    release_pages(lo + a * item, lo + b * item)
         return out

@@ -44,17 +44,18 @@ Every file's metadata also carries ``"format": "pt"``, which Hugging Face loader
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import save_file
 
 from zckpt.assemble import fp32_entries
-from zckpt.interop._files import find_deepspeed, open_deepspeed
+from zckpt.interop._files import find_deepspeed, recently_opened
 from zckpt.interop._output import (
     PYTHON_FLAG,
     building_dir,
@@ -63,6 +64,7 @@ from zckpt.interop._output import (
     check_file_output,
     finish_file,
 )
+from zckpt.interop._stream import write_value
 from zckpt.store import open_checkpoint
 
 __all__ = [
@@ -195,7 +197,8 @@ def module_key_order(checkpoint_dir: str | os.PathLike[str], tag: str | None = N
         (['z.weight', 'a.weight'], ['a.weight', 'z.weight'])
     """
     if find_deepspeed(checkpoint_dir, tag) is not None:
-        module = open_deepspeed(checkpoint_dir, tag).model[0].get("module")
+        # The one an export of its fp32 state dict opened, when still alive: read-only use.
+        module = recently_opened(checkpoint_dir, tag).model[0].get("module")
         if not isinstance(module, Mapping):
             return []
         return [k for k in module if isinstance(k, str)]
@@ -249,9 +252,104 @@ def _materialise(v: Any, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def _write(tensors: dict[str, torch.Tensor], path: str, meta: dict[str, str]) -> None:
-    save_file(tensors, path, metadata=meta)
-    finish_file(path)  # safetensors makes 0o600 files; and fsync before the rename
+#: safetensors' dtype names, in the order ``safetensors.torch.save_file`` lays tensors out (its
+#: ``Dtype`` enum, largest first; by name within a dtype), so a streamed file is byte for byte
+#: the file ``save_file`` writes for the same tensors and metadata.
+_DTYPES: tuple[tuple[str, torch.dtype], ...] = tuple(
+    (code, dt)
+    for code, name in (
+        ("U64", "uint64"),
+        ("I64", "int64"),
+        ("F64", "float64"),
+        ("F32", "float32"),
+        ("U32", "uint32"),
+        ("I32", "int32"),
+        ("BF16", "bfloat16"),
+        ("F16", "float16"),
+        ("U16", "uint16"),
+        ("I16", "int16"),
+        ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E5M2", "float8_e5m2"),
+        ("I8", "int8"),
+        ("U8", "uint8"),
+        ("BOOL", "bool"),
+    )
+    if isinstance(dt := getattr(torch, name, None), torch.dtype)
+)
+_CODE = {dt: code for code, dt in _DTYPES}
+_RANK = {dt: i for i, (_code, dt) in enumerate(_DTYPES)}
+
+
+def safetensors_header(
+    tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+) -> tuple[bytes, list[int]]:
+    """The header ``save_file`` writes for these ``(name, dtype, shape)`` and metadata (the
+    8-byte length and the JSON, space-padded to 8 bytes), and the order the tensors' bytes
+    follow it in (indices into ``tensors``).
+
+    Raises:
+        ValueError: a dtype safetensors has no name for here.
+
+    Example:
+        >>> h, order = safetensors_header(
+        ...     [("b", torch.float16, (2,)), ("a", torch.float32, ())], {"format": "pt"})
+        >>> h[8:].decode().rstrip(), order
+        ('{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]},\
+"b":{"dtype":"F16","shape":[2],"data_offsets":[4,8]}}', [1, 0])
+    """
+    items = list(tensors)
+    for name, dt, _shape in items:
+        if dt not in _CODE:
+            raise ValueError(f"{name}: dtype {dt} has no safetensors name zckpt writes")
+    order = sorted(range(len(items)), key=lambda i: (_RANK[items[i][1]], items[i][0]))
+    doc: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    pos = 0
+    for i in order:
+        name, dt, shape = items[i]
+        n = dt.itemsize
+        for d in shape:
+            n *= int(d)
+        doc[name] = {
+            "dtype": _CODE[dt],
+            "shape": [int(d) for d in shape],
+            "data_offsets": [pos, pos + n],
+        }
+        pos += n
+    js = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    js += b" " * (-len(js) % 8)
+    return struct.pack("<Q", len(js)) + js, order
+
+
+def _write(
+    names: list[str],
+    values: list[Any],
+    dtypes: list[torch.dtype],
+    path: str,
+    meta: dict[str, str],
+    on_tensor: Callable[[str, int], None] | None,
+    sizes: list[int],
+) -> None:
+    """One safetensors file at ``path``: the header, then each tensor's bytes, one at a time
+    (:func:`zckpt.interop._stream.write_value`: streamed values straight from the checkpoint's
+    files, others materialised one by one); then fsynced with the mode of a new file."""
+    shapes = [tuple(int(d) for d in v.shape) for v in values]
+    header, order = safetensors_header(zip(names, dtypes, shapes), meta)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        written = os.write(fd, header)
+        if written != len(header):
+            raise OSError(errno.EIO, f"{path}: short write of the header")
+        for i in order:
+            n = write_value(fd, values[i], dtypes[i], _materialise)
+            if n != sizes[i]:
+                raise OSError(
+                    errno.EIO, f"{path}: {names[i]}: wrote {n} bytes, expected {sizes[i]}"
+                )
+            if on_tensor is not None:
+                on_tensor(names[i], sizes[i])
+    finally:
+        os.close(fd)
+    finish_file(path)  # the mode of a new file; and fsync before the rename
 
 
 def is_directory_output(out: str | os.PathLike[str], max_shard_size: int | str | None) -> bool:
@@ -429,13 +527,7 @@ def write_safetensors(
 
     if not as_dir:
         with building_file(out, overwrite=overwrite, flag=flag) as tmp:
-            tensors: dict[str, torch.Tensor] = {}
-            for i, name in enumerate(names):
-                tensors[name] = _materialise(values[i], dtypes[i])
-                if on_tensor is not None:
-                    on_tensor(name, sizes[i])
-            _write(tensors, tmp, meta)
-            del tensors
+            _write(names, values, dtypes, tmp, meta, on_tensor, sizes)
         return Exported((out,), None, tied, total, params)
 
     groups = plan_safetensors_shards(sizes, total + 1 if limit is None else limit) or [[]]
@@ -448,14 +540,17 @@ def write_safetensors(
     weight_map: dict[str, str] = {}
     with building_dir(out, overwrite=overwrite, flag=flag) as tmp_dir:
         for group, file in zip(groups, files):
-            shard: dict[str, torch.Tensor] = {}
             for i in group:
-                shard[names[i]] = _materialise(values[i], dtypes[i])
                 weight_map[names[i]] = file
-                if on_tensor is not None:
-                    on_tensor(names[i], sizes[i])
-            _write(shard, os.path.join(tmp_dir, file), meta)
-            del shard
+            _write(
+                [names[i] for i in group],
+                [values[i] for i in group],
+                [dtypes[i] for i in group],
+                os.path.join(tmp_dir, file),
+                meta,
+                on_tensor,
+                [sizes[i] for i in group],
+            )
         if n > 1:
             index_meta: dict[str, Any] = {"total_parameters": params, "total_size": total}
             if tied:

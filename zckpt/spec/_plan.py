@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, NamedTuple, overload
 
 import numpy as np
@@ -20,9 +22,17 @@ import torch
 
 from zckpt.errors import SpecError
 from zckpt.spec._spec import ZeroSpec
-from zckpt.tree import Path, Skeleton, TensorMeta, skeleton_of
+from zckpt.tree import Path, Skeleton, TensorMeta, _gc_paused, skeleton_of
 
-__all__ = ["FlatGroup", "Fragment", "Placement", "RankWrites", "ShardPlan", "plan_shards"]
+__all__ = [
+    "FlatGroup",
+    "Fragment",
+    "Placement",
+    "Placements",
+    "RankWrites",
+    "ShardPlan",
+    "plan_shards",
+]
 
 # Placement kinds.
 FLAT, TENSOR, REPLICATED, EMPTY, EXPERT = "flat", "tensor", "replicated", "empty", "expert"
@@ -171,18 +181,93 @@ class RankWrites(Sequence[tuple[Fragment, ...]]):
         return repr(tuple(self))
 
 
+# Placement kinds as the small codes a plan's arrays hold, and back.
+_KINDS = (FLAT, TENSOR, REPLICATED, EMPTY, EXPERT)
+_CODE = {k: i for i, k in enumerate(_KINDS)}
+_FLAT, _TENSOR, _REPLICATED, _EMPTY, _EXPERT = range(5)
+
+
+class Placements(Sequence[Placement]):
+    """``plan.placements``: every leaf's :class:`Placement`, held as arrays and made when read.
+
+    Reads like the tuple it stands for (indexing, iteration, ``len``, equality with tuples);
+    a plan of a few hundred thousand leaves builds no object per leaf until one is asked for.
+
+    Example:
+        >>> import torch
+        >>> p = plan_shards({"master": {"w": torch.zeros(4)}, "n": torch.ones(())}, ZeroSpec(2, 3))
+        >>> p.placements[1], p.placements == (Placement("tensor"), Placement("replicated", owner=0))
+        (Placement(kind='replicated', group=-1, owner=0, expert=-1), True)
+    """
+
+    def __init__(
+        self, kinds: np.ndarray, groups: np.ndarray, owners: np.ndarray, experts: np.ndarray
+    ) -> None:
+        self._arrays = (kinds, groups, owners, experts)
+        self._lists: tuple[list[int], list[int], list[int], list[int]] | None = None
+
+    def _cols(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        if self._lists is None:
+            k, g, o, e = (a.tolist() for a in self._arrays)
+            self._lists = (k, g, o, e)
+        return self._lists
+
+    def __len__(self) -> int:
+        return len(self._arrays[0])
+
+    @overload
+    def __getitem__(self, i: int) -> Placement: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Placement, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> Any:
+        k, g, o, e = self._cols()
+        if isinstance(i, slice):
+            return tuple(map(Placement, map(_KINDS.__getitem__, k[i]), g[i], o[i], e[i]))
+        return Placement(_KINDS[k[i]], g[i], o[i], e[i])
+
+    def __iter__(self) -> Iterator[Placement]:
+        k, g, o, e = self._cols()
+        return map(Placement, map(_KINDS.__getitem__, k), g, o, e)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Placements):
+            return all(np.array_equal(a, b) for a, b in zip(self._arrays, other._arrays))
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
 @dataclass(frozen=True)
 class _Layout:
-    """What a plan derives once, in O(tensors + ranks), to answer per-rank questions."""
+    """What a plan derives once, in O(tensors + ranks) array operations, to answer per-rank
+    questions in time proportional to the rank's own fragments."""
 
-    offsets: tuple[int, ...]  # a flat leaf's offset in its group (-1 for other leaves)
-    owned: dict[int, tuple[int, ...]]  # rank -> leaves it writes whole (replicated, expert)
+    kinds: list[int]  # every leaf's placement kind code
+    owners: list[int]  # every leaf's owner (-1: not written whole)
+    offsets: list[int]  # a flat leaf's offset in its group (-1 for other leaves)
+    owned_ranks: np.ndarray  # the owners of the leaves written whole, sorted (int64)
+    owned_leaves: np.ndarray  # those leaves, in the same order (by owner, then leaf)
     tensor_leaves: np.ndarray  # stage 3 partitioned leaves (int64)
     tensor_numel: np.ndarray  # their element counts (int64)
     group_parts: np.ndarray  # every flat group's partition size (int64)
     group_numel: np.ndarray  # every flat group's unpadded size (int64)
     replicated: tuple[int, ...]  # every replicated leaf, in leaf order
     expert_leaves: dict[int, tuple[int, ...]]  # expert id -> its leaves, in leaf order
+    numels: list[int]  # every leaf's element count
+
+    def owned(self, rank: int) -> list[int]:
+        """The leaves ``rank`` writes whole, in leaf order (O(log leaves + its own))."""
+        a, b = np.searchsorted(self.owned_ranks, (rank, rank + 1))
+        out: list[int] = self.owned_leaves[a:b].tolist()
+        return out
 
 
 @dataclass(frozen=True)
@@ -204,7 +289,7 @@ class ShardPlan:
 
     spec: ZeroSpec
     skeleton: Skeleton
-    placements: tuple[Placement, ...]
+    placements: Sequence[Placement]
     groups: tuple[FlatGroup, ...]
     writes: Sequence[tuple[Fragment, ...]]
     num_experts: int = 0
@@ -222,18 +307,29 @@ class ShardPlan:
             object.__setattr__(self, "_layout", lay)
         return lay
 
-    def writes_of(self, rank: int) -> tuple[Fragment, ...]:
-        """The fragments ``rank`` writes, sorted, in O(its own fragments + groups).
+    def writes_of(self, rank: int, experts: bool = True) -> tuple[Fragment, ...]:
+        r"""The fragments ``rank`` writes, sorted, in O(its own fragments + groups).
+
+        ``experts=False`` leaves out the MoE expert tensors the rank writes (they go to each
+        expert's own file, :meth:`expert_writes`): what the rank's own blob holds.
 
         Example:
             >>> import torch
             >>> s = {"master": {"a": torch.zeros(3), "b": torch.zeros(5)}}
             >>> plan_shards(s, ZeroSpec(2, 2)).writes_of(0)
             (Fragment(leaf=0, start=0, stop=3), Fragment(leaf=1, start=0, stop=1))
+            >>> moe = {"master": {"experts.0.w": torch.zeros(2), "b": torch.zeros(2)}}
+            >>> plan = plan_shards(moe, ZeroSpec(1, 3, experts=(r"experts\.(\d+)\.",)))
+            >>> len(plan.writes_of(0)), plan.writes_of(0, experts=False)
+            (2, (Fragment(leaf=1, start=0, stop=2),))
         """
         self._check_rank(rank)
         if not isinstance(self.writes, RankWrites):
-            return tuple(self.writes[rank])
+            listed = tuple(self.writes[rank])
+            if experts:
+                return listed
+            kinds = self._lay().kinds
+            return tuple(f for f in listed if kinds[f.leaf] != _EXPERT)
         lay = self._lay()
         out: list[Fragment] = []
         if len(self.groups):
@@ -249,10 +345,25 @@ class ShardPlan:
             sel = np.flatnonzero(a < numel)
             b = np.minimum(numel[sel], a[sel] + per[sel])
             out.extend(map(Fragment, lay.tensor_leaves[sel].tolist(), a[sel].tolist(), b.tolist()))
-        tensors = self.skeleton.tensors
-        out.extend(Fragment(leaf, 0, tensors[leaf].numel) for leaf in lay.owned.get(rank, ()))
+        numels, owned = lay.numels, lay.owned(rank)
+        if not experts:
+            kinds = lay.kinds
+            owned = [leaf for leaf in owned if kinds[leaf] != _EXPERT]
+        out.extend(Fragment(leaf, 0, numels[leaf]) for leaf in owned)
         out.sort()
         return tuple(out)
+
+    def expert_writes(self, expert: int) -> tuple[Fragment, ...]:
+        r"""The fragments of MoE expert ``expert``'s own file: its tensors, whole, in leaf order.
+
+        Example:
+            >>> import torch
+            >>> s = {"master": {f"experts.{e}.w": torch.zeros(2 + e) for e in range(2)}}
+            >>> plan_shards(s, ZeroSpec(2, 3, experts=(r"experts\.(\d+)\.",))).expert_writes(1)
+            (Fragment(leaf=1, start=0, stop=3),)
+        """
+        numels = self._lay().numels
+        return tuple(Fragment(leaf, 0, numels[leaf]) for leaf in self.expert_leaves(expert))
 
     def holds(self, rank: int) -> tuple[Fragment, ...]:
         """What ``rank`` keeps in memory: its own ranges and every replicated tensor, whole.
@@ -265,17 +376,29 @@ class ShardPlan:
         """
         self._check_rank(rank)
         lay = self._lay()
-        tensors = self.skeleton.tensors
-        out = [f for f in self.writes_of(rank) if self.placements[f.leaf].kind in (FLAT, TENSOR)]
-        out.extend(Fragment(leaf, 0, tensors[leaf].numel) for leaf in lay.replicated)
+        kinds, numels = lay.kinds, lay.numels
+        out = [f for f in self.writes_of(rank) if kinds[f.leaf] <= _TENSOR]
+        out.extend(Fragment(leaf, 0, numels[leaf]) for leaf in lay.replicated)
         ep = self.spec.expert_parallel_size
-        for expert, leaves in lay.expert_leaves.items():
-            if rank % ep != self._expert_slot(expert):
-                continue
-            for leaf in leaves:
-                f = self._expert_holding(leaf, rank)
-                if f is not None:
-                    out.append(f)
+        mine = [v for e, v in lay.expert_leaves.items() if rank % ep == self._expert_slot(e)]
+        if mine:
+            # The rank's part of each tensor of its experts: whole for 0-d tensors (and module
+            # weights under stages 1-2), else its slice over the expert's group of ranks.
+            leaves = np.fromiter(chain.from_iterable(mine), dtype=np.int64)
+            info = _leaves(self.skeleton)
+            numel = info.numel[leaves]
+            whole = info.scalar[leaves]
+            if self.spec.stage < 3:
+                paths, module = self.skeleton.paths, self.spec.module
+                whole |= np.array(
+                    [bool(paths[i]) and str(paths[i][0]) == module for i in leaves.tolist()],
+                    dtype=bool,
+                )
+            per = -(-numel // (self.world_size // ep))
+            a = np.where(whole, 0, (rank // ep) * per)
+            b = np.where(whole, numel, np.minimum(numel, a + per))
+            keep = a < b
+            out.extend(map(Fragment, leaves[keep].tolist(), a[keep].tolist(), b[keep].tolist()))
         out.sort()
         return tuple(out)
 
@@ -289,26 +412,27 @@ class ShardPlan:
             >>> [(r, f.start, f.stop) for r, f in plan.writers(0, 2, 7)]
             [(0, 0, 3), (1, 3, 6), (2, 6, 9)]
         """
-        meta = self.skeleton.tensors[leaf]
-        start, stop = max(0, start), min(stop, meta.numel)
+        lay = self._lay()
+        numel = lay.numels[leaf]
+        start, stop = max(0, start), min(stop, numel)
         if start >= stop:
             return []
-        p = self.placements[leaf]
-        if p.kind in (REPLICATED, EXPERT):
-            return [(p.owner, Fragment(leaf, 0, meta.numel))]
-        if p.kind == TENSOR:
-            per = -(-meta.numel // self.world_size)
+        kind = lay.kinds[leaf]
+        if kind in (_REPLICATED, _EXPERT):
+            return [(lay.owners[leaf], Fragment(leaf, 0, numel))]
+        if kind == _TENSOR:
+            per = -(-numel // self.world_size)
             return [
-                (r, Fragment(leaf, r * per, min(meta.numel, (r + 1) * per)))
+                (r, Fragment(leaf, r * per, min(numel, (r + 1) * per)))
                 for r in range(start // per, (stop - 1) // per + 1)
             ]
-        if p.kind != FLAT:
+        if kind != _FLAT:
             return []
-        off = self._lay().offsets[leaf]
-        part = self.groups[p.group].partition_numel
+        off = lay.offsets[leaf]
+        part = self.groups[self.placements[leaf].group].partition_numel
         out = []
         for r in range((off + start) // part, (off + stop - 1) // part + 1):
-            a, b = max(r * part, off), min((r + 1) * part, off + meta.numel)
+            a, b = max(r * part, off), min((r + 1) * part, off + numel)
             out.append((r, Fragment(leaf, a - off, b - off)))
         return out
 
@@ -339,19 +463,6 @@ class ShardPlan:
     def _expert_slot(self, expert: int) -> int:
         return expert // (self.num_experts // self.spec.expert_parallel_size)
 
-    def _expert_holding(self, leaf: int, rank: int) -> Fragment | None:
-        """``rank``'s part of expert leaf ``leaf`` (rank in the expert's group)."""
-        meta = self.skeleton.tensors[leaf]
-        path = self.skeleton.paths[leaf]
-        if not meta.shape or (self.spec.stage < 3 and self.spec.is_module_path(path)):
-            return Fragment(leaf, 0, meta.numel)
-        ep = self.spec.expert_parallel_size
-        size = self.world_size // ep
-        per = -(-meta.numel // size)
-        i = rank // ep
-        a, b = i * per, min(meta.numel, (i + 1) * per)
-        return Fragment(leaf, a, b) if a < b else None
-
     def _check_rank(self, rank: int) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
             raise SpecError(f"rank {rank!r} is out of range for world size {self.world_size}")
@@ -374,49 +485,116 @@ def _group_key(
     return (tuple(map(str, path[:-1])), str(meta.dtype), -1), 0
 
 
+def _cache(skel: Skeleton) -> dict[Any, Any]:
+    """Per-skeleton values that every plan of it needs (a skeleton is immutable; a load plans
+    one skeleton twice, at the saved spec and the new one)."""
+    cache: dict[Any, Any] | None = skel.__dict__.get("_plan_cache")
+    if cache is None:
+        cache = {}
+        object.__setattr__(skel, "_plan_cache", cache)
+    return cache
+
+
+class _Leaves(NamedTuple):
+    numels: list[int]
+    numel: np.ndarray  # int64
+    items: np.ndarray  # bytes per element, int64
+    scalar: np.ndarray  # 0-d tensors (bool)
+
+
+def _leaves(skel: Skeleton) -> _Leaves:
+    cache = _cache(skel)
+    info: _Leaves | None = cache.get("leaves")
+    if info is None:
+        tensors = skel.tensors
+        n = len(tensors)
+        shapes = [m.shape for m in tensors]
+        dtypes = [m.dtype for m in tensors]
+        numels = list(map(math.prod, shapes))
+        try:
+            numel = np.array(numels, dtype=np.int64).reshape(n)
+        except OverflowError:
+            big = next(i for i, x in enumerate(numels) if x > 2**63 - 1)
+            raise SpecError(
+                f"{skel.name(big)}: {numels[big]} elements do not fit in 64 bits"
+            ) from None
+        size = {d: _itemsize(d) for d in set(dtypes)}
+        items = np.fromiter(map(size.__getitem__, dtypes), dtype=np.int64, count=n)
+        scalar = np.fromiter(map(len, shapes), dtype=np.int64, count=n) == 0
+        info = cache["leaves"] = _Leaves(numels, numel, items, scalar)
+    return info
+
+
+def _expert_ids(skel: Skeleton, spec: ZeroSpec) -> np.ndarray:
+    cache = _cache(skel)
+    key = ("experts", spec.experts)
+    ids: np.ndarray | None = cache.get(key)
+    if ids is None:
+        ids = cache[key] = spec._expert_ids(skel.paths)
+    return ids
+
+
 def _derive(
     skel: Skeleton, placements: Sequence[Placement], groups: Sequence[FlatGroup]
 ) -> _Layout:
-    offsets = [-1] * len(placements)
+    """The layout of a plan built by hand from its placements."""
+    if isinstance(placements, Placements):
+        kinds, _, owners, experts = placements._arrays
+    else:
+        kinds = np.array([_CODE[p.kind] for p in placements], dtype=np.int8).reshape(-1)
+        owners = np.array([p.owner for p in placements], dtype=np.int64).reshape(-1)
+        experts = np.array([p.expert for p in placements], dtype=np.int64).reshape(-1)
+    return _layout(skel, kinds, owners, experts, groups)
+
+
+def _layout(
+    skel: Skeleton,
+    kinds: np.ndarray,
+    owners: np.ndarray,
+    experts: np.ndarray,
+    groups: Sequence[FlatGroup],
+) -> _Layout:
+    info = _leaves(skel)
+    offsets = np.full(len(kinds), -1, dtype=np.int64)
     for g in groups:
-        for leaf, off in zip(g.leaves, g.offsets):
-            offsets[leaf] = off
-    owned: dict[int, list[int]] = {}
-    tensor_leaves: list[int] = []
-    replicated: list[int] = []
-    experts: dict[int, list[int]] = {}
-    for leaf, p in enumerate(placements):
-        if p.kind in (REPLICATED, EXPERT):
-            owned.setdefault(p.owner, []).append(leaf)
-            if p.kind == REPLICATED:
-                replicated.append(leaf)
-            else:
-                experts.setdefault(p.expert, []).append(leaf)
-        elif p.kind == TENSOR:
-            tensor_leaves.append(leaf)
-    tl = np.array(tensor_leaves, dtype=np.int64)
+        offsets[list(g.leaves)] = g.offsets
+    whole = np.flatnonzero((kinds == _REPLICATED) | (kinds == _EXPERT))
+    by_owner = whole[np.argsort(owners[whole], kind="stable")]
+    tensor_leaves = np.flatnonzero(kinds == _TENSOR)
+    exp = np.flatnonzero(kinds == _EXPERT)
+    exp = exp[np.argsort(experts[exp], kind="stable")]
+    ids, firsts = np.unique(experts[exp], return_index=True)
+    bounds = [*firsts.tolist(), len(exp)]
+    expert_leaves = {
+        e: tuple(exp[bounds[i] : bounds[i + 1]].tolist()) for i, e in enumerate(ids.tolist())
+    }
     return _Layout(
-        tuple(offsets),
-        {r: tuple(v) for r, v in owned.items()},
-        tl,
-        np.array([skel.tensors[i].numel for i in tensor_leaves], dtype=np.int64),
+        kinds.tolist(),
+        owners.tolist(),
+        offsets.tolist(),
+        owners[by_owner],
+        by_owner,
+        tensor_leaves,
+        info.numel[tensor_leaves],
         np.array([g.partition_numel for g in groups], dtype=np.int64),
         np.array([g.numel for g in groups], dtype=np.int64),
-        tuple(replicated),
-        {e: tuple(v) for e, v in sorted(experts.items())},
+        tuple(np.flatnonzero(kinds == _REPLICATED).tolist()),
+        expert_leaves,
+        info.numels,
     )
 
 
-def _add_even(load: np.ndarray, total: int, part: int, nbytes_per: int) -> None:
-    """Add the bytes of ``total`` elements cut into ``part``-sized pieces over ranks 0, 1, ..."""
-    if total <= 0 or part <= 0:
-        return
-    full, rest = divmod(total, part)
-    load[0] += part * nbytes_per
-    load[full] -= part * nbytes_per  # a difference array: ranks [0, full) get a whole part
-    if rest:
-        load[full] += rest * nbytes_per
-        load[full + 1] -= rest * nbytes_per
+def _add_even(load: np.ndarray, totals: np.ndarray, parts: np.ndarray, items: np.ndarray) -> None:
+    """Add the bytes of each ``totals[i]`` elements cut into ``parts[i]``-sized pieces over
+    ranks 0, 1, ..., to the difference array ``load`` (ranks [0, full) get a whole part)."""
+    keep = (totals > 0) & (parts > 0)
+    totals, parts, items = totals[keep], parts[keep], items[keep]
+    full, rest = np.divmod(totals, parts)
+    load[0] += int((parts * items).sum())
+    np.subtract.at(load, full, parts * items)
+    r = rest > 0
+    np.add.at(load, full[r], rest[r] * items[r])
+    np.subtract.at(load, full[r] + 1, rest[r] * items[r])
 
 
 def plan_shards(state: Any, spec: ZeroSpec) -> ShardPlan:
@@ -424,8 +602,8 @@ def plan_shards(state: Any, spec: ZeroSpec) -> ShardPlan:
 
     Only shapes and dtypes are read, so the state may be a :class:`~zckpt.tree.Skeleton` and a
     checkpoint can be planned for a new world size from its header alone. Planning costs
-    O(tensors + ranks) (plus O(log ranks) per tensor written whole); no rank's fragment list is
-    built until asked for.
+    O(tensors + ranks) array operations (plus O(log ranks) per tensor written whole by the
+    least-loaded rank); no rank's fragment list is built until asked for.
 
     Args:
         state: a pytree of tensors and values, or its skeleton.
@@ -444,107 +622,123 @@ def plan_shards(state: Any, spec: ZeroSpec) -> ShardPlan:
     if not isinstance(spec, ZeroSpec):
         raise SpecError(f"spec must be a ZeroSpec, got {type(spec).__name__}")
     skel = skeleton_of(state)
+    with _gc_paused():
+        return _plan(skel, spec)
+
+
+def _plan(skel: Skeleton, spec: ZeroSpec) -> ShardPlan:
     ws = spec.world_size
-    params = _param_index(spec)
-    tensors = skel.tensors
-    numels = [m.numel for m in tensors]
-    items = [_itemsize(m.dtype) for m in tensors]
-    experts = spec.experts_of(skel.paths) if spec.experts else None
-    kinds: list[str] = []
-    replicated: list[int] = []
-    group_of: dict[int, int] = {}
-    group_members: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
-    group_ids: dict[tuple[Any, ...], int] = {}
-    stage3 = spec.stage == 3
-    module = spec.module
-    has_replicate = bool(spec.replicate)
+    paths, tensors = skel.paths, skel.tensors
+    n = len(tensors)
+    info = _leaves(skel)
+    numel, items = info.numel, info.items
+    eids = _expert_ids(skel, spec) if spec.experts else np.full(n, -1, dtype=np.int64)
+
+    # Each leaf's kind, decided in this order: empty, expert, replicated (0-d or under a
+    # replicate prefix), stage 3 tensor, module (replicated), flat group member.
+    empty = numel == 0
+    expert = (eids >= 0) & ~empty
+    rep = ~empty & ~expert & info.scalar
+    if spec.replicate:
+        for i in np.flatnonzero(~empty & ~expert & ~rep).tolist():
+            if spec.is_replicated_path(paths[i]):
+                rep[i] = True
+    rest = np.flatnonzero(~empty & ~expert & ~rep)
+    kinds = np.full(n, _EMPTY, dtype=np.int8)
+    kinds[expert] = _EXPERT
+    kinds[rep] = _REPLICATED
+    groups_of = np.full(n, -1, dtype=np.int64)
+    groups: list[FlatGroup] = []
+    if spec.stage == 3:
+        kinds[rest] = _TENSOR
+    else:
+        module = spec.module
+        flat: list[int] = []
+        for i in rest.tolist():
+            p = paths[i]
+            if p and str(p[0]) == module:
+                kinds[i] = _REPLICATED
+            else:
+                flat.append(i)
+        kinds[flat] = _FLAT
+        params = _param_index(spec)
+        members: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+        for leaf in flat:
+            key, order = _group_key(paths[leaf], tensors[leaf], params)
+            members.setdefault(key, []).append((order, leaf))
+        numels = info.numels
+        for gid, (key, group) in enumerate(members.items()):
+            group.sort()  # stable on leaf order for equal keys
+            leaves = tuple(leaf for _, leaf in group)
+            offsets, total = [], 0
+            for leaf in leaves:
+                offsets.append(total)
+                total += numels[leaf]
+            padded = spec.padded(total)
+            name = "/".join(key[0]) + f"[{key[1]}, group {key[2]}]"
+            dtype = tensors[leaves[0]].dtype
+            groups.append(
+                FlatGroup(name, dtype, leaves, tuple(offsets), total, padded, padded // ws)
+            )
+            groups_of[list(leaves)] = gid
+
     # Bytes each rank writes, as a difference array (partitions cover a prefix of the ranks).
     load = np.zeros(ws + 2, dtype=np.int64)
-    for leaf, path in enumerate(skel.paths):
-        numel = numels[leaf]
-        meta = tensors[leaf]
-        if numel == 0:
-            kinds.append(EMPTY)
-        elif experts is not None and experts[leaf] is not None:
-            kinds.append(EXPERT)
-        elif not meta.shape or (has_replicate and spec.is_replicated_path(path)):
-            kinds.append(REPLICATED)
-            replicated.append(leaf)
-        elif stage3:
-            kinds.append(TENSOR)
-            _add_even(load, numel, -(-numel // ws), items[leaf])
-        elif path and str(path[0]) == module:
-            kinds.append(REPLICATED)
-            replicated.append(leaf)
-        else:
-            key, order = _group_key(path, meta, params)
-            gid = group_ids.setdefault(key, len(group_ids))
-            group_members.setdefault(key, []).append((order, leaf))
-            group_of[leaf] = gid
-            kinds.append(FLAT)
-
-    groups: list[FlatGroup] = []
-    for key, members in group_members.items():
-        members.sort()  # stable on leaf order for equal keys
-        leaves = tuple(leaf for _, leaf in members)
-        offsets, total = [], 0
-        for leaf in leaves:
-            offsets.append(total)
-            total += numels[leaf]
-        padded = spec.padded(total)
-        part = padded // ws
-        dtype = tensors[leaves[0]].dtype
-        name = "/".join(key[0]) + f"[{key[1]}, group {key[2]}]"
-        groups.append(FlatGroup(name, dtype, leaves, tuple(offsets), total, padded, part))
-        _add_even(load, total, part, _itemsize(dtype))
+    tl = np.flatnonzero(kinds == _TENSOR)
+    _add_even(load, numel[tl], -(-numel[tl] // ws), items[tl])
+    if groups:
+        g_items = np.array([_itemsize(g.dtype) for g in groups], dtype=np.int64)
+        g_numel = np.array([g.numel for g in groups], dtype=np.int64)
+        g_parts = np.array([g.partition_numel for g in groups], dtype=np.int64)
+        _add_even(load, g_numel, g_parts, g_items)
+    loads = np.cumsum(load[:ws])
 
     # Experts: each expert's tensors are written whole, into its own file, by one rank of the
     # expert's group (experts are spread over the group's ranks).
-    ids = [e for e in experts if e is not None] if experts is not None else []
-    num_experts = 1 + max(ids, default=-1)
+    num_experts = 1 + int(eids.max(initial=-1))
     ep = spec.expert_parallel_size
     if num_experts % ep:
         raise SpecError(f"{num_experts} experts cannot be split over expert_parallel_size {ep}")
-    loads: list[int] = np.cumsum(load[:ws]).tolist()
-    owner: dict[int, int] = {}
-    if ids:
+    owners = np.full(n, -1, dtype=np.int64)
+    exp = np.flatnonzero(expert)
+    if len(exp):
         size = ws // ep  # ranks in an expert's group: slot, slot + ep, slot + 2 ep, ...
-        per_slot = num_experts // ep
-        for leaf, kind in enumerate(kinds):
-            if kind == EXPERT:
-                e = experts[leaf]  # type: ignore[index]
-                writer = owner[leaf] = e // per_slot + (e % size) * ep  # type: ignore[operator]
-                loads[writer] += numels[leaf] * items[leaf]
+        e = eids[exp]
+        writer = e // (num_experts // ep) + (e % size) * ep
+        owners[exp] = writer
+        np.add.at(loads, writer, numel[exp] * items[exp])
 
     # Replicated leaves: written once, largest first to the least-loaded rank (LPT scheduling).
-    heap = [(loads[r], r) for r in range(ws)]
-    heapq.heapify(heap)
-    for leaf in sorted(replicated, key=lambda i: (-numels[i] * items[i], i)):
-        lo, rank = heapq.heappop(heap)
-        owner[leaf] = rank
-        heapq.heappush(heap, (lo + numels[leaf] * items[leaf], rank))
+    rl = np.flatnonzero(kinds == _REPLICATED)
+    if len(rl):
+        nbytes = numel[rl] * items[rl]
+        by_size = rl[np.lexsort((rl, -nbytes))]
+        owners[by_size] = _lpt(loads.tolist(), (numel[by_size] * items[by_size]).tolist())
 
-    placements: list[Placement] = []
-    for leaf, kind in enumerate(kinds):
-        if kind == FLAT:
-            placements.append(Placement(FLAT, group_of[leaf]))
-        elif kind == REPLICATED:
-            placements.append(Placement(REPLICATED, -1, owner[leaf]))
-        elif kind == EXPERT:
-            placements.append(Placement(EXPERT, -1, owner[leaf], experts[leaf]))  # type: ignore[index,arg-type]
-        else:
-            placements.append(Placement(kind))
-
-    frozen_placements = tuple(placements)
+    experts_col = np.where(kinds == _EXPERT, eids, -1)
+    placements = Placements(kinds, groups_of, owners, experts_col)
     frozen_groups = tuple(groups)
     plan = ShardPlan(
         spec,
         skel,
-        frozen_placements,
+        placements,
         frozen_groups,
         (),
         num_experts,
-        _derive(skel, frozen_placements, frozen_groups),
+        _layout(skel, kinds, owners, experts_col, frozen_groups),
     )
     object.__setattr__(plan, "writes", RankWrites(plan))
     return plan
+
+
+def _lpt(loads: list[int], sizes: list[int]) -> list[int]:
+    """The rank each item (largest first) goes to: the least-loaded one, ties to the lowest
+    rank, as a heap of (load, rank) gives them."""
+    heap = [(lo, r) for r, lo in enumerate(loads)]
+    heapq.heapify(heap)
+    out = []
+    for n in sizes:
+        lo, rank = heap[0]
+        out.append(rank)
+        heapq.heapreplace(heap, (lo + n, rank))
+    return out

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
+
+import numpy as np
 
 from zckpt.errors import SpecError
 from zckpt.spec._patterns import MAX_EXPERT_ID, MAX_KEY_CHARS, compile_expert_patterns
@@ -226,38 +229,79 @@ class ZeroSpec:
         return None
 
     def experts_of(self, paths: Iterable[Path]) -> list[int | None]:
-        r""":meth:`expert_of` of every path, each key matched once (a training state repeats
-        every parameter name under module, master and each optimizer state).
+        r""":meth:`expert_of` of every path, each distinct key matched once (a training state
+        repeats every parameter name under module, master and each optimizer state).
 
         Example:
             >>> spec = ZeroSpec(2, 2, experts=(r"experts\.(\d+)\.",))
             >>> spec.experts_of([("module", "experts.1.w"), ("master", "experts.1.w"), ("x",)])
             [1, 1, None]
         """
+        paths = paths if isinstance(paths, Sequence) else list(paths)
+        ids = self._expert_ids(paths)
+        return [None if e < 0 else e for e in ids.tolist()]
+
+    def _expert_ids(self, paths: Sequence[Path]) -> np.ndarray:
+        """:meth:`experts_of` as an int64 array, -1 for a non-expert tensor.
+
+        Vectorised: every distinct key is matched once, then each path's answer is a segment
+        minimum over its keys' (first matching pattern, position) codes. The answer and the
+        error raised (the first path, in order, that is too long or whose deciding match is not
+        an id) are those of :meth:`expert_of` on each path in turn.
+        """
         patterns: tuple[re.Pattern[str], ...] = self.__dict__["_expert_rx"]
-        if not patterns:
-            return [None for _ in paths]
-        seen: dict[tuple[int, str], int | None] = {}
-        out: list[int | None] = []
-        for path in paths:
-            keys = [k for k in path if isinstance(k, str)]
-            if sum(map(len, keys)) > MAX_KEY_CHARS:
-                self.expert_of(path)  # raises the error naming the path
-            found: int | None = None
-            for i, rx in enumerate(patterns):
-                for key in keys:
-                    hit = seen.get((i, key), -1)
-                    if hit == -1:
-                        m = rx.search(key)
-                        hit = seen[(i, key)] = (
-                            None if m is None else _expert_id(rx, key, m.group(1))
-                        )
-                    if hit is not None:
-                        found = hit
-                        break
-                if found is not None:
-                    break
-            out.append(found)
+        n = len(paths)
+        if not patterns or not n:
+            return np.full(n, -1, dtype=np.int64)
+        uniq = list(dict.fromkeys(chain.from_iterable(paths)))
+        uid = {k: i for i, k in enumerate(uniq)}
+        npat = len(patterns)
+        strs = [i for i, k in enumerate(uniq) if isinstance(k, str)]
+        text: list[str] = [k if isinstance(k, str) else "" for k in uniq]
+        klen = np.zeros(len(uniq), dtype=np.int64)
+        klen[strs] = [len(text[i]) for i in strs]
+        kpat = np.full(len(uniq), npat, dtype=np.int64)  # first pattern matching the key
+        gids: dict[int, str | None] = {}
+        todo = strs  # keys no earlier pattern matched
+        for j, rx in enumerate(patterns):
+            found = list(map(rx.search, [text[i] for i in todo]))
+            hits = [i for i, m in zip(todo, found) if m is not None]
+            for i, m in zip(todo, found):
+                if m is not None:
+                    gids[i] = m.group(1)
+            kpat[hits] = j
+            todo = [i for i, m in zip(todo, found) if m is None]
+        lens = np.fromiter(map(len, paths), dtype=np.int64, count=n)
+        total = int(lens.sum())
+        flat = np.fromiter(map(uid.__getitem__, chain.from_iterable(paths)), np.int64, total)
+        ends = np.cumsum(lens)
+        starts = ends - lens
+        chars = np.concatenate(([0], np.cumsum(klen[flat])))
+        too_long = np.flatnonzero(chars[ends] - chars[starts] > MAX_KEY_CHARS)
+        out = np.full(n, -1, dtype=np.int64)
+        nz = np.flatnonzero(lens)
+        if len(nz):
+            # Smallest (pattern, position in the path) over each path's keys decides.
+            code = kpat[flat] * max(1, total) + np.arange(total, dtype=np.int64)
+            best = np.minimum.reduceat(code, starts[nz])
+            hit = best // max(1, total) < npat
+            rows, pos = nz[hit], best[hit] % max(1, total)
+            keys, which = np.unique(flat[pos], return_inverse=True)
+            ids = np.empty(len(keys), dtype=np.int64)
+            for j, u in enumerate(keys.tolist()):
+                try:
+                    ids[j] = _expert_id(patterns[int(kpat[u])], text[u], gids[u])
+                except SpecError:
+                    ids[j] = -2  # not an id: an error if this path comes first
+            out[rows] = ids[which.reshape(-1)]
+            bad = np.flatnonzero(out == -2)
+            if len(bad):
+                first = int(bad[0])
+                if len(too_long) and too_long[0] < first:
+                    first = int(too_long[0])
+                self.expert_of(paths[first])  # raises the error naming the path
+        if len(too_long):
+            self.expert_of(paths[int(too_long[0])])  # raises the error naming the path
         return out
 
     def is_module_path(self, path: Path) -> bool:

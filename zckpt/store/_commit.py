@@ -32,7 +32,7 @@ from zckpt.store._layout import (
     generation_of,
     lock_name,
     new_generation,
-    try_tag_lock,
+    wait_tag_lock,
     write_latest,
 )
 from zckpt.store._manifest import FileRecord, Manifest, encode_manifest, file_report, writes_v2
@@ -495,20 +495,16 @@ _LOCK_PATIENCE = 3.0  # seconds a save waits for a tag lock held by retention or
 
 def tag_lock(storage: Storage, save_dir: str, tag: str) -> Lock:
     """The lock on ``save_dir/tag`` for a save, or a :class:`ConcurrentSaveError` naming the
-    process that holds it."""
-    lock = try_tag_lock(storage, save_dir, tag)
-    deadline = time.monotonic() + _LOCK_PATIENCE
-    while lock is None and time.monotonic() < deadline:
-        # Retention or clean hold a tag's lock for a moment while they look at it; a save
-        # holds it for the whole save. Waiting a little tells the two apart.
-        time.sleep(0.05)
-        lock = try_tag_lock(storage, save_dir, tag)
+    process that holds it. A killed save's lease lock (object stores) is waited out and taken
+    over; one whose holder keeps renewing it is refused (see
+    :func:`~zckpt.store._layout.wait_tag_lock`)."""
+    lock, waited = wait_tag_lock(storage, save_dir, tag, _LOCK_PATIENCE)
     if lock is None:
         owner = storage.lock_owner(os.path.join(save_dir, lock_name(tag))) or "another process"
         raise ConcurrentSaveError(
-            f"{os.path.join(save_dir, tag)}: another save of this tag is running ({owner}); "
-            "nothing was written. Two jobs are writing into one save_dir: stop the other one, "
-            "or save under another tag"
+            f"{os.path.join(save_dir, tag)}: another save of this tag is running ({owner}; "
+            f"still holding its lock after {waited:.1f} s); nothing was written. Two jobs are "
+            "writing into one save_dir: stop the other one, or save under another tag"
         )
     return lock
 

@@ -30,25 +30,21 @@ transient error that outlasts that, raises a ``StorageError`` naming the object.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
-import hashlib
 import os
 import posixpath
-import random
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
-import xxhash
-
-from zckpt.store._layout import generation_of
+from zckpt.store._fsbackend import FsBackend, Head, PreconditionFailedError, UnsupportedError
+from zckpt.store._layout import LockSeen, generation_of
 from zckpt.store._storage import Lock, StorageError
+from zckpt.store._transient import Retry, is_transient
 
 __all__ = [
     "FsspecStorage",
@@ -59,222 +55,11 @@ __all__ = [
     "is_transient",
 ]
 
-T = TypeVar("T")
-
-# Error codes and statuses of S3 (and S3-compatible stores) worth another try.
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "InternalError",
-        "ServiceUnavailable",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "Throttling",
-        "ThrottlingException",
-        "TooManyRequests",
-        "ConditionalRequestConflict",
-        "OperationAborted",
-    }
-)
-_TRANSIENT_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-# Exception classes (by name: their packages are optional) that mean a dropped connection.
-_TRANSIENT_CLASSES = frozenset(
-    {
-        "HTTPClientError",  # botocore: EndpointConnectionError, ReadTimeoutError, ...
-        "ClientConnectionError",  # aiohttp: ServerDisconnectedError, ClientOSError, ...
-        "ClientPayloadError",
-        "IncompleteRead",
-        "ResponseParserError",
-        "FSTimeoutError",
-    }
-)
-
-
-def is_transient(e: BaseException) -> bool:
-    """Whether an error from a store is worth retrying: a dropped or timed-out connection, an
-    HTTP 5xx, 408, 409 or 429, or S3's ``SlowDown`` and the like.
-
-    Example:
-        >>> is_transient(ConnectionResetError()), is_transient(PermissionError())
-        (True, False)
-    """
-    if isinstance(e, ConnectionError | TimeoutError | asyncio.TimeoutError):
-        return True
-    if _TRANSIENT_CLASSES & {c.__name__ for c in type(e).__mro__}:
-        return True
-    response = getattr(e, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code", "")
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
-    return False
-
-
-@dataclass(frozen=True)
-class Retry:
-    """How long transient errors are retried: exponential backoff with jitter, from ``first``
-    seconds up to ``cap``, for at most ``total`` seconds per request.
-
-    Example:
-        >>> r = Retry(total=10.0)
-        >>> 0.0 < r.delay(1, time.monotonic() + 10) <= 0.1
-        True
-    """
-
-    total: float = 60.0
-    first: float = 0.1
-    cap: float = 5.0
-
-    def delay(self, attempt: int, deadline: float) -> float:
-        """Seconds to wait before attempt ``attempt + 1`` (never past ``deadline``)."""
-        base = min(self.cap, self.first * 2.0 ** (attempt - 1))
-        return max(0.0, min(base * random.uniform(0.5, 1.0), deadline - time.monotonic()))
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """``fn()``, retried while it raises transient errors."""
-        deadline = time.monotonic() + self.total
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except Exception as e:
-                attempt += 1
-                if not is_transient(e) or time.monotonic() >= deadline:
-                    raise
-                time.sleep(self.delay(attempt, deadline))
-
-
-class Head(NamedTuple):
-    """What a store says about an object: size, ETag ("" when none) and seconds since it was
-    written by the server's clock (None when the store does not say)."""
-
-    size: int
-    etag: str
-    age: float | None
-
-
-class PreconditionFailedError(OSError):
-    """A conditional write or delete found the object not as required."""
-
-
-class UnsupportedError(OSError):
-    """The store does not implement conditional requests."""
-
-
-class _FsBackend:
-    """Objects through the plain fsspec API: any filesystem fsspec knows (``memory://``, ...)."""
-
-    def __init__(self, fs: Any, retry: Retry) -> None:
-        self.fs, self.retry = fs, retry
-        protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-        self.renames = bool({"file", "local"} & set(protocol))
-
-    def head(self, path: str) -> Head | None:
-        try:
-            info = self.retry.call(lambda: self.fs.info(path))
-        except FileNotFoundError:
-            return None
-        if info.get("type") != "file":
-            return None
-        return Head(int(info["size"]), str(info.get("ETag") or info.get("etag") or ""), None)
-
-    def is_prefix(self, path: str) -> bool:
-        return bool(self.retry.call(lambda: self.fs.isdir(path)))
-
-    def get(self, path: str, offset: int, length: int) -> bytes:
-        data = self.retry.call(lambda: self.fs.cat_file(path, start=offset, end=offset + length))
-        return bytes(data)
-
-    def get_small(self, path: str) -> tuple[bytes, Head] | None:
-        try:
-            data = bytes(self.retry.call(lambda: self.fs.cat_file(path)))
-        except FileNotFoundError:
-            return None
-        except (IsADirectoryError, NotADirectoryError):
-            return None
-        return data, Head(len(data), hashlib.md5(data, usedforsecurity=False).hexdigest(), None)
-
-    def listdir(self, path: str) -> list[str]:
-        if not self.is_prefix(path):
-            return []
-        try:
-            entries = self.retry.call(lambda: self.fs.ls(path, detail=False, refresh=True))
-        except FileNotFoundError:
-            return []
-        base = path.rstrip("/")
-        return sorted({posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != base})
-
-    def delete(self, path: str, if_match: str | None = None) -> None:
-        if if_match is not None:
-            got = self.get_small(path)
-            if got is None:
-                return
-            if got[1].etag != if_match:
-                raise PreconditionFailedError(path)
-        with contextlib.suppress(FileNotFoundError):
-            self.retry.call(lambda: self.fs.rm_file(path))
-
-    def rmtree(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.retry.call(lambda: self.fs.rm(path, recursive=True))
-
-    def makedirs(self, path: str) -> None:
-        self.retry.call(lambda: self.fs.makedirs(path, exist_ok=True))
-
-    def remove_dir(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError, OSError):
-            if self.fs.isdir(path) and not self.fs.ls(path, detail=False, refresh=True):
-                self.fs.rmdir(path)
-
-    def put_small(
-        self, path: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
-    ) -> str:
-        """Check-then-write where the filesystem offers nothing better (``mode="create"`` is
-        exclusive only where the backend implements it so)."""
-        if if_match is not None:
-            got = self.get_small(path)
-            if got is None or got[1].etag != if_match:
-                raise PreconditionFailedError(path)
-        try:
-            mode = "create" if if_absent else "overwrite"
-            self.retry.call(lambda: self.fs.pipe_file(path, data, mode=mode))
-        except FileExistsError as e:
-            raise PreconditionFailedError(path) from e
-        return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-    def put(self, path: str, buffers: Iterable[memoryview | bytes]) -> tuple[int, int]:
-        hasher, size = xxhash.xxh3_64(), 0
-        # A BlobStream iterates in file order (head first), holding its frames: this API
-        # cannot write at offsets.
-        views = [memoryview(b).cast("B") for b in buffers]
-        for v in views:
-            hasher.update(v)
-            size += v.nbytes
-        target = path
-        if self.renames:  # a local filesystem: write aside, then rename (atomic there)
-            d, name = posixpath.split(path)
-            target = posixpath.join(d, f".{name}.tmp.{secrets.token_hex(4)}")
-        unique = generation_of(posixpath.basename(path)) is not None
-        try:
-            if unique or self.renames:
-                # A fresh name: stream it (a failure leaves at most an unreferenced object).
-                with self.fs.open(target, "wb") as f:
-                    for v in views:
-                        f.write(v)
-            else:  # a reused name (manifest, latest): one whole write, never a torn object
-                self.retry.call(lambda: self.fs.pipe_file(target, b"".join(views)))
-            if self.renames:
-                self.fs.mv(target, path)
-        except BaseException:
-            if unique or self.renames:
-                with contextlib.suppress(Exception):
-                    self.fs.rm_file(target)
-            raise
-        self.fs.invalidate_cache(path)
-        got = self.head(path)
-        if got is None or got.size != size:
-            raise OSError(f"the store holds {got and got.size} bytes, {size} were written")
-        return size, hasher.intdigest()
+# A blob's first bytes, fetched by the read of its preamble for the read of its header that
+# follows (see FsspecStorage.read): how many, for how long, for how many blobs at most.
+HEAD_PREFIX = 64 << 10
+_PREFIX_FOR = 10.0
+_PREFIXES_KEPT = 64
 
 
 def _is_s3(fs: Any) -> bool:
@@ -398,8 +183,9 @@ class FsspecStorage:
 
             self._backend = S3Backend(fs, part_size, max_concurrency, self.retry)
         else:
-            self._backend = _FsBackend(fs, self.retry)
+            self._backend = FsBackend(fs, self.retry)
         self._held: dict[int, _ObjectLock] = {}
+        self._prefixes: dict[str, tuple[float, bytes]] = {}  # see read()
         self._mutex = threading.Lock()
         self._wake = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -446,17 +232,44 @@ class FsspecStorage:
             raise self._fail("writing", path, e) from e
 
     def read(self, path: str, offset: int, length: int) -> bytes:
-        """A ranged GET of ``length`` bytes at ``offset`` (fewer at the end of the object)."""
+        """A ranged GET of ``length`` bytes at ``offset`` (fewer at the end of the object).
+
+        A blob's header is read in two steps, its fixed-size preamble (which says how long the
+        header is), then the header: on S3 the first short read at offset 0 of a blob (names
+        are never reused, so its bytes never change) fetches :data:`HEAD_PREFIX` bytes, and
+        the next read within them, from any thread, within a few seconds, is served from
+        those: one ranged GET per blob opened instead of two.
+        """
         if length <= 0:
             self.size(path)  # a missing file or a directory still raises
             return b""
+        key = self._key(path)
         try:
-            data: bytes = self._backend.get(self._key(path), offset, length)
+            if self._s3 and offset + length <= HEAD_PREFIX:
+                return self._read_prefix(key, offset, length)
+            data: bytes = self._backend.get(key, offset, length)
             return data
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._not_a_file(path) from None
         except Exception as e:
             raise self._fail(f"reading byte {offset} of", path, e) from e
+
+    def _read_prefix(self, key: str, offset: int, length: int) -> bytes:
+        with self._mutex:
+            kept = self._prefixes.pop(key, None)
+        if kept is not None and time.monotonic() - kept[0] < _PREFIX_FOR:
+            first = kept[1]
+            if offset + length <= len(first) or len(first) < HEAD_PREFIX:  # shorter: the end
+                return first[offset : offset + length]
+        if offset != 0 or generation_of(posixpath.basename(key)) is None:
+            got: bytes = self._backend.get(key, offset, length)
+            return got
+        data: bytes = self._backend.get(key, 0, HEAD_PREFIX)
+        with self._mutex:
+            self._prefixes[key] = (time.monotonic(), data)
+            while len(self._prefixes) > _PREFIXES_KEPT:
+                self._prefixes.pop(next(iter(self._prefixes)))
+        return data[:length]
 
     def read_into(self, path: str, offset: int, out: memoryview) -> int:
         """Read into ``out`` at ``offset``; return the bytes read."""
@@ -601,6 +414,30 @@ class FsspecStorage:
         except OSError:
             return ""
         return "" if got is None else got[0].owner
+
+    def lock_state(self, path: str) -> LockSeen | None:
+        """The lock object ``path`` as a waiter sees it (None when there is none): a version
+        that changes with every renewal, and its holder's lease. A save of a tag whose lock
+        another process holds watches it (:func:`~zckpt.store._layout.wait_tag_lock`): renewed
+        means a live holder, unchanged for a lease means a dead one, whose lock it takes over.
+
+        Example:
+            >>> import fsspec
+            >>> st = FsspecStorage(fsspec.filesystem("memory"), lease=8)
+            >>> held = st.try_lock("memory://doc/.state-lock", "me")
+            >>> st.lock_state("memory://doc/.state-lock").lease
+            8.0
+            >>> held.release(); st.lock_state("memory://doc/.state-lock") is None
+            True
+        """
+        try:
+            got = self._read_lock(self._key(path))
+        except Exception as e:
+            raise self._fail("reading the lock", path, e) from e
+        if got is None:
+            return None
+        body, head = got
+        return LockSeen(f"{body.token} {body.stamp:.3f} {head.etag}", body.lease or self.lease)
 
     def _read_lock(self, key: str) -> tuple[_LockBody, Head] | None:
         got = self._backend.get_small(key)

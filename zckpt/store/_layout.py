@@ -25,6 +25,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from zckpt.errors import ZckptError
 from zckpt.store._storage import Lock, Storage, StorageError, lock_owner_text
@@ -34,6 +35,7 @@ __all__ = [
     "LATEST",
     "LATEST_UNIVERSAL",
     "MANIFEST",
+    "LockSeen",
     "TagError",
     "blob_name",
     "check_tag",
@@ -42,6 +44,7 @@ __all__ = [
     "lock_name",
     "try_tag_lock",
     "new_generation",
+    "wait_tag_lock",
     "read_latest",
     "write_latest",
 ]
@@ -212,6 +215,94 @@ def try_tag_lock(storage: Storage, save_dir: str, tag: str) -> Lock | None:
         >>> held.release()
     """
     return storage.try_lock(os.path.join(save_dir, lock_name(tag)), lock_owner_text())
+
+
+class LockSeen(NamedTuple):
+    """What a waiter sees of a lease lock another process holds (an object-store lock; a kernel
+    lock has none: it is freed the moment its holder dies).
+
+    Attributes:
+        version: changes whenever the lock is written: its holder renewed it, or another took it.
+        lease: seconds the lock stands unrenewed before it is stale and may be taken over.
+    """
+
+    version: str
+    lease: float
+
+
+def lock_seen(storage: Storage, path: str) -> LockSeen | None:
+    """The lease lock ``path`` as a waiter sees it, or None: nothing there, or a storage whose
+    locks are the kernel's (they need no waiting: a dead holder's lock is gone already).
+
+    A storage with lease locks says so with a ``lock_state(path)`` method
+    (:meth:`~zckpt.store.FsspecStorage.lock_state`); it is optional in
+    :class:`~zckpt.store._storage.Storage`.
+
+    Example:
+        >>> import tempfile
+        >>> from zckpt.store._storage import LocalStorage
+        >>> lock_seen(LocalStorage(), tempfile.mkdtemp() + "/.lock") is None
+        True
+    """
+    state = getattr(storage, "lock_state", None)
+    if state is None:
+        return None
+    try:
+        seen: LockSeen | None = state(path)
+    except OSError:
+        return None  # unreadable for now: the next look decides
+    return seen
+
+
+# Server clocks (HTTP dates) have whole seconds, and a lock is stale at age > lease + 1 s: a
+# dead holder's lock may be taken between lease + 1 and lease + 2 s after its last renewal.
+_LEASE_SLACK = 3.0
+
+
+def wait_tag_lock(
+    storage: Storage, save_dir: str, tag: str, patience: float
+) -> tuple[Lock | None, float]:
+    """Take the lock on ``save_dir/tag`` for a save; return it (None when a live process holds
+    it) and the seconds waited.
+
+    Waits ``patience`` seconds for a short holder (retention and :func:`~zckpt.clean` hold a
+    tag's lock for a moment while they look at it; a save holds it for the whole save). A lease
+    lock (object stores) is waited for longer, up to its holder's lease and a little slack: a
+    holder that keeps renewing it is alive and keeps it (None once ``patience`` is over and a
+    renewal has been seen), one that stopped renewing (a killed save) has its lock taken over
+    once the lease lapses, by a conditional write on the stale lock's ETag, so of several
+    waiters exactly one wins (the others see it change hands, and get None).
+
+    Example:
+        >>> import tempfile
+        >>> from zckpt.store._storage import LocalStorage
+        >>> d, s = tempfile.mkdtemp(), LocalStorage()
+        >>> held = try_tag_lock(s, d, "t")
+        >>> wait_tag_lock(s, d, "t", patience=0.1)[0] is None
+        True
+        >>> held.release(); wait_tag_lock(s, d, "t", patience=0.1)[0] is not None
+        True
+    """
+    path = os.path.join(save_dir, lock_name(tag))
+    start = time.monotonic()
+    lock = try_tag_lock(storage, save_dir, tag)
+    if lock is not None:
+        return lock, 0.0
+    first = lock_seen(storage, path)
+    until = start + max(patience, first.lease + _LEASE_SLACK if first is not None else 0.0)
+    poll = 0.05 if first is None else min(0.5, max(0.05, first.lease / 20))
+    renewed = False
+    while True:
+        now = time.monotonic()
+        if now >= until or (renewed and now >= start + patience):
+            return None, now - start
+        time.sleep(poll)
+        lock = try_tag_lock(storage, save_dir, tag)
+        if lock is not None:
+            return lock, time.monotonic() - start
+        seen = lock_seen(storage, path)
+        if seen is not None and (first is None or seen.version != first.version):
+            renewed = True  # written since we first looked: its holder is alive
 
 
 @contextlib.contextmanager

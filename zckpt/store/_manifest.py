@@ -41,7 +41,6 @@ from zckpt.format._columns import skeleton_from_columns, skeleton_to_columns
 from zckpt.format._dtypes import ITEMSIZE, dtype_code
 from zckpt.format._skeleton import U64, expect_int, expect_list, expect_map, field, show
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
-from zckpt.spec._plan import EXPERT
 from zckpt.store._layout import blob_name, client_name, expert_name
 from zckpt.tree import Skeleton
 
@@ -158,12 +157,8 @@ def derived_fragments(plan: ShardPlan, rank: int, expert: int = -1) -> tuple[Fra
         (Fragment(leaf=0, start=3, stop=6),)
     """
     if expert >= 0:
-        tensors = plan.skeleton.tensors
-        return tuple(Fragment(leaf, 0, tensors[leaf].numel) for leaf in plan.expert_leaves(expert))
-    own = plan.writes_of(rank)
-    if not plan.num_experts:
-        return own
-    return tuple(f for f in own if plan.placements[f.leaf].kind != EXPERT)
+        return plan.expert_writes(expert)
+    return plan.writes_of(rank, experts=False)
 
 
 class DerivedFragments(Sequence[Fragment]):
@@ -592,7 +587,8 @@ def decode_manifest(data: bytes, where: str = "manifest", *, check: bool = True)
         if rec.name in names:
             raise FormatError(f"{where}: file {rec.name!r} is listed twice")
         names.add(rec.name)
-        _check_name(rec, m, f"{where} file {rec.name!r}", client=False)
+        if version == 1:  # version 2's names are built from the generation and the table
+            _check_name(rec, m, f"{where} file {rec.name!r}", client=False)
         if rec.derived:  # the plan's own fragments: inside their tensors, tiling them once
             if rec.size < PREAMBLE_SIZE + 1:
                 raise FormatError(f"{where} file {rec.name!r}: size {rec.size} is too small")
@@ -670,26 +666,19 @@ def _files_v2(
     unknown = set(lists) - set(names)
     if unknown:
         raise FormatError(f"{where}: 'explicit' names {show(sorted(unknown))}, not files of it")
-    records = [
-        FileRecord(names[r], r, sizes[r], xs[r], lists.get(names[r], ()), -1, ixs[r])
-        for r in range(ws)
-    ]
-    records += [
-        FileRecord(names[ws + i], owners[i], esizes[i], exs[i], (), ids[i], eixs[i])
-        for i in range(len(ids))
-    ]
-    if len(lists) < len(records) and plan is None:
+    if len(lists) < ws + len(ids) and plan is None:
         try:
             plan = plan_shards(skeleton, spec)
         except SpecError as err:
             raise FormatError(f"{where}: the spec cannot plan the skeleton: {err}") from None
-    if plan is None:  # every file has an explicit list
-        return tuple(records), None
-    return tuple(
-        rec
-        if rec.name in lists
-        else dataclasses.replace(
-            rec, derived=True, fragments=DerivedFragments(plan, rec.rank, rec.expert)
-        )
-        for rec in records
-    ), plan
+
+    def record(name: str, rank: int, size: int, xxh3: int, expert: int, ix: int) -> FileRecord:
+        listed = lists.get(name)
+        if listed is not None:
+            return FileRecord(name, rank, size, xxh3, listed, expert, ix)
+        frags = DerivedFragments(plan, rank, expert)  # type: ignore[arg-type]
+        return FileRecord(name, rank, size, xxh3, frags, expert, ix, True)
+
+    records = list(map(record, names[:ws], range(ws), sizes, xs, [-1] * ws, ixs))
+    records += map(record, names[ws:], owners, esizes, exs, ids, eixs)
+    return tuple(records), plan

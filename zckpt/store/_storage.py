@@ -34,6 +34,17 @@ _IOV_MAX = 1024
 # Bytes written between two write-back starts: large enough for big sequential disk writes,
 # small enough that the disk starts early and the dirty pages of one file stay few.
 _WINDOW = 32 << 20
+# Bytes hashed just before they are written: small enough to still be in the core's cache when
+# ``writev`` copies them, so the whole-file hash adds no second pass over memory (see
+# :func:`_write_hashing`).
+_HASH_PIECE = 512 << 10
+# Sequential reads hint this much beyond what they asked for (:meth:`LocalStorage.will_need`),
+# so the disk is busy while one fragment's last chunks are checked and the next is set up.
+_READ_AHEAD = 32 << 20
+# A hint this close after the previous one still reads sequentially (padding, a 0-d tensor).
+_SEQUENTIAL_GAP = 1 << 20
+# Files whose read position is remembered (past this many, all are forgotten).
+_HINTED_FILES = 1024
 
 
 class StorageError(ZckptError, OSError):
@@ -263,26 +274,47 @@ def windows(
         yield batch
 
 
+def _writev_exact(fd: int, batch: list[memoryview]) -> int:
+    """``writev`` all of ``batch`` at the file position, resuming after short writes."""
+    pending, total = list(batch), 0
+    while pending:
+        n = os.writev(fd, pending)
+        total += n
+        # Drop fully written buffers; keep the unwritten tail of a partly written one.
+        while n:
+            if n >= pending[0].nbytes:
+                n -= pending[0].nbytes
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][n:]
+                n = 0
+    return total
+
+
 def _writev_all(
-    fd: int, buffers: Iterable[memoryview | bytes], window: int = _WINDOW, base: int = 0
+    fd: int,
+    buffers: Iterable[memoryview | bytes],
+    window: int = _WINDOW,
+    base: int = 0,
+    hasher: xxhash.xxh3_64 | None = None,
 ) -> int:
     """Write ``buffers`` in order at the file position (``base``), window by window, starting
-    each window's disk write as soon as it is in the page cache (:func:`_sync_file_range`)."""
+    each window's disk write as soon as it is in the page cache (:func:`_sync_file_range`).
+
+    With a ``hasher``, each window is written in pieces of at most ``_HASH_PIECE`` bytes, each
+    fed to ``hasher.update`` just before its ``writev``: the copy into the page cache then
+    reads bytes the hash has just brought into the cache.
+    """
     total = 0
     for batch in windows(buffers, window):
         start = base + total
-        pending = list(batch)
-        while pending:
-            n = os.writev(fd, pending)
-            total += n
-            # Drop fully written buffers; keep the unwritten tail of a partly written one.
-            while n:
-                if n >= pending[0].nbytes:
-                    n -= pending[0].nbytes
-                    pending.pop(0)
-                else:
-                    pending[0] = pending[0][n:]
-                    n = 0
+        if hasher is None:
+            total += _writev_exact(fd, batch)
+        else:
+            for piece in windows(batch, _HASH_PIECE):
+                for b in piece:
+                    hasher.update(b)
+                total += _writev_exact(fd, piece)
         _start_writeback(fd, start, base + total - start)
     return total
 
@@ -311,27 +343,21 @@ def _alongside(background: Callable[[], int], foreground: Callable[[], int]) -> 
     return result[0], mine
 
 
-def _hash(buffers: Iterable[memoryview]) -> int:
-    hasher = xxhash.xxh3_64()
-    for b in buffers:
-        hasher.update(b)
-    return hasher.intdigest()
-
-
 def _write_hashing(fd: int, buffers: list[memoryview]) -> tuple[int, int]:
-    """Write ``buffers`` and fsync while another thread hashes them; return (size, xxh3_64).
+    """Write ``buffers`` and fsync; return (size, xxh3_64 of the bytes written).
 
-    Writing, the disk flush and the hash overlap, so the whole-file checksum the manifest
-    records costs no time of its own while the disk is the bottleneck.
+    The whole-file checksum the manifest records is computed in the same pass as the write,
+    piece by piece while each piece is in the CPU cache (:func:`_writev_all`), not by a second
+    thread over the whole file: on a machine whose cores are busy (or share a memory bus) a
+    concurrent pass over the same memory slowed the write itself by up to 2x, where hashing
+    from the cache costs a few percent of it (docs/benchmarks.md, issue 14 part 5). On a disk
+    the hash still overlaps the disk's write-back, which :func:`_sync_file_range` starts per
+    window.
     """
-
-    def write() -> int:
-        size = _writev_all(fd, buffers)
-        os.fsync(fd)
-        return size
-
-    digest, size = _alongside(lambda: _hash(buffers), write)
-    return size, digest
+    hasher = xxhash.xxh3_64()
+    size = _writev_all(fd, buffers, hasher=hasher)
+    os.fsync(fd)
+    return size, hasher.intdigest()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -367,6 +393,45 @@ def _write_stream(fd: int, blob: BlobStream) -> tuple[int, int]:
 
     _, digest = _alongside(flush, lambda: _hash_file(fd, size))
     return size, digest
+
+
+class _ReadAhead:
+    """Where the read hints of recently read files ended (see :meth:`LocalStorage.will_need`).
+
+    Example:
+        >>> r = _ReadAhead(ahead=100)
+        >>> r.plan("f", 0, 10), r.plan("f", 10, 10), r.plan("f", 20, 10)
+        ((0, 10), (10, 120), (120, 130))
+        >>> r.plan("f", 1 << 30, 10), r.plan("g", 30, 10)  # a jump, another file: as asked
+        ((1073741824, 1073741834), (30, 40))
+        >>> r.plan("f", 0, 10), r.plan("f", 10, 10)  # read again from the start
+        ((0, 10), (10, 120))
+    """
+
+    def __init__(self, ahead: int = _READ_AHEAD, files: int = _HINTED_FILES) -> None:
+        self._ahead, self._max_files = ahead, files
+        # Per file: the range [lo, hi) hinted without a gap since its last jump.
+        self._files: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    def plan(self, path: str, offset: int, length: int) -> tuple[int, int]:
+        """The byte range ``[start, stop)`` to hint for a read of ``length`` at ``offset``: as
+        asked, unless the read starts inside (or just after) what was hinted without a gap
+        since the file's last jump; then from the end of that, ``ahead`` bytes past the read."""
+        start, stop = offset, offset + length
+        with self._lock:
+            seen = self._files.get(path)
+            span = (offset, stop)
+            if seen is not None and seen[0] <= offset <= seen[1] + _SEQUENTIAL_GAP:
+                start, stop = max(offset, seen[1]), stop + self._ahead
+                span = (seen[0] if offset <= seen[1] else offset, max(stop, seen[1]))
+            if len(self._files) >= self._max_files:
+                self._files.clear()
+            self._files[path] = span
+        return start, stop
+
+
+_READS = _ReadAhead()
 
 
 class LocalStorage:
@@ -422,11 +487,29 @@ class LocalStorage:
 
     def will_need(self, path: str, offset: int, length: int) -> None:
         """Start reading ``length`` bytes at ``offset`` into the page cache (a hint, not waited
-        for): the disk streams a fragment's chunks while earlier ones are checked and copied."""
+        for): the disk streams a fragment's chunks while earlier ones are checked and copied.
+
+        A hint that starts where the previous one for the same file ended (a load walking a
+        blob in file order) also covers the next ``_READ_AHEAD`` bytes, as the kernel's own
+        read-ahead does for one sequential reader: the disk then keeps reading while the last
+        chunks of a fragment are checked and the next fragment is set up, instead of idling
+        until its hint arrives. Parts already hinted are not hinted again. Any other access
+        pattern is hinted exactly as asked (:class:`_ReadAhead`).
+
+        Example:
+            >>> import tempfile, os
+            >>> p = os.path.join(tempfile.mkdtemp(), "f")
+            >>> s = LocalStorage()
+            >>> _ = s.write_atomic(p, [bytes(100)])
+            >>> s.will_need(p, 0, 10); s.will_need(p, 10, 10)  # the second reads ahead
+        """
+        start, stop = _READS.plan(path, offset, length)
+        if stop <= start:
+            return
         with contextlib.suppress(OSError, AttributeError):
             fd = open_regular(path)
             try:
-                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
 

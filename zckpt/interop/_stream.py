@@ -1,0 +1,158 @@
+"""Writing tensors' bytes to a file without building them in memory first.
+
+An export (``_safetensors.py``) needs each output tensor's bytes once, in a file. A DeepSpeed
+fp32 weight is a run of ranges of the ranks' flat fp32 partitions, which are themselves byte
+ranges of the checkpoint's optimizer files (``torch.load(mmap=True)`` maps them): its bytes can
+go from those files to the output file inside the kernel (``copy_file_range``), with no fresh
+output memory, no page faults on the mapping and nothing left resident. :class:`StreamedTensor`
+is a :class:`zckpt.LazyTensor` that also knows those ranges; :func:`write_value` writes any
+value (tensor, lazy or streamed) at a file descriptor's position with bounded memory:
+
+- a streamed value: each range that lies in a checkpoint file is copied with
+  ``copy_file_range`` (where the kernel or filesystem refuses it, from the mapping, window by
+  window, each window's pages released, as ``PagedSource.read_into`` does); ranges in memory are
+  written from memory;
+- any other value is materialised (one tensor) and written from its memory, window by window.
+
+Memory beyond the tensor being written is one window at most; a streamed value needs none.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zckpt.assemble import Source
+from zckpt.interop._pages import PagedSource, release_pages
+from zckpt.store._fp32 import LazyTensor
+
+__all__ = ["Segment", "StreamedTensor", "write_value"]
+
+_WINDOW = 16 << 20
+#: errnos with which copy_file_range says "not here" (old kernel, other filesystem, seccomp).
+_NO_COPY_RANGE = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+_state = {"copy_range": hasattr(os, "copy_file_range")}
+
+#: ``(source, start, stop)``: elements ``[start, stop)`` of a saved fragment (relative to it).
+Segment = tuple[Source, int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class StreamedTensor(LazyTensor):
+    """A :class:`zckpt.LazyTensor` whose bytes are, in order, ``segments()``'s ranges of saved
+    fragments of the same dtype: an export writes them to its file without materialising it.
+
+    Example:
+        >>> from zckpt.spec import Fragment
+        >>> from zckpt.assemble import TensorSource
+        >>> data = torch.arange(4.0)
+        >>> src = TensorSource(Fragment(0, 0, 4), data)
+        >>> t = StreamedTensor((2,), torch.float32, lambda: data[1:3].clone(),
+        ...                    lambda: [(src, 1, 3)])
+        >>> t.contiguous().tolist(), t.shape
+        ([1.0, 2.0], torch.Size([2]))
+    """
+
+    segments: Callable[[], Sequence[Segment]]
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view.nbytes:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    flat = t.reshape(-1)
+    if not flat.numel():
+        return memoryview(b"")
+    return flat.view(torch.uint8).numpy().data
+
+
+def write_tensor(fd: int, t: torch.Tensor, release: bool = False) -> int:
+    """Write a contiguous CPU tensor's bytes at ``fd``'s position, 16 MiB at a time; with
+    ``release``, hand each written window's pages of a file mapping back (see ``_pages``).
+    Returns the bytes written.
+
+    Example:
+        >>> import tempfile
+        >>> f = tempfile.TemporaryFile()
+        >>> write_tensor(f.fileno(), torch.tensor([1, 2], dtype=torch.int16))
+        4
+        >>> _ = f.seek(0); f.read()
+        b'\\x01\\x00\\x02\\x00'
+    """
+    view = _bytes(t)
+    lo = t.data_ptr()
+    for a in range(0, view.nbytes, _WINDOW):
+        b = min(view.nbytes, a + _WINDOW)
+        _write_all(fd, view[a:b])
+        if release:
+            release_pages(lo + a, lo + b)
+    return view.nbytes
+
+
+def _copy_range(src: str, offset: int, n: int, fd: int) -> bool:
+    """Copy ``n`` bytes of ``src`` from ``offset`` to ``fd``'s position in the kernel; False
+    (nothing written) where this kernel or filesystem cannot (the caller writes them itself)."""
+    if not _state["copy_range"]:
+        return False
+    sfd = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        done = 0
+        while done < n:
+            try:
+                got = os.copy_file_range(sfd, fd, n - done, offset + done)
+            except OSError as e:
+                if done == 0 and e.errno in _NO_COPY_RANGE:
+                    _state["copy_range"] = e.errno not in (errno.ENOSYS, errno.EPERM)
+                    return False
+                raise
+            if got == 0:
+                raise OSError(
+                    errno.EIO,
+                    f"{src}: ends before byte {offset + n} (read at offset "
+                    f"{offset + done}); was it truncated while being exported?",
+                )
+            done += got
+        return True
+    finally:
+        os.close(sfd)
+
+
+def write_value(fd: int, value: Any, dtype: torch.dtype, materialise: Callable[..., Any]) -> int:
+    """Write ``value``'s bytes (as ``dtype``) at ``fd``'s position; returns the bytes written.
+
+    A :class:`StreamedTensor` of ``dtype`` goes segment by segment (checkpoint files to the
+    output in the kernel where possible); anything else is ``materialise(value, dtype)`` (a
+    contiguous CPU tensor) written from memory.
+
+    Example:
+        >>> import tempfile
+        >>> f = tempfile.TemporaryFile()
+        >>> write_value(f.fileno(), torch.ones(2), torch.float32, lambda v, d: v.to(d))
+        8
+    """
+    if not isinstance(value, StreamedTensor) or value.dtype != dtype:
+        return write_tensor(fd, materialise(value, dtype))
+    total = 0
+    for src, a, b in value.segments():
+        if isinstance(src, PagedSource):
+            where = src.file_range(a, b)
+            if where is not None and _copy_range(*where, fd):
+                total += where[2]
+                continue
+            # Not copied in the kernel: from the mapping (pages released only where it is one).
+            total += write_tensor(fd, src.data[a:b], release=where is not None)
+        else:
+            part = src.read(a, b)
+            if part.dtype != dtype:
+                raise TypeError(f"a {part.dtype} segment in a {dtype} streamed tensor")
+            total += write_tensor(fd, part.contiguous())
+    return total
