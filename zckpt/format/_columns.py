@@ -161,15 +161,16 @@ def skeleton_digest(columns: dict[str, Any]) -> int:
     return h.intdigest()
 
 
-# One entry: a save encodes every blob of a process against one skeleton object, and a
-# checkpoint reader checks every blob against its manifest's. The entry keeps the skeleton
-# alive, so an id is never reused for another while it is cached.
-_DIGEST: list[tuple[Skeleton, int]] = []
+# A few entries, newest first: a save encodes every blob of a process against one skeleton
+# object, a checkpoint reader checks every blob against its manifest's, and a reshard does both
+# at once. An entry keeps its skeleton alive, so an id is never reused while it is cached.
+_DIGESTS: list[tuple[Skeleton, int]] = []
+_DIGESTS_KEPT = 4
 
 
 def skeleton_digest_of(skeleton: Skeleton) -> int:
-    """:func:`skeleton_digest` of ``skeleton``'s columnar form (the last result is kept, by
-    identity: a save or a load asks once per blob for the same skeleton).
+    """:func:`skeleton_digest` of ``skeleton``'s columnar form (the last few results are kept,
+    by identity: a save or a load asks once per blob for the same skeleton).
 
     Raises:
         StateError: as :func:`skeleton_to_columns`.
@@ -181,11 +182,11 @@ def skeleton_digest_of(skeleton: Skeleton) -> int:
         >>> skeleton_digest_of(skel) == skeleton_digest(skeleton_to_columns(skel))
         True
     """
-    hit = _DIGEST[0] if _DIGEST else None
-    if hit is not None and hit[0] is skeleton:
-        return hit[1]
+    for cached, digest in list(_DIGESTS):  # a copy: another thread may be updating it
+        if cached is skeleton:
+            return digest
     digest = skeleton_digest(skeleton_to_columns(skeleton))
-    _DIGEST[:] = [(skeleton, digest)]
+    _DIGESTS[:] = [(skeleton, digest), *_DIGESTS[: _DIGESTS_KEPT - 1]]
     return digest
 
 
