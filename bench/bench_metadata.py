@@ -105,8 +105,10 @@ def rank_files(plan: ShardPlan, rank: int) -> list[FileRecord]:
 
 
 def save_plan(skel: Skeleton, spec: ZeroSpec) -> list[dict[str, Any]]:
+    """One rank's save planning, from a skeleton as fresh as a save's own ``flatten`` gives
+    (a copy: nothing cached on ``skel`` by an earlier plan is reused)."""
     rank = spec.world_size // 2
-    plan = plan_shards(skel, spec)
+    plan = plan_shards(Skeleton(skel.node, skel.tensors, skel.paths), spec)
     return [file_report(rec, plan) for rec in rank_files(plan, rank)]
 
 
@@ -185,8 +187,27 @@ def load_plan(data: bytes, new: ZeroSpec, rank: int) -> int:
     return n
 
 
+def _dcp_chunks(meta_shape: tuple[int, ...], ws: int) -> list[tuple[int, int]]:
+    """(row offset, rows) of each chunk of a tensor cut along dim 0 over ``ws`` ranks."""
+    shape = meta_shape or (1,)
+    rows = shape[0]
+    per = -(-rows // ws) if rows else 1
+    return [(r * per, min(per, rows - r * per)) for r in range(min(ws, max(1, -(-rows // per))))]
+
+
+def dcp_chunk_count(skel: Skeleton, ws: int) -> int:
+    """How many chunks DCP's ``.metadata`` lists for this layout (arithmetic, nothing built)."""
+    n = 0
+    for meta in skel.tensors:
+        rows = (meta.shape or (1,))[0]
+        per = -(-rows // ws) if rows else 1
+        n += min(ws, max(1, -(-rows // per)))
+    return n
+
+
 def dcp_metadata(skel: Skeleton, ws: int) -> tuple[int, float, int]:
-    """(pickled bytes, unpickle seconds, chunks) of DCP's .metadata for this layout."""
+    """(pickled bytes, unpickle seconds, chunks) of DCP's .metadata for this layout, built
+    from torch.distributed.checkpoint.metadata objects (no process group)."""
     import torch
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
@@ -203,14 +224,10 @@ def dcp_metadata(skel: Skeleton, ws: int) -> tuple[int, float, int]:
     for i, meta in enumerate(skel.tensors):
         fqn = skel.name(i)
         shape = meta.shape or (1,)
-        rows = shape[0]
-        per = -(-rows // ws) if rows else 1
         cs = []
-        for r in range(min(ws, max(1, -(-rows // per)))):
-            a = r * per
-            size = (min(per, rows - a), *shape[1:])
+        for r, (a, rows) in enumerate(_dcp_chunks(meta.shape, ws)):
             off = (a,) + (0,) * (len(shape) - 1)
-            cs.append(ChunkStorageMetadata(torch.Size(off), torch.Size(size)))
+            cs.append(ChunkStorageMetadata(torch.Size(off), torch.Size((rows, *shape[1:]))))
             storage[MetadataIndex(fqn, off)] = _StorageInfo(f"__{r}_0.distcp", a, 1)
         chunks += len(cs)
         sd[fqn] = TensorStorageMetadata(TensorProperties(meta.dtype), torch.Size(shape), cs)
@@ -218,6 +235,8 @@ def dcp_metadata(skel: Skeleton, ws: int) -> tuple[int, float, int]:
     buf = io.BytesIO()
     pickle.dump(md, buf)
     raw = buf.getvalue()
+    del md, sd, storage
+    gc.collect()
     t0 = time.perf_counter()
     pickle.loads(raw)
     return len(raw), time.perf_counter() - t0, chunks
@@ -259,10 +278,32 @@ def run_case(
     new = spec_for(experts, new_ws, stage)
     w, c, p, n = measure(lambda: load_plan(data, new, new_ws // 2), mem)
     row.update(new_ws=new_ws, load_plan_s=w, load_plan_cpu_s=c, load_plan_mib=p, sources=n)
-    if ws * len(skel.tensors) <= args.dcp_max_chunks:
-        size, secs, chunks = dcp_metadata(skel, ws)
-        row.update(dcp_bytes=size, dcp_load_s=secs, dcp_chunks=chunks)
+    row["dcp_chunks"] = dcp_chunk_count(skel, ws)
+    if row["dcp_chunks"] <= args.dcp_max_chunks:
+        size, secs, _ = dcp_metadata(skel, ws)
+        row.update(dcp_bytes=size, dcp_load_s=secs)
     return row
+
+
+def extrapolate_dcp(rows: list[dict[str, Any]], refs: dict[str, dict[str, Any]]) -> None:
+    """Where DCP's .metadata was too big to build here, estimate its size and unpickle time
+    from its exact chunk count at the bytes and seconds per chunk of the largest case built
+    for the same model (a row, or ``refs[model]``, built at world size 1); marked
+    ``dcp_estimated``."""
+    for r in rows:
+        if "dcp_bytes" in r:
+            continue
+        built = [m for m in rows if "dcp_bytes" in m and m["model"] == r["model"]]
+        built += [refs[r["model"]]] if r["model"] in refs else []
+        if not built:
+            continue
+        ref = max(built, key=lambda m: m["dcp_chunks"])
+        scale = r["dcp_chunks"] / ref["dcp_chunks"]
+        r.update(
+            dcp_bytes=ref["dcp_bytes"] * scale,
+            dcp_load_s=ref["dcp_load_s"] * scale,
+            dcp_estimated=True,
+        )
 
 
 def fmt_bytes(n: float) -> str:
@@ -282,6 +323,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         dcp = f"{fmt_bytes(r['dcp_bytes'])} / {r['dcp_load_s']:.2f}" if "dcp_bytes" in r else "-"
+        if r.get("dcp_estimated"):
+            dcp = f"est. {dcp}"
+        if "dcp_chunks" in r:
+            dcp += f" ({r['dcp_chunks']} chunks)"
         lines.append(
             f"| {r['model']} ({r['tensors']}) | {r['ws']} | {r['stage']} | "
             f"{r['save_plan_s']:.2f} ({r['save_plan_cpu_s']:.2f}) / {r['save_plan_mib']:.0f} | "
@@ -302,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="1,2,3")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--no-memory", action="store_true", help="skip the traced (slower) runs")
-    ap.add_argument("--dcp-max-chunks", type=int, default=1_500_000)
+    ap.add_argument(
+        "--dcp-max-chunks",
+        type=int,
+        default=400_000,
+        help="build DCP's .metadata only up to this many chunks (~3 KB of memory each)",
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         args.dcp_max_chunks = min(args.dcp_max_chunks, 4000)
@@ -311,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_metadata on {platform.node()}, {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.1f}; zckpt {zckpt.__version__}", flush=True)  # fmt: skip
     rows = []
-    for name, skel in models(args.smoke, args.models.split(",")).items():
+    skels = models(args.smoke, args.models.split(","))
+    for name, skel in skels.items():
         skel_bytes = len(msgpack.packb(skeleton_to_wire(skel), use_bin_type=True))
         for ws in sizes:
             for stage in stages:
@@ -322,10 +373,21 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_case(name, skel, skel_bytes, ws, stage, new_ws, args)
                     rows.append(row)
                     print(table([row]).splitlines()[-1], flush=True)
+    refs = {}
+    for name, skel in skels.items():
+        built = any("dcp_bytes" in r for r in rows if r["model"] == name)
+        if not built and dcp_chunk_count(skel, 1) <= args.dcp_max_chunks:  # to scale from
+            size, secs, chunks = dcp_metadata(skel, 1)
+            refs[name] = {"dcp_bytes": size, "dcp_load_s": secs, "dcp_chunks": chunks}
+            print(f"# DCP .metadata of {name} at ws 1: {fmt_bytes(size)}, unpickled in "
+                  f"{secs:.2f} s, {chunks} chunks", flush=True)  # fmt: skip
+    extrapolate_dcp(rows, refs)
     print()
     print(table(rows))
     print()
     print(growth(rows))
+    print()
+    print(growth_tensors(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -339,7 +401,7 @@ def growth(rows: list[dict[str, Any]]) -> str:
 
     out = ["| model | stage | metric | ws range | slope vs ranks |", "|---|---|---|---|---|"]
     keys = ("save_plan_cpu_s", "commit_cpu_s", "manifest_bytes", "blob_index_bytes",
-            "load_plan_cpu_s")  # fmt: skip
+            "load_plan_cpu_s", "save_plan_mib", "commit_mib", "load_plan_mib")  # fmt: skip
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         if r["new_ws"] == r["ws"] * 3 // 4 or r["ws"] * 3 // 4 == 0:
@@ -350,9 +412,35 @@ def growth(rows: list[dict[str, Any]]) -> str:
             continue
         lo, hi = rs[1] if len(rs) > 2 else rs[0], rs[-1]
         for k in keys:
+            if not (lo[k] == lo[k] and hi[k] == hi[k]):  # nan: memory not traced
+                continue
             a, b = max(lo[k], 1e-6), max(hi[k], 1e-6)
             slope = math.log(b / a) / math.log(hi["ws"] / lo["ws"])
             out.append(f"| {model} | {stage} | {k} | {lo['ws']}-{hi['ws']} | {slope:.2f} |")
+    return "\n".join(out)
+
+
+def growth_tensors(rows: list[dict[str, Any]]) -> str:
+    """Log-log slope of each figure against tensors: between the two models (same world size,
+    stage and new world size); 0 means flat, 1 linear in tensors."""
+    keys = ("save_plan_cpu_s", "commit_cpu_s", "manifest_bytes", "blob_index_bytes",
+            "load_plan_cpu_s", "save_plan_mib", "commit_mib", "load_plan_mib")  # fmt: skip
+    out = ["| ws | stage | new ws | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+    by: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r["ws"], r["stage"], r["new_ws"]), []).append(r)
+    for (ws, stage, new_ws), rs in sorted(by.items()):
+        models = {r["tensors"]: r for r in rs}
+        if len(models) < 2:
+            continue
+        lo, hi = models[min(models)], models[max(models)]
+        span = math.log(hi["tensors"] / lo["tensors"])
+        slopes = []
+        for k in keys:
+            a, b = lo[k], hi[k]
+            ok = a == a and b == b and a > 0 and b > 0  # nan (not traced) or 0: no slope
+            slopes.append(f"{math.log(max(b, 1e-6) / max(a, 1e-6)) / span:.2f}" if ok else "-")
+        out.append(f"| {ws} | {stage} | {new_ws} | " + " | ".join(slopes) + " |")
     return "\n".join(out)
 
 

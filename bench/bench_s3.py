@@ -136,7 +136,10 @@ def peak_rows(endpoint: str, mib: int, part_mib: int) -> list[tuple[str, float]]
             env=dict(os.environ, OMP_NUM_THREADS="1"),
         )
         if r.returncode:
-            raise RuntimeError(f"the {codec} peak child failed:\n{r.stderr[-3000:]}")  # fmt: skip
+            # moto can answer 500 to a 1 GiB upload under load: report it, measure the rest
+            print(f"peak memory, {mib} MiB save, ws 1, {codec:4s}   FAILED (rc {r.returncode}): "
+                  f"{(r.stderr.strip().splitlines() or ['?'])[-1][:300]}", flush=True)  # fmt: skip
+            continue
         got = json.loads(r.stdout.strip().splitlines()[-1])
         out.append((codec, float(got["growth_mib"])))
         print(f"peak memory, {mib} MiB save, ws 1, {codec:4s}   +{got['growth_mib']:7.1f} MiB "

@@ -233,7 +233,7 @@ def _fail_writer(
     import zckpt.interop._safetensors as st
 
     owner: Any = torch if kind == "pt" else st
-    name = "save" if kind == "pt" else "save_file"
+    name = "save" if kind == "pt" else "_write"
     real = getattr(owner, name)
     calls = [0]
 

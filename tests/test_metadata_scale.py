@@ -338,3 +338,22 @@ def test_experts_of_is_expert_of_on_each_path(
         with pytest.raises(zckpt.SpecError) as got:
             spec.experts_of(paths)
         assert str(got.value) == error
+
+
+def test_placements_read_like_a_tuple() -> None:
+    state = {"module": {"w": torch.zeros(4)}, "master": {"w": torch.zeros(4)}, "n": torch.ones(())}
+    plan = zckpt.plan_shards(state, zckpt.ZeroSpec(2, 2))
+    as_tuple = tuple(plan.placements)
+    assert as_tuple == (
+        Placement(REPLICATED, owner=0),
+        Placement(FLAT, group=0),
+        Placement(REPLICATED, owner=1),
+    )
+    assert plan.placements == as_tuple and as_tuple == plan.placements
+    assert plan.placements[1:] == as_tuple[1:] and plan.placements[-1] == as_tuple[-1]
+    assert len(plan.placements) == 3 and hash(plan.placements) == hash(as_tuple)
+    assert (
+        plan.placements != as_tuple[:2]
+        and plan.placements != zckpt.plan_shards(state, zckpt.ZeroSpec(2, 3)).placements
+    )
+    assert [p.kind for p in plan.placements] == [REPLICATED, FLAT, REPLICATED]

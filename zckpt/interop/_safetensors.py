@@ -16,10 +16,12 @@ Sharded exports look like ``save_pretrained``'s (``transformers``, which shards 
   sorted by name), with ``metadata.total_size`` (bytes of the stored tensors) and
   ``metadata.total_parameters`` (their elements).
 
-Values may be tensors or :class:`zckpt.LazyTensor` (``lazy_mode=True`` output); lazy values are
-materialised one at a time and each shard file is written before the next shard's tensors are
-read, so peak memory is about one shard, not the whole model. Files are written by the
-``safetensors`` package itself (``safetensors.torch.save_file``).
+Values may be tensors or :class:`zckpt.LazyTensor` (``lazy_mode=True`` output); lazy values
+are materialised one at a time, each written before the next is read, so peak memory is about
+one tensor, not the whole model. Each file is written by zckpt: the header
+``safetensors.torch.save_file`` would write (:func:`safetensors_header`, the same bytes), then
+each tensor's bytes in turn (``zckpt/interop/_stream.py``): a DeepSpeed fp32 weight straight
+from the checkpoint's files (``copy_file_range``), anything else one tensor at a time.
 
 The output is written whole or not at all (``zckpt/interop/_output.py``): the one file, or the
 whole shard directory, is built under a dot-prefixed temporary name beside it, fsynced and

@@ -82,10 +82,11 @@ def write_tensor(fd: int, t: torch.Tensor, release: bool = False) -> int:
 
     Example:
         >>> import tempfile
-        >>> f = tempfile.TemporaryFile()
-        >>> write_tensor(f.fileno(), torch.tensor([1, 2], dtype=torch.int16))
+        >>> with tempfile.TemporaryFile() as f:
+        ...     write_tensor(f.fileno(), torch.tensor([1, 2], dtype=torch.int16))
+        ...     _ = f.seek(0)
+        ...     f.read()
         4
-        >>> _ = f.seek(0); f.read()
         b'\\x01\\x00\\x02\\x00'
     """
     view = _bytes(t)
@@ -135,8 +136,8 @@ def write_value(fd: int, value: Any, dtype: torch.dtype, materialise: Callable[.
 
     Example:
         >>> import tempfile
-        >>> f = tempfile.TemporaryFile()
-        >>> write_value(f.fileno(), torch.ones(2), torch.float32, lambda v, d: v.to(d))
+        >>> with tempfile.TemporaryFile() as f:
+        ...     write_value(f.fileno(), torch.ones(2), torch.float32, lambda v, d: v.to(d))
         8
     """
     if not isinstance(value, StreamedTensor) or value.dtype != dtype:
