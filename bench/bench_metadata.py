@@ -9,8 +9,9 @@ resharded load cost in metadata, with no tensor allocated:
 * **commit**: rank 0 turns every rank's report into the manifest and encodes it;
 * **manifest**: its bytes (the version zckpt writes; and, where it can be built in memory,
   the version 1 form for comparison);
-* **blob index**: one rank's blob index bytes (fragments with one chunk each, plus the skeleton
-  the index still carries);
+* **blob index**: one rank's blob index bytes as the writer writes it (fragments with one chunk
+  each; version 2, the skeleton's digest and the blob's own leaf columns, where the manifest is
+  version 2, else version 1 with the whole skeleton);
 * **load plan**: a rank at the new world size decodes the manifest, plans, and finds every
   saved fragment its holdings overlap (``Checkpoint.source_index``, no file opened).
 
@@ -47,8 +48,8 @@ import _models
 
 import zckpt
 from zckpt.format._header import ChunkEntry
-from zckpt.format._index import index_object, pack_index
-from zckpt.format._skeleton import skeleton_to_wire
+from zckpt.format._index import index_object, index_object_v2, pack_index
+from zckpt.format._skeleton import U64, skeleton_to_wire
 from zckpt.spec import ShardPlan, ZeroSpec, plan_shards
 from zckpt.store._layout import blob_name, expert_name
 from zckpt.store._manifest import (
@@ -58,6 +59,7 @@ from zckpt.store._manifest import (
     derived_fragments,
     encode_manifest,
     file_report,
+    writes_v2,
 )
 from zckpt.store._read import Checkpoint
 from zckpt.tree import Skeleton
@@ -154,7 +156,8 @@ def commit(skel: Skeleton, spec: ZeroSpec, reports: list[dict[str, Any]]) -> byt
 
 
 def blob_index_bytes(plan: ShardPlan, rank: int, skeleton_bytes: int) -> int:
-    """One rank blob's index: its fragments, one chunk each, plus the skeleton it carries."""
+    """One rank blob's index: its fragments, one chunk each, in the version the writer uses
+    (``writes_v2``); a version 1 index also carries the skeleton (``skeleton_bytes``)."""
     frags = derived_fragments(plan, rank)
     tensors = plan.skeleton.tensors
     entries = []
@@ -163,6 +166,9 @@ def blob_index_bytes(plan: ShardPlan, rank: int, skeleton_bytes: int) -> int:
         n = f.numel * tensors[f.leaf].itemsize
         entries.append((f, [ChunkEntry(0, f.numel, 0, off, n, n, 0xFFFF_FFFF_FFFF)]))
         off += n
+    if writes_v2(plan.spec, plan.skeleton):  # a stand-in digest of the same packed size
+        tensors = plan.skeleton.tensors
+        return len(pack_index(index_object_v2(rank, plan.spec, tensors, U64, entries, {}, off)))
     obj = index_object(rank, plan.spec, Skeleton((4, None), (), ()), entries, {}, off)
     obj.pop("tensors", None)
     obj.pop("skeleton", None)

@@ -64,10 +64,11 @@ class Params:
     stage: int
     codec: str
     chunk: int = 128
+    v2: bool = False  # format version 2: the manifest, and blobs without the skeleton
 
     @property
     def name(self) -> str:
-        return f"ws{self.ws}-z{self.stage}-{self.codec}-c{self.chunk}"
+        return f"ws{self.ws}-z{self.stage}-{self.codec}-c{self.chunk}" + ("-v2" if self.v2 else "")
 
 
 def fixture_state(seed: int, step: int) -> dict[str, Any]:
@@ -116,21 +117,29 @@ SEEDS = {"ckpt": 0, "other": 100}
 
 
 def build_fixture(root: Path, p: Params) -> None:
-    """Write ``root/ckpt`` and ``root/other`` (same layout, different values) and ``outside``."""
+    """Write ``root/ckpt`` and ``root/other`` (same layout, different values) and ``outside``;
+    ``p.v2`` forces format version 2 (what zckpt writes from world size x tensors >= 65536)."""
     import zckpt
+    import zckpt.store._manifest as manifest_mod
 
-    for name, base in SEEDS.items():
-        for i, tag in enumerate(TAGS):
-            step = i + 1
-            zckpt.save_checkpoint(
-                root / name,
-                fixture_state(base + step, step),
-                zckpt.ZeroSpec(p.ws, p.stage),
-                tag=tag,
-                client_state=fixture_client(base + step, step),
-                codec=p.codec,
-                chunk_bytes=p.chunk,
-            )
+    threshold = manifest_mod.V2_MIN_FRAGMENTS
+    if p.v2:
+        manifest_mod.V2_MIN_FRAGMENTS = 0
+    try:
+        for name, base in SEEDS.items():
+            for i, tag in enumerate(TAGS):
+                step = i + 1
+                zckpt.save_checkpoint(
+                    root / name,
+                    fixture_state(base + step, step),
+                    zckpt.ZeroSpec(p.ws, p.stage),
+                    tag=tag,
+                    client_state=fixture_client(base + step, step),
+                    codec=p.codec,
+                    chunk_bytes=p.chunk,
+                )
+    finally:
+        manifest_mod.V2_MIN_FRAGMENTS = threshold
     (root / "outside").mkdir()
     (root / "outside" / "note.txt").write_text("outside the save_dir")
 
@@ -182,9 +191,10 @@ def blob_repack(index: dict[str, Any], frames: bytes, base: int) -> bytes:
     with a correct index hash; frames (and every chunk offset and ``size``) move down by a
     multiple of 64 if the new index does not fit before them."""
     shift = 0
+    version = index.get("version") if index.get("version") in (1, 2) else 1  # the preamble's
     while True:
         body = msgpack.packb(index, use_bin_type=True)
-        head = seal(BLOB_MAGIC, body)
+        head = seal(BLOB_MAGIC, body, version)
         if len(head) <= base + shift:
             break
         grow = -(-(len(head) - base - shift) // 64) * 64
@@ -293,6 +303,10 @@ def rebind(s: Scratch, tag: str, name: str, fragments: list[Any] | None = None) 
     except Exception:
         return "(manifest not rebound: undecodable)"
     data = fpath.read_bytes()
+    if version == 2 and isinstance(d, dict) and ".client." not in name:
+        how = _rebind_v2(d, name, data, fragments)
+        mpath.write_bytes(manifest_pack(d, version, flags))
+        return how
     recs = [r for r in [*d.get("files", []), d.get("client")] if isinstance(r, dict)]
     for r in recs:
         if r.get("name") == name:
@@ -301,6 +315,48 @@ def rebind(s: Scratch, tag: str, name: str, fragments: list[Any] | None = None) 
                 r["fragments"] = fragments
     mpath.write_bytes(manifest_pack(d, version, flags))
     return "(manifest rebound)"
+
+
+def _u8s(v: Any) -> list[int]:
+    import numpy as np
+
+    out: list[int] = np.frombuffer(v, dtype="<u8").tolist()
+    return out
+
+
+def _pack_u8s(values: list[int]) -> bytes:
+    import numpy as np
+
+    return np.array(values, dtype="<u8").tobytes()
+
+
+def _rebind_v2(d: dict[str, Any], name: str, data: bytes, fragments: list[Any] | None) -> str:
+    """:func:`rebind` for a version 2 manifest: the file's entry in the packed ``ranks`` or
+    ``experts`` columns gets its size, xxh3 and index checksum (so the crafted index itself is
+    what a reader meets), and ``fragments`` become an explicit list."""
+    import numpy as np
+
+    try:
+        if ".rank" in name:
+            cols, at = d["ranks"], int(name.split(".rank")[1][:5])
+        else:
+            cols = d["experts"]
+            ids = np.frombuffer(cols["expert"], dtype="<u4").tolist()
+            at = ids.index(int(name.split(".expert")[1][:5]))
+        index_xxh3 = PRE.unpack_from(data)[4] if len(data) >= PRE.size else 0
+        for key, value in (
+            ("size", len(data)),
+            ("xxh3", xxhash.xxh3_64_intdigest(data)),
+            ("index_xxh3", index_xxh3),
+        ):
+            col = _u8s(cols[key])
+            col[at] = value
+            cols[key] = _pack_u8s(col)
+        if fragments is not None:
+            d.setdefault("explicit", {})[name] = _pack_u8s([x for f in fragments for x in f])
+    except Exception as e:  # a manifest already mutated out of shape: leave it
+        return f"(manifest not rebound: {type(e).__name__})"
+    return "(manifest rebound, index checksum too)"
 
 
 # ---------------------------------------------------------------------------------- mutations
@@ -371,6 +427,10 @@ BLOB_KINDS = (
     "chunk_past_end",
     "frag_stop_beyond",
     "fragments_empty",
+    # version 2 indexes only (skipped on version 1 blobs)
+    "skeleton_digest_flip",
+    "leaf_unlisted",
+    "leaf_extra",
 )
 
 TYPE_KINDS = (
@@ -432,6 +492,52 @@ def zstd_bomb() -> bytes:
     return _ZSTD_BOMB[0]
 
 
+def _columns(c: dict[str, Any]) -> tuple[list[int], bytearray, list[list[int]]]:
+    """(leaf ids or dtype positions, dtype codes, shapes) of packed leaf columns."""
+    import numpy as np
+
+    ndims = list(c["ndims"])
+    dims = _u8s(c["dims"])
+    shapes, at = [], 0
+    for n in ndims:
+        shapes.append(dims[at : at + n])
+        at += n
+    ids = np.frombuffer(c["leaf"], dtype="<u4").tolist() if "leaf" in c else []
+    return ids, bytearray(c["dtypes"]), shapes
+
+
+def _set_columns(c: dict[str, Any], ids: list[int], codes: bytearray, shapes: list[Any]) -> None:
+    import numpy as np
+
+    if "leaf" in c:
+        c["leaf"] = np.array(ids, dtype="<u4").tobytes()
+    c["dtypes"], c["ndims"] = bytes(codes), bytes(len(sh) for sh in shapes)
+    c["dims"] = _pack_u8s([x for sh in shapes for x in sh])
+
+
+def _edit_leaf(c: dict[str, Any], leaf: int, kind: str) -> None:
+    """``tensor_shape_huge`` / ``tensor_dtype_same_size`` on a version 2 index's columns."""
+    ids, codes, shapes = _columns(c)
+    at = ids.index(leaf)
+    if kind == "tensor_shape_huge":
+        shapes[at] = [2**34]
+    else:
+        codes[at] = {0: 6, 1: 5, 2: 5, 7: 3, 6: 0}.get(codes[at], codes[at])
+    _set_columns(c, ids, codes, shapes)
+
+
+def _drop_leaf(c: dict[str, Any], leaf: int) -> None:
+    ids, codes, shapes = _columns(c)
+    at = ids.index(leaf)
+    del ids[at], codes[at], shapes[at]
+    _set_columns(c, ids, codes, shapes)
+
+
+def _add_leaf(c: dict[str, Any]) -> None:
+    ids, codes, shapes = _columns(c)
+    _set_columns(c, [*ids, max(ids, default=-1) + 1], codes + b"\x00", [*shapes, [3]])
+
+
 def _tensor_leaf(skel: dict[str, Any], codes: tuple[int, ...]) -> int | None:
     for j, (code, _shape) in enumerate(skel["tensors"]):
         if code in codes:
@@ -446,8 +552,12 @@ def craft_manifest(s: Scratch, kind: str, tag: str, i: int) -> str:
         return f"{tag}/manifest.zckm: not a regular file, {kind} skipped"
     try:
         version, flags, d = manifest_unpack(mpath.read_bytes())
-        files = d["files"]
-        rec = files[i % len(files)]
+        if version == 2 and isinstance(d, dict) and kind in V2_FILE_KINDS:
+            what = craft_manifest_v2(d, kind, i)
+            mpath.write_bytes(manifest_pack(d, version, flags))
+            return f"{tag}/manifest.zckm: {kind} ({what}, version 2), re-checksummed"
+        files = d["files"] if version == 1 else []
+        rec = files[i % len(files)] if files else {}
     except Exception:
         return f"{tag}/manifest.zckm: undecodable, {kind} skipped"
     r = rec.get("rank", 0)
@@ -591,6 +701,103 @@ def craft_manifest(s: Scratch, kind: str, tag: str, i: int) -> str:
     return f"{tag}/manifest.zckm: {kind} ({what}), re-checksummed"
 
 
+# Kinds that edit file records or the skeleton: a version 2 manifest has them in other shapes.
+V2_FILE_KINDS = tuple(
+    k
+    for k in MANIFEST_KINDS
+    if k.startswith(("name_", "size_", "frag_", "skel_", "files_", "deep_skeleton"))
+    or k in ("xxh3_wrong", "client_is_rank_file")
+)
+
+
+def craft_manifest_v2(d: dict[str, Any], kind: str, i: int) -> str:
+    """The file-record and skeleton kinds of :func:`craft_manifest` on a version 2 body: packed
+    ``ranks`` columns, ``explicit`` fragment lists, the columnar skeleton."""
+    ranks = d["ranks"]
+    ws = len(ranks["size"]) // 8
+    r = i % max(ws, 1)
+    gen = d["generation"]
+    own = f"{gen}.rank{r:05d}-of-{ws:05d}.zck"
+    skel = d["skeleton"]
+    if kind.startswith("name_"):
+        bad: Any = {
+            "name_dotdot_other_tag": f"../step1/{own}",
+            "name_abs_other_ckpt": "/etc/passwd",
+            "name_abs_same_file": f"/{own}",
+            "name_nul": own + "\x00",
+            "name_other_file": f"{gen}.rank{ws + 3:05d}-of-{ws:05d}.zck",
+            "name_manifest": "manifest.zckm",
+            "name_empty": "",
+            "name_int": 12345,
+        }[kind]
+        d.setdefault("explicit", {})[bad] = _pack_u8s([0, 0, 1])
+        return f"explicit list for {bad!r}"
+    if kind.startswith("size_") or kind == "xxh3_wrong":
+        key = "xxh3" if kind == "xxh3_wrong" else "size"
+        col = _u8s(ranks[key])
+        if kind in ("size_0", "size_huge", "xxh3_wrong"):
+            col[r] = {"size_0": 0, "size_huge": 2**63, "xxh3_wrong": col[r] ^ 1}[kind]
+            ranks[key] = _pack_u8s(col)
+        else:  # a value packed columns cannot hold: the column itself of the wrong type
+            ranks[key] = {
+                "size_neg": -1,
+                "size_float": 0.5,
+                "size_inf": float("inf"),
+                "size_nan": float("nan"),
+                "size_str": "12",
+            }[kind]
+        return f"ranks {key} of rank {r}"
+    if kind.startswith("frag_"):
+        n_leaves = len(skel["dtypes"])
+        value: Any = {
+            "frag_leaf_beyond": _pack_u8s([n_leaves + 3, 0, 1]),
+            "frag_start_gt_stop": _pack_u8s([0, 5, 2]),
+            "frag_negative": b"\xff" * 23,
+            "frag_float": [0.5, 1, 2],
+            "frag_huge": _pack_u8s([0, 0, 2**62]),
+        }[kind]
+        d.setdefault("explicit", {})[own] = value
+        return f"explicit fragments of {own}"
+    if kind.startswith("skel_"):
+        _, codes, shapes = _columns(skel)
+        if kind in ("skel_dtype_same_size", "skel_dtype_other_size"):
+            want = (0, 2) if kind == "skel_dtype_same_size" else (2,)
+            j = next(k for k, c in enumerate(codes) if c in want)
+            codes[j] = {0: 6, 2: 1}[codes[j]] if kind == "skel_dtype_same_size" else 0
+        elif kind == "skel_shape_permuted":
+            j = next(k for k, sh in enumerate(shapes) if len(sh) == 2 and sh[0] != sh[1])
+            shapes[j] = shapes[j][::-1]
+        elif kind == "skel_shape_huge":
+            j = next(k for k, sh in enumerate(shapes) if len(sh) == 1)
+            shapes[j] = [2**34]
+        elif kind == "skel_value_changed":
+            j = next(k for k, v in enumerate(skel["values"]) if type(v) is int)
+            skel["values"][j] += 1000
+            return f"skeleton value {j}"
+        elif kind == "skel_key_renamed":
+            skel["keys"] = ["misd" if k == "misc" else k for k in skel["keys"]]
+            return "skeleton key misc"
+        _set_columns(skel, [], codes, shapes)
+        return f"skeleton tensor {j}"
+    if kind.startswith("deep_skeleton"):
+        skel["values"] = [DEEP]
+        return "skeleton values"
+    if kind == "files_dropped":
+        for key in ("size", "xxh3", "index_xxh3"):
+            ranks[key] = ranks[key][:-8]
+        return "last rank entry"
+    if kind == "files_duplicated":
+        for key in ("size", "xxh3", "index_xxh3"):
+            ranks[key] = ranks[key] + ranks[key][:8]
+        return "rank 0 entry repeated"
+    if kind == "client_is_rank_file":
+        size, xxh = _u8s(ranks["size"])[0], _u8s(ranks["xxh3"])[0]
+        own0 = f"{gen}.rank00000-of-{ws:05d}.zck"
+        d["client"] = {"name": own0, "rank": -1, "size": size, "xxh3": xxh, "fragments": []}
+        return "client record"
+    raise ValueError(kind)
+
+
 def craft_blob(s: Scratch, kind: str, tag: str, i: int) -> str:
     """Apply a crafted change to one blob of ``tag`` (index re-checksummed), then rebind the
     manifest's record (size, xxh3, fragments) to the new file."""
@@ -616,11 +823,14 @@ def craft_blob(s: Scratch, kind: str, tag: str, i: int) -> str:
         if not index["fragments"]:
             return f"{tag}/{name}: no fragment, {kind} skipped"
         leaf = index["fragments"][0]["leaf"]
-        t = index["tensors"][leaf]
-        if kind == "tensor_shape_huge":
-            t[1] = [2**34]
-        else:
-            t[0] = {0: 6, 1: 5, 2: 5, 7: 3, 6: 0}.get(t[0], t[0])
+        if "tensors" in index:
+            t = index["tensors"][leaf]
+            if kind == "tensor_shape_huge":
+                t[1] = [2**34]
+            else:
+                t[0] = {0: 6, 1: 5, 2: 5, 7: 3, 6: 0}.get(t[0], t[0])
+        else:  # version 2: the blob's own leaf columns
+            _edit_leaf(index["leaves"], leaf, kind)
         data = blob_repack(index, frames, first)
     elif kind.startswith("zstd_") or kind == "raw_len_huge":
         if not chunks:
@@ -661,6 +871,18 @@ def craft_blob(s: Scratch, kind: str, tag: str, i: int) -> str:
         index["fragments"] = []
         data = blob_repack(index, b"", first)
         new_frags = []
+    elif kind in ("skeleton_digest_flip", "leaf_unlisted", "leaf_extra"):
+        if not isinstance(index.get("leaves"), dict):
+            return f"{tag}/{name}: a version 1 index, {kind} skipped"
+        if kind == "skeleton_digest_flip":
+            index["skeleton_digest"] ^= 1
+        elif not index["fragments"]:
+            return f"{tag}/{name}: no fragment, {kind} skipped"
+        elif kind == "leaf_unlisted":
+            _drop_leaf(index["leaves"], index["fragments"][0]["leaf"])
+        else:
+            _add_leaf(index["leaves"])
+        data = blob_repack(index, frames, first)
     else:
         raise ValueError(kind)
     path.write_bytes(data)

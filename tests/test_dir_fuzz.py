@@ -46,10 +46,11 @@ from zckpt.testing import assert_states_equal, tensors_bitwise_equal
 
 SCALE = float(os.environ.get("ZCKPT_SLOW_SCALE", "1"))
 ALL_PARAMS = [
-    Params(ws, stage, codec)
+    Params(ws, stage, codec, v2=v2)
     for ws in (2, 3)
     for stage in (1, 2, 3)
     for codec in ("raw", "zstd", "byteplane")
+    for v2 in (False, True)
 ]
 CI_PARAMS = [
     Params(2, 2, "raw"),
@@ -58,7 +59,11 @@ CI_PARAMS = [
     Params(3, 1, "raw"),
     Params(2, 3, "raw", chunk=4096),
     Params(3, 2, "byteplane"),
+    # format version 2 (manifest and blobs), forced at this size
+    Params(2, 3, "raw", v2=True),
+    Params(3, 1, "zstd", v2=True),
 ]
+V2 = Params(2, 2, "raw", v2=True)
 BASE = Params(2, 2, "raw")  # the regression tests' fixture: raw keeps same-layout sizes equal
 # Examples per property: a twentieth of the profile's (ci: 10); the slow test many more. No
 # shrinking: an example with a hang costs seconds, and every failure already lists readable
@@ -165,6 +170,11 @@ def test_pristine_fixture_reads_back_what_was_committed(env: Env, p: Params) -> 
             assert mine.read_bytes() != theirs.read_bytes()
             if p.codec == "raw":  # same layout: same size, the manifest's size check passes
                 assert mine.stat().st_size == theirs.stat().st_size
+            # the fixture's format: version 2 rank blobs exactly when its manifest is version 2
+            want = 2 if p.v2 else 1
+            manifest = s.ckpt / tag / "manifest.zckm"
+            assert int.from_bytes(manifest.read_bytes()[8:12], "little") == want
+            assert int.from_bytes(mine.read_bytes()[8:12], "little") == want
 
 
 def test_harness_catches_what_it_must(env: Env) -> None:
@@ -329,6 +339,10 @@ REGRESSIONS: list[tuple[str, Params, list[tuple[Any, ...]]]] = [
     ("swap-rank-zstd", Params(3, 3, "zstd"), [("swap", "rank_from_other_ckpt", 1, 0)]),
     # latest
     *((f"{k}", BASE, [("latest", k)]) for k in LATEST_KINDS),
+    # format version 2: blobs bound to the manifest's skeleton by digest and leaf columns
+    *((f"v2-blob-{k}", V2, [("blob", k, 1, 1)]) for k in BLOB_KINDS),
+    *((f"v2-manifest-{k}", V2, [("manifest", k, 1, 1)]) for k in MANIFEST_KINDS),
+    *((f"v2-swap-{k}", V2, [("swap", k, 1, 0)]) for k in SWAP_KINDS),
 ]
 
 

@@ -545,8 +545,11 @@ def test_wrong_magic_and_text_mode_mangling() -> None:
 
 def test_version_and_flags() -> None:
     blob = bytearray(base_blob())
-    blob[8:12] = struct.pack("<I", 2)
-    with pytest.raises(VersionError, match="format version 2"):
+    blob[8:12] = struct.pack("<I", 3)  # versions 1 and 2 exist
+    with pytest.raises(VersionError, match="format version 3"):
+        decode_shard(blob)
+    blob[8:12] = struct.pack("<I", 2)  # a version 1 index under a version 2 preamble
+    with pytest.raises(FormatError, match="version 1 disagrees with the preamble's"):
         decode_shard(blob)
     blob[8:12] = struct.pack("<I", 1)
     blob[12:16] = struct.pack("<I", 4)

@@ -22,6 +22,7 @@ import xxhash
 
 import zckpt
 import zckpt.cli
+import zckpt.store._manifest as manifest_mod
 from zckpt.store import _storage
 from zckpt.store._layout import try_tag_lock
 from zckpt.testing import assert_states_equal
@@ -63,14 +64,31 @@ def _loads(d: Path | str) -> None:
     zckpt.load_checkpoint(d)
 
 
+@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+def fmt(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The format the saves of a test write: 2 forces the version 2 manifest and blobs (what
+    zckpt writes from world size x tensors >= 65536)."""
+    if request.param == 2:
+        monkeypatch.setattr(manifest_mod, "V2_MIN_FRAGMENTS", 0)
+    version: int = request.param
+    return version
+
+
+def _blob_version(path: Path) -> int:
+    return int(PRE.unpack_from(path.read_bytes()[: PRE.size])[1])
+
+
 # ------------------------------------------------------------------------------ binding
 
 
-def test_blob_from_another_checkpoint_with_the_same_layout_is_detected(tmp_path: Path) -> None:
+def test_blob_from_another_checkpoint_with_the_same_layout_is_detected(
+    tmp_path: Path, fmt: int
+) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     _save(a, 1, "t")
     _save(b, 2, "t")
     ma, mb = zckpt.open_checkpoint(a).manifest, zckpt.open_checkpoint(b).manifest
+    assert _blob_version(a / "t" / ma.files[1].name) == fmt
     # Rank 1's file of b, renamed to a's name for it: valid chunk checksums, other tensors.
     shutil.copy(b / "t" / mb.files[1].name, a / "t" / ma.files[1].name)
     for load in (
@@ -87,7 +105,7 @@ def test_blob_from_another_checkpoint_with_the_same_layout_is_detected(tmp_path:
     assert not all(r.ok for r in zckpt.verify_checkpoint(a))
 
 
-def test_client_state_swapped_between_tags_is_detected(tmp_path: Path) -> None:
+def test_client_state_swapped_between_tags_is_detected(tmp_path: Path, fmt: int) -> None:
     _save(tmp_path, 1, "one")
     _save(tmp_path, 2, "two")
     c1 = zckpt.open_checkpoint(tmp_path, "one").manifest.client
@@ -180,6 +198,35 @@ def test_manifest_version_zero_and_unknown_flags_are_refused(
         _loads(tmp_path)
 
 
+def test_v2_skeleton_changed_in_the_manifest_is_refused_by_the_blobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version 2 manifest rewritten (valid checksum) with another dtype, shape or value:
+    each blob's skeleton digest no longer matches, and the file, rank and digest are named."""
+    monkeypatch.setattr(manifest_mod, "V2_MIN_FRAGMENTS", 0)
+    _save(tmp_path, 1, "t")
+    version, _, body = _manifest(tmp_path / "t")
+    assert version == 2
+    for edit in ("dtype", "shape", "value"):
+        _, _, body = _manifest(tmp_path / "t")
+        skel = body["skeleton"]
+        if edit == "dtype":  # bf16 -> fp16: same size, so every byte count still agrees
+            codes = bytearray(skel["dtypes"])
+            codes[0] = 1 if codes[0] == 2 else 2
+            skel["dtypes"] = bytes(codes)
+        elif edit == "shape":  # (40, 8) -> (8, 40)
+            dims = bytearray(skel["dims"])
+            dims[:16] = dims[8:16] + dims[:8]
+            skel["dims"] = bytes(dims)
+        else:
+            skel["values"] = [v + 1 if type(v) is int else v for v in skel["values"]]
+        _write_manifest(tmp_path / "t", body, version=2)
+        with pytest.raises(zckpt.FormatError, match=r"rank00000-of-00002\.zck: rank 0: the blob's"):
+            _loads(tmp_path)
+        report = zckpt.verify_checkpoint(tmp_path)[0]
+        assert not report.ok and any("skeleton digest" in p for p in report.problems), edit
+
+
 def test_skeleton_dtype_changed_under_a_fragment_is_refused(tmp_path: Path) -> None:
     _save(tmp_path, 1, "t")
     _, _, body = _manifest(tmp_path / "t")
@@ -204,7 +251,7 @@ def test_overlapping_or_missing_fragments_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("which", ["latest", "manifest", "blob", "client"])
-def test_fifos_never_block(tmp_path: Path, which: str) -> None:
+def test_fifos_never_block(tmp_path: Path, which: str, fmt: int) -> None:
     _save(tmp_path, 1, "t", keep_last=3)
     m = zckpt.open_checkpoint(tmp_path).manifest
     assert m.client is not None
@@ -253,7 +300,9 @@ def test_a_stray_fifo_manifest_does_not_hang_retention(tmp_path: Path) -> None:
     assert done == [True]
 
 
-def test_blob_replaced_by_a_directory_or_a_symlink_is_a_zckpt_error(tmp_path: Path) -> None:
+def test_blob_replaced_by_a_directory_or_a_symlink_is_a_zckpt_error(
+    tmp_path: Path, fmt: int
+) -> None:
     _save(tmp_path, 1, "t")
     m = zckpt.open_checkpoint(tmp_path).manifest
     blob = tmp_path / "t" / m.files[0].name

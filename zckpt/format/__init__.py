@@ -3,6 +3,8 @@
 A blob is a 32-byte preamble (magic, version, flags, index length and checksum), a msgpack index
 (skeleton, spec, fragments, and for every chunk its codec, offset, lengths and xxh3 checksum) and
 64-byte aligned frames holding the tensor bytes, raw, zstd-compressed or split into byte planes.
+A version 2 index (written by saves into large checkpoints) replaces the skeleton by its digest
+and the dtypes and shapes of the blob's own tensors; the skeleton is in the manifest.
 No pickle: decoding an untrusted blob can only raise a :class:`~zckpt.FormatError`.
 
 Example:
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from zckpt.format._encode import EncodedShard, encode_shard, encode_shard_parts
     from zckpt.format._header import (
         FORMAT_VERSION,
+        FORMAT_VERSIONS,
         MAGIC,
         PREAMBLE_SIZE,
         BlobHeader,
@@ -51,6 +54,7 @@ __getattr__, __dir__ = attach(
         ),
         "zckpt.format._header": (
             "FORMAT_VERSION",
+            "FORMAT_VERSIONS",
             "MAGIC",
             "PREAMBLE_SIZE",
             "BlobHeader",
@@ -72,6 +76,7 @@ __getattr__, __dir__ = attach(
 
 __all__ = [
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "MAGIC",
     "PREAMBLE_SIZE",
     "BlobHeader",

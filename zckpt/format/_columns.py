@@ -14,6 +14,7 @@ leaf index, dtype code and dimension is checked before anything is built, with t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
@@ -36,7 +37,15 @@ from zckpt.tree import (
     format_path,
 )
 
-__all__ = ["COLUMNS_VERSION", "skeleton_digest", "skeleton_from_columns", "skeleton_to_columns"]
+__all__ = [
+    "COLUMNS_VERSION",
+    "leaf_columns",
+    "leaf_metas_from_columns",
+    "skeleton_digest",
+    "skeleton_digest_of",
+    "skeleton_from_columns",
+    "skeleton_to_columns",
+]
 
 COLUMNS_VERSION = 1
 MAX_NDIM = 64  # dimensions of one tensor (torch allows 64 too)
@@ -150,6 +159,89 @@ def skeleton_digest(columns: dict[str, Any]) -> int:
         h.update(len(raw).to_bytes(8, "little"))
         h.update(raw)
     return h.intdigest()
+
+
+# A few entries, newest first: a save encodes every blob of a process against one skeleton
+# object, a checkpoint reader checks every blob against its manifest's, and a reshard does both
+# at once. An entry keeps its skeleton alive, so an id is never reused while it is cached.
+_DIGESTS: list[tuple[Skeleton, int]] = []
+_DIGESTS_KEPT = 4
+
+
+def skeleton_digest_of(skeleton: Skeleton) -> int:
+    """:func:`skeleton_digest` of ``skeleton``'s columnar form (the last few results are kept,
+    by identity: a save or a load asks once per blob for the same skeleton).
+
+    Raises:
+        StateError: as :func:`skeleton_to_columns`.
+
+    Example:
+        >>> import torch
+        >>> from zckpt.tree import flatten
+        >>> skel = flatten({"w": torch.zeros(2)})[0]
+        >>> skeleton_digest_of(skel) == skeleton_digest(skeleton_to_columns(skel))
+        True
+    """
+    for cached, digest in list(_DIGESTS):  # a copy: another thread may be updating it
+        if cached is skeleton:
+            return digest
+    digest = skeleton_digest(skeleton_to_columns(skeleton))
+    _DIGESTS[:] = [(skeleton, digest), *_DIGESTS[: _DIGESTS_KEPT - 1]]
+    return digest
+
+
+def leaf_columns(metas: Sequence[TensorMeta], leaves: Sequence[int]) -> dict[str, bytes]:
+    """Packed columns describing some tensor leaves (a version 2 blob's own): ids, dtype
+    codes, ranks and dimensions, as the columnar skeleton packs them.
+
+    Raises:
+        StateError: a dtype without a format code.
+
+    Example:
+        >>> import torch
+        >>> c = leaf_columns([TensorMeta(torch.float32, (2, 3)), TensorMeta(torch.int8, ())], [1])
+        >>> bytes(c["leaf"]), bytes(c["dtypes"]), bytes(c["ndims"]), c["dims"]
+        (b'\\x01\\x00\\x00\\x00', b'\\x04', b'\\x00', b'')
+    """
+    codes = []
+    for leaf in leaves:
+        code = CODE_OF_NAME.get(metas[leaf].dtype_name)
+        if code is None:
+            raise StateError(f"tensor leaf {leaf}: dtype {metas[leaf].dtype} has no format code")
+        codes.append(code)
+    return {
+        "leaf": np.array(leaves, dtype="<u4").tobytes(),
+        "dtypes": bytes(codes),
+        "ndims": bytes(len(metas[leaf].shape) for leaf in leaves),
+        "dims": np.array([d for leaf in leaves for d in metas[leaf].shape], dtype="<u8").tobytes(),
+    }
+
+
+def leaf_metas_from_columns(obj: Any, where: str) -> dict[int, TensorMeta]:
+    """Parse :func:`leaf_columns` output as untrusted input: leaf ids strictly increasing,
+    every dtype, rank and shape checked as the columnar skeleton's are.
+
+    Raises:
+        FormatError: naming the field and, where it applies, the leaf.
+
+    Example:
+        >>> import torch
+        >>> c = leaf_columns([TensorMeta(torch.float32, (2, 3))], [0])
+        >>> leaf_metas_from_columns(c, "leaves")
+        {0: TensorMeta(dtype=torch.float32, shape=(2, 3))}
+    """
+    m = expect_map(obj, where)
+    ids = _array(m, "leaf", "<u4", where)
+    if len(ids) > 1:
+        bad = np.flatnonzero(np.diff(ids.astype(np.int64)) <= 0)
+        if len(bad):
+            i = int(bad[0]) + 1
+            raise FormatError(
+                f"{where}: leaf id {int(ids[i])} at position {i} does not follow {int(ids[i - 1])} "
+                "(ids must be strictly increasing)"
+            )
+    metas = _metas(m, len(ids), where)
+    return dict(zip(ids.tolist(), metas, strict=True))
 
 
 def _array(m: dict[str, Any], key: str, dtype: str, where: str) -> np.ndarray:

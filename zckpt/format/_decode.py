@@ -19,6 +19,7 @@ from zckpt.format._encode import default_threads
 from zckpt.format._header import BlobHeader, as_bytes_view
 from zckpt.format._index import decode_header
 from zckpt.shard import Shard
+from zckpt.tree import Skeleton
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +71,7 @@ def _decode_one(
     if len(mv) != c.length:
         raise TruncatedError(f"{where}: read {len(mv)} of its {c.length} bytes")
     check(mv, c.checksum, where)
-    meta = h.skeleton.tensors[h.fragments[fi].fragment.leaf]
+    meta = h.meta(h.fragments[fi].fragment.leaf)
     size = ITEMSIZE[dtype_code(meta.dtype_name)]
     decode_chunk(c.codec, c.planes, mv, dst, size, where, join=not check_only)
     if meta.dtype_name == "bool" and dst.max(initial=0) > 1:
@@ -86,7 +87,7 @@ def _read_raw_into(h: BlobHeader, fi: int, ci: int, read_into: ReadInto, dst: U8
     if got != c.length:
         raise TruncatedError(f"{where}: read {got} of its {c.length} bytes")
     check(view, c.checksum, where)
-    meta = h.skeleton.tensors[h.fragments[fi].fragment.leaf]
+    meta = h.meta(h.fragments[fi].fragment.leaf)
     if meta.dtype_name == "bool" and dst.max(initial=0) > 1:
         raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
 
@@ -189,7 +190,7 @@ def decode_fragment(
         raise ValueError(f"{header.describe(index)}: bad range [{start}, {stop}) of {f.numel}")
     import torch
 
-    dtype = header.skeleton.tensors[f.leaf].dtype
+    dtype = header.meta(f.leaf).dtype
     if out is None:
         out = _empty(hi - lo, dtype, header.describe(index))
     elif out.dtype != dtype or out.dim() != 1 or out.numel() != hi - lo:
@@ -245,12 +246,16 @@ def _decode_partial(h: BlobHeader, fi: int, ci: int, stored: Any, part: U8, skip
         raise TruncatedError(f"{where}: read {len(mv)} of its {c.length} bytes")
     check(mv, c.checksum, where)
     part[:] = np.frombuffer(mv, np.uint8, len(part), skip)
-    leaf = h.fragments[fi].fragment.leaf
-    if h.skeleton.tensors[leaf].dtype_name == "bool" and part.max() > 1:
+    if h.meta(h.fragments[fi].fragment.leaf).dtype_name == "bool" and part.max() > 1:
         raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
 
 
-def decode_shard(data: bytes | bytearray | memoryview, *, threads: int | None = None) -> Shard:
+def decode_shard(
+    data: bytes | bytearray | memoryview,
+    *,
+    threads: int | None = None,
+    skeleton: Skeleton | None = None,
+) -> Shard:
     """Decode a whole blob into a :class:`~zckpt.Shard` whose tensors own fresh memory.
 
     Every chunk's checksum is verified; nothing in the result aliases ``data``.
@@ -258,10 +263,15 @@ def decode_shard(data: bytes | bytearray | memoryview, *, threads: int | None = 
     Args:
         data: the blob (any contiguous buffer: bytes, bytearray, memoryview, mmap).
         threads: decompression threads (None: the usable cores, at most 8).
+        skeleton: needed for a version 2 blob (written by saves into large checkpoints), whose
+            skeleton is in its checkpoint's manifest:
+            ``zckpt.open_checkpoint(path).manifest.skeleton``, checked against the blob's
+            digest and leaf columns. A version 1 blob carries its own and ignores it.
 
     Raises:
         FormatError: not a valid blob (``VersionError``, ``TruncatedError``, ``ChecksumError``
-            for the specific cases), naming the tensor, element range and byte offset.
+            for the specific cases), naming the tensor, element range and byte offset; a
+            version 2 blob without ``skeleton``, or with one it was not written with.
         AllocationError: the blob declares tensors larger than the memory available (each
             tensor is allocated only when its first chunk is about to be decoded).
 
@@ -273,9 +283,25 @@ def decode_shard(data: bytes | bytearray | memoryview, *, threads: int | None = 
         >>> back = decode_shard(encode_shard(shard, codec="zstd"))
         >>> back.data[0].tolist(), zckpt.tree.unflatten(back.skeleton, back.data)["n"]
         ([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [1, None])
+        >>> v2 = encode_shard(shard, version=2)  # no skeleton inside: pass it
+        >>> decode_shard(v2, skeleton=shard.skeleton).data[0].tolist()
+        [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        >>> decode_shard(v2)
+        Traceback (most recent call last):
+        ...
+        zckpt.errors.FormatError: rank 0: a version 2 blob does not carry its skeleton ...
     """
     mv = as_bytes_view(data)
-    h = decode_header(mv, blob_size=len(mv))
+    h = decode_header(mv, blob_size=len(mv), skeleton=skeleton)
+    skel = h.skeleton
+    if skel is None:
+        raise FormatError(
+            f"rank {h.rank}: a version {h.version} blob does not carry its skeleton (the state's "
+            "containers, values and tensor paths): it is in its checkpoint's manifest. Load it "
+            "through the checkpoint (zckpt.load_checkpoint, zckpt.open_checkpoint), or pass "
+            "decode_shard(data, skeleton=zckpt.open_checkpoint(path).manifest.skeleton); the "
+            f"blob's skeleton digest ({h.digest or 0:#018x}) is checked against it"
+        )
     tensors: list[torch.Tensor] = []
 
     def thunks() -> Iterator[Callable[[], None]]:
@@ -284,7 +310,7 @@ def decode_shard(data: bytes | bytearray | memoryview, *, threads: int | None = 
         for fi, (f, chunks) in enumerate(h.fragments):
             import torch  # here: a blob without tensors (a plain client state) needs none
 
-            dtype = h.skeleton.tensors[f.leaf].dtype
+            dtype = h.meta(f.leaf).dtype
             t = _empty(f.numel, dtype, h.describe(fi))
             tensors.append(t)
             dst = t.view(torch.uint8).numpy()
@@ -297,12 +323,13 @@ def decode_shard(data: bytes | bytearray | memoryview, *, threads: int | None = 
     n_chunks = sum(len(e.chunks) for e in h.fragments)
     _run(thunks(), _threads_for(h.size, n_chunks, threads))
     frags = tuple(e.fragment for e in h.fragments)
-    return Shard(h.rank, h.spec, h.skeleton, frags, tuple(tensors))
+    return Shard(h.rank, h.spec, skel, frags, tuple(tensors))
 
 
 def iter_problems(data: bytes | bytearray | memoryview) -> Iterator[ZckptError]:
     """Every problem in a blob, in file order: header first (a bad header ends the list), then
-    each damaged frame and any non-zero padding.
+    each damaged frame and any non-zero padding. A version 2 blob is checked alone, from its
+    own leaf columns (that it fits its manifest is what a checkpoint reader checks).
 
     Example:
         >>> import torch, zckpt

@@ -23,7 +23,7 @@ from zckpt.format._header import (
     align,
     pack_preamble,
 )
-from zckpt.format._index import decode_header, index_object, pack_index
+from zckpt.format._index import decode_header, pack_index, shard_index
 from zckpt.format._skeleton import check_plain
 from zckpt.shard import Shard
 from zckpt.spec import Fragment
@@ -131,6 +131,12 @@ def _check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def check_version(version: int) -> None:
+    """``version`` is a blob version this zckpt writes (1 or 2), else a ValueError."""
+    if isinstance(version, bool) or version not in (1, 2):
+        raise ValueError(f"blob version must be 1 or 2, got {version!r}")
+
+
 def _check_args(codec: str, level: int, chunk_bytes: int, threads: int | None) -> int:
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
@@ -200,7 +206,7 @@ def _jobs(shard: Shard, chunk_bytes: int, lazy_devices: bool = False) -> list[_J
 
 
 def _layout(
-    shard: Shard, jobs: list[_Job], frames: list[Frame], extra: dict[str, Any]
+    shard: Shard, jobs: list[_Job], frames: list[Frame], extra: dict[str, Any], version: int
 ) -> tuple[bytes, list[ChunkEntry], int]:
     """Pack the index with absolute frame offsets; return (head bytes, chunks in file order,
     offset of the first frame).
@@ -223,12 +229,10 @@ def _layout(
             flat.append(c)
             pos += fr.length
         size = max(pos, data_offset)
-        index = pack_index(
-            index_object(shard.rank, shard.spec, shard.skeleton, entries, extra, size)
-        )
+        index = pack_index(shard_index(shard, entries, extra, size, version))
         need = align(PREAMBLE_SIZE + len(index))
         if need <= data_offset:
-            head = pack_preamble(index, xxh3(index)) + index
+            head = pack_preamble(index, xxh3(index), version) + index
             return head + bytes(data_offset - len(head)), flat, data_offset
         data_offset = need
 
@@ -246,6 +250,7 @@ def encode_shard_parts(
     chunk_bytes: int = 8 << 20,
     threads: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    version: int = 1,
 ) -> EncodedShard:
     """Encode a shard as a list of buffers in file order (see :func:`encode_shard`).
 
@@ -258,12 +263,13 @@ def encode_shard_parts(
         4
     """
     code = _check_args(codec, level, chunk_bytes, threads)
+    check_version(version)
     extra_map = _check_extra(extra)
     jobs = _jobs(shard, chunk_bytes)
     work = 0 if code == RAW else sum(len(j.src) for j in jobs)
     n_threads = default_threads() if threads is None else threads
     frames = list(pool_map(lambda j: _encode(j, code, level), jobs, n_threads, work))
-    head, chunks, data_offset = _layout(shard, jobs, frames, extra_map)
+    head, chunks, data_offset = _layout(shard, jobs, frames, extra_map, version)
     buffers: list[memoryview | bytes] = [head]
     pos = data_offset
     for c, fr in zip(chunks, frames, strict=True):
@@ -271,7 +277,8 @@ def encode_shard_parts(
             buffers.append(_ZEROS[: c.offset - pos])
         buffers.extend(fr.pieces)
         pos = c.offset + c.length
-    return EncodedShard(buffers, max(pos, data_offset), decode_header(head))
+    header = decode_header(head, skeleton=shard.skeleton)
+    return EncodedShard(buffers, max(pos, data_offset), header)
 
 
 def encode_shard(
@@ -282,8 +289,9 @@ def encode_shard(
     chunk_bytes: int = 8 << 20,
     threads: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    version: int = 1,
 ) -> bytes:
-    """Encode one rank's shard as a self-describing blob (docs/format.md).
+    """Encode one rank's shard as a blob (docs/format.md).
 
     Args:
         shard: from :func:`zckpt.shard_state` or :func:`zckpt.shard_from_local`.
@@ -295,13 +303,19 @@ def encode_shard(
             each compressed in parallel and checksummed, and decodable on its own.
         threads: worker threads for compression (None: the usable cores, at most 8).
         extra: a small msgpack-able map stored in the index (str keys).
+        version: 1 (the default) writes a self-describing blob, whose index carries the whole
+            skeleton: :func:`~zckpt.format.decode_shard` needs nothing else. 2 writes what
+            saves into large checkpoints write: the skeleton's digest and the dtypes and
+            shapes of only the tensors the shard holds fragments of, so the index grows with
+            the shard, not the state; decoding it takes the skeleton
+            (``decode_shard(blob, skeleton=shard.skeleton)``), checked against the digest.
 
     Returns:
         The blob bytes; ``b"".join(encode_shard_parts(shard, ...).buffers)``.
 
     Raises:
         StateError: a dtype without a format code, a state nested too deeply, a bad ``extra``.
-        ValueError: bad codec, level, chunk size or thread count.
+        ValueError: bad codec, level, chunk size, thread count or version.
 
     Example:
         >>> import torch, zckpt
@@ -313,6 +327,12 @@ def encode_shard(
         True
     """
     parts = encode_shard_parts(
-        shard, codec=codec, level=level, chunk_bytes=chunk_bytes, threads=threads, extra=extra
+        shard,
+        codec=codec,
+        level=level,
+        chunk_bytes=chunk_bytes,
+        threads=threads,
+        extra=extra,
+        version=version,
     )
     return b"".join(parts.buffers)

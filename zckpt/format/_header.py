@@ -12,11 +12,12 @@ from typing import Any, NamedTuple
 
 from zckpt.errors import FormatError, TruncatedError, VersionError
 from zckpt.spec import Fragment, ZeroSpec
-from zckpt.tree import Skeleton
+from zckpt.tree import Skeleton, TensorMeta
 
 __all__ = [
     "ALIGN",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "MAGIC",
     "PREAMBLE_SIZE",
     "BlobHeader",
@@ -32,11 +33,12 @@ __all__ = [
 # PNG-style magic: a high-bit byte catches 7-bit channels, CR LF catches newline conversion
 # either way, ^Z stops a DOS `type`, and the final LF catches LF -> CRLF.
 MAGIC = b"\x89ZCK\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest blob version this zckpt reads and writes
+FORMAT_VERSIONS = (1, 2)  # every version it reads (version 1: the index carries the skeleton)
 _PREAMBLE = struct.Struct("<8sIIQQ")
 PREAMBLE_SIZE: int = _PREAMBLE.size
 ALIGN = 64
-KNOWN_FLAGS = 0  # no must-understand feature flags exist in version 1
+KNOWN_FLAGS = 0  # no must-understand feature flags exist in versions 1 and 2
 MAX_INDEX = 1 << 32  # an index past 4 GiB is corruption, not a checkpoint
 
 
@@ -94,6 +96,12 @@ class BlobHeader:
     ``data_offset`` where frames may start (``index_size`` rounded up to 64) and ``size`` the
     blob's total length.
 
+    A version 1 blob carries its skeleton. A version 2 blob (what saves into large
+    checkpoints write) carries only ``digest``, the columnar skeleton's digest, and
+    ``leaf_metas``, the dtype and shape of each tensor leaf it holds fragments of; its
+    ``skeleton`` is the one passed to :func:`~zckpt.format.decode_header` (checked against
+    both), else None. :meth:`meta` and :meth:`name` work either way.
+
     Example:
         >>> import torch, zckpt
         >>> from zckpt.format import decode_header, encode_shard
@@ -102,17 +110,43 @@ class BlobHeader:
         >>> h = decode_header(encode_shard(shard))
         >>> h.rank, h.fragments[0].fragment, h.describe(0)
         (1, Fragment(leaf=0, start=4, stop=8), 'rank 1: master/w elements [4, 8)')
+        >>> h2 = decode_header(encode_shard(shard, version=2))
+        >>> h2.skeleton is None, h2.meta(0), h2.describe(0)
+        (True, TensorMeta(dtype=torch.float32, shape=(8,)), 'rank 1: tensor leaf 0 elements [4, 8)')
     """
 
     rank: int
     spec: ZeroSpec
-    skeleton: Skeleton
+    skeleton: Skeleton | None
     fragments: tuple[FragmentEntry, ...]
     extra: dict[str, Any]
     index_size: int
     data_offset: int
     size: int
-    version: int = FORMAT_VERSION
+    version: int = 1
+    digest: int | None = None
+    leaf_metas: dict[int, TensorMeta] | None = None
+
+    def meta(self, leaf: int) -> TensorMeta:
+        """The dtype and shape of tensor leaf ``leaf`` (of one the blob holds, for version 2).
+
+        Example:
+            >>> import torch, zckpt
+            >>> from zckpt.format import decode_header, encode_shard
+            >>> s = {"w": torch.ones(2, 3)}
+            >>> shard = zckpt.shard_state(s, zckpt.plan_shards(s, zckpt.ZeroSpec(1, 1)), 0)
+            >>> decode_header(encode_shard(shard, version=2)).meta(0).shape
+            (2, 3)
+        """
+        if self.leaf_metas is not None:
+            return self.leaf_metas[leaf]
+        if self.skeleton is None:  # unreachable: the parser gives every header one of them
+            raise KeyError(leaf)
+        return self.skeleton.tensors[leaf]
+
+    def name(self, leaf: int) -> str:
+        """Tensor leaf ``leaf``'s path for messages (``tensor leaf N`` without a skeleton)."""
+        return f"tensor leaf {leaf}" if self.skeleton is None else self.skeleton.name(leaf)
 
     def describe(self, index: int, chunk: int | None = None) -> str:
         """Name fragment ``index`` (and one of its chunks) for messages: tensor path, element
@@ -127,7 +161,7 @@ class BlobHeader:
             'rank 0: m elements [4, 8) (chunk 1 of fragment 0, frame at byte offset ..., 16 bytes)'
         """
         f, chunks = self.fragments[index]
-        name = self.skeleton.name(f.leaf)
+        name = self.name(f.leaf)
         if chunk is None:
             return f"rank {self.rank}: {name} elements [{f.start}, {f.stop})"
         c = chunks[chunk]
@@ -149,9 +183,9 @@ def as_bytes_view(data: Any) -> memoryview:
     return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
 
 
-def pack_preamble(index: bytes, checksum: int) -> bytes:
+def pack_preamble(index: bytes, checksum: int, version: int = 1) -> bytes:
     """The 32-byte preamble for an index of these bytes and checksum."""
-    return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(index), checksum)
+    return _PREAMBLE.pack(MAGIC, version, 0, len(index), checksum)
 
 
 def _magic_hint(head: bytes) -> str:
@@ -162,6 +196,12 @@ def _magic_hint(head: bytes) -> str:
     if head[:1] == b"\x09" and head[1:4] == b"ZCK":
         return " (the high bit was stripped: copied over a 7-bit channel?)"
     return ""
+
+
+def preamble_version(mv: memoryview) -> int:
+    """The version field of a preamble already checked by :func:`parse_preamble`."""
+    version: int = _PREAMBLE.unpack_from(mv, 0)[1]
+    return version
 
 
 def parse_preamble(mv: memoryview, blob_size: int | None) -> tuple[int, int]:
@@ -177,10 +217,10 @@ def parse_preamble(mv: memoryview, blob_size: int | None) -> tuple[int, int]:
             f"byte offset 0: not a zckpt blob (magic {magic!r}, expected {MAGIC!r})"
             + _magic_hint(bytes(mv[:16]))
         )
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         raise VersionError(
             f"byte offset 8: format version {version} is not supported by this reader "
-            f"(it reads version {FORMAT_VERSION}); upgrade zckpt"
+            f"(it reads versions {', '.join(map(str, FORMAT_VERSIONS))}); upgrade zckpt"
         )
     if flags & ~KNOWN_FLAGS:
         raise VersionError(

@@ -9,7 +9,7 @@ longest msgpack form), so frame offsets are known as soon as the frames before t
 compression overlaps the writing with at most ``2 * threads`` frames in memory; chunks of GPU
 tensors are copied to the host one at a time as they are encoded, so saving a GPU shard never
 holds the whole shard in host memory (raw frames too stream for them). The result is a
-valid v1 blob (docs/format.md allows zero padding between the index and the first frame), decoding
+valid blob (docs/format.md allows zero padding between the index and the first frame), decoding
 to the same shard as :func:`encode_shard`'s; only that padding may be longer.
 """
 
@@ -28,11 +28,12 @@ from zckpt.format._encode import (
     _encode,
     _Job,
     _jobs,
+    check_version,
     default_threads,
     pool_map,
 )
 from zckpt.format._header import PREAMBLE_SIZE, BlobHeader, ChunkEntry, align, pack_preamble
-from zckpt.format._index import decode_header, index_object, pack_index
+from zckpt.format._index import decode_header, pack_index, shard_index
 from zckpt.shard import Shard
 from zckpt.spec import Fragment
 
@@ -41,7 +42,7 @@ __all__ = ["BlobStream", "encode_shard_stream"]
 _MAX_U64 = (1 << 64) - 1
 
 
-def _room(shard: Shard, jobs: list[_Job], code: int, extra: dict[str, Any]) -> int:
+def _room(shard: Shard, jobs: list[_Job], code: int, extra: dict[str, Any], version: int) -> int:
     """Bytes that the preamble and index can need at most, rounded up to the frame alignment."""
     entries: list[tuple[Fragment, list[ChunkEntry]]] = [(f, []) for f in shard.fragments]
     for j in jobs:
@@ -49,7 +50,7 @@ def _room(shard: Shard, jobs: list[_Job], code: int, extra: dict[str, Any]) -> i
         planes = ((0, _MAX_U64),) * j.itemsize if planar else ()
         c = ChunkEntry(j.start, j.stop, code, _MAX_U64, _MAX_U64, len(j.src), _MAX_U64, planes)
         entries[j.fragment][1].append(c)
-    obj = index_object(shard.rank, shard.spec, shard.skeleton, entries, extra, _MAX_U64)
+    obj = shard_index(shard, entries, extra, _MAX_U64, version)
     return align(PREAMBLE_SIZE + len(pack_index(obj)))
 
 
@@ -74,12 +75,19 @@ class BlobStream:
     """
 
     def __init__(
-        self, shard: Shard, code: int, level: int, chunk_bytes: int, threads: int, extra: Any
+        self,
+        shard: Shard,
+        code: int,
+        level: int,
+        chunk_bytes: int,
+        threads: int,
+        extra: Any,
+        version: int = 1,
     ) -> None:
         self._shard, self._code, self._level, self._threads = shard, code, level, threads
-        self._extra = extra
+        self._extra, self._version = extra, version
         self._jobs = _jobs(shard, chunk_bytes, lazy_devices=True)
-        self.data_offset = _room(shard, self._jobs, code, extra)
+        self.data_offset = _room(shard, self._jobs, code, extra, version)
         self._entries: list[tuple[Fragment, list[ChunkEntry]]] | None = None
         self._end = self.data_offset
         self._started = False
@@ -113,10 +121,9 @@ class BlobStream:
     def head(self) -> bytes:
         """Preamble, index and zero padding: the file's first ``data_offset`` bytes."""
         entries = self._require_done()
-        s = self._shard
-        obj = index_object(s.rank, s.spec, s.skeleton, entries, self._extra, self._end)
+        obj = shard_index(self._shard, entries, self._extra, self._end, self._version)
         index = pack_index(obj)
-        head = pack_preamble(index, xxh3(index)) + index
+        head = pack_preamble(index, xxh3(index), self._version) + index
         if len(head) > self.data_offset:  # _room is an upper bound: this is a bug, not bad input
             raise AssertionError(f"index of {len(head)} bytes exceeds its {self.data_offset}")
         return head + bytes(self.data_offset - len(head))
@@ -124,7 +131,7 @@ class BlobStream:
     @property
     def header(self) -> BlobHeader:
         """The decoded header (after :meth:`frames` is exhausted)."""
-        return decode_header(self.head())
+        return decode_header(self.head(), skeleton=self._shard.skeleton)
 
     def __iter__(self) -> Iterator[memoryview | bytes]:
         body = list(self.frames())
@@ -151,6 +158,7 @@ def encode_shard_stream(
     chunk_bytes: int = 8 << 20,
     threads: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    version: int = 1,
 ) -> BlobStream:
     """Encode a shard as a :class:`BlobStream` (arguments as :func:`encode_shard`).
 
@@ -164,5 +172,6 @@ def encode_shard_stream(
         True
     """
     code = _check_args(codec, level, chunk_bytes, threads)
+    check_version(version)
     n_threads = default_threads() if threads is None else threads
-    return BlobStream(shard, code, level, chunk_bytes, n_threads, _check_extra(extra))
+    return BlobStream(shard, code, level, chunk_bytes, n_threads, _check_extra(extra), version)

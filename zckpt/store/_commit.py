@@ -35,7 +35,7 @@ from zckpt.store._layout import (
     wait_tag_lock,
     write_latest,
 )
-from zckpt.store._manifest import FileRecord, Manifest, encode_manifest, file_report
+from zckpt.store._manifest import FileRecord, Manifest, encode_manifest, file_report, writes_v2
 from zckpt.store._read import read_manifest
 from zckpt.store._resolve import storage_for
 from zckpt.store._retention import apply_retention
@@ -442,6 +442,10 @@ def _write_and_commit(p: PreparedSave) -> Saved:
     storage, comm, tag_dir, gen = p.storage, p.comm, p.tag_dir, p.generation
     # Records of files whose fragments are the plan's travel without them (rank 0: O(files)).
     plan = None if p.skeleton is None else plan_for(p.skeleton, p.spec)
+    # Rank and expert blobs of a version 2 checkpoint leave the skeleton to the manifest (the
+    # client state's blob has a skeleton of its own: always version 1).
+    v2 = p.skeleton is not None and writes_v2(p.spec, p.skeleton)
+    enc = {**p.encoding, "version": 2} if v2 else p.encoding
     records: list[dict[str, Any]] = []
     errors: dict[int, str] = {}
     first_error: BaseException | None = None
@@ -451,12 +455,10 @@ def _write_and_commit(p: PreparedSave) -> Saved:
             failing_rank = sh.rank
             base, experts = split_experts(sh)
             name = blob_name(gen, sh.rank, p.spec.world_size)
-            rec = _write_blob(storage, tag_dir, name, base, sh.rank, p.encoding)
+            rec = _write_blob(storage, tag_dir, name, base, sh.rank, enc)
             records.append(file_report(rec, plan))
             for e, esh in experts.items():
-                rec = _write_blob(
-                    storage, tag_dir, expert_name(gen, e), esh, sh.rank, p.encoding, e
-                )
+                rec = _write_blob(storage, tag_dir, expert_name(gen, e), esh, sh.rank, enc, e)
                 records.append(file_report(rec, plan))
         if comm.rank == 0 and p.client:
             failing_rank = 0

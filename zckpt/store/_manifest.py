@@ -52,6 +52,7 @@ __all__ = [
     "derived_fragments",
     "encode_manifest",
     "file_report",
+    "writes_v2",
 ]
 
 
@@ -286,6 +287,20 @@ class Manifest:
         return bool(self.files) and all(f.derived for f in self.files)
 
 
+def writes_v2(spec: ZeroSpec, skeleton: Skeleton) -> bool:
+    """Whether a save of ``skeleton`` under ``spec`` writes format version 2: the manifest
+    (:func:`encode_manifest`) and its rank and expert blobs (``save_checkpoint``), decided
+    here once for both. True when world size x tensors reaches :data:`V2_MIN_FRAGMENTS`.
+
+    Example:
+        >>> import torch, zckpt
+        >>> skel = zckpt.tree.flatten({"w": torch.zeros(4)})[0]
+        >>> writes_v2(ZeroSpec(2, 3), skel), writes_v2(ZeroSpec(1 << 16, 3), skel)
+        (False, True)
+    """
+    return spec.world_size * max(1, len(skeleton.tensors)) >= V2_MIN_FRAGMENTS
+
+
 def encode_manifest(m: Manifest, version: int | None = None) -> bytes:
     """Manifest bytes: preamble + msgpack body.
 
@@ -293,8 +308,7 @@ def encode_manifest(m: Manifest, version: int | None = None) -> bytes:
     :data:`V2_MIN_FRAGMENTS`, else 1.
     """
     if version is None:
-        big = m.spec.world_size * max(1, len(m.skeleton.tensors)) >= V2_MIN_FRAGMENTS
-        version = 2 if big and _fits_v2(m) else 1
+        version = 2 if writes_v2(m.spec, m.skeleton) and _fits_v2(m) else 1
     if version == 2:
         return _encode_v2(m)
     if version != 1:

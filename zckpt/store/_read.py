@@ -67,10 +67,14 @@ def read_manifest(storage: Storage, tag_dir: str) -> Manifest:
 
 
 def _check_metas(h: BlobHeader, skel: Skeleton, path: str) -> None:
-    """The blob's own skeleton agrees with the manifest's on every tensor it holds."""
+    """The blob's own skeleton agrees with the manifest's on every tensor it holds (a version
+    2 blob's leaf columns were checked against the manifest's by ``decode_header``)."""
+    own = h.skeleton
+    if own is None or own is skel:
+        return
     for e in h.fragments:
         leaf = e.fragment.leaf
-        mine = h.skeleton.tensors[leaf] if leaf < len(h.skeleton.tensors) else None
+        mine = own.tensors[leaf] if leaf < len(own.tensors) else None
         if mine != skel.tensors[leaf]:
             raise FormatError(
                 f"{path}: tensor {skel.name(leaf)} is {mine} in the file but "
@@ -119,7 +123,10 @@ class Checkpoint:
             pre = self.storage.read(path, 0, PREAMBLE_SIZE)
             n = read_header_size(pre, blob_size=size)
             self._check_binding(rec, pre)
-            h = decode_header(self.storage.read(path, 0, n), blob_size=size)
+            # A version 2 blob's skeleton is the manifest's: its digest and leaf columns are
+            # checked against it here; a version 1 blob's own is compared below.
+            skel = self.manifest.skeleton
+            h = decode_header(self.storage.read(path, 0, n), blob_size=size, skeleton=skel)
         except FormatError as e:
             raise type(e)(f"{path}: {e}") from None
         if tuple(f.fragment for f in h.fragments) != rec.fragments:
@@ -171,9 +178,10 @@ class Checkpoint:
     def check_skeleton(self) -> None:
         """The manifest's skeleton and spec are the ones its files were written with.
 
-        Every rank file's index carries both, and the file is bound to the manifest by its
-        index checksum; comparing with one file's (one small read) catches a manifest rewritten
-        with a valid checksum but other values, keys or metas than the files hold.
+        Every rank file's index carries both (a version 2 index the skeleton's digest, checked
+        when its header is read), and the file is bound to the manifest by its index checksum;
+        comparing with one file's (one small read) catches a manifest rewritten with a valid
+        checksum but other values, keys or metas than the files hold.
         """
         rec = next(iter(self.manifest.files), None)
         if rec is None:
