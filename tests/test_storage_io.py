@@ -1,4 +1,4 @@
-"""LocalStorage's I/O: the whole-file hash computed in the write pass, sequential read-ahead."""
+"""LocalStorage's I/O: the whole-file hash of a blob is computed in the write pass."""
 
 from __future__ import annotations
 
@@ -110,80 +110,3 @@ def test_raw_save_hashes_in_the_writing_thread(tmp_path: Path) -> None:
     assert xxhash.xxh3_64_intdigest(data) == rec.xxh3 and len(data) == rec.size
     got = zckpt.load_checkpoint(tmp_path).state
     assert all(torch.equal(got[k], v) for k, v in state.items())
-
-
-reads = st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 800)), max_size=25)
-
-
-@given(reads=reads, ahead=st.integers(0, 3000))
-@example(reads=[(0, 10), (10, 10), (20, 10)], ahead=100)
-@example(reads=[(1, 0), (0, 1)], ahead=0)  # a step back before anything was hinted
-def test_read_ahead_hints_at_least_what_is_asked(reads: list[tuple[int, int]], ahead: int) -> None:
-    """Whatever the access pattern, each read's bytes are hinted by now (by this hint or an
-    earlier one since the file's last jump); a hint never reaches more than ``ahead`` past the
-    read that made it."""
-    plan = _storage._ReadAhead(ahead=ahead)
-    hinted: list[tuple[int, int]] = []
-    for offset, length in reads:
-        start, stop = plan.plan("f", offset, length)
-        assert stop <= offset + length + ahead
-        if stop > start:
-            hinted.append((start, stop))
-        covered = sorted(hinted)
-        pos = offset  # [offset, offset + length) lies within the union of hinted ranges
-        for a, b in covered:
-            if a <= pos < b:
-                pos = b
-        assert pos >= offset + length or length == 0
-
-
-@given(sizes=st.lists(st.integers(0, 400), min_size=1, max_size=30), ahead=st.integers(1, 1000))
-def test_a_sequential_walk_hints_each_byte_once_and_ahead(sizes: list[int], ahead: int) -> None:
-    """Reading a file front to back, fragment after fragment: the hints tile the file without
-    overlap, each new hint (after the first) reaching ``ahead`` bytes past its fragment."""
-    plan = _storage._ReadAhead(ahead=ahead)
-    pos, reached = 0, 0
-    for i, n in enumerate(sizes):
-        start, stop = plan.plan("f", pos, n)
-        if i == 0:
-            assert (start, stop) == (0, n)
-        else:
-            assert stop == pos + n + ahead
-            assert start == max(pos, reached)
-        if stop > start:
-            assert start >= reached  # never hinted twice
-            reached = stop
-        pos += n
-
-
-def test_will_need_reads_ahead_of_a_sequential_load(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A raw-codec load walks its blob in file order: after the first fragment, each hint to
-    the kernel reaches past the fragment being read, so the disk is never left without work
-    between fragments."""
-    state = {f"t{i}": torch.randn(50_000) for i in range(4)}
-    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(1, 2), tag="t", chunk_bytes=64 << 10)
-    advised: list[tuple[int, int]] = []
-    real = os.posix_fadvise
-
-    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
-        if advice == os.POSIX_FADV_WILLNEED:
-            advised.append((offset, offset + length))
-        real(fd, offset, length, advice)
-
-    monkeypatch.setattr(_storage.os, "posix_fadvise", fadvise)
-    monkeypatch.setattr(_storage, "_READS", _storage._ReadAhead(ahead=1 << 20))
-    got = zckpt.load_checkpoint(tmp_path).state
-    assert all(torch.equal(got[k], v) for k, v in state.items())
-    ck = zckpt.open_checkpoint(tmp_path)
-    (rec,) = ck.manifest.files
-    frags = sorted(
-        (c[0].offset, c[-1].offset + c[-1].length)
-        for c in (f.chunks for f in ck.header(rec).fragments)
-    )
-    assert len(advised) >= 2
-    assert advised[0] == frags[0]  # the first hint: as asked
-    assert advised[1][1] > frags[1][1]  # then ahead of the fragment being read
-    for (_, b), (c, _) in zip(advised, advised[1:], strict=False):
-        assert c >= b  # no byte hinted twice

@@ -40,13 +40,6 @@ _WINDOW = 32 << 20
 # ``writev`` copies them, so the whole-file hash adds no second pass over memory (see
 # :func:`_write_hashing`).
 _HASH_PIECE = 512 << 10
-# Sequential reads hint this much beyond what they asked for (:meth:`LocalStorage.will_need`),
-# so the disk is busy while one fragment's last chunks are checked and the next is set up.
-_READ_AHEAD = 32 << 20
-# A hint this close after the previous one still reads sequentially (padding, a 0-d tensor).
-_SEQUENTIAL_GAP = 1 << 20
-# Files whose read position is remembered (past this many, all are forgotten).
-_HINTED_FILES = 1024
 
 
 class StorageError(ZckptError, OSError):
@@ -397,45 +390,6 @@ def _write_stream(fd: int, blob: BlobStream) -> tuple[int, int]:
     return size, digest
 
 
-class _ReadAhead:
-    """Where the read hints of recently read files ended (see :meth:`LocalStorage.will_need`).
-
-    Example:
-        >>> r = _ReadAhead(ahead=100)
-        >>> r.plan("f", 0, 10), r.plan("f", 10, 10), r.plan("f", 20, 10)
-        ((0, 10), (10, 120), (120, 130))
-        >>> r.plan("f", 1 << 30, 10), r.plan("g", 30, 10)  # a jump, another file: as asked
-        ((1073741824, 1073741834), (30, 40))
-        >>> r.plan("f", 0, 10), r.plan("f", 10, 10)  # read again from the start
-        ((0, 10), (10, 120))
-    """
-
-    def __init__(self, ahead: int = _READ_AHEAD, files: int = _HINTED_FILES) -> None:
-        self._ahead, self._max_files = ahead, files
-        # Per file: the range [lo, hi) hinted without a gap since its last jump.
-        self._files: dict[str, tuple[int, int]] = {}
-        self._lock = threading.Lock()
-
-    def plan(self, path: str, offset: int, length: int) -> tuple[int, int]:
-        """The byte range ``[start, stop)`` to hint for a read of ``length`` at ``offset``: as
-        asked, unless the read starts inside (or just after) what was hinted without a gap
-        since the file's last jump; then from the end of that, ``ahead`` bytes past the read."""
-        start, stop = offset, offset + length
-        with self._lock:
-            seen = self._files.get(path)
-            span = (offset, stop)
-            if seen is not None and seen[0] <= offset <= seen[1] + _SEQUENTIAL_GAP:
-                start, stop = max(offset, seen[1]), stop + self._ahead
-                span = (seen[0] if offset <= seen[1] else offset, max(stop, seen[1]))
-            if len(self._files) >= self._max_files:
-                self._files.clear()
-            self._files[path] = span
-        return start, stop
-
-
-_READS = _ReadAhead()
-
-
 class LocalStorage:
     """POSIX files: ``writev`` straight from tensor memory, ``fsync``, rename, directory fsync.
 
@@ -491,29 +445,11 @@ class LocalStorage:
 
     def will_need(self, path: str, offset: int, length: int) -> None:
         """Start reading ``length`` bytes at ``offset`` into the page cache (a hint, not waited
-        for): the disk streams a fragment's chunks while earlier ones are checked and copied.
-
-        A hint that starts where the previous one for the same file ended (a load walking a
-        blob in file order) also covers the next ``_READ_AHEAD`` bytes, as the kernel's own
-        read-ahead does for one sequential reader: the disk then keeps reading while the last
-        chunks of a fragment are checked and the next fragment is set up, instead of idling
-        until its hint arrives. Parts already hinted are not hinted again. Any other access
-        pattern is hinted exactly as asked (:class:`_ReadAhead`).
-
-        Example:
-            >>> import tempfile, os
-            >>> p = os.path.join(tempfile.mkdtemp(), "f")
-            >>> s = LocalStorage()
-            >>> _ = s.write_atomic(p, [bytes(100)])
-            >>> s.will_need(p, 0, 10); s.will_need(p, 10, 10)  # the second reads ahead
-        """
-        start, stop = _READS.plan(path, offset, length)
-        if stop <= start:
-            return
+        for): the disk streams a fragment's chunks while earlier ones are checked and copied."""
         with contextlib.suppress(OSError, AttributeError):
             fd = open_regular(path)
             try:
-                os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
 
