@@ -141,6 +141,16 @@ def test_consolidate_safetensors_single_sharded_and_pt(
     assert "wrote" in capsys.readouterr().out
 
 
+def test_consolidate_in_process_leaves_the_collector_as_it_was(ckpt: Path, tmp_path: Path) -> None:
+    """consolidate freezes the collector's heap for its own speed; called in-process it must
+    thaw it, else every object the caller had stays uncollectable for the rest of its life."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    assert main(["consolidate", str(ckpt), str(tmp_path / "m.safetensors")]) == 0
+    assert gc.get_freeze_count() == 0
+
+
 def test_reshard_keeps_tag_client_state_and_values(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

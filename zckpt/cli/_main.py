@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import os
@@ -451,12 +452,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["prune", "/nonexistent", "--keep-last", "0"])
         1
     """
+    frozen = gc.get_freeze_count()
     try:
         code = _run(argv)
         sys.stdout.flush()  # here, where a closed pipe is still ours to handle
     except BrokenPipeError:
         _drop_stdout()
         return EXIT_BROKEN_PIPE
+    finally:
+        # A command may freeze the collector's heap for its own speed (consolidate does): the
+        # process ends with it. Called in-process (``argv`` given: tests, scripts), the
+        # caller's objects must stay collectable, so what the command froze is thawed.
+        if argv is not None and frozen == 0 and gc.get_freeze_count():
+            gc.unfreeze()
     return code
 
 
