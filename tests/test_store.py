@@ -526,7 +526,7 @@ def test_compressed_saves_stream_and_record_the_file_hash(tmp_path: Path, codec:
 def test_failed_fsync_of_a_blob_keeps_previous(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str
 ) -> None:
-    """fsync runs beside the hashing thread (raw) or the read-back hash (streamed): its error
+    """fsync follows the write pass that hashes (raw) or the read-back hash (streamed): its error
     still fails the save, and nothing half-written is left."""
     good = model_state(0)
     zckpt.save_checkpoint(tmp_path, good, spec(2, 2), tag="good")
