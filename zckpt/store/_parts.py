@@ -7,8 +7,11 @@ unknown size stays within S3's 10,000 parts).
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
+
+from zckpt.store._storage import windows
 
 __all__ = ["GROW_EVERY", "ViewsReader", "flat_head", "flat_tail", "growing_parts"]
 
@@ -115,19 +118,4 @@ def growing_parts(buffers: Iterable[memoryview | bytes], size: int) -> Iterator[
         >>> [[bytes(v) for v in p] for p in growing_parts([b"abc", b"de"], 2)]
         [[b'ab'], [b'c', b'd'], [b'e']]
     """
-    batch: list[memoryview] = []
-    count = 0
-    room = size
-    for buf in buffers:
-        b = memoryview(buf).cast("B")
-        while b.nbytes:
-            piece = b[:room]
-            batch.append(piece)
-            room -= piece.nbytes
-            b = b[piece.nbytes :]
-            if room == 0:
-                yield batch
-                count += 1
-                batch, room = [], size << (count // GROW_EVERY)
-    if batch:
-        yield batch
+    return windows(buffers, size, max_buffers=sys.maxsize, grow_every=GROW_EVERY)

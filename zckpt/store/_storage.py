@@ -243,17 +243,25 @@ _start_writeback = _sync_file_range()
 
 
 def windows(
-    buffers: Iterable[memoryview | bytes], window: int, max_buffers: int = _IOV_MAX
+    buffers: Iterable[memoryview | bytes],
+    window: int,
+    max_buffers: int = _IOV_MAX,
+    grow_every: int = 0,
 ) -> Iterator[list[memoryview]]:
     """``buffers`` regrouped into lists of at most ``window`` bytes and ``max_buffers`` views
     (consumed lazily: a generator of buffers is read one window ahead of the writes). Only the
-    last list may hold fewer bytes, unless the buffer cap closed one first.
+    last list may hold fewer bytes, unless the buffer cap closed one first. With
+    ``grow_every`` = k > 0 the window doubles after every k lists (object-store parts of a
+    stream whose size is unknown until its end).
 
     Example:
         >>> [[bytes(v) for v in w] for w in windows([b"abc", b"de"], 2)]
         [[b'ab'], [b'c', b'd'], [b'e']]
+        >>> [len(b"".join(w)) for w in windows([bytes(10)], 1, grow_every=2)]
+        [1, 1, 2, 2, 4]
     """
     batch: list[memoryview] = []
+    count = 0
     room = window
     for buf in buffers:
         b = memoryview(buf).cast("B")
@@ -264,7 +272,8 @@ def windows(
             b = b[piece.nbytes :]
             if room == 0 or len(batch) == max_buffers:
                 yield batch
-                batch, room = [], window
+                count += 1
+                batch, room = [], window << (count // grow_every if grow_every else 0)
     if batch:
         yield batch
 
