@@ -467,6 +467,8 @@ CHILD = r"""
 import zckpt
 path, lazy = sys.argv[1], sys.argv[2] == "lazy"
 zckpt.get_fp32_state_dict_from_zero_checkpoint(path + "/warm")  # compile/load kernels first
+for t in zckpt.get_fp32_state_dict_from_zero_checkpoint(path + "/warm", lazy_mode=True).values():
+    t.contiguous()  # and the lazy path's modules (imports are lazy: they would count as growth)
 start()
 sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(path + "/big", lazy_mode=lazy)
 if lazy:
