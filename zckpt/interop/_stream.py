@@ -2,8 +2,9 @@
 
 An export (``_safetensors.py``) needs each output tensor's bytes once, in a file. A DeepSpeed
 fp32 weight is a run of ranges of the ranks' flat fp32 partitions, which are themselves byte
-ranges of the checkpoint's optimizer files (``torch.load(mmap=True)`` maps them): its bytes can
-go from those files to the output file inside the kernel (``copy_file_range``), with no fresh
+ranges of the checkpoint's optimizer files (mapped by ``torch.load(weights_only=True,
+mmap=True)`` through the allow-list of ``_unpickle.py``): its bytes can go from those files to
+the output file inside the kernel (``copy_file_range``), with no fresh
 output memory, no page faults on the mapping and nothing left resident. :class:`StreamedTensor`
 is a :class:`zckpt.LazyTensor` that also knows those ranges; :func:`write_value` writes any
 value (tensor, lazy or streamed) at a file descriptor's position with bounded memory:
