@@ -501,6 +501,56 @@ def test_read_into_damage_and_short_reads_are_reported() -> None:
     assert decode_fragment(decode_header(sealed), 1, r, start=1, stop=3).tolist() == [True] * 2
 
 
+class ReaderSome(ReaderInto):
+    """A ``read_into`` that returns at most ``most`` bytes a call (a page-cache-only read)."""
+
+    def __init__(self, blob: bytes, most: int) -> None:
+        super().__init__(blob)
+        self.most = most
+
+    def read_into(self, offset: int, out: memoryview) -> int:
+        return super().read_into(offset, out[: self.most])
+
+
+@pytest.mark.parametrize(("most", "piece"), [(7, 3), (16, 64), (1000, 5), (64, 1)])
+def test_piecewise_reads_fill_and_check_every_byte(most: int, piece: int) -> None:
+    """With ``piece_bytes``, short reads are continued and every byte is still checked."""
+    blob = encode_shard(shard_of({"m": {"w": torch.arange(64.0)}}), chunk_bytes=64)
+    h = decode_header(blob)
+    r = ReaderSome(blob, most)
+    out = torch.full((64,), float("nan"))
+    decode_fragment(h, 0, r, out=out, read_into=r.read_into, piece_bytes=piece, threads=2)
+    assert out.tolist() == list(map(float, range(64)))
+    assert max(n for _, n in r.into) <= most
+    c = h.fragments[0].chunks[2]
+    for at in (c.offset, c.offset + 37, c.offset + c.length - 1):  # first, middle, last piece
+        bad = bytearray(blob)
+        bad[at] ^= 0x10
+        r = ReaderSome(bytes(bad), most)
+        with pytest.raises(ChecksumError, match=rf"m/w elements \[32, 48\).*offset {c.offset}"):
+            decode_fragment(h, 0, r, read_into=r.read_into, piece_bytes=piece)
+    r = ReaderSome(blob[: c.offset + 40], most)  # the file ends inside chunk 2
+    with pytest.raises(TruncatedError, match=rf"offset {c.offset}, 64 bytes\): read 40 of its 64"):
+        decode_fragment(h, 0, r, read_into=r.read_into, piece_bytes=piece)
+    with pytest.raises(ValueError, match="piece_bytes"):
+        decode_fragment(h, 0, r, read_into=r.read_into, piece_bytes=0)
+
+
+def test_decoding_threads_are_kept_between_fragments() -> None:
+    """One worker pool serves every fragment of a load (no threads started per fragment)."""
+    blob = encode_shard(
+        shard_of({"w": torch.arange(1 << 19, dtype=torch.float32)}), chunk_bytes=1 << 16
+    )
+    h = decode_header(blob)
+    r = ReaderInto(blob)
+    decode_fragment(h, 0, r, read_into=r.read_into, threads=2)
+    before = {t.ident for t in threading.enumerate() if t.name.startswith("zckpt-codec")}
+    for _ in range(3):
+        decode_fragment(h, 0, r, read_into=r.read_into, threads=2)
+    after = {t.ident for t in threading.enumerate() if t.name.startswith("zckpt-codec")}
+    assert before and after == before
+
+
 # ------------------------------------------------------------------------------- corruption
 
 

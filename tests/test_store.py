@@ -571,3 +571,29 @@ def test_device_tensors_stream_chunk_by_chunk(
     for rec in zckpt.open_checkpoint(tmp_path).manifest.files:
         data = (tmp_path / "t" / rec.name).read_bytes()
         assert xxhash.xxh3_64_intdigest(data) == rec.xxh3 and list(iter_problems(data)) == []
+
+
+@pytest.mark.parametrize("piece", [16, 1 << 20])
+def test_local_reads_in_pieces_check_every_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int
+) -> None:
+    """From a local file, raw chunks read from the page cache a piece at a time (each piece
+    hashed after its read) come back whole; a flipped byte anywhere in a chunk is caught."""
+    import zckpt.store._read as read_mod
+
+    monkeypatch.setattr(read_mod, "READ_PIECE", piece)
+    state = {"w": torch.arange(4096.0), "v": torch.arange(100, dtype=torch.int64)}
+    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(2, 2), tag="t")
+    into = {k: torch.zeros_like(v) for k, v in state.items()}
+    zckpt.load_checkpoint(tmp_path, into=into)
+    assert_states_equal(into, state)
+    ck = zckpt.open_checkpoint(tmp_path)
+    rec = ck.manifest.files[0]
+    c = ck.header(rec).fragments[0].chunks[0]
+    path = ck.file_path(rec)
+    raw = bytearray(Path(path).read_bytes())
+    raw[c.offset + c.length // 2] ^= 0x01
+    with open(path, "r+b") as f:
+        f.write(raw)
+    with pytest.raises(zckpt.ChecksumError, match=f"offset {c.offset}"):
+        zckpt.load_checkpoint(tmp_path, into={k: torch.zeros_like(v) for k, v in state.items()})

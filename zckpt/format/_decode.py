@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
-from zckpt.errors import AllocationError, FormatError, TruncatedError, ZckptError
+from zckpt.errors import AllocationError, ChecksumError, FormatError, TruncatedError, ZckptError
 from zckpt.format._checksum import check
 from zckpt.format._codecs import RAW, decode_chunk
 from zckpt.format._dtypes import ITEMSIZE, dtype_code
@@ -30,6 +33,28 @@ U8 = npt.NDArray[np.uint8]
 Read = Callable[[int, int], Any]
 ReadInto = Callable[[int, memoryview], int]
 _PARALLEL_MIN_BYTES = 1 << 20
+# Worker pools, one per thread count, kept for the process's life: a load decodes fragment
+# after fragment, and starting threads for each one cost as much as checking its checksums on a
+# busy machine (each ``Thread.start`` waits until the new thread runs).
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _forget_pools() -> None:
+    # A forked child inherits the pool objects but not their threads: it starts its own.
+    _pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="zckpt-codec")
+        return pool
 
 
 def _empty(numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -78,18 +103,44 @@ def _decode_one(
         raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
 
 
-def _read_raw_into(h: BlobHeader, fi: int, ci: int, read_into: ReadInto, dst: U8) -> None:
-    """A raw frame read straight into its destination bytes, then checked there."""
+def _read_raw_into(
+    h: BlobHeader, fi: int, ci: int, read_into: ReadInto, dst: U8, piece: int | None = None
+) -> None:
+    """A raw frame read straight into its destination bytes, and checked there.
+
+    With ``piece``, ``read_into`` may return fewer bytes than asked (what the page cache holds)
+    and is called again for the rest; the bytes of each call are hashed right after it, by the
+    same thread, ``piece`` at a time, while they are still in the core's cache (a frame of
+    several MiB hashed after the whole read is hashed from memory: on a busy machine as slow as
+    the copy itself). The digest is compared once the frame is in: as before, its every byte is
+    checked before this returns.
+    """
     c = h.fragments[fi].chunks[ci]
-    where = h.describe(fi, ci)
     view = as_bytes_view(dst)
-    got = read_into(c.offset, view)
-    if got != c.length:
-        raise TruncatedError(f"{where}: read {got} of its {c.length} bytes")
-    check(view, c.checksum, where)
-    meta = h.meta(h.fragments[fi].fragment.leaf)
-    if meta.dtype_name == "bool" and dst.max(initial=0) > 1:
-        raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
+    if piece is None:
+        got = read_into(c.offset, view)
+        if got != c.length:
+            raise TruncatedError(f"{h.describe(fi, ci)}: read {got} of its {c.length} bytes")
+        check(view, c.checksum, h.describe(fi, ci))
+    else:
+        hasher = xxhash.xxh3_64()
+        pos = 0
+        while pos < c.length:
+            got = read_into(c.offset + pos, view[pos:])
+            if got <= 0:
+                where = h.describe(fi, ci)
+                raise TruncatedError(f"{where}: read {pos} of its {c.length} bytes")
+            for p in range(pos, pos + got, piece):
+                hasher.update(view[p : min(p + piece, pos + got)])
+            pos += got
+        digest = hasher.intdigest()
+        if digest != c.checksum:
+            raise ChecksumError(
+                f"{h.describe(fi, ci)}: checksum mismatch (stored {c.checksum:#018x}, "
+                f"computed {digest:#018x})"
+            )
+    if h.meta(h.fragments[fi].fragment.leaf).dtype_name == "bool" and dst.max(initial=0) > 1:
+        raise FormatError(f"{h.describe(fi, ci)}: a bool byte is neither 0 nor 1")
 
 
 def _run(thunks: Iterable[Callable[[], None]], threads: int) -> None:
@@ -100,23 +151,28 @@ def _run(thunks: Iterable[Callable[[], None]], threads: int) -> None:
         for t in thunks:
             t()
         return
-    with ThreadPoolExecutor(threads, thread_name_prefix="zckpt-codec") as pool:
-        pending: deque[Future[None]] = deque()
+    pool = _pool(threads)
+    pending: deque[Future[None]] = deque()
+    try:
         try:
-            try:
-                for t in thunks:
-                    pending.append(pool.submit(t))
-                    if len(pending) >= 2 * threads:
-                        pending.popleft().result()
-            except Exception:  # the producer failed (a read, an allocation): earlier work first
-                while pending:
+            for t in thunks:
+                pending.append(pool.submit(t))
+                if len(pending) >= 2 * threads:
                     pending.popleft().result()
-                raise
+        except Exception:  # the producer failed (a read, an allocation): earlier work first
             while pending:
                 pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
+            raise
+        while pending:
+            pending.popleft().result()
+    finally:
+        # A failure leaves nothing running behind the caller's back: what has not started is
+        # cancelled, and what has is waited for (it writes into the caller's memory).
+        for f in pending:
+            f.cancel()
+        for f in pending:
+            if not f.cancelled():
+                f.exception()
 
 
 def _threads_for(nbytes: int, nchunks: int, threads: int | None) -> int:
@@ -134,6 +190,7 @@ def decode_fragment(
     out: torch.Tensor | None = None,
     threads: int | None = None,
     read_into: ReadInto | None = None,
+    piece_bytes: int | None = None,
 ) -> torch.Tensor:
     """Decode fragment ``index`` of a blob, or its elements ``[start, stop)``, reading only the
     chunks that overlap them.
@@ -154,6 +211,13 @@ def decode_fragment(
             chunks that lie wholly inside ``[start, stop)`` are read straight into ``out`` (no
             intermediate buffer, no copy), from the worker threads, and checked there; a chunk
             that fails its checksum leaves garbage in its part of ``out`` and raises.
+        piece_bytes: when given, ``read_into`` may read fewer bytes than the buffer holds (at
+            least one, unless the blob ends; e.g. a local file's page-cache-only read of one
+            piece) and is called again for the rest of the chunk; the bytes each call returns
+            are hashed right away, ``piece_bytes`` at a time, while they are in the CPU cache.
+            None: ``read_into`` reads whole chunks (an object store's ranged GET), each hashed
+            after its read. Either way every byte is checked against its chunk's checksum
+            before this returns.
 
     Returns:
         ``out``, or the new 1-D tensor.
@@ -188,6 +252,10 @@ def decode_fragment(
         0 <= lo <= hi <= f.numel
     ):
         raise ValueError(f"{header.describe(index)}: bad range [{start}, {stop}) of {f.numel}")
+    if piece_bytes is not None and (
+        isinstance(piece_bytes, bool) or not isinstance(piece_bytes, int) or piece_bytes < 1
+    ):
+        raise ValueError(f"piece_bytes must be a positive int or None, got {piece_bytes!r}")
     import torch
 
     dtype = header.meta(f.leaf).dtype
@@ -213,7 +281,7 @@ def decode_fragment(
             part = dst[(a - lo) * size : (b - lo) * size]
             whole = (a, b) == (c.start_elem, c.stop_elem)
             if whole and read_into is not None and c.codec == RAW:
-                yield partial(_read_raw_into, header, index, ci, read_into, part)
+                yield partial(_read_raw_into, header, index, ci, read_into, part, piece_bytes)
                 continue
             stored = read(c.offset, c.length)
             if whole:

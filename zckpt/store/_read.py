@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import xxhash
@@ -20,7 +21,7 @@ from zckpt.spec._plan import EXPERT
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, check_tag, read_latest
 from zckpt.store._manifest import FileRecord, Manifest, decode_manifest
 from zckpt.store._resolve import storage_for
-from zckpt.store._storage import Storage, StorageError
+from zckpt.store._storage import LocalStorage, OpenFile, Storage, StorageError
 from zckpt.tree import Skeleton, unflatten
 
 if TYPE_CHECKING:
@@ -323,7 +324,15 @@ class FileSource:
         return self.read_into(start, stop, None)
 
     def read_into(self, start: int, stop: int, out: torch.Tensor | None) -> torch.Tensor:
-        """Decode elements ``[start, stop)`` straight into ``out`` (or a new tensor)."""
+        """Decode elements ``[start, stop)`` straight into ``out`` (or a new tensor).
+
+        From a local file (a plain :class:`~zckpt.store.LocalStorage`), the file is opened once
+        for all the chunks, and a raw chunk in the page cache is read :data:`READ_PIECE` bytes
+        at a time, each piece hashed right after its read while it is in the CPU cache (one not
+        in the cache is read whole, so the kernel reads ahead, and hashed after); from any other
+        storage (an object store, or a subclass with its own ``read_into``), one ``read_into``
+        per chunk.
+        """
         h = self.checkpoint.header(self.record)
         path = self.checkpoint.file_path(self.record)
         index = self.index
@@ -332,10 +341,18 @@ class FileSource:
         chunks = [
             c for c in h.fragments[index].chunks if c.start_elem < stop and c.stop_elem > start
         ]
-        hint = getattr(self.checkpoint.storage, "will_need", None)
-        if chunks and hint is not None:
-            hint(path, chunks[0].offset, chunks[-1].offset + chunks[-1].length - chunks[0].offset)
+        storage = self.checkpoint.storage
+        held = _held_file(storage, path) if chunks else None
         try:
+            if held is not None:
+                read_into, piece = partial(_read_some, held), READ_PIECE
+                hint: Callable[[int, int], None] | None = held.will_need
+            else:
+                read_into, piece = self._reader_into(), None
+                will_need = getattr(storage, "will_need", None)
+                hint = None if will_need is None else partial(will_need, path)
+            if chunks and hint is not None:
+                hint(chunks[0].offset, chunks[-1].offset + chunks[-1].length - chunks[0].offset)
             return decode_fragment(
                 h,
                 index,
@@ -343,10 +360,37 @@ class FileSource:
                 start=start,
                 stop=stop,
                 out=out,
-                read_into=self._reader_into(),
+                read_into=read_into,
+                piece_bytes=piece,
             )
         except FormatError as e:
             raise type(e)(f"{path}: {e}") from None
+        finally:
+            if held is not None:
+                held.close()
+
+
+# Bytes of a raw chunk read (and then hashed) at a time from a local file: the core's cache
+# holds them when the hash reads them back (a whole 8 MiB chunk would be hashed from memory:
+# on a busy machine as slow as the read's own copy; docs/benchmarks.md, issue 14 part 1).
+READ_PIECE = 512 << 10
+
+
+def _read_some(f: OpenFile, offset: int, out: memoryview) -> int:
+    """One piece from the page cache, or (when the disk must be waited for) all of ``out``."""
+    return f.read_some(offset, out, READ_PIECE)
+
+
+def _held_file(storage: Storage, path: str) -> OpenFile | None:
+    """``path`` open for a fragment's reads, when ``storage`` reads local files with
+    :class:`LocalStorage`'s own methods; None otherwise (reads then go through
+    ``storage.read_into``, chunk by chunk, whatever it does)."""
+    if not isinstance(storage, LocalStorage):
+        return None
+    kind = type(storage)
+    if kind.read_into is not LocalStorage.read_into or kind.will_need is not LocalStorage.will_need:
+        return None
+    return storage.open_reads(path)
 
 
 def resolve(storage: Storage, path: str, tag: str | None) -> tuple[str, str] | None:
