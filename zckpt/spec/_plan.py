@@ -21,6 +21,7 @@ import numpy as np
 
 from zckpt.errors import SpecError
 from zckpt.format._dtypes import ITEMSIZE_OF_NAME, dtype_name, torch_dtype
+from zckpt.format._tree_index import ColumnSkeleton
 from zckpt.spec._spec import ZeroSpec
 from zckpt.tree import Path, Skeleton, TensorMeta, _gc_paused, skeleton_of
 
@@ -411,11 +412,7 @@ class ShardPlan:
             numel = info.numel[leaves]
             whole = info.scalar[leaves]
             if self.spec.stage < 3:
-                paths, module = self.skeleton.paths, self.spec.module
-                whole |= np.array(
-                    [bool(paths[i]) and str(paths[i][0]) == module for i in leaves.tolist()],
-                    dtype=bool,
-                )
+                whole |= _is_module(self.skeleton, leaves, self.spec.module)
             per = -(-numel // (self.world_size // ep))
             a = np.where(whole, 0, (rank // ep) * per)
             b = np.where(whole, numel, np.minimum(numel, a + per))
@@ -527,6 +524,9 @@ class _Leaves(NamedTuple):
 def _leaves(skel: Skeleton) -> _Leaves:
     cache = _cache(skel)
     info: _Leaves | None = cache.get("leaves")
+    if info is None and isinstance(skel, ColumnSkeleton):  # sizes straight from the columns
+        s = skel.sizes
+        info = cache["leaves"] = _Leaves(s.numel.tolist(), s.numel, s.itemsize, s.scalar)
     if info is None:
         tensors = skel.tensors
         n = len(tensors)
@@ -552,8 +552,33 @@ def _expert_ids(skel: Skeleton, spec: ZeroSpec) -> np.ndarray:
     key = ("experts", spec.experts)
     ids: np.ndarray | None = cache.get(key)
     if ids is None:
-        ids = cache[key] = spec._expert_ids(skel.paths)
+        if isinstance(skel, ColumnSkeleton) and not skel.built:
+            ids = cache[key] = spec._expert_ids_tree(skel.index)
+        else:
+            ids = cache[key] = spec._expert_ids(skel.paths)
     return ids
+
+
+def _paths_of(skel: Skeleton, leaves: list[int]) -> list[Path]:
+    """The paths of some leaves: a columnar skeleton walks a few up its tree rather than build
+    every path (the leaves a plan needs paths for are the few outside the experts, as a rule)."""
+    if isinstance(skel, ColumnSkeleton) and not skel.built and 4 * len(leaves) < len(skel):
+        return [skel.index.path(i) for i in leaves]
+    paths = skel.paths
+    return [paths[i] for i in leaves]
+
+
+def _is_module(skel: Skeleton, leaves: np.ndarray, module: str) -> np.ndarray:
+    """Whether each leaf's path starts with the key ``module`` (``spec.is_module_path``)."""
+    if isinstance(skel, ColumnSkeleton) and not skel.built:
+        tree = skel.index
+        tops = tree.top_nodes()[leaves]
+        firsts, which = np.unique(tops, return_inverse=True)
+        ok = [t >= 0 and str(tree.component(t)) == module for t in firsts.tolist()]
+        out: np.ndarray = np.array(ok, dtype=bool)[which.reshape(-1)]
+        return out
+    paths = skel.paths
+    return np.array([bool(paths[i]) and str(paths[i][0]) == module for i in leaves.tolist()], bool)
 
 
 def _derive(
@@ -650,7 +675,7 @@ def plan_shards(state: Any, spec: ZeroSpec) -> ShardPlan:
 
 def _plan(skel: Skeleton, spec: ZeroSpec) -> ShardPlan:
     ws = spec.world_size
-    paths, tensors = skel.paths, skel.tensors
+    tensors = skel.tensors
     n = len(tensors)
     info = _leaves(skel)
     numel, items = info.numel, info.items
@@ -662,8 +687,9 @@ def _plan(skel: Skeleton, spec: ZeroSpec) -> ShardPlan:
     expert = (eids >= 0) & ~empty
     rep = ~empty & ~expert & info.scalar
     if spec.replicate:
-        for i in np.flatnonzero(~empty & ~expert & ~rep).tolist():
-            if spec.is_replicated_path(paths[i]):
+        maybe = np.flatnonzero(~empty & ~expert & ~rep).tolist()
+        for i, path in zip(maybe, _paths_of(skel, maybe)):
+            if spec.is_replicated_path(path):
                 rep[i] = True
     rest = np.flatnonzero(~empty & ~expert & ~rep)
     kinds = np.full(n, _EMPTY, dtype=np.int8)
@@ -674,19 +700,14 @@ def _plan(skel: Skeleton, spec: ZeroSpec) -> ShardPlan:
     if spec.stage == 3:
         kinds[rest] = _TENSOR
     else:
-        module = spec.module
-        flat: list[int] = []
-        for i in rest.tolist():
-            p = paths[i]
-            if p and str(p[0]) == module:
-                kinds[i] = _REPLICATED
-            else:
-                flat.append(i)
+        in_module = _is_module(skel, rest, spec.module)
+        kinds[rest[in_module]] = _REPLICATED
+        flat: list[int] = rest[~in_module].tolist()
         kinds[flat] = _FLAT
         params = _param_index(spec)
         members: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
-        for leaf in flat:
-            key, order = _group_key(paths[leaf], tensors[leaf], params)
+        for leaf, path in zip(flat, _paths_of(skel, flat)):
+            key, order = _group_key(path, tensors[leaf], params)
             members.setdefault(key, []).append((order, leaf))
         numels = info.numels
         for gid, (key, group) in enumerate(members.items()):
