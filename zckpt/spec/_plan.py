@@ -14,6 +14,7 @@ import heapq
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
@@ -228,6 +229,7 @@ class Placements(Sequence[Placement]):
     ) -> None:
         self._arrays = (kinds, groups, owners, experts)
         self._lists: tuple[list[int], list[int], list[int], list[int]] | None = None
+        self._reads = 0  # leaves read one at a time from the arrays, before the lists are made
 
     def _cols(self) -> tuple[list[int], list[int], list[int], list[int]]:
         if self._lists is None:
@@ -245,6 +247,11 @@ class Placements(Sequence[Placement]):
     def __getitem__(self, i: slice) -> tuple[Placement, ...]: ...
 
     def __getitem__(self, i: int | slice) -> Any:
+        if self._lists is None and type(i) is int and self._reads < len(self) >> 4:
+            # A few leaves (a loading rank's sources): no list of every leaf's fields.
+            self._reads += 1
+            ka, ga, oa, ea = self._arrays
+            return Placement(_KINDS[ka[i]], int(ga[i]), int(oa[i]), int(ea[i]))
         k, g, o, e = self._cols()
         if isinstance(i, slice):
             return tuple(map(Placement, map(_KINDS.__getitem__, k[i]), g[i], o[i], e[i]))
@@ -273,9 +280,9 @@ class _Layout:
     """What a plan derives once, in O(tensors + ranks) array operations, to answer per-rank
     questions in time proportional to the rank's own fragments."""
 
-    kinds: list[int]  # every leaf's placement kind code
-    owners: list[int]  # every leaf's owner (-1: not written whole)
-    offsets: list[int]  # a flat leaf's offset in its group (-1 for other leaves)
+    kind_codes: np.ndarray  # every leaf's placement kind code (int8)
+    owner_ids: np.ndarray  # every leaf's owner (-1: not written whole)
+    flat_offsets: np.ndarray  # a flat leaf's offset in its group (-1 for other leaves)
     owned_ranks: np.ndarray  # the owners of the leaves written whole, sorted (int64)
     owned_leaves: np.ndarray  # those leaves, in the same order (by owner, then leaf)
     tensor_leaves: np.ndarray  # stage 3 partitioned leaves (int64)
@@ -285,6 +292,23 @@ class _Layout:
     replicated: tuple[int, ...]  # every replicated leaf, in leaf order
     expert_leaves: dict[int, tuple[int, ...]]  # expert id -> its leaves, in leaf order
     numels: list[int]  # every leaf's element count
+
+    # The per-leaf columns as lists, for lookups one leaf at a time (made when first used: a
+    # loading rank's new plan never asks for most of them).
+    @cached_property
+    def kinds(self) -> list[int]:
+        out: list[int] = self.kind_codes.tolist()
+        return out
+
+    @cached_property
+    def owners(self) -> list[int]:
+        out: list[int] = self.owner_ids.tolist()
+        return out
+
+    @cached_property
+    def offsets(self) -> list[int]:
+        out: list[int] = self.flat_offsets.tolist()
+        return out
 
     def owned(self, rank: int) -> list[int]:
         """The leaves ``rank`` writes whole, in leaf order (O(log leaves + its own))."""
@@ -616,9 +640,9 @@ def _layout(
         e: tuple(exp[bounds[i] : bounds[i + 1]].tolist()) for i, e in enumerate(ids.tolist())
     }
     return _Layout(
-        kinds.tolist(),
-        owners.tolist(),
-        offsets.tolist(),
+        kinds,
+        owners,
+        offsets,
         owners[by_owner],
         by_owner,
         tensor_leaves,
