@@ -19,15 +19,19 @@ parent is the last earlier node one level up.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from zckpt._lazy import lazy_module
 from zckpt.errors import FormatError
 from zckpt.format._dtypes import ITEMSIZE
 from zckpt.format._skeleton import MAX_DEPTH, show
 from zckpt.tree import DICT, TENSOR, TUPLE, VALUE, Path, Skeleton, TensorMeta, _gc_paused
 from zckpt.tree import format_path as _format_path
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # only a version 2 manifest's skeleton needs it
 
 __all__ = ["ColumnSkeleton", "LeafSizes", "TreeIndex", "build_tree", "tree_index"]
 
