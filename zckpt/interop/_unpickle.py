@@ -6,6 +6,10 @@ optimizer files also reference four of its own classes; DeepSpeed is not needed 
 inert stand-ins are registered under those exact qualified names for the duration of one load.
 Everything else is refused, before any unpickling, with :class:`UnsafePickleError` naming the
 file and the types.
+
+:func:`load_pickle` first tries ``_fastload.py``: the same load on Python's C unpickler, taken
+only when a scan of the opcodes shows it builds exactly what torch's unpickler would (every
+DeepSpeed-written file does); anything else goes the way described above.
 """
 
 from __future__ import annotations
