@@ -102,6 +102,11 @@ def _status_mib(key: str) -> float:
     return float("nan")
 
 
+def _parts(part_mib: int) -> dict[str, int]:
+    """``FsspecStorage``'s part size: ``part_mib`` MiB, or its default for 0."""
+    return {"part_size": part_mib << 20} if part_mib else {}
+
+
 def peak_child(endpoint: str, mib: int, codec: str, part_mib: int) -> dict[str, Any]:
     """In a fresh process: the VmHWM growth of one ws-1 save of a ``mib`` MiB state."""
     import s3fs
@@ -109,7 +114,7 @@ def peak_child(endpoint: str, mib: int, codec: str, part_mib: int) -> dict[str, 
     from zckpt.store import FsspecStorage
 
     fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY, secret=SECRET)
-    storage = FsspecStorage(fs, part_size=part_mib << 20)
+    storage = FsspecStorage(fs, **_parts(part_mib))
     state = state_of(mib)
     # A small save first: imports, the client's connections and thread pools are not counted.
     zckpt.save_checkpoint(f"s3://{BUCKET}/warm/{uuid.uuid4().hex}", state_of(8),
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, default=256, help="state size in MiB")
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--part-mib", type=int, default=50)
+    ap.add_argument("--part-mib", type=int, default=0, help="0: FsspecStorage's default")
     ap.add_argument("--dcp-threads", type=int, default=8, help="DCP's thread_count, 2nd row")
     ap.add_argument("--only", choices=("all", "save", "dcp", "load", "peak"), default="all")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY, secret=SECRET)
         fs.mkdir(BUCKET)
-        storage = FsspecStorage(fs, part_size=args.part_mib << 20)
+        storage = FsspecStorage(fs, **_parts(args.part_mib))
         state = state_of(args.mib)
         spec = zckpt.ZeroSpec(args.ranks, 2)
         plan = zckpt.plan_shards(state, spec)
