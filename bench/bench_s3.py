@@ -18,6 +18,10 @@ Rows (MiB/s of blob bytes; each the best of ``--repeat`` runs):
   endpoint_url=...), no_dist=True)`` with DCP's default ``thread_count=1`` and with
   ``--dcp-threads`` (DCP writes through s3fs file objects: buffered blocks uploaded one after
   another per file, then its ``.metadata``).
+* ``obstore put`` (only when the optional ``obstore`` package is installed): the same blobs
+  through obstore, the Rust ``object_store`` client, as the issue asks a faster client to be
+  measured against s3fs on the same server: every rank's blob concurrently as one PUT each,
+  and one rank's blob as a multipart upload in ``FsspecStorage``'s part size.
 * ``peak memory``: a fresh child process builds the state, resets its high-water mark
   (``/proc/self/clear_refs``) and saves it to the store at world size 1, raw and zstd; the row
   is the growth of ``VmHWM`` over the resident set before the save (the state itself excluded).
@@ -49,6 +53,7 @@ import torch
 
 import zckpt
 from zckpt.format import encode_shard_parts
+from zckpt.store._fsspec import PART_SIZE
 from zckpt.testing import run_ranks
 
 BUCKET = "zckpt-bench"
@@ -100,6 +105,16 @@ def _status_mib(key: str) -> float:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _obstore(endpoint: str) -> Any:
+    """An obstore ``S3Store`` of the bench bucket on ``endpoint``; None without obstore."""
+    try:
+        from obstore.store import S3Store
+    except ImportError:
+        return None
+    return S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
+                   region="us-east-1", client_options={"allow_http": True})  # fmt: skip
 
 
 def _parts(part_mib: int) -> dict[str, int]:
@@ -259,6 +274,42 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
             row("zckpt save, zstd, ws 1 (one process)", best(save_zstd, 1))
+
+            client = _obstore(endpoint)
+            if client is not None:
+                import asyncio
+
+                import obstore
+
+                def obs_all() -> None:
+                    async def all_ranks() -> None:
+                        run = uuid.uuid4().hex
+                        await asyncio.gather(*(
+                            obstore.put_async(client, f"obs/{run}/r{r}.zck", b, use_multipart=False)
+                            for r, b in enumerate(blobs)
+                        ))  # fmt: skip
+
+                    asyncio.run(all_ranks())
+
+                def obs_parts() -> None:
+                    whole = b"".join(blobs)
+                    name = f"obs1/{uuid.uuid4().hex}"
+                    obstore.put(client, name, whole, use_multipart=True, chunk_size=PART_SIZE)
+
+                def pipe_all() -> None:
+                    fs.pipe_file(f"{BUCKET}/pipe1/{uuid.uuid4().hex}", b"".join(blobs))
+
+                interleaved([pipe, obs_all, pipe_all, obs_parts])
+                row("obstore put, one object per rank", got[obs_all])
+                row("s3fs pipe_file, all ranks' bytes as one object", got[pipe_all])
+                row("obstore put, the same as one multipart object", got[obs_parts])
+                ratios += [
+                    ("obstore / s3fs pipe (one object per rank)",
+                     "obstore put, one object per rank", "pipe, one object per rank"),
+                    ("obstore / s3fs pipe_file (one multipart object)",
+                     "obstore put, the same as one multipart object",
+                     "s3fs pipe_file, all ranks' bytes as one object"),
+                ]  # fmt: skip
 
         if "dcp" in parts:
 

@@ -8,7 +8,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -47,6 +46,8 @@ class Progress:
     def __init__(self, total: int | None, desc: str, *, quiet: bool, unit: str = "B") -> None:
         self._bar: Any = None
         if not quiet and sys.stderr.isatty():
+            import shutil
+
             from tqdm import tqdm
 
             # Some pseudo-terminals report a size of 0 x 0, where tqdm would draw nothing (it

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import numpy as np
 import xxhash
 
+from zckpt._lazy import lazy_module
 from zckpt.errors import FormatError, StateError
 from zckpt.format._dtypes import CODE_OF_NAME, ITEMSIZE, NAME_OF, name_of_code
 from zckpt.format._skeleton import MAX_DEPTH, U64, VALUE_TYPES, expect_list, expect_map, show
@@ -36,6 +36,11 @@ from zckpt.tree import (
     _gc_paused,
     format_path,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # only the columns of a version 2 manifest or blob need it
 
 __all__ = [
     "COLUMNS_VERSION",

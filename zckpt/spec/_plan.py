@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
-import numpy as np
-
+from zckpt._lazy import lazy_module
 from zckpt.errors import SpecError
 from zckpt.format._dtypes import ITEMSIZE_OF_NAME, dtype_name, torch_dtype
 from zckpt.spec._spec import ZeroSpec
 from zckpt.tree import Path, Skeleton, TensorMeta, _gc_paused, skeleton_of
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+else:
+    np = lazy_module("numpy")  # planning a v1 manifest's checkpoint needs none
 
 __all__ = [
     "FlatGroup",

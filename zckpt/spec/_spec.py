@@ -6,13 +6,17 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from zckpt._lazy import lazy_module
 from zckpt.errors import SpecError
 from zckpt.spec._patterns import MAX_EXPERT_ID, MAX_KEY_CHARS, compile_expert_patterns
 from zckpt.tree import Path, short_repr
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # only expert specs use it
 
 __all__ = ["MAX_ALIGNMENT", "MAX_WORLD_SIZE", "ZeroSpec"]
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import xxhash
 
 from zckpt.errors import FormatError, TruncatedError, ZckptError
-from zckpt.format import PREAMBLE_SIZE, BlobHeader, decode_fragment, decode_header, read_header_size
+from zckpt.format import PREAMBLE_SIZE, BlobHeader, decode_header, read_header_size
 from zckpt.format._header import as_bytes_view, parse_preamble
 from zckpt.spec import Fragment
 from zckpt.spec._plan import EXPERT
@@ -335,6 +335,9 @@ class FileSource:
         hint = getattr(self.checkpoint.storage, "will_need", None)
         if chunks and hint is not None:
             hint(path, chunks[0].offset, chunks[-1].offset + chunks[-1].length - chunks[0].offset)
+        # Imported here: reading headers (zckpt inspect) needs none of the decoder.
+        from zckpt.format import decode_fragment
+
         try:
             return decode_fragment(
                 h,
@@ -421,25 +424,28 @@ def open_checkpoint(
         >>> zckpt.open_checkpoint(f"{d}/a").tag
         'a'
     """
-    from zckpt.store._explain import explain
-
     storage, path = storage_for(path, storage, storage_options)
     found = resolve(storage, path, tag)
     if found is None:
-        raise CheckpointNotFoundError(errno.ENOENT, explain(path, tag, storage=storage).message)
+        raise _not_found(path, tag, storage)
     tag_dir, _ = found
     try:
         manifest = read_manifest(storage, tag_dir)
     except CheckpointNotFoundError:
-        raise CheckpointNotFoundError(
-            errno.ENOENT, explain(path, tag, storage=storage).message
-        ) from None
+        raise _not_found(path, tag, storage) from None
     except StorageError as e:
         raise CheckpointNotFoundError(errno.ENOENT, e.strerror or str(e)) from None
     _check_tag_link(storage, path, tag_dir)
     ck = Checkpoint(tag_dir, manifest, storage)
     ck.check_skeleton()
     return ck
+
+
+def _not_found(path: str, tag: str | None, storage: Storage) -> CheckpointNotFoundError:
+    """What is missing at ``path``, as :func:`~zckpt.store._explain.explain` says it."""
+    from zckpt.store._explain import explain  # here: opening a checkpoint that is there needs none
+
+    return CheckpointNotFoundError(errno.ENOENT, explain(path, tag, storage=storage).message)
 
 
 def _check_tag_link(storage: Storage, save_dir: str, tag_dir: str) -> None:
