@@ -475,6 +475,7 @@ def _run(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+    args.as_command = argv is None  # the process is this command's (may end it when done)
     # Imported once the arguments parse: --help and --version need none of the store.
     from zckpt.store._resolve import storage_options_scope
 
