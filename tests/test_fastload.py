@@ -329,8 +329,8 @@ def test_eager_outputs_are_mapped_and_equal(
     }
     write_zero_checkpoint(tmp_path, params, world_size=ws, stage=stage, tied={"alias": "big"})
     files = glob.glob(str(tmp_path / "step1" / "*optim_states.pt"))
-    sd = zi.deepspeed_fp32_state_dict(tmp_path)
-    copied = zi.deepspeed_fp32_state_dict(tmp_path, map_files=False)
+    sd = zi.deepspeed_fp32_state_dict(tmp_path, map_files=True)
+    copied = zi.deepspeed_fp32_state_dict(tmp_path)  # the default copies
     assert list(sd) == list(copied)
     for k in params:
         assert torch.equal(sd[k], params[k]) and torch.equal(copied[k], params[k])
@@ -346,7 +346,7 @@ def test_mapped_tensor_is_an_ordinary_tensor(tmp_path: Path) -> None:
     write_zero_checkpoint(tmp_path, {"w": w}, world_size=1, stage=2)
     (f,) = glob.glob(str(tmp_path / "step1" / "*optim_states.pt"))
     before = Path(f).read_bytes()
-    t = zi.deepspeed_fp32_state_dict(tmp_path)["w"]
+    t = zi.deepspeed_fp32_state_dict(tmp_path, map_files=True)["w"]
     assert _in_mapping(t, [f])
     t.add_(1)  # copy-on-write: the tensor changes, the file does not
     assert torch.equal(t, w + 1) and Path(f).read_bytes() == before
@@ -357,7 +357,7 @@ def test_mapped_tensor_is_an_ordinary_tensor(tmp_path: Path) -> None:
     m.load_state_dict({"weight": t.view(1 << 9, 1 << 10)})
     assert torch.equal(m.weight.reshape(-1), w + 1)
     s = t.clone()
-    s2 = zi.deepspeed_fp32_state_dict(tmp_path)["w"]
+    s2 = zi.deepspeed_fp32_state_dict(tmp_path, map_files=True)["w"]
     s2.share_memory_()
     assert s2.is_shared() and torch.equal(s2, w) and not torch.equal(s, s2)
     os.remove(f)  # deleting the file is safe: the mapping keeps it
@@ -368,13 +368,34 @@ def test_mapped_tensor_is_an_ordinary_tensor(tmp_path: Path) -> None:
 
 
 @linux
-def test_map_off_by_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_map_on_by_environment_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_zero_checkpoint(tmp_path, {"w": torch.randn(1 << 19)}, world_size=2, stage=3)
     files = glob.glob(str(tmp_path / "step1" / "*optim_states.pt"))
+    monkeypatch.delenv(ENV, raising=False)
+    assert not _in_mapping(zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path)["w"], files)
     monkeypatch.setenv(ENV, "0")
     assert not _in_mapping(zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path)["w"], files)
     monkeypatch.setenv(ENV, "1")
     assert _in_mapping(zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path)["w"], files)
+
+
+@linux
+def test_default_outputs_do_not_change_when_the_files_are_rewritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Why mapping is opt-in: DeepSpeed re-saving a tag rewrites its files in place, and a
+    mapped tensor's unwritten pages would then read the new bytes. The default copies."""
+    monkeypatch.delenv(ENV, raising=False)
+    w = torch.randn(1 << 19)
+    write_zero_checkpoint(tmp_path, {"w": w}, world_size=1, stage=2)
+    (f,) = glob.glob(str(tmp_path / "step1" / "*optim_states.pt"))
+    copied = zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path)["w"]
+    mapped = zi.deepspeed_fp32_state_dict(tmp_path, map_files=True)["w"]
+    size = os.path.getsize(f)
+    with open(f, "r+b") as out:  # rewritten in place, same length: what a re-save may leave
+        out.write(bytes(size))
+    assert torch.equal(copied, w)
+    assert not torch.equal(mapped, w)  # the hazard the opt-in accepts
 
 
 def test_mapped_tensor_declines_small_and_in_memory() -> None:

@@ -371,11 +371,12 @@ def deepspeed_fp32_state_dict(
 
     ``zckpt.get_fp32_state_dict_from_zero_checkpoint`` calls this for DeepSpeed directories.
 
-    Eager outputs of 1 MiB or more that are stored as they are (fp32 masters) are, by default,
-    copy-on-write mappings of the checkpoint's files rather than copies in new memory
-    (``zckpt/interop/_mapped.py``): ordinary tensors, but the files must then not be truncated
-    or rewritten in place while the tensors live (deleting them is safe). ``map_files=False``,
-    or ``ZCKPT_MAP=0`` in the environment, copies everything.
+    Eager outputs are copies in new memory. With ``map_files=True`` (or ``ZCKPT_MAP=1`` in the
+    environment), those of 1 MiB or more that are stored as they are (fp32 masters) are instead
+    copy-on-write mappings of the checkpoint's files (``zckpt/interop/_mapped.py``): ordinary
+    tensors, made without faulting fresh memory, but the files must then not be truncated or
+    rewritten in place while the tensors live (deleting them is safe), or the tensors would
+    change with them.
 
     Args:
         checkpoint_dir: a DeepSpeed save_dir (tag from ``tag`` or ``latest``) or tag directory.
@@ -385,7 +386,7 @@ def deepspeed_fp32_state_dict(
         zero_to_fp32_compat: exactly ``zero_to_fp32``'s output: frozen parameters in the
             training dtype, ZeRO-1's frozen parameters left out (see the module docstring).
         map_files: map eager outputs from the files (see above); None: ``ZCKPT_MAP``'s
-            choice (default: map).
+            choice (default: copy).
 
     Raises:
         DeepSpeedFormatError: files missing or inconsistent (file, tensor and rank named).

@@ -20,8 +20,10 @@ What it asks of the files: **they must not be truncated or rewritten in place wh
 live** (a page not yet written would read the new bytes, or fault with ``SIGBUS`` past a
 truncated end). Deleting or renaming them is safe (the mapping keeps the old file). DeepSpeed
 writes each save under its tag's directory with ``torch.save``, which truncates a file it
-replaces: a run that saves again under the same tag while the state dict is alive should turn
-this off: ``ZCKPT_MAP=0`` in the environment (read at each call), or ``map_files=False``.
+replaces, so a run saving again under the same tag would change a live state dict silently.
+That is why mapping is **off by default** (the outputs are copied, as
+``torch.load(mmap=False)`` does) and is turned on by whoever knows the files stay as they are:
+``ZCKPT_MAP=1`` in the environment (read at each call), or ``map_files=True``.
 
 Only tensors of at least :data:`MIN_BYTES` are mapped (below that a few page faults cost less
 than the system calls), only on Linux, and at most a quarter of ``vm.max_map_count`` mappings
@@ -86,8 +88,8 @@ _BUDGET = _budget()
 
 
 def mapping_enabled(map_files: bool | None = None) -> bool:
-    """Whether eager outputs are mapped: ``map_files`` if given, else ``ZCKPT_MAP`` (default
-    on), and only where this system can (Linux).
+    """Whether eager outputs are mapped: ``map_files`` if given, else ``ZCKPT_MAP=1`` in the
+    environment (default off: copies), and only where this system can (Linux).
 
     Example:
         >>> mapping_enabled(False)
@@ -97,7 +99,7 @@ def mapping_enabled(map_files: bool | None = None) -> bool:
         return False
     if map_files is not None:
         return map_files
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "no", "false")
+    return os.environ.get(ENV, "0").strip().lower() in ("1", "on", "yes", "true")
 
 
 def _release(n: int) -> None:
