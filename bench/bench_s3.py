@@ -18,6 +18,10 @@ Rows (MiB/s of blob bytes; each the best of ``--repeat`` runs):
   endpoint_url=...), no_dist=True)`` with DCP's default ``thread_count=1`` and with
   ``--dcp-threads`` (DCP writes through s3fs file objects: buffered blocks uploaded one after
   another per file, then its ``.metadata``).
+* ``obstore put`` (only when the optional ``obstore`` package is installed): the same blobs
+  through obstore, the Rust ``object_store`` client, as the issue asks a faster client to be
+  measured against s3fs on the same server: every rank's blob concurrently as one PUT each,
+  and one rank's blob as a multipart upload in ``FsspecStorage``'s part size.
 * ``peak memory``: a fresh child process builds the state, resets its high-water mark
   (``/proc/self/clear_refs``) and saves it to the store at world size 1, raw and zstd; the row
   is the growth of ``VmHWM`` over the resident set before the save (the state itself excluded).
@@ -49,6 +53,7 @@ import torch
 
 import zckpt
 from zckpt.format import encode_shard_parts
+from zckpt.store._fsspec import PART_SIZE
 from zckpt.testing import run_ranks
 
 BUCKET = "zckpt-bench"
@@ -102,6 +107,21 @@ def _status_mib(key: str) -> float:
     return float("nan")
 
 
+def _obstore(endpoint: str) -> Any:
+    """An obstore ``S3Store`` of the bench bucket on ``endpoint``; None without obstore."""
+    try:
+        from obstore.store import S3Store
+    except ImportError:
+        return None
+    return S3Store(BUCKET, endpoint=endpoint, access_key_id=KEY, secret_access_key=SECRET,
+                   region="us-east-1", client_options={"allow_http": True})  # fmt: skip
+
+
+def _parts(part_mib: int) -> dict[str, int]:
+    """``FsspecStorage``'s part size: ``part_mib`` MiB, or its default for 0."""
+    return {"part_size": part_mib << 20} if part_mib else {}
+
+
 def peak_child(endpoint: str, mib: int, codec: str, part_mib: int) -> dict[str, Any]:
     """In a fresh process: the VmHWM growth of one ws-1 save of a ``mib`` MiB state."""
     import s3fs
@@ -109,7 +129,7 @@ def peak_child(endpoint: str, mib: int, codec: str, part_mib: int) -> dict[str, 
     from zckpt.store import FsspecStorage
 
     fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY, secret=SECRET)
-    storage = FsspecStorage(fs, part_size=part_mib << 20)
+    storage = FsspecStorage(fs, **_parts(part_mib))
     state = state_of(mib)
     # A small save first: imports, the client's connections and thread pools are not counted.
     zckpt.save_checkpoint(f"s3://{BUCKET}/warm/{uuid.uuid4().hex}", state_of(8),
@@ -168,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, default=256, help="state size in MiB")
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--part-mib", type=int, default=50)
+    ap.add_argument("--part-mib", type=int, default=0, help="0: FsspecStorage's default")
     ap.add_argument("--dcp-threads", type=int, default=8, help="DCP's thread_count, 2nd row")
     ap.add_argument("--only", choices=("all", "save", "dcp", "load", "peak"), default="all")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -187,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY, secret=SECRET)
         fs.mkdir(BUCKET)
-        storage = FsspecStorage(fs, part_size=args.part_mib << 20)
+        storage = FsspecStorage(fs, **_parts(args.part_mib))
         state = state_of(args.mib)
         spec = zckpt.ZeroSpec(args.ranks, 2)
         plan = zckpt.plan_shards(state, spec)
@@ -254,6 +274,42 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
             row("zckpt save, zstd, ws 1 (one process)", best(save_zstd, 1))
+
+            client = _obstore(endpoint)
+            if client is not None:
+                import asyncio
+
+                import obstore
+
+                def obs_all() -> None:
+                    async def all_ranks() -> None:
+                        run = uuid.uuid4().hex
+                        await asyncio.gather(*(
+                            obstore.put_async(client, f"obs/{run}/r{r}.zck", b, use_multipart=False)
+                            for r, b in enumerate(blobs)
+                        ))  # fmt: skip
+
+                    asyncio.run(all_ranks())
+
+                def obs_parts() -> None:
+                    whole = b"".join(blobs)
+                    name = f"obs1/{uuid.uuid4().hex}"
+                    obstore.put(client, name, whole, use_multipart=True, chunk_size=PART_SIZE)
+
+                def pipe_all() -> None:
+                    fs.pipe_file(f"{BUCKET}/pipe1/{uuid.uuid4().hex}", b"".join(blobs))
+
+                interleaved([pipe, obs_all, pipe_all, obs_parts])
+                row("obstore put, one object per rank", got[obs_all])
+                row("s3fs pipe_file, all ranks' bytes as one object", got[pipe_all])
+                row("obstore put, the same as one multipart object", got[obs_parts])
+                ratios += [
+                    ("obstore / s3fs pipe (one object per rank)",
+                     "obstore put, one object per rank", "pipe, one object per rank"),
+                    ("obstore / s3fs pipe_file (one multipart object)",
+                     "obstore put, the same as one multipart object",
+                     "s3fs pipe_file, all ranks' bytes as one object"),
+                ]  # fmt: skip
 
         if "dcp" in parts:
 

@@ -30,7 +30,7 @@ def big_state(version: int) -> dict[str, Any]:
 
 def storage(endpoint: str) -> FsspecStorage:
     fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY, secret=SECRET)
-    return FsspecStorage(fs, part_size=5 << 20, lease=LEASE)
+    return FsspecStorage(fs, part_size=5 << 20, multipart_threshold=10 << 20, lease=LEASE)
 
 
 def main() -> None:

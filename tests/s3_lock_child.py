@@ -20,7 +20,7 @@ from zckpt.store import FsspecStorage
 def main() -> None:
     endpoint, save_dir, lease = sys.argv[1], sys.argv[2], float(sys.argv[3])
     fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY, secret=SECRET)
-    st = FsspecStorage(fs, part_size=5 << 20, lease=lease)
+    st = FsspecStorage(fs, part_size=5 << 20, multipart_threshold=10 << 20, lease=lease)
     for version in range(2, 10_000):
         zckpt.save_checkpoint(
             save_dir, big_state(version), zckpt.ZeroSpec(1, 2), tag="t", overwrite=True,

@@ -394,3 +394,60 @@ def test_zero_checkpointer_flags(tmp_path: Path) -> None:
     assert torch.equal(opt2.flat[1]["master"], opt.flat[1]["master"])
     with pytest.raises(zckpt.SpecError, match="rank 0 of 2"):
         Checkpointer(*zero_at(2, 0))
+
+
+def _overwrite_after_each_load(
+    monkeypatch: pytest.MonkeyPatch, save_dir: Path, writer: Checkpointer, times: int
+) -> list[int]:
+    """Make the tag ``t`` be overwritten by ``writer`` right after each of the first ``times``
+    loads the Checkpointer makes: another job's save landing in the middle of a resume."""
+    from zckpt.adapters import _checkpointer
+
+    real = _checkpointer.load_checkpoint
+    calls: list[int] = []
+
+    def racing(*args: Any, **kwargs: Any) -> Any:
+        got = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) <= times:
+            writer.global_steps += 1
+            writer.save_checkpoint(save_dir, tag="t", overwrite=True)
+        return got
+
+    monkeypatch.setattr(_checkpointer, "load_checkpoint", racing)
+    return calls
+
+
+def test_a_tag_overwritten_during_a_resume_is_read_from_one_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The partitions of a ZeroAdamW are read after the module: an overwrite in between used
+    # to give module values of one generation and partitions of the next, silently.
+    model, opt = zero_at(1, 0)
+    train(model, opt, None, range(2))
+    Checkpointer(model, opt).save_checkpoint(tmp_path, tag="t")
+    model_b, opt_b = zero_at(1, 0, seed=3)
+    train(model_b, opt_b, None, range(3))
+    calls = _overwrite_after_each_load(
+        monkeypatch, tmp_path, Checkpointer(model_b, opt_b, existing="keep"), times=1
+    )
+    model2, opt2 = zero_at(1, 0, seed=5)
+    Checkpointer(model2, opt2).load_checkpoint(tmp_path, tag="t")
+    assert len(calls) == 2  # the first load saw the overwrite and was done again
+    assert_states_equal(model2.state_dict(), model_b.state_dict())
+    for g in range(2):
+        for kind in ("master", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(full_flat([opt2], g, kind), full_flat([opt_b], g, kind))
+    assert opt2.steps == opt_b.steps
+
+
+def test_a_tag_overwritten_during_every_resume_is_a_load_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, opt = zero_at(1, 0)
+    Checkpointer(model, opt).save_checkpoint(tmp_path, tag="t")
+    _overwrite_after_each_load(
+        monkeypatch, tmp_path, Checkpointer(model, opt, existing="keep"), times=2
+    )
+    with pytest.raises(zckpt.LoadError, match=r"tag 't' was overwritten while it was being"):
+        Checkpointer(*zero_at(1, 0, seed=5)).load_checkpoint(tmp_path)

@@ -1,6 +1,7 @@
 """The command line starts without torch: ``zckpt --help``, ``--version``, and ``inspect``,
 ``verify``, ``prune`` and ``clean`` of a zckpt checkpoint never import torch or Numba (issue 14
-part 4), and ``import zckpt`` imports nothing heavy. Timings are in bench/bench_cli.py; these
+part 4), nor NumPy for a checkpoint with a version 1 manifest, nor zstandard for a raw one; and
+``import zckpt`` imports nothing heavy. Timings are in bench/bench_cli.py; these
 tests check what is imported, which is what the timings rest on.
 
 The packages' public names are lazy (PEP 562, zckpt/_lazy.py): the names each ``__init__``
@@ -24,13 +25,16 @@ from test_format_hostile import forge
 
 import zckpt
 import zckpt.store._manifest as manifest_mod
-from zckpt.format import iter_problems
+from zckpt.format import decode_header, iter_problems
 from zckpt.format._dtypes import TABLE, dtype_code, dtype_name, is_floating, torch_dtype
 from zckpt.spec import FlatGroup
 from zckpt.tree import TensorMeta
 
 ROOT = Path(zckpt.__file__).parent
 HEAVY = ("torch", "numba")
+# Reported too: a version 2 manifest is planned with NumPy when read, a compressed one decoded
+# with zstandard; a small raw checkpoint needs neither.
+LIGHTER = ("numpy", "zstandard")
 
 # Runs each command of argv lists (JSON in sys.argv[1]) through zckpt.cli.main in this one fresh
 # process, and reports, per command, its exit code and which heavy modules were imported by then.
@@ -40,14 +44,15 @@ from zckpt.cli import main
 out = []
 for argv in json.loads(sys.argv[1]):
     rc = main(argv)
-    out.append([argv, rc, [m for m in {HEAVY!r} if m in sys.modules]])
+    out.append([argv, rc, [m for m in {HEAVY + LIGHTER!r} if m in sys.modules]])
 print("RESULT " + json.dumps(out))
 """
 
 
-def _run_commands(commands: list[list[str]]) -> list[Any]:
+def _child(code: str, *args: str) -> Any:
+    """What ``python -c code args`` prints after ``RESULT `` (JSON); it must exit 0."""
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(commands)],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -55,7 +60,11 @@ def _run_commands(commands: list[list[str]]) -> list[Any]:
     )
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    result: list[Any] = json.loads(line.removeprefix("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def _run_commands(commands: list[list[str]]) -> list[Any]:
+    result: list[Any] = _child(_CHILD, json.dumps(commands))
     return result
 
 
@@ -104,15 +113,30 @@ def test_the_tensor_free_commands_never_import_torch_or_numba(
         ["prune", str(d), "--keep-last", "1"],
         ["clean", str(d)],
     ]
-    for argv, rc, heavy in _run_commands(commands):
+    allowed = {"numpy"} if v2 else set()
+    allowed |= {"zstandard"} if codec != "raw" else set()
+    for argv, rc, imported in _run_commands(commands):
         assert rc == 0, argv
-        assert heavy == [], f"zckpt {' '.join(argv)} imported {heavy}"
+        unexpected = sorted(set(imported) - allowed)
+        assert unexpected == [], f"zckpt {' '.join(argv)} imported {unexpected}"
     assert [c.tag for c in zckpt.list_tags(d)] == ["two"]  # prune did run
 
 
+def test_a_small_raw_checkpoints_commands_import_neither_numpy_nor_zstandard(
+    tmp_path: Path,
+) -> None:
+    """What bench/bench_cli.py times: each command, in a process of its own."""
+    d = tmp_path / "ckpt"
+    _small_checkpoint(d, "raw", 2, 2)
+    assert not zckpt.open_checkpoint(d).manifest.derived
+    for argv in (["inspect", str(d)], ["verify", str(d)], ["prune", str(d), "--keep-last", "1"]):
+        ((_, rc, imported),) = _run_commands([argv])
+        assert rc == 0 and imported == [], f"zckpt {' '.join(argv)} imported {imported}"
+
+
 def test_a_failing_command_does_not_import_torch_either(tmp_path: Path) -> None:
-    ((_, rc, heavy),) = _run_commands([["verify", str(tmp_path / "missing")]])
-    assert rc == 1 and heavy == []
+    ((_, rc, imported),) = _run_commands([["verify", str(tmp_path / "missing")]])
+    assert rc == 1 and imported == []
 
 
 def test_import_zckpt_imports_nothing_heavy() -> None:
@@ -221,3 +245,80 @@ def test_verify_checks_a_one_byte_plane_without_joining_planes() -> None:
     problems = list(iter_problems(blob))
     assert [type(p) for p in problems] == [zckpt.FormatError], problems
     assert "bool byte" in str(problems[0])
+
+
+# ------------------------------------------------------------------- verifying without NumPy
+
+# Lists every problem of each blob (paths in sys.argv[1:]) in a process where NumPy cannot be
+# imported at all (None in sys.modules: "import numpy" raises ModuleNotFoundError).
+_NO_NUMPY = """
+import json, sys
+sys.modules["numpy"] = None
+from zckpt.format import iter_problems
+out = []
+for p in sys.argv[1:]:
+    with open(p, "rb") as f:
+        out.append([[type(e).__name__, str(e)] for e in iter_problems(f.read())])
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _damaged_blobs() -> list[bytes]:
+    """Blobs with one problem each, and one without: see the test below for which."""
+    import zstandard
+
+    z = zstandard.ZstdCompressor().compress
+    two = b"\x01\x02\x00\x01"  # a bool byte of 2
+
+    def fp16_planes(exponents: bytes) -> bytes:  # 8 fp16 elements: a zstd plane, a raw one
+        packed = z(exponents)
+        planes = [[1, len(packed)], [0, 8]]
+        return forge([[1, [8]]], [(0, 0, 8, [(0, 8, 2, packed + bytes(8), 16, planes)])])
+
+    raw = forge([[0, [4]]], [(0, 0, 4, [(0, 4, 0, bytes(16), 16, None)])])
+    h = decode_header(raw)
+    frame = h.fragments[0].chunks[0].offset
+    assert h.index_size < frame  # padding between the index and the frame
+    padded = bytearray(raw)
+    padded[frame - 1] = 1
+    checksum = bytearray(raw)
+    checksum[-1] ^= 1
+    return [
+        forge([[9, [4]]], [(0, 0, 4, [(0, 4, 0, two, 4, None)])]),  # raw frame
+        forge([[9, [4]]], [(0, 0, 4, [(0, 4, 1, z(two), 4, None)])]),  # zstd frame
+        forge([[9, [4]]], [(0, 0, 4, [(0, 4, 2, two, 4, [[0, 4]])])]),  # a one-byte plane
+        fp16_planes(bytes(8)),  # whole
+        fp16_planes(bytes(7)),  # a plane one byte short
+        forge([[0, [4]]], [(0, 0, 4, [(0, 4, 1, z(bytes(15)), 16, None)])]),  # zstd, short
+        bytes(padded),
+        bytes(checksum),
+        raw,  # whole
+    ]
+
+
+def test_verification_finds_the_same_problems_without_numpy(tmp_path: Path) -> None:
+    """zckpt verify checks every frame without NumPy (``decode_chunk(join=False)`` into a
+    ``bytearray``): each problem, and its wording, is what a process with NumPy finds."""
+    blobs = _damaged_blobs()
+    paths = []
+    for i, blob in enumerate(blobs):
+        paths.append(tmp_path / f"b{i}.zck")
+        paths[-1].write_bytes(blob)
+    got = _child(_NO_NUMPY, *map(str, paths))
+    assert got == [[[type(e).__name__, str(e)] for e in iter_problems(b)] for b in blobs]
+    said = [" | ".join(f"{k}: {m}" for k, m in problems) for problems in got]
+    assert all("FormatError: " in w and "bool byte is neither 0 nor 1" in w for w in said[:3])
+    assert said[3] == "" and said[8] == ""
+    assert "byte plane 0: zstd frame decodes to fewer than the 8 bytes declared" in said[4]
+    assert "zstd frame decodes to fewer than the 16 bytes declared" in said[5]
+    assert "non-zero padding" in said[6]
+    assert said[7].startswith("ChecksumError: ")
+
+
+def test_lazy_module_imports_on_the_first_attribute_read() -> None:
+    code = (
+        "import sys; from zckpt._lazy import lazy_module; w = lazy_module('wave'); "
+        "print('wave' in sys.modules, w.open is sys.modules['wave'].open, 'open' in vars(w))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"], out

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,14 +63,18 @@ def where(request: pytest.FixtureRequest) -> Where:
         fs = fsspec.filesystem("memory")
         return Where(f"memory://zckpt-tests/{run}", FsspecStorage(fs, lease=5), None, False)
     server = request.getfixturevalue("s3_server")
-    st = FsspecStorage(_s3_fs(server.endpoint), part_size=5 * MiB, lease=5)
+    st = FsspecStorage(
+        _s3_fs(server.endpoint), part_size=5 * MiB, multipart_threshold=10 * MiB, lease=5
+    )
     return Where(f"s3://{BUCKET}/{run}", st, server.options, True)
 
 
 @pytest.fixture
 def s3(s3_server: Any) -> Where:
     run = uuid.uuid4().hex[:12]
-    st = FsspecStorage(_s3_fs(s3_server.endpoint), part_size=5 * MiB, lease=5)
+    st = FsspecStorage(
+        _s3_fs(s3_server.endpoint), part_size=5 * MiB, multipart_threshold=10 * MiB, lease=5
+    )
     return Where(f"s3://{BUCKET}/{run}", st, s3_server.options, True)
 
 
@@ -141,6 +146,39 @@ def test_urls_with_storage_options(where: Where) -> None:
     assert_states_equal(got.state, state)
     ck = zckpt.open_checkpoint(where.url, storage_options=where.options)
     assert ck.path == f"{where.url}/a" and ck.manifest.spec.world_size == 2
+
+
+def test_multipart_threshold_decides_one_put_or_parts(s3: Where) -> None:
+    """Raw blobs under ``multipart_threshold`` are one PUT, others ``part_size`` parts; both
+    read back as written. The defaults: 16 MiB parts, one PUT under 100 MiB."""
+    default = FsspecStorage(s3.storage.fs)
+    assert (default._backend.part_size, default._backend.multipart_threshold) == (
+        16 * MiB,
+        100 * MiB,
+    )
+    with pytest.raises(ValueError, match="multipart_threshold"):
+        FsspecStorage(s3.storage.fs, multipart_threshold=-1)
+    st = FsspecStorage(s3.storage.fs, part_size=5 * MiB, multipart_threshold=12 * MiB)
+    backend, calls = st._backend, []
+    real_parts, real_put = backend._multipart, backend._put_hashing
+
+    def parts(path: str, chunks: Any, *args: Any, **kwargs: Any) -> str:
+        chunks = list(chunks)
+        calls.append(("parts", [sum(v.nbytes for v in c) for c in chunks]))
+        return real_parts(path, iter(chunks), *args, **kwargs)
+
+    def put(path: str, views: list[memoryview], hasher: Any) -> str:
+        calls.append(("put", [sum(v.nbytes for v in views)]))
+        return real_put(path, views, hasher)
+
+    backend._multipart, backend._put_hashing = parts, put
+    rng = np.random.default_rng(3)
+    for n in (12 * MiB - 1, 12 * MiB):
+        data = rng.bytes(n)
+        path = f"{s3.url}/threshold/{n}.bin"
+        assert st.write_atomic(path, [data[:1000], memoryview(data)[1000:]])[0] == n
+        assert st.read(path, 0, n) == data
+    assert calls == [("put", [12 * MiB - 1]), ("parts", [5 * MiB, 5 * MiB, 2 * MiB])]
 
 
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
@@ -289,7 +327,9 @@ def test_cli_with_s3_urls(s3: Where, s3_server: Any, capsys: pytest.CaptureFixtu
 def _other_job(where: Where) -> FsspecStorage:
     """Another process's view of the same store: its own storage, locks and lease."""
     fs = where.storage.fs
-    return FsspecStorage(fs, lease=where.storage.lease, part_size=5 * MiB)
+    return FsspecStorage(
+        fs, lease=where.storage.lease, part_size=5 * MiB, multipart_threshold=10 * MiB
+    )
 
 
 def test_second_writer_of_a_tag_is_refused(where: Where) -> None:
@@ -340,7 +380,9 @@ def test_a_killed_saves_tag_lock_is_taken_over_after_its_lease(s3_server: Any) -
     and takes it over."""
     lease = 5.0  # longer than the 3 s a save used to wait: without the takeover, refused
     url = f"s3://{BUCKET}/killed-{uuid.uuid4().hex[:12]}"
-    st = FsspecStorage(_s3_fs(s3_server.endpoint), part_size=5 * MiB, lease=lease)
+    st = FsspecStorage(
+        _s3_fs(s3_server.endpoint), part_size=5 * MiB, multipart_threshold=10 * MiB, lease=lease
+    )
     zckpt.save_checkpoint(url, state_of(1), spec(1, 2), tag="t", storage=st)
     lock_path = f"{url}/.t.zckpt-lock"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -515,7 +557,9 @@ def test_reading_a_streamed_blob_back_holds_a_bounded_number_of_bytes(s3: Where)
 
     from zckpt.store._s3 import READ_BACK_FLIGHT, READ_BACK_STEP, S3Backend
 
-    st = FsspecStorage(s3.storage.fs, part_size=50 * MiB, max_concurrency=8)
+    st = FsspecStorage(
+        s3.storage.fs, part_size=50 * MiB, multipart_threshold=100 * MiB, max_concurrency=8
+    )
     backend = st._backend
     assert isinstance(backend, S3Backend)
     data = os.urandom(3 * MiB) * 22  # 66 MiB: two 50 MiB parts' worth
@@ -545,7 +589,9 @@ def test_a_streamed_blobs_parts_in_flight_are_bounded_by_bytes(s3: Where, monkey
     from zckpt.store import _s3
 
     monkeypatch.setattr(_s3, "STREAM_FLIGHT", 16 * MiB)
-    st = FsspecStorage(s3.storage.fs, part_size=50 * MiB, max_concurrency=8)
+    st = FsspecStorage(
+        s3.storage.fs, part_size=50 * MiB, multipart_threshold=100 * MiB, max_concurrency=8
+    )
     backend = st._backend
     part, outstanding, most, sizes = backend._part, [0], [0], []
 
@@ -624,7 +670,7 @@ def proxied(s3_server: Any) -> Iterator[tuple[Where, FaultProxy]]:
     proxy = FaultProxy(s3_server.endpoint).start()
     # botocore's own retries off: the storage's retries are the ones under test.
     fs = _s3_fs(proxy.endpoint, config_kwargs={"retries": {"max_attempts": 1}})
-    st = FsspecStorage(fs, part_size=5 * MiB, lease=5, retry_for=20)
+    st = FsspecStorage(fs, part_size=5 * MiB, multipart_threshold=10 * MiB, lease=5, retry_for=20)
     run = uuid.uuid4().hex[:12]
     yield Where(f"s3://{BUCKET}/{run}", st, None, True), proxy
     proxy.stop()

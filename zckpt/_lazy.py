@@ -4,6 +4,10 @@
 ``zckpt inspect`` imports only the modules it runs (never torch, for a zckpt checkpoint). Each
 package keeps the same names under ``if TYPE_CHECKING:`` so that mypy and editors see the real
 objects; tests/test_lazy_imports.py checks the two lists and ``__all__`` agree.
+
+Inside zckpt's modules, :func:`lazy_module` does the same for a dependency that only some of a
+module's functions use (NumPy, zstandard): ``zckpt inspect`` of a small checkpoint runs none of
+them, and never imports them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["attach"]
+__all__ = ["attach", "lazy_module"]
 
 
 def attach(
@@ -50,3 +54,43 @@ def attach(
         return sorted(set(vars(sys.modules[package])) | set(where))
 
     return getattr_, dir_
+
+
+class _LazyModule:
+    """Module ``name``, imported on the first attribute read; each attribute read is then stored
+    on this object, so later reads cost what a module attribute's does."""
+
+    def __init__(self, name: str) -> None:
+        self.__dict__["_lazy_name"] = name
+
+    def __getattr__(self, attr: str) -> Any:  # called only for attributes not yet stored
+        name = self.__dict__.get("_lazy_name")
+        if name is None:  # a copy made without __init__: nothing to import
+            raise AttributeError(attr)
+        value = getattr(importlib.import_module(name), attr)
+        self.__dict__[attr] = value
+        return value
+
+    def __repr__(self) -> str:
+        loaded = "imported" if self.__dict__["_lazy_name"] in sys.modules else "not imported"
+        return f"<lazy module {self.__dict__['_lazy_name']!r} ({loaded})>"
+
+
+def lazy_module(name: str) -> Any:
+    """A stand-in for ``import name`` that imports module ``name`` on its first attribute read.
+
+    For a module-level name that only some functions use: ``np = lazy_module("numpy")`` (with
+    ``import numpy as np`` under ``if TYPE_CHECKING:`` for mypy). Importing the using module
+    then costs nothing for it; ``np.frombuffer`` imports NumPy the first time, and afterwards
+    reads a stored attribute. Not for modules that Numba compiles (it must see the real module),
+    nor for attributes reassigned after the first read (the stored value stays).
+
+    Example:
+        >>> import sys
+        >>> json = lazy_module("json")
+        >>> json.dumps([1])
+        '[1]'
+        >>> json.dumps is sys.modules["json"].dumps
+        True
+    """
+    return _LazyModule(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,7 +31,9 @@ from zckpt.errors import ArgumentError, SpecError, ZckptError
 from zckpt.spec import ZeroSpec
 from zckpt.store import (
     SKIP,
+    Checkpoint,
     CheckpointNotFoundError,
+    LoadError,
     Saved,
     Storage,
     TagError,
@@ -40,10 +43,15 @@ from zckpt.store import (
     save_checkpoint,
 )
 from zckpt.store._explain import explain
-from zckpt.store._resolve import is_url
+from zckpt.store._read import following_latest
+from zckpt.store._resolve import is_url, storage_for
 from zckpt.tree import Skeleton
 
 __all__ = ["Checkpointer"]
+
+
+class _OverwrittenError(LoadError):
+    """The tag being loaded was overwritten meanwhile (its generation changed)."""
 
 
 def _where(path: str) -> str:
@@ -267,8 +275,7 @@ class Checkpointer:
 
     def _in_place(
         self,
-        load_dir: str | os.PathLike[str],
-        tag: str | None,
+        ck: Checkpoint | None,
         masters: bool,
         module: bool,
         optimizer: bool,
@@ -281,10 +288,8 @@ class Checkpointer:
         shape, and an fp32 parameter from its fp32 master (the 16-bit copy then is not read at
         all). Anything else is read fresh and copied (cast) as before.
         """
-        try:
-            ck = open_checkpoint(load_dir, tag, storage=self.storage)
-        except (ZckptError, OSError):
-            return None, frozenset(), None  # load_checkpoint says why, in its own words
+        if ck is None:
+            return None, frozenset(), None
         into, done = self._module_into(ck.manifest.spec, ck.manifest.skeleton, masters, module)
         opt_into = None
         if optimizer:
@@ -390,22 +395,65 @@ class Checkpointer:
             >>> Checkpointer(torch.nn.Linear(2, 2)).load_checkpoint(tempfile.mkdtemp())
             (None, None)
         """
+        storage, where = storage_for(load_dir, self.storage, None)
+
+        def attempt() -> tuple[str | None, dict[str, Any] | None]:
+            once = functools.partial(
+                self._load_once,
+                load_dir,
+                tag,
+                load_module_strict,
+                load_optimizer_states,
+                load_lr_scheduler_states,
+                load_module_only,
+                custom_load_fn,
+                require,
+            )
+            try:
+                return once()
+            except _OverwrittenError:
+                return once()  # a second overwrite meanwhile is the LoadError itself
+
+        # A tag deleted by retention meanwhile: once more from the new ``latest``.
+        return following_latest(storage, where, tag, attempt)
+
+    def _pinned(self, load_dir: str | os.PathLike[str], tag: str | None) -> Checkpoint | None:
+        """The one checkpoint this load reads (``latest`` resolved once), or None when there is
+        none or it cannot be opened (``load_checkpoint`` then says why, in its own words)."""
+        try:
+            return open_checkpoint(load_dir, tag, storage=self.storage)
+        except (ZckptError, OSError):
+            return None
+
+    def _load_once(
+        self,
+        load_dir: str | os.PathLike[str],
+        tag: str | None,
+        load_module_strict: bool,
+        load_optimizer_states: bool,
+        load_lr_scheduler_states: bool,
+        load_module_only: bool,
+        custom_load_fn: Callable[..., Any] | None,
+        require: bool,
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """:meth:`load_checkpoint` from one checkpoint: ``latest`` is resolved once, and the
+        destinations, the load and the partitions all come from that tag and generation."""
         opt = self.optimizer
         zero = isinstance(opt, ZeroAdamW)
         want_optimizer = load_optimizer_states and not load_module_only
         # fp32 parameters take the fp32 masters with a ZeroAdamW too: its partitions come
         # from the masters, and its parameters must agree with them (not be the 16-bit copy)
         want_masters = custom_load_fn is None
+        pinned = self._pinned(load_dir, tag)
         into, in_place, opt_into = self._in_place(
-            load_dir,
-            tag,
+            pinned,
             want_masters,
             module=custom_load_fn is None,
             optimizer=want_optimizer and opt is not None and not zero,
         )
         loaded = load_checkpoint(
-            load_dir,
-            tag=tag,
+            load_dir if pinned is None else pinned.path,
+            tag=tag if pinned is None else None,
             load_optimizer_states=want_optimizer and not zero,
             load_lr_scheduler_states=load_lr_scheduler_states,
             load_module_only=load_module_only,
@@ -424,6 +472,13 @@ class Checkpointer:
                 )
             return None, None
         ck = open_checkpoint(loaded.load_path, storage=self.storage)
+        if pinned is not None and ck.manifest.generation != pinned.manifest.generation:
+            # Generations are never reused: the same one before and after means the load read it.
+            raise _OverwrittenError(
+                f"{loaded.load_path}: tag {ck.tag!r} was overwritten while it was being loaded "
+                f"(generation {pinned.manifest.generation} -> {ck.manifest.generation}), twice "
+                "in a row: the model and optimizer may hold values of either; load again"
+            )
         allow_missing: tuple[str, ...] = ()
         if ck.manifest.excluded_frozen:
             # The names recorded at save, and the model's own frozen parameters: a checkpoint

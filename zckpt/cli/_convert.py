@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import gc
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, overload
 
@@ -183,7 +184,9 @@ def consolidate(args: argparse.Namespace) -> int:
     )
     dtype = DTYPES[args.dtype]
     if kind == "torch":
-        return _save_torch(sd, out, dtype, args)
+        code = _save_torch(sd, out, dtype, args)
+        _end_process(args)
+        return code
     with progress(args, _export_bytes(sd, dtype), "export") as bar:
         r = write_safetensors(
             sd,
@@ -199,7 +202,24 @@ def consolidate(args: argparse.Namespace) -> int:
     print(f"wrote {where}: {len(r.files)} file(s), {r.total_size} bytes, {len(sd)} tensors")
     for alias, name in sorted(r.tied.items()):
         print(f"tied: {alias} -> {name} (stored once)")
+    _end_process(args)
     return 0
+
+
+def _end_process(args: argparse.Namespace) -> None:
+    """As the ``zckpt`` command (not ``main(argv)`` in a caller's process), end the process now:
+    the output is durable (fsynced and renamed into place), and tearing down torch's modules
+    and the checkpoint's mappings at interpreter exit costs 0.3 s and does nothing for it.
+    stdout and stderr are flushed first; a failed flush (a closed pipe) leaves the normal exit
+    path to report it."""
+    if not getattr(args, "as_command", False):
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return
+    os._exit(0)
 
 
 def _check_save_dir(src: str, out: str) -> None:

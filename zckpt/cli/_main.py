@@ -8,7 +8,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -47,6 +46,8 @@ class Progress:
     def __init__(self, total: int | None, desc: str, *, quiet: bool, unit: str = "B") -> None:
         self._bar: Any = None
         if not quiet and sys.stderr.isatty():
+            import shutil
+
             from tqdm import tqdm
 
             # Some pseudo-terminals report a size of 0 x 0, where tqdm would draw nothing (it
@@ -474,6 +475,7 @@ def _run(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+    args.as_command = argv is None  # the process is this command's (may end it when done)
     # Imported once the arguments parse: --help and --version need none of the store.
     from zckpt.store._resolve import storage_options_scope
 

@@ -7,7 +7,7 @@ import argparse
 import zckpt
 from zckpt.cli._main import CommandLineError
 from zckpt.interop import is_deepspeed_checkpoint
-from zckpt.interop._files import deepspeed_tags
+from zckpt.interop._detect import deepspeed_tags
 from zckpt.store._resolve import isdir
 
 __all__ = ["clean", "positive", "prune"]

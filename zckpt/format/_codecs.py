@@ -11,15 +11,23 @@ index declares (already checked against the blob size), and the frame must fill 
 from __future__ import annotations
 
 import threading
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
-import numpy.typing as npt
-import zstandard
-
-from zckpt import kernels
+from zckpt._lazy import lazy_module
 from zckpt.errors import AllocationError, FormatError
 from zckpt.format._checksum import xxh3, xxh3_parts
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    import zstandard
+
+    U8 = npt.NDArray[np.uint8]
+    Bytes = bytes | bytearray | memoryview | U8
+else:
+    # Imported where a chunk needs them: verifying raw frames (zckpt verify) needs neither.
+    np = lazy_module("numpy")
+    zstandard = lazy_module("zstandard")
 
 __all__ = [
     "BYTEPLANE",
@@ -44,9 +52,6 @@ MIN_LEVEL, MAX_LEVEL = -(1 << 17), 19
 # Byteplane: a plane larger than two samples is compressed whole only if a sample from its
 # middle pays; mantissa planes of real weights do not, and trying them whole costs time.
 _SAMPLE = 64 << 10
-
-U8 = npt.NDArray[np.uint8]
-Bytes = bytes | bytearray | memoryview | U8
 
 
 class Frame(NamedTuple):
@@ -140,6 +145,8 @@ def encode_chunk(src: U8, itemsize: int, planar: bool, codec: int, level: int) -
         (1, True)
     """
     if codec == BYTEPLANE and planar:
+        from zckpt import kernels
+
         n = len(src) // itemsize
         planes = np.empty((itemsize, n), np.uint8)
         kernels.split_planes(src, itemsize, planes, threads=1)
@@ -169,9 +176,9 @@ def encode_chunk(src: U8, itemsize: int, planar: bool, codec: int, level: int) -
     return Frame(RAW, (view,), len(src), xxh3(view), ())
 
 
-def _zstd_into(src: Bytes, dst: U8, where: str) -> None:
+def _zstd_into(src: Bytes, dst: U8 | memoryview, where: str) -> None:
     """Decompress one zstd frame into ``dst``, which it must fill exactly."""
-    out = dst.data
+    out = dst if isinstance(dst, memoryview) else dst.data
     got = 0
     try:
         with _decompressor().stream_reader(src, read_across_frames=True) as reader:
@@ -210,7 +217,7 @@ def decode_chunk(
     codec: int,
     planes: tuple[tuple[int, int], ...],
     stored: memoryview,
-    dst: U8,
+    dst: U8 | memoryview,
     itemsize: int,
     where: str,
     *,
@@ -218,11 +225,12 @@ def decode_chunk(
 ) -> None:
     """Decode one frame (checksum already verified) into ``dst``, its exact raw length.
 
-    ``join=False`` checks a byteplane frame without putting its planes back together: each
-    plane is still decompressed and its length checked (all that can fail), but the transposition
-    into ``dst``, which cannot fail, is skipped and ``dst`` is left undefined (for elements of
-    one byte it is filled: that plane is the bytes). ``zckpt verify`` checks this way, so it
-    needs no compiled kernels.
+    ``join=False`` only checks what can fail: a zstd frame, and each compressed byte plane of a
+    byteplane frame, is still decompressed and its length checked, but a raw frame is not copied
+    (its bytes are ``stored``) and byte planes are not put back together (the transposition
+    cannot fail), so ``dst`` is left undefined, except for a byteplane frame of one-byte elements,
+    whose one plane is the bytes. ``zckpt verify`` checks this way: with a ``memoryview`` as
+    ``dst`` it needs neither NumPy nor the compiled kernels.
 
     Example:
         >>> f = encode_chunk(np.arange(4096, dtype=np.uint8), 4, True, BYTEPLANE, 1)
@@ -231,11 +239,14 @@ def decode_chunk(
         >>> bool((out == np.arange(4096, dtype=np.uint8)).all())
         True
     """
-    if codec == RAW:
-        dst[:] = np.frombuffer(stored, np.uint8)
-    elif codec == ZSTD:
+    if codec == ZSTD:
         _zstd_into(stored, dst, where)
-    else:
+    elif codec == RAW:
+        if join:
+            _array(dst)[:] = np.frombuffer(stored, np.uint8)
+    elif join:
+        from zckpt import kernels
+
         n = len(dst) // itemsize
         work = _scratch(itemsize * n).reshape(itemsize, n)
         pos = 0
@@ -246,7 +257,22 @@ def decode_chunk(
             else:
                 _zstd_into(piece, work[i], f"{where}, byte plane {i}")
             pos += ln
-        if join:
-            kernels.join_planes(work, dst, threads=1)
-        elif itemsize == 1:
-            dst[:] = work[0]
+        kernels.join_planes(work, _array(dst), threads=1)
+    else:
+        # Each compressed plane decoded into its own stretch of dst; a raw one needs no check,
+        # except the one plane of a one-byte dtype, which is the bytes.
+        n = len(dst) // itemsize
+        out = dst if isinstance(dst, memoryview) else dst.data
+        pos = 0
+        for i, (c, ln) in enumerate(planes):
+            if c != RAW:
+                _zstd_into(
+                    stored[pos : pos + ln], out[i * n : (i + 1) * n], f"{where}, byte plane {i}"
+                )
+            elif itemsize == 1:
+                out[:] = stored[pos : pos + ln]
+            pos += ln
+
+
+def _array(dst: U8 | memoryview) -> U8:
+    return np.frombuffer(dst, np.uint8) if isinstance(dst, memoryview) else dst

@@ -5,7 +5,9 @@ state of a few hundred thousand tensors takes seconds to decode that way. The co
 (docs/format.md, "Columnar skeleton") stores the tree in preorder as packed little-endian
 arrays (node tags, child counts, leaf indexes, dtype codes, ranks, dimensions) plus two msgpack
 arrays (the distinct dict keys, the plain values), so unpacking is a handful of C calls and
-validation is vectorised. The tree itself is rebuilt in one pass over the nodes.
+validation is vectorised. The decoded skeleton is a :class:`ColumnSkeleton`: the tree's shape
+is checked and indexed by array passes (``_tree_index.py``), and its nested tuples are built,
+in one pass over the nodes, only when first used.
 
 Parsing treats the input as untrusted, as the v1 parser does: every tag, count, key, value,
 leaf index, dtype code and dimension is checked before anything is built, with the same limits
@@ -16,26 +18,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import numpy as np
 import xxhash
 
+from zckpt._lazy import lazy_module
 from zckpt.errors import FormatError, StateError
 from zckpt.format._dtypes import CODE_OF_NAME, ITEMSIZE, NAME_OF, name_of_code
 from zckpt.format._skeleton import MAX_DEPTH, U64, VALUE_TYPES, expect_list, expect_map, show
+from zckpt.format._tree_index import ColumnSkeleton, LeafSizes, build_tree, tree_index
 from zckpt.tree import (
     DICT,
     TENSOR,
     TUPLE,
     VALUE,
-    Path,
     Skeleton,
     TensorMeta,
     _gc_paused,
-    format_path,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # only the columns of a version 2 manifest or blob need it
 
 __all__ = [
     "COLUMNS_VERSION",
@@ -299,8 +305,8 @@ def _metas(m: dict[str, Any], n_leaves: int, where: str) -> tuple[TensorMeta, ..
                 f"{where}: tensor {i}: absurd shape {show(shape)} (its size in bytes, or a "
                 "stride, would not fit in 64 bits)"
             )
-    # One TensorMeta per distinct (dtype, shape), found for each rank by classing the rows of
-    # that rank's leaves (dtype code, dims) one column at a time; no padding.
+    # One TensorMeta per distinct (dtype, shape): each rank's rows (dtype code, dims) sorted,
+    # equal rows next to each other; no padding.
     out = np.empty(n_leaves, dtype=object)
     for nd in np.unique(ndims).tolist():
         idx = np.flatnonzero(ndims == nd)
@@ -308,20 +314,23 @@ def _metas(m: dict[str, Any], n_leaves: int, where: str) -> tuple[TensorMeta, ..
         rows[:, 0] = codes[idx]
         if nd:
             rows[:, 1:] = dims[starts[idx][:, None] + np.arange(nd)]
-        key = np.zeros(len(idx), dtype=np.int64)  # each row's class, compacted column by column
-        for col in rows.T:
-            _, inv = np.unique(col, return_inverse=True)
-            _, key = np.unique(key * (int(inv.max()) + 1) + inv, return_inverse=True)
-        _, first = np.unique(key, return_index=True)  # a row of each class, by class
-        made = np.empty(len(first), dtype=object)
-        made[:] = [TensorMeta(NAME_OF[r[0]], tuple(r[1:])) for r in rows[first].tolist()]
-        out[idx] = made[key.reshape(-1)]
+        order = np.lexsort(rows.T[::-1])
+        ranked = rows[order]
+        new = np.ones(len(idx), dtype=bool)
+        new[1:] = (ranked[1:] != ranked[:-1]).any(axis=1)
+        made = np.empty(int(new.sum()), dtype=object)
+        made[:] = [TensorMeta(NAME_OF[r[0]], tuple(r[1:])) for r in ranked[new].tolist()]
+        out[idx[order]] = made[np.cumsum(new) - 1]
     metas: tuple[TensorMeta, ...] = tuple(out.tolist())
     return metas
 
 
 def _check_keys(obj: Any, where: str) -> list[Any]:
     keys: list[Any] = expect_list(obj, f"{where} 'keys'")
+    if set(map(type, keys)) <= {str}:  # the common case, checked in C
+        if len(set(keys)) != len(keys):
+            raise FormatError(f"{where}: 'keys' lists a key twice")
+        return keys
     for k in keys:
         if type(k) not in (str, int) or (type(k) is int and not _I64_MIN <= k <= U64):
             raise FormatError(f"{where}: dict key {show(k)} is not a str or a 64-bit int")
@@ -399,92 +408,18 @@ def skeleton_from_columns(obj: Any, where: str = "skeleton") -> Skeleton:
                 f"leaf {int(prev[bad[0]]) + 1}"
             )
     n_leaves = int(leaves.max()) + 1 if len(leaves) else 0
-    with _gc_paused():
-        metas = _metas(m, n_leaves, where)
-        return _build(tags, counts, keys, key_ids, values, leaves, metas, where)
+    metas = _metas(m, n_leaves, where)
+    index = tree_index(tags, counts, keys, key_ids, leaves)
+    if index is None:  # a malformed tree: the node-by-node build names the place
+        with _gc_paused():
+            return build_tree(tags, counts, keys, key_ids, values, leaves, metas, where)
+    sizes = LeafSizes(
+        _array(m, "dtypes", "u1", where),
+        _array(m, "ndims", "u1", where),
+        _array(m, "dims", "<u8", where),
+    )
 
+    def build() -> Skeleton:
+        return build_tree(tags, counts, keys, key_ids, values, leaves, metas, where)
 
-def _build(
-    tags: np.ndarray,
-    counts: np.ndarray,
-    keys: list[Any],
-    key_ids: np.ndarray,
-    values: list[Any],
-    leaves: np.ndarray,
-    metas: tuple[TensorMeta, ...],
-    where: str,
-) -> Skeleton:
-    """The node tree from checked columns, by recursive descent in preorder (one call per
-    container; leaves are built inline by their parent)."""
-    next_tag = iter(tags.tolist()).__next__
-    next_count = iter(counts.tolist()).__next__
-    next_kid = iter(key_ids.tolist()).__next__
-    next_leaf = iter(leaves.tolist()).__next__
-    next_value = iter(values).__next__
-    paths: list[Path] = []
-    add_path = paths.append
-
-    def container(tag: int, path: Path, depth: int) -> Any:
-        if depth >= MAX_DEPTH:
-            raise FormatError(
-                f"{where} at {format_path(path)}: containers nested deeper than {MAX_DEPTH} levels"
-            )
-        n = next_count()
-        kids: list[Any] = []
-        add = kids.append
-        if tag == DICT:
-            ids = []
-            for _ in range(n):
-                kid = next_kid()
-                ids.append(kid)
-                key = keys[kid]
-                t = next_tag()
-                if t == TENSOR:
-                    leaf = next_leaf()
-                    if leaf == len(paths):
-                        add_path((*path, key))
-                    add((key, (TENSOR, leaf)))
-                elif t == VALUE:
-                    add((key, (VALUE, next_value())))
-                else:
-                    add((key, container(t, (*path, key), depth + 1)))
-            if n > 1 and len(set(ids)) != n:
-                ids.sort()
-                dup = next(a for a, b in zip(ids, ids[1:]) if a == b)
-                raise FormatError(
-                    f"{where} at {format_path(path)}: duplicate dict key {show(keys[dup])}"
-                )
-        else:
-            for i in range(n):
-                t = next_tag()
-                if t == TENSOR:
-                    leaf = next_leaf()
-                    if leaf == len(paths):
-                        add_path((*path, i))
-                    add((TENSOR, leaf))
-                elif t == VALUE:
-                    add((VALUE, next_value()))
-                else:
-                    add(container(t, (*path, i), depth + 1))
-        return (tag, tuple(kids))
-
-    try:
-        tag = next_tag()
-        if tag == TENSOR:
-            root: Any = (TENSOR, next_leaf())
-            paths.append(())
-        elif tag == VALUE:
-            root = (VALUE, next_value())
-        else:
-            root = container(tag, (), 0)
-    except StopIteration:
-        raise FormatError(f"{where}: the node arrays end inside an open container") from None
-    try:
-        next_tag()
-    except StopIteration:
-        pass
-    else:
-        raise FormatError(f"{where}: nodes after the root's end")
-    if len(paths) != len(metas):  # unreachable after the leaf checks; kept as a guard
-        raise FormatError(f"{where}: {len(paths)} tensor leaves, {len(metas)} metas")
-    return Skeleton(root, metas, tuple(paths))
+    return ColumnSkeleton(metas, index, sizes, build)

@@ -3,36 +3,43 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
 import xxhash
 
+from zckpt._lazy import lazy_module
 from zckpt.errors import AllocationError, ChecksumError, FormatError, TruncatedError, ZckptError
 from zckpt.format._checksum import check
 from zckpt.format._codecs import RAW, decode_chunk
 from zckpt.format._dtypes import ITEMSIZE, dtype_code
-from zckpt.format._encode import default_threads
 from zckpt.format._header import BlobHeader, as_bytes_view
 from zckpt.format._index import decode_header
 from zckpt.shard import Shard
 from zckpt.tree import Skeleton
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    import numpy as np
+    import numpy.typing as npt
     import torch
+
+    U8 = npt.NDArray[np.uint8]
+else:
+    np = lazy_module("numpy")  # verifying a blob (iter_problems) needs none
 
 __all__ = ["decode_fragment", "decode_shard", "iter_problems", "verify_blob"]
 
-U8 = npt.NDArray[np.uint8]
 Read = Callable[[int, int], Any]
 ReadInto = Callable[[int, memoryview], int]
 _PARALLEL_MIN_BYTES = 1 << 20
+_NOT_BOOL = re.compile(rb"[^\x00\x01]")  # a byte of a bool tensor that is neither 0 nor 1
+_NOT_ZERO = re.compile(rb"[^\x00]")
 # Worker pools, one per thread count, kept for the process's life: a load decodes fragment
 # after fragment, and starting threads for each one cost as much as checking its checksums on a
 # busy machine (each ``Thread.start`` waits until the new thread runs).
@@ -50,6 +57,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
+    from concurrent.futures import ThreadPoolExecutor  # here: verifying a blob needs no pool
+
     with _pools_lock:
         pool = _pools.get(threads)
         if pool is None:
@@ -79,16 +88,36 @@ def _bytes(n: int, what: str) -> U8:
     try:
         return np.empty(n, np.uint8)
     except MemoryError:
-        raise AllocationError(f"{what}: cannot allocate {n} bytes for it") from None
+        raise _cannot_allocate(n, what) from None
+
+
+def _scratch(n: int, what: str) -> memoryview:
+    """``n`` bytes to check frames in (a ``bytearray``: verification needs no NumPy), or an
+    :class:`AllocationError`."""
+    try:
+        return memoryview(bytearray(n))
+    except MemoryError:
+        raise _cannot_allocate(n, what) from None
+
+
+def _cannot_allocate(n: int, what: str) -> AllocationError:
+    return AllocationError(f"{what}: cannot allocate {n} bytes for it")
 
 
 def _decode_one(
-    h: BlobHeader, fi: int, ci: int, stored: Any, dst: U8, *, check_only: bool = False
+    h: BlobHeader,
+    fi: int,
+    ci: int,
+    stored: Any,
+    dst: U8 | memoryview,
+    *,
+    check_only: bool = False,
 ) -> None:
     """Check one frame's length and checksum, then decode it into ``dst`` (its raw bytes).
 
-    ``check_only``: every check is made, but a byteplane frame's planes are not put back
-    together (``dst`` is then left undefined): see :func:`~zckpt.format._codecs.decode_chunk`.
+    ``check_only``: every check is made, but a raw frame is not copied and a byteplane frame's
+    planes are not put back together (``dst`` is then left undefined): see
+    :func:`~zckpt.format._codecs.decode_chunk`.
     """
     c = h.fragments[fi].chunks[ci]
     where = h.describe(fi, ci)
@@ -99,7 +128,8 @@ def _decode_one(
     meta = h.meta(h.fragments[fi].fragment.leaf)
     size = ITEMSIZE[dtype_code(meta.dtype_name)]
     decode_chunk(c.codec, c.planes, mv, dst, size, where, join=not check_only)
-    if meta.dtype_name == "bool" and dst.max(initial=0) > 1:
+    raw = mv if c.codec == RAW else dst if isinstance(dst, memoryview) else dst.data
+    if meta.dtype_name == "bool" and _NOT_BOOL.search(raw):
         raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
 
 
@@ -176,8 +206,13 @@ def _run(thunks: Iterable[Callable[[], None]], threads: int) -> None:
 
 
 def _threads_for(nbytes: int, nchunks: int, threads: int | None) -> int:
-    n = default_threads() if threads is None else threads
-    return n if nchunks > 1 and nbytes >= _PARALLEL_MIN_BYTES else 1
+    if nchunks <= 1 or nbytes < _PARALLEL_MIN_BYTES:
+        return 1
+    if threads is not None:
+        return threads
+    from zckpt.format._encode import default_threads  # here: a small blob needs no pool
+
+    return default_threads()
 
 
 def decode_fragment(
@@ -422,10 +457,10 @@ def iter_problems(data: bytes | bytearray | memoryview) -> Iterator[ZckptError]:
         for ci, c in enumerate(e.chunks)
     )
     biggest = max((c.raw_length for e in h.fragments for c in e.chunks), default=0)
-    scratch = _bytes(biggest, f"rank {h.rank}: the largest chunk")
+    scratch = _scratch(biggest, f"rank {h.rank}: the largest chunk")
     pos = h.index_size
     for off, n, fi, ci in [*frames, (h.size, 0, -1, -1)]:
-        if np.frombuffer(mv[pos:off], np.uint8).any():
+        if _NOT_ZERO.search(mv[pos:off]):
             yield FormatError(f"rank {h.rank}: non-zero padding in bytes [{pos}, {off})")
         if fi >= 0:
             try:

@@ -9,8 +9,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import msgpack
-import numpy as np
-import numpy.typing as npt
 
 from zckpt.errors import StateError
 from zckpt.format._checksum import xxh3
@@ -29,6 +27,8 @@ from zckpt.shard import Shard
 from zckpt.spec import Fragment
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
     import torch
 
 __all__ = ["EncodedShard", "default_threads", "encode_shard", "encode_shard_parts", "pool_map"]

@@ -31,13 +31,8 @@ from zckpt._lazy import attach
 if TYPE_CHECKING:
     from zckpt.interop._convert import ENGINE_KEYS, convert_deepspeed, deepspeed_training_state
     from zckpt.interop._deepspeed import GroupLayout, deepspeed_fp32_state_dict, group_layouts
-    from zckpt.interop._files import (
-        DeepSpeedCheckpoint,
-        ExpertFile,
-        deepspeed_tags,
-        find_deepspeed,
-        open_deepspeed,
-    )
+    from zckpt.interop._detect import deepspeed_tags, find_deepspeed
+    from zckpt.interop._files import DeepSpeedCheckpoint, ExpertFile, open_deepspeed
     from zckpt.interop._safetensors import (
         Exported,
         export_safetensors,
@@ -68,11 +63,13 @@ __getattr__, __dir__ = attach(
             "deepspeed_fp32_state_dict",
             "group_layouts",
         ),
+        "zckpt.interop._detect": (
+            "deepspeed_tags",
+            "find_deepspeed",
+        ),
         "zckpt.interop._files": (
             "DeepSpeedCheckpoint",
             "ExpertFile",
-            "deepspeed_tags",
-            "find_deepspeed",
             "open_deepspeed",
         ),
         "zckpt.interop._safetensors": (
@@ -135,6 +132,6 @@ def is_deepspeed_checkpoint(path: str | os.PathLike[str], tag: str | None = None
         >>> is_deepspeed_checkpoint(tempfile.mkdtemp())
         False
     """
-    from zckpt.interop._files import find_deepspeed
+    from zckpt.interop._detect import find_deepspeed
 
     return find_deepspeed(path, tag) is not None

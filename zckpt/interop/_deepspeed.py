@@ -43,6 +43,7 @@ from zckpt.interop._layout import (
     whole_pieces,
 )
 from zckpt.interop._layout import stage3_piece_size as piece_size
+from zckpt.interop._mapped import MIN_BYTES, mapped_tensor, mapping_enabled
 from zckpt.interop._moe import expert_pieces, is_expert_group, local_expert_counts
 from zckpt.interop._pages import PagedSource, file_mappings
 from zckpt.interop._stream import Segment, StreamedTensor
@@ -364,10 +365,18 @@ def deepspeed_fp32_state_dict(
     lazy_mode: bool = False,
     *,
     zero_to_fp32_compat: bool = False,
+    map_files: bool | None = None,
 ) -> dict[str, Any]:
     """DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``, without DeepSpeed or its pickles.
 
     ``zckpt.get_fp32_state_dict_from_zero_checkpoint`` calls this for DeepSpeed directories.
+
+    Eager outputs are copies in new memory. With ``map_files=True`` (or ``ZCKPT_MAP=1`` in the
+    environment), those of 1 MiB or more that are stored as they are (fp32 masters) are instead
+    copy-on-write mappings of the checkpoint's files (``zckpt/interop/_mapped.py``): ordinary
+    tensors, made without faulting fresh memory, but the files must then not be truncated or
+    rewritten in place while the tensors live (deleting them is safe), or the tensors would
+    change with them.
 
     Args:
         checkpoint_dir: a DeepSpeed save_dir (tag from ``tag`` or ``latest``) or tag directory.
@@ -376,6 +385,8 @@ def deepspeed_fp32_state_dict(
         lazy_mode: return :class:`zckpt.LazyTensor` values, read on ``.contiguous()``.
         zero_to_fp32_compat: exactly ``zero_to_fp32``'s output: frozen parameters in the
             training dtype, ZeRO-1's frozen parameters left out (see the module docstring).
+        map_files: map eager outputs from the files (see above); None: ``ZCKPT_MAP``'s
+            choice (default: copy).
 
     Raises:
         DeepSpeedFormatError: files missing or inconsistent (file, tensor and rank named).
@@ -400,6 +411,8 @@ def deepspeed_fp32_state_dict(
     try:
         index = index_sources(skel, sources)
         if not lazy_mode:
+            if mapping_enabled(map_files):
+                return _eager_mapped(ck.path, index, skel, entries)
             return dict(assemble_fp32(index, entries))
     except CoverageError as err:
         raise DeepSpeedFormatError(f"{ck.path}: {err}") from None
@@ -421,6 +434,27 @@ def deepspeed_fp32_state_dict(
             return _segments(ck.path, index, skel, Fragment(e.source, 0, n))
 
         out[e.name] = StreamedTensor(meta.shape, e.dtype, load, segments)
+    return out
+
+
+def _eager_mapped(
+    where: str, index: SourceIndex, skel: Skeleton, entries: Sequence[Fp32Entry]
+) -> dict[str, torch.Tensor]:
+    """The eager state dict, each large stored-as-is tensor mapped from the files when it can
+    be (``_mapped.py``), the others assembled into new memory; in ``entries``' order."""
+    out: dict[str, torch.Tensor] = {}
+    for e in entries:
+        if e.tied_to is not None:
+            out[e.name] = out[e.tied_to]
+            continue
+        meta = skel.tensors[e.source]
+        if meta.dtype == e.dtype and meta.nbytes >= MIN_BYTES:
+            segs = _segments(where, index, skel, Fragment(e.source, 0, meta.numel))
+            t = mapped_tensor(meta.shape, e.dtype, segs)
+            if t is not None:
+                out[e.name] = t
+                continue
+        out[e.name] = dict(assemble_fp32(index, [e]))[e.name]
     return out
 
 

@@ -29,9 +29,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
+from zckpt.interop._detect import deepspeed_tags, find_deepspeed
 from zckpt.interop._layout import parse_param_shapes
 from zckpt.interop._universal import (
-    LATEST_UNIVERSAL,
     OPTIMIZER_STATE,
     UniversalFiles,
     is_universal,
@@ -40,8 +40,6 @@ from zckpt.interop._universal import (
     universal_world_size,
 )
 from zckpt.interop._unpickle import DeepSpeedFormatError, get, load_pickle, require_regular
-from zckpt.store._layout import LATEST, check_tag, read_latest
-from zckpt.store._storage import LocalStorage
 
 __all__ = [
     "DeepSpeedCheckpoint",
@@ -58,75 +56,6 @@ _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt
 _MODEL3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _EXPERT = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-_SUFFIX = "model_states.pt"
-
-
-def _has_model_states(d: str) -> bool:
-    try:
-        return any(n.endswith(_SUFFIX) for n in os.listdir(d))
-    except OSError:
-        return False
-
-
-def find_deepspeed(path: str | os.PathLike[str], tag: str | None = None) -> tuple[str, str] | None:
-    """``(tag_dir, tag)`` when ``path`` is a DeepSpeed save_dir or tag directory, else None.
-
-    A DeepSpeed tag directory (regular or universal) holds ``*model_states.pt`` files; a
-    save_dir names one in ``latest``, else in ``latest_universal`` (or ``tag`` names it).
-
-    Example:
-        >>> import tempfile
-        >>> find_deepspeed(tempfile.mkdtemp()) is None
-        True
-    """
-    path = os.fspath(path)
-    if tag is not None:
-        d = os.path.join(path, check_tag(tag))
-        return (d, tag) if _has_model_states(d) else None
-    if _has_model_states(path):
-        return path, os.path.basename(os.path.normpath(path))
-    for pointer in (LATEST, LATEST_UNIVERSAL):  # the first one present decides
-        if not os.path.isfile(os.path.join(path, pointer)):
-            continue
-        latest = read_latest(LocalStorage(), path, pointer)
-        if latest is None:
-            return None
-        d = os.path.join(path, latest)
-        return (d, latest) if _has_model_states(d) else None
-    return None
-
-
-def _natural(name: str) -> list[Any]:
-    return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"(\d+)", name)]
-
-
-def deepspeed_tags(save_dir: str | os.PathLike[str]) -> list[str]:
-    """The DeepSpeed tag directories (regular and universal) in ``save_dir``, in natural order
-    (``global_step9`` before ``global_step10``): DeepSpeed records no commit order.
-
-    Example:
-        >>> import tempfile, torch
-        >>> from zckpt.interop._synthetic import write_zero_checkpoint
-        >>> d = tempfile.mkdtemp()
-        >>> for t in ("step10", "step9"):
-        ...     write_zero_checkpoint(d, {"w": torch.ones(2)}, world_size=1, stage=1, tag=t)
-        >>> deepspeed_tags(d)
-        ['step9', 'step10']
-    """
-    root = os.fspath(save_dir)
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return []
-    found = [
-        n
-        for n in names
-        if not n.startswith(".")
-        and os.path.isdir(os.path.join(root, n))
-        and not os.path.islink(os.path.join(root, n))
-        and _has_model_states(os.path.join(root, n))
-    ]
-    return sorted(found, key=_natural)
 
 
 @dataclass(frozen=True)

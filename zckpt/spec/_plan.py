@@ -14,18 +14,22 @@ import heapq
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
-import numpy as np
-
+from zckpt._lazy import lazy_module
 from zckpt.errors import SpecError
 from zckpt.format._dtypes import ITEMSIZE_OF_NAME, dtype_name, torch_dtype
+from zckpt.format._tree_index import ColumnSkeleton
 from zckpt.spec._spec import ZeroSpec
 from zckpt.tree import Path, Skeleton, TensorMeta, _gc_paused, skeleton_of
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+else:
+    np = lazy_module("numpy")  # planning a v1 manifest's checkpoint needs none
 
 __all__ = [
     "FlatGroup",
@@ -227,6 +231,7 @@ class Placements(Sequence[Placement]):
     ) -> None:
         self._arrays = (kinds, groups, owners, experts)
         self._lists: tuple[list[int], list[int], list[int], list[int]] | None = None
+        self._reads = 0  # leaves read one at a time from the arrays, before the lists are made
 
     def _cols(self) -> tuple[list[int], list[int], list[int], list[int]]:
         if self._lists is None:
@@ -244,6 +249,11 @@ class Placements(Sequence[Placement]):
     def __getitem__(self, i: slice) -> tuple[Placement, ...]: ...
 
     def __getitem__(self, i: int | slice) -> Any:
+        if self._lists is None and type(i) is int and self._reads < len(self) >> 4:
+            # A few leaves (a loading rank's sources): no list of every leaf's fields.
+            self._reads += 1
+            ka, ga, oa, ea = self._arrays
+            return Placement(_KINDS[ka[i]], int(ga[i]), int(oa[i]), int(ea[i]))
         k, g, o, e = self._cols()
         if isinstance(i, slice):
             return tuple(map(Placement, map(_KINDS.__getitem__, k[i]), g[i], o[i], e[i]))
@@ -272,9 +282,9 @@ class _Layout:
     """What a plan derives once, in O(tensors + ranks) array operations, to answer per-rank
     questions in time proportional to the rank's own fragments."""
 
-    kinds: list[int]  # every leaf's placement kind code
-    owners: list[int]  # every leaf's owner (-1: not written whole)
-    offsets: list[int]  # a flat leaf's offset in its group (-1 for other leaves)
+    kind_codes: np.ndarray  # every leaf's placement kind code (int8)
+    owner_ids: np.ndarray  # every leaf's owner (-1: not written whole)
+    flat_offsets: np.ndarray  # a flat leaf's offset in its group (-1 for other leaves)
     owned_ranks: np.ndarray  # the owners of the leaves written whole, sorted (int64)
     owned_leaves: np.ndarray  # those leaves, in the same order (by owner, then leaf)
     tensor_leaves: np.ndarray  # stage 3 partitioned leaves (int64)
@@ -284,6 +294,23 @@ class _Layout:
     replicated: tuple[int, ...]  # every replicated leaf, in leaf order
     expert_leaves: dict[int, tuple[int, ...]]  # expert id -> its leaves, in leaf order
     numels: list[int]  # every leaf's element count
+
+    # The per-leaf columns as lists, for lookups one leaf at a time (made when first used: a
+    # loading rank's new plan never asks for most of them).
+    @cached_property
+    def kinds(self) -> list[int]:
+        out: list[int] = self.kind_codes.tolist()
+        return out
+
+    @cached_property
+    def owners(self) -> list[int]:
+        out: list[int] = self.owner_ids.tolist()
+        return out
+
+    @cached_property
+    def offsets(self) -> list[int]:
+        out: list[int] = self.flat_offsets.tolist()
+        return out
 
     def owned(self, rank: int) -> list[int]:
         """The leaves ``rank`` writes whole, in leaf order (O(log leaves + its own))."""
@@ -411,11 +438,7 @@ class ShardPlan:
             numel = info.numel[leaves]
             whole = info.scalar[leaves]
             if self.spec.stage < 3:
-                paths, module = self.skeleton.paths, self.spec.module
-                whole |= np.array(
-                    [bool(paths[i]) and str(paths[i][0]) == module for i in leaves.tolist()],
-                    dtype=bool,
-                )
+                whole |= _is_module(self.skeleton, leaves, self.spec.module)
             per = -(-numel // (self.world_size // ep))
             a = np.where(whole, 0, (rank // ep) * per)
             b = np.where(whole, numel, np.minimum(numel, a + per))
@@ -527,6 +550,9 @@ class _Leaves(NamedTuple):
 def _leaves(skel: Skeleton) -> _Leaves:
     cache = _cache(skel)
     info: _Leaves | None = cache.get("leaves")
+    if info is None and isinstance(skel, ColumnSkeleton):  # sizes straight from the columns
+        s = skel.sizes
+        info = cache["leaves"] = _Leaves(s.numel.tolist(), s.numel, s.itemsize, s.scalar)
     if info is None:
         tensors = skel.tensors
         n = len(tensors)
@@ -552,8 +578,33 @@ def _expert_ids(skel: Skeleton, spec: ZeroSpec) -> np.ndarray:
     key = ("experts", spec.experts)
     ids: np.ndarray | None = cache.get(key)
     if ids is None:
-        ids = cache[key] = spec._expert_ids(skel.paths)
+        if isinstance(skel, ColumnSkeleton) and not skel.built:
+            ids = cache[key] = spec._expert_ids_tree(skel.index)
+        else:
+            ids = cache[key] = spec._expert_ids(skel.paths)
     return ids
+
+
+def _paths_of(skel: Skeleton, leaves: list[int]) -> list[Path]:
+    """The paths of some leaves: a columnar skeleton walks a few up its tree rather than build
+    every path (the leaves a plan needs paths for are the few outside the experts, as a rule)."""
+    if isinstance(skel, ColumnSkeleton) and not skel.built and 4 * len(leaves) < len(skel):
+        return [skel.index.path(i) for i in leaves]
+    paths = skel.paths
+    return [paths[i] for i in leaves]
+
+
+def _is_module(skel: Skeleton, leaves: np.ndarray, module: str) -> np.ndarray:
+    """Whether each leaf's path starts with the key ``module`` (``spec.is_module_path``)."""
+    if isinstance(skel, ColumnSkeleton) and not skel.built:
+        tree = skel.index
+        tops = tree.top_nodes()[leaves]
+        firsts, which = np.unique(tops, return_inverse=True)
+        ok = [t >= 0 and str(tree.component(t)) == module for t in firsts.tolist()]
+        out: np.ndarray = np.array(ok, dtype=bool)[which.reshape(-1)]
+        return out
+    paths = skel.paths
+    return np.array([bool(paths[i]) and str(paths[i][0]) == module for i in leaves.tolist()], bool)
 
 
 def _derive(
@@ -591,9 +642,9 @@ def _layout(
         e: tuple(exp[bounds[i] : bounds[i + 1]].tolist()) for i, e in enumerate(ids.tolist())
     }
     return _Layout(
-        kinds.tolist(),
-        owners.tolist(),
-        offsets.tolist(),
+        kinds,
+        owners,
+        offsets,
         owners[by_owner],
         by_owner,
         tensor_leaves,
@@ -650,7 +701,7 @@ def plan_shards(state: Any, spec: ZeroSpec) -> ShardPlan:
 
 def _plan(skel: Skeleton, spec: ZeroSpec) -> ShardPlan:
     ws = spec.world_size
-    paths, tensors = skel.paths, skel.tensors
+    tensors = skel.tensors
     n = len(tensors)
     info = _leaves(skel)
     numel, items = info.numel, info.items
@@ -662,8 +713,9 @@ def _plan(skel: Skeleton, spec: ZeroSpec) -> ShardPlan:
     expert = (eids >= 0) & ~empty
     rep = ~empty & ~expert & info.scalar
     if spec.replicate:
-        for i in np.flatnonzero(~empty & ~expert & ~rep).tolist():
-            if spec.is_replicated_path(paths[i]):
+        maybe = np.flatnonzero(~empty & ~expert & ~rep).tolist()
+        for i, path in zip(maybe, _paths_of(skel, maybe)):
+            if spec.is_replicated_path(path):
                 rep[i] = True
     rest = np.flatnonzero(~empty & ~expert & ~rep)
     kinds = np.full(n, _EMPTY, dtype=np.int8)
@@ -674,19 +726,14 @@ def _plan(skel: Skeleton, spec: ZeroSpec) -> ShardPlan:
     if spec.stage == 3:
         kinds[rest] = _TENSOR
     else:
-        module = spec.module
-        flat: list[int] = []
-        for i in rest.tolist():
-            p = paths[i]
-            if p and str(p[0]) == module:
-                kinds[i] = _REPLICATED
-            else:
-                flat.append(i)
+        in_module = _is_module(skel, rest, spec.module)
+        kinds[rest[in_module]] = _REPLICATED
+        flat: list[int] = rest[~in_module].tolist()
         kinds[flat] = _FLAT
         params = _param_index(spec)
         members: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
-        for leaf in flat:
-            key, order = _group_key(paths[leaf], tensors[leaf], params)
+        for leaf, path in zip(flat, _paths_of(skel, flat)):
+            key, order = _group_key(path, tensors[leaf], params)
             members.setdefault(key, []).append((order, leaf))
         numels = info.numels
         for gid, (key, group) in enumerate(members.items()):

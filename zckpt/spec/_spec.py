@@ -6,13 +6,19 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from zckpt._lazy import lazy_module
 from zckpt.errors import SpecError
 from zckpt.spec._patterns import MAX_EXPERT_ID, MAX_KEY_CHARS, compile_expert_patterns
 from zckpt.tree import Path, short_repr
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from zckpt.format._tree_index import TreeIndex
+else:
+    np = lazy_module("numpy")  # only expert specs use it
 
 __all__ = ["MAX_ALIGNMENT", "MAX_WORLD_SIZE", "ZeroSpec"]
 
@@ -255,22 +261,8 @@ class ZeroSpec:
             return np.full(n, -1, dtype=np.int64)
         uniq = list(dict.fromkeys(chain.from_iterable(paths)))
         uid = {k: i for i, k in enumerate(uniq)}
+        text, klen, kpat, gids = self._match_keys(uniq)
         npat = len(patterns)
-        strs = [i for i, k in enumerate(uniq) if isinstance(k, str)]
-        text: list[str] = [k if isinstance(k, str) else "" for k in uniq]
-        klen = np.zeros(len(uniq), dtype=np.int64)
-        klen[strs] = [len(text[i]) for i in strs]
-        kpat = np.full(len(uniq), npat, dtype=np.int64)  # first pattern matching the key
-        gids: dict[int, str | None] = {}
-        todo = strs  # keys no earlier pattern matched
-        for j, rx in enumerate(patterns):
-            found = list(map(rx.search, [text[i] for i in todo]))
-            hits = [i for i, m in zip(todo, found) if m is not None]
-            for i, m in zip(todo, found):
-                if m is not None:
-                    gids[i] = m.group(1)
-            kpat[hits] = j
-            todo = [i for i, m in zip(todo, found) if m is None]
         lens = np.fromiter(map(len, paths), dtype=np.int64, count=n)
         total = int(lens.sum())
         flat = np.fromiter(map(uid.__getitem__, chain.from_iterable(paths)), np.int64, total)
@@ -286,23 +278,97 @@ class ZeroSpec:
             best = np.minimum.reduceat(code, starts[nz])
             hit = best // max(1, total) < npat
             rows, pos = nz[hit], best[hit] % max(1, total)
-            keys, which = np.unique(flat[pos], return_inverse=True)
-            ids = np.empty(len(keys), dtype=np.int64)
-            for j, u in enumerate(keys.tolist()):
-                try:
-                    ids[j] = _expert_id(patterns[int(kpat[u])], text[u], gids[u])
-                except SpecError:
-                    ids[j] = -2  # not an id: an error if this path comes first
-            out[rows] = ids[which.reshape(-1)]
-            bad = np.flatnonzero(out == -2)
-            if len(bad):
-                first = int(bad[0])
-                if len(too_long) and too_long[0] < first:
-                    first = int(too_long[0])
-                self.expert_of(paths[first])  # raises the error naming the path
-        if len(too_long):
-            self.expert_of(paths[int(too_long[0])])  # raises the error naming the path
+            out[rows] = self._ids_of_keys(flat[pos], text, kpat, gids)
+        first = self._first_error(out, too_long)
+        if first is not None:
+            self.expert_of(paths[first])  # raises the error naming the path
         return out
+
+    def _expert_ids_tree(self, tree: TreeIndex) -> np.ndarray:
+        """:meth:`_expert_ids` of a columnar skeleton's leaf paths, from its tree's arrays.
+
+        Each distinct key is matched once, then the deciding (pattern, depth) and its key are
+        carried down the tree a level at a time; the answer and the error are those of
+        :meth:`_expert_ids` on the skeleton's ``paths`` (the paths are never built).
+        """
+        patterns: tuple[re.Pattern[str], ...] = self.__dict__["_expert_rx"]
+        n = len(tree.leaf_node)
+        if not patterns or not n:
+            return np.full(n, -1, dtype=np.int64)
+        text, klen, kpat, gids = self._match_keys(tree.keys)
+        npat, width = len(patterns), tree.max_depth + 1
+        key = np.where(tree.key >= 0, tree.key, len(text))  # past the keys: none (no match)
+        best = np.append(kpat, npat)[key] * width + tree.depth  # (pattern, position)
+        chars = np.append(klen, 0)[key]
+        decider = tree.key.copy()  # the key of each node's best match so far
+        for idx in tree.levels():
+            up = tree.parent[idx]
+            keep = best[up] < best[idx]
+            best[idx] = np.where(keep, best[up], best[idx])
+            decider[idx] = np.where(keep, decider[up], decider[idx])
+            chars[idx] += chars[up]
+        leaf = tree.leaf_node
+        too_long = np.flatnonzero(chars[leaf] > MAX_KEY_CHARS)
+        out = np.full(n, -1, dtype=np.int64)
+        rows = np.flatnonzero(best[leaf] // width < npat)
+        if len(rows):
+            out[rows] = self._ids_of_keys(decider[leaf[rows]], text, kpat, gids)
+        first = self._first_error(out, too_long)
+        if first is not None:
+            self.expert_of(tree.path(first))  # raises the error naming the path
+        return out
+
+    def _match_keys(
+        self, keys: Sequence[Any]
+    ) -> tuple[list[str], np.ndarray, np.ndarray, dict[int, str | None]]:
+        """For distinct path keys: their text ("" for int keys), str lengths, the first
+        pattern matching each (``len(patterns)`` for none) and that match's group 1."""
+        patterns: tuple[re.Pattern[str], ...] = self.__dict__["_expert_rx"]
+        strs = [i for i, k in enumerate(keys) if isinstance(k, str)]
+        text: list[str] = [k if isinstance(k, str) else "" for k in keys]
+        klen = np.zeros(len(keys), dtype=np.int64)
+        klen[strs] = [len(text[i]) for i in strs]
+        kpat = np.full(len(keys), len(patterns), dtype=np.int64)
+        gids: dict[int, str | None] = {}
+        todo = strs  # keys no earlier pattern matched
+        for j, rx in enumerate(patterns):
+            found = list(map(rx.search, [text[i] for i in todo]))
+            hits = [i for i, m in zip(todo, found) if m is not None]
+            for i, m in zip(todo, found):
+                if m is not None:
+                    gids[i] = m.group(1)
+            kpat[hits] = j
+            todo = [i for i, m in zip(todo, found) if m is None]
+        return text, klen, kpat, gids
+
+    def _ids_of_keys(
+        self, deciding: np.ndarray, text: list[str], kpat: np.ndarray, gids: dict[int, str | None]
+    ) -> np.ndarray:
+        """The expert id each deciding key gives (each distinct key parsed once); -2 where its
+        match is not an id (an error if that path comes first)."""
+        patterns: tuple[re.Pattern[str], ...] = self.__dict__["_expert_rx"]
+        keys, which = np.unique(deciding, return_inverse=True)
+        ids = np.empty(len(keys), dtype=np.int64)
+        parsed: dict[str | None, int] = {}  # whether a group 1 is an id depends on it alone
+        for j, u in enumerate(keys.tolist()):
+            gid = gids[u]
+            e = parsed.get(gid)
+            if e is None:
+                try:
+                    e = _expert_id(patterns[int(kpat[u])], text[u], gid)
+                except SpecError:
+                    e = -2
+                parsed[gid] = e
+            ids[j] = e
+        out: np.ndarray = ids[which.reshape(-1)]
+        return out
+
+    @staticmethod
+    def _first_error(ids: np.ndarray, too_long: np.ndarray) -> int | None:
+        """The first path, in order, that is too long or whose deciding match is no id."""
+        bad = np.flatnonzero(ids == -2)
+        firsts = [int(a[0]) for a in (bad, too_long) if len(a)]
+        return min(firsts) if firsts else None
 
     def is_module_path(self, path: Path) -> bool:
         """Whether ``path`` lies under the module subtree.

@@ -28,12 +28,12 @@ import re
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import msgpack
-import numpy as np
 import xxhash
 
+from zckpt._lazy import lazy_module
 from zckpt.errors import FormatError, SpecError, VersionError
 from zckpt.format import PREAMBLE_SIZE, skeleton_from_wire, skeleton_to_wire
 from zckpt.format._codecs import MAX_EXPANSION
@@ -43,6 +43,11 @@ from zckpt.format._skeleton import U64, expect_int, expect_list, expect_map, fie
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
 from zckpt.store._layout import blob_name, client_name, expert_name
 from zckpt.tree import Skeleton, _gc_paused
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # version 2 manifests only: reading a v1 one needs none
 
 __all__ = [
     "DerivedFragments",

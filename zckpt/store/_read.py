@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import xxhash
 
 from zckpt.errors import FormatError, TruncatedError, ZckptError
-from zckpt.format import PREAMBLE_SIZE, BlobHeader, decode_fragment, decode_header, read_header_size
+from zckpt.format import PREAMBLE_SIZE, BlobHeader, decode_header, read_header_size
 from zckpt.format._header import as_bytes_view, parse_preamble
 from zckpt.spec import Fragment
 from zckpt.spec._plan import EXPERT
@@ -343,6 +343,9 @@ class FileSource:
         ]
         storage = self.checkpoint.storage
         held = _held_file(storage, path) if chunks else None
+        # Imported here: reading headers (zckpt inspect) needs none of the decoder.
+        from zckpt.format import decode_fragment
+
         try:
             if held is not None:
                 read_into, piece = partial(_read_some, held), READ_PIECE
@@ -465,25 +468,28 @@ def open_checkpoint(
         >>> zckpt.open_checkpoint(f"{d}/a").tag
         'a'
     """
-    from zckpt.store._explain import explain
-
     storage, path = storage_for(path, storage, storage_options)
     found = resolve(storage, path, tag)
     if found is None:
-        raise CheckpointNotFoundError(errno.ENOENT, explain(path, tag, storage=storage).message)
+        raise _not_found(path, tag, storage)
     tag_dir, _ = found
     try:
         manifest = read_manifest(storage, tag_dir)
     except CheckpointNotFoundError:
-        raise CheckpointNotFoundError(
-            errno.ENOENT, explain(path, tag, storage=storage).message
-        ) from None
+        raise _not_found(path, tag, storage) from None
     except StorageError as e:
         raise CheckpointNotFoundError(errno.ENOENT, e.strerror or str(e)) from None
     _check_tag_link(storage, path, tag_dir)
     ck = Checkpoint(tag_dir, manifest, storage)
     ck.check_skeleton()
     return ck
+
+
+def _not_found(path: str, tag: str | None, storage: Storage) -> CheckpointNotFoundError:
+    """What is missing at ``path``, as :func:`~zckpt.store._explain.explain` says it."""
+    from zckpt.store._explain import explain  # here: opening a checkpoint that is there needs none
+
+    return CheckpointNotFoundError(errno.ENOENT, explain(path, tag, storage=storage).message)
 
 
 def _check_tag_link(storage: Storage, save_dir: str, tag_dir: str) -> None:

@@ -2,9 +2,9 @@
 
 s3fs's file objects buffer every write in Python and upload blocks one after another; its
 ``pipe`` needs the whole object as one ``bytes``. A blob here goes up straight from the buffers
-it is made of (tensor memory, or compressed frames): a single PUT when it is small, else a
-multipart upload whose parts (``part_size`` bytes, ``max_concurrency`` in flight) are
-file-like views of those buffers, so nothing is copied into one big object and memory stays
+it is made of (tensor memory, or compressed frames): a single PUT under ``multipart_threshold``
+bytes, else a multipart upload whose parts (``part_size`` bytes, ``max_concurrency`` in flight)
+are file-like views of those buffers, so nothing is copied into one big object and memory stays
 bounded by the parts in flight. Every upload is counted only once the server has confirmed it:
 each part's ETag (and a single PUT's) is the MD5 of the bytes sent, checked; the completed
 object's ETag is the MD5 of the parts' MD5s, checked; its size is read back with a HEAD. A
@@ -88,9 +88,19 @@ def _server_age(r: dict[str, Any]) -> float | None:
 class S3Backend:
     """Object operations on an ``s3fs.S3FileSystem``'s client (paths are ``bucket/key``)."""
 
-    def __init__(self, fs: Any, part_size: int, max_concurrency: int, retry: Retry) -> None:
+    def __init__(
+        self,
+        fs: Any,
+        part_size: int,
+        max_concurrency: int,
+        retry: Retry,
+        multipart_threshold: int | None = None,
+    ) -> None:
         self.fs, self.retry = fs, retry
         self.part_size = max(_MIN_PART, part_size)
+        self.multipart_threshold = (
+            2 * self.part_size if multipart_threshold is None else multipart_threshold
+        )
         self.max_concurrency = max(1, max_concurrency)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -295,7 +305,7 @@ class S3Backend:
             views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
             hasher = xxhash.xxh3_64()
             size = sum(v.nbytes for v in views)
-            if size < 2 * self.part_size:
+            if size < self.multipart_threshold:
                 etag = self._put_hashing(path, views, hasher)
             else:
                 parts = iter(windows(views, self._part_for(size), max_buffers=sys.maxsize))

@@ -9,13 +9,10 @@ faults (ENOSPC, EIO) to check that nothing already on disk is lost.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
+import functools
 import os
-import secrets
-import shutil
-import socket
 import stat
 import threading
 import time
@@ -201,6 +198,8 @@ class _FileLock:
 
 def lock_owner_text() -> str:
     """Who this process is, for a lock file: host, pid and when it took the lock."""
+    import socket  # here: reading a checkpoint takes no lock
+
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return f"pid {os.getpid()} on {socket.gethostname()} since {stamp}"
 
@@ -218,6 +217,7 @@ def _views(buffers: Iterable[memoryview | bytes]) -> list[memoryview]:
     return [b for b in views if b.nbytes]
 
 
+@functools.cache
 def _sync_file_range() -> Callable[[int, int, int], None]:
     """``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)`` where the C library has it.
 
@@ -226,6 +226,8 @@ def _sync_file_range() -> Callable[[int, int, int], None]:
     little. It is a hint: its errors are ignored, since the ``fsync`` reports any real one.
     Elsewhere (not Linux) a no-op, and the ``fsync`` does all the work as before.
     """
+    import ctypes  # here, on the first write: no work at import
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.sync_file_range
@@ -241,7 +243,12 @@ def _sync_file_range() -> Callable[[int, int, int], None]:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-_start_writeback = _sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, n: int) -> None:
+    """Start the disk write of ``n`` bytes of ``fd`` from ``offset`` (:func:`_sync_file_range`,
+    looked up in the C library on the first call)."""
+    _sync_file_range()(fd, offset, n)
 
 
 def windows(
@@ -511,7 +518,7 @@ class LocalStorage:
         from zckpt.format import BlobStream  # here: reading files needs no encoder
 
         d, name = os.path.split(path)
-        tmp = os.path.join(d, f".{name}.tmp.{secrets.token_hex(4)}")
+        tmp = os.path.join(d, f".{name}.tmp.{os.urandom(4).hex()}")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -690,6 +697,8 @@ class LocalStorage:
 
     def rmtree(self, path: str) -> None:
         """Remove a directory tree; missing is fine."""
+        import shutil  # here: it imports the compression modules, which reading needs not
+
         shutil.rmtree(path, ignore_errors=True)
         if os.path.exists(os.path.dirname(path) or "."):
             _fsync_dir(os.path.dirname(path) or ".")
