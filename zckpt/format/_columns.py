@@ -16,6 +16,7 @@ leaf index, dtype code and dimension is checked before anything is built, with t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from itertools import chain
 from typing import TYPE_CHECKING, Any
@@ -409,17 +410,14 @@ def skeleton_from_columns(obj: Any, where: str = "skeleton") -> Skeleton:
             )
     n_leaves = int(leaves.max()) + 1 if len(leaves) else 0
     metas = _metas(m, n_leaves, where)
+    build = functools.partial(build_tree, tags, counts, keys, key_ids, values, leaves, metas, where)
     index = tree_index(tags, counts, keys, key_ids, leaves)
     if index is None:  # a malformed tree: the node-by-node build names the place
         with _gc_paused():
-            return build_tree(tags, counts, keys, key_ids, values, leaves, metas, where)
+            return build()
     sizes = LeafSizes(
         _array(m, "dtypes", "u1", where),
         _array(m, "ndims", "u1", where),
         _array(m, "dims", "<u8", where),
     )
-
-    def build() -> Skeleton:
-        return build_tree(tags, counts, keys, key_ids, values, leaves, metas, where)
-
     return ColumnSkeleton(metas, index, sizes, build)

@@ -110,6 +110,10 @@ def _kind_of_global(obj: Any) -> str:
     return "g:value"
 
 
+# Opcodes pushing a plain value of a fixed width (argument bytes after the opcode): NONE,
+# NEWTRUE, NEWFALSE, EMPTY_TUPLE, EMPTY_SET; BININT1, BININT2, BININT, BINFLOAT.
+_SCALARS = {0x4E: 0, 0x88: 0, 0x89: 0, 0x29: 0, 0x8F: 0, 0x4B: 1, 0x4D: 2, 0x4A: 4, 0x47: 8}
+
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
 _H16 = struct.Struct("<H")
@@ -222,26 +226,13 @@ def _scan(data: bytes, g: Mapping[str, Any]) -> bool:
             if len(stack) < 3:
                 return False
             stack[-3:] = ["other"]
-        elif op in (0x4E, 0x88, 0x89, 0x29):  # NONE NEWTRUE NEWFALSE EMPTY_TUPLE
+        elif op in _SCALARS:  # a value of a fixed width: nothing to follow
+            pos += _SCALARS[op]
             stack.append("other")
         elif op == 0x5D:  # EMPTY_LIST
             stack.append("list")
         elif op == 0x7D:  # EMPTY_DICT
             stack.append("dict")
-        elif op == 0x8F:  # EMPTY_SET
-            stack.append("other")
-        elif op == 0x4A:  # BININT
-            pos += 4
-            stack.append("other")
-        elif op == 0x4B:  # BININT1
-            pos += 1
-            stack.append("other")
-        elif op == 0x4D:  # BININT2
-            pos += 2
-            stack.append("other")
-        elif op == 0x47:  # BINFLOAT
-            pos += 8
-            stack.append("other")
         elif op == 0x58:  # BINUNICODE
             (n,) = _U32.unpack_from(data, pos)
             pos += 4 + n
