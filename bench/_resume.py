@@ -249,7 +249,9 @@ def run(
 ) -> Any:
     """Every peer in ``ws`` fresh processes (one gloo rank each when ``ws > 1``), checkpoints
     under the directory ``path``: each rank's result."""
+    # LOCAL_WORLD_SIZE as torchrun sets it: zckpt's readers share the cores among the ranks.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["LOCAL_WORLD_SIZE"] = str(ws)
     os.makedirs(path, exist_ok=True)
     args = ["--peers", ",".join(peers), "--path", path, "--gib", repr(gib), "--reps", str(reps)]
     args += ["--world-size", str(ws)]

@@ -759,3 +759,35 @@ def test_header_only_reads() -> None:
     with pytest.raises(TruncatedError):
         read_header_size(blob[:PREAMBLE_SIZE], blob_size=n - 1)
     assert issubclass(TruncatedError, ZckptError)
+
+
+def test_decoding_threads_are_shared_among_the_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With LOCAL_WORLD_SIZE processes on the machine, each decodes with its share of the
+    cores: as many ranks as cores read in the calling thread, no pool."""
+    import zckpt.format._decode as decode_mod
+    import zckpt.format._encode as encode_mod
+
+    monkeypatch.setattr(encode_mod, "default_threads", lambda: 4)
+    for local, want in (("", 4), ("1", 4), ("2", 2), ("3", 1), ("8", 1), ("0", 4), ("x", 4)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert decode_mod.decode_threads() == want, local
+    blob = encode_shard(
+        shard_of({"w": torch.arange(1 << 19, dtype=torch.float32)}), chunk_bytes=1 << 16
+    )
+    h = decode_header(blob)
+    seen: set[str] = set()
+
+    class Where(ReaderInto):
+        def read_into(self, offset: int, out: memoryview) -> int:
+            seen.add(threading.current_thread().name)
+            return super().read_into(offset, out)
+
+    r = Where(blob)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert decode_fragment(h, 0, r, read_into=r.read_into).equal(
+        torch.arange(1 << 19, dtype=torch.float32)
+    )
+    assert seen == {threading.current_thread().name}
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    decode_fragment(h, 0, r, read_into=r.read_into)
+    assert any(n.startswith("zckpt-codec") for n in seen)

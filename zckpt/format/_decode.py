@@ -210,9 +210,33 @@ def _threads_for(nbytes: int, nchunks: int, threads: int | None) -> int:
         return 1
     if threads is not None:
         return threads
+    return decode_threads()
+
+
+def decode_threads() -> int:
+    """Decoding threads per process when ``threads`` is None: the usable cores (at most 8)
+    shared among the job's processes on this machine, ``LOCAL_WORLD_SIZE`` of them (torchrun
+    and DeepSpeed's launcher set it; 1 when unset or not a positive int), at least 1.
+
+    Two ranks on two cores each running two readers would oversubscribe the cores: each
+    rank's thread hand-offs then wait for a core (``docs/benchmarks.md``, issue 14 part 1).
+
+    Example:
+        >>> import os
+        >>> os.environ.pop("LOCAL_WORLD_SIZE", None) and None
+        >>> from zckpt.format._encode import default_threads
+        >>> decode_threads() == default_threads()
+        True
+        >>> os.environ["LOCAL_WORLD_SIZE"] = "64"
+        >>> decode_threads()
+        1
+        >>> del os.environ["LOCAL_WORLD_SIZE"]
+    """
     from zckpt.format._encode import default_threads  # here: a small blob needs no pool
 
-    return default_threads()
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    share = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, default_threads() // share)
 
 
 def decode_fragment(
@@ -240,7 +264,8 @@ def decode_fragment(
         stop: end element, relative to the fragment (default the fragment's length).
         out: a 1-D tensor of the fragment's dtype with ``stop - start`` elements to decode into
             (raw chunks are copied straight into it); a new CPU tensor when None.
-        threads: decompression threads (None: the usable cores, at most 8).
+        threads: decompression threads (None: :func:`decode_threads`, the usable cores, at
+            most 8, divided among the ``LOCAL_WORLD_SIZE`` processes of the job on this machine).
         read_into: ``read_into(offset, buffer)`` fills ``buffer`` with the blob's bytes at
             ``offset`` and returns how many it read (a file's ``os.preadv``). When given, raw
             chunks that lie wholly inside ``[start, stop)`` are read straight into ``out`` (no
@@ -365,7 +390,7 @@ def decode_shard(
 
     Args:
         data: the blob (any contiguous buffer: bytes, bytearray, memoryview, mmap).
-        threads: decompression threads (None: the usable cores, at most 8).
+        threads: decompression threads (None: :func:`decode_threads`).
         skeleton: needed for a version 2 blob (written by saves into large checkpoints), whose
             skeleton is in its checkpoint's manifest:
             ``zckpt.open_checkpoint(path).manifest.skeleton``, checked against the blob's
