@@ -7,9 +7,7 @@ import itertools
 import logging
 import os
 import threading
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,6 @@ from zckpt.assemble import index_sources
 from zckpt.format import decode_header, iter_problems
 from zckpt.format._codecs import RAW
 from zckpt.store import _storage
-from zckpt.store._storage import LocalStorage, OpenFile
 from zckpt.testing import assert_states_equal, tensors_bitwise_equal
 
 
@@ -600,81 +597,3 @@ def test_local_reads_in_pieces_check_every_byte(
         f.write(raw)
     with pytest.raises(zckpt.ChecksumError, match=f"offset {c.offset}"):
         zckpt.load_checkpoint(tmp_path, into={k: torch.zeros_like(v) for k, v in state.items()})
-
-
-def test_a_load_opens_each_local_blob_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``load_checkpoint`` opens each rank file once for all the fragments it reads from it (so
-    the kernel's read-ahead runs on across fragments), and closes it before returning; a
-    fragment read outside a load opens and closes the file itself."""
-    opened: list[str] = []
-    closed: list[str] = []
-    real_open, real_close = LocalStorage.open_reads, OpenFile.close
-
-    def open_reads(self: LocalStorage, path: str) -> OpenFile:
-        opened.append(os.path.basename(path))
-        return real_open(self, path)
-
-    def close(self: OpenFile) -> None:
-        if self._fd >= 0:
-            closed.append(os.path.basename(self.path))
-        real_close(self)
-
-    monkeypatch.setattr(LocalStorage, "open_reads", open_reads)
-    monkeypatch.setattr(OpenFile, "close", close)
-    state = {f"w{i}": torch.arange(256.0) + i for i in range(6)}
-    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(2, 2), tag="t")
-    into = {k: torch.zeros_like(v) for k, v in state.items()}
-    zckpt.load_checkpoint(tmp_path, into=into)
-    assert_states_equal(into, state)
-    files = [r.name for r in zckpt.open_checkpoint(tmp_path).manifest.files]
-    assert sorted(opened) == sorted(files) and sorted(closed) == sorted(files)
-    opened.clear()
-    closed.clear()
-    src = zckpt.open_checkpoint(tmp_path).sources()
-    for s in src:
-        s.read(0, s.fragment.numel)
-    assert len(opened) == len(src) == len(closed) > len(files)
-
-
-def test_disk_reads_take_turns_on_a_descriptor_of_their_own(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Reads that must wait for the disk (here: every read, RWF_NOWAIT off) run one at a time
-    through one extra descriptor, whatever the number of threads asking; the bytes are right
-    and both descriptors are closed."""
-    import zckpt.store._storage as storage_mod
-
-    monkeypatch.setattr(storage_mod, "_NOWAIT", 0)
-    data = bytes(range(256)) * 64
-    p = str(tmp_path / "f")
-    LocalStorage().write_atomic(p, [data])
-    inside, most, fds = [0], [0], set()
-    lock = threading.Lock()
-    real = storage_mod._pread_fully
-
-    def pread_fully(fd: int, path: str, offset: int, view: memoryview) -> int:
-        with lock:
-            inside[0] += 1
-            most[0] = max(most[0], inside[0])
-            fds.add(fd)
-        time.sleep(0.002)  # widen the window in which a second reader could enter
-        try:
-            return real(fd, path, offset, view)
-        finally:
-            with lock:
-                inside[0] -= 1
-
-    monkeypatch.setattr(storage_mod, "_pread_fully", pread_fully)
-    f = LocalStorage().open_reads(p)
-    bufs = [bytearray(512) for _ in range(16)]
-
-    def read(i: int) -> int:
-        return f.read_some(i * 512, memoryview(bufs[i]), 64)
-
-    with ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(read, range(16))) == [512] * 16
-    assert b"".join(bufs) == data[: 16 * 512]
-    assert most[0] == 1 and len(fds) == 1 and f._fd not in fds
-    f.close()
-    f.close()
-    assert f._fd == f._disk_fd == -1

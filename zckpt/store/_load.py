@@ -414,8 +414,7 @@ def _load(
     ]
     index = ck.source_index()
     try:
-        with ck.reading():  # each blob opened once for the load (read-ahead across fragments)
-            parts = assemble(index, held, out=outs)
+        parts = assemble(index, held, out=outs)
     except CoverageError as e:
         raise CoverageError(f"{ck.path}: {e}") from None
     for i, view in copy_into:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -103,8 +102,6 @@ class Checkpoint:
     _headers: dict[str, BlobHeader] = field(default_factory=dict, repr=False)
     _starts: dict[str, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # Blob files held open for the reads of one load (see :meth:`reading`); None outside one.
-    _held: list[dict[str, OpenFile] | None] = field(default_factory=lambda: [None], repr=False)
 
     @property
     def tag(self) -> str:
@@ -239,54 +236,6 @@ class Checkpoint:
 
         return PlannedIndex(plan, source)
 
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        """Within this, each local blob is opened once for all the fragments read from it, not
-        once per fragment, and closed on exit: its reads that wait for the disk go through one
-        descriptor in file order, so the kernel's read-ahead runs on from one fragment into
-        the next, as it does for one plain file read from start to end. Re-entering is allowed
-        (the outermost exit closes).
-
-        Example:
-            >>> import tempfile, torch, zckpt
-            >>> d = tempfile.mkdtemp()
-            >>> s = {"w": torch.arange(4.0)}
-            >>> _ = zckpt.save_checkpoint(d, s, zckpt.ZeroSpec(1, 1), tag="t")
-            >>> ck = zckpt.open_checkpoint(d)
-            >>> with ck.reading():
-            ...     [s.read(0, 2).tolist() for s in ck.sources()]
-            [[0.0, 1.0]]
-        """
-        with self._lock:
-            outer = self._held[0] is None
-            if outer:
-                self._held[0] = {}
-        try:
-            yield
-        finally:
-            if outer:
-                with self._lock:
-                    files, self._held[0] = self._held[0] or {}, None
-                for f in files.values():
-                    f.close()
-
-    def _open_for_reads(self, path: str) -> tuple[OpenFile | None, bool]:
-        """(``path`` open for ranged reads, whether the caller closes it), or (None, False)
-        when the storage does not read local files with :class:`LocalStorage`'s methods."""
-        with self._lock:
-            held = self._held[0]
-            f = None if held is None else held.get(path)
-        if f is not None:
-            return f, False
-        f = _held_file(self.storage, path)
-        if f is None or held is None:
-            return f, f is not None
-        with self._lock:
-            if self._held[0] is held and path not in held:
-                held[path] = f
-                return f, False
-        return f, True
-
     def sources(self, files: tuple[FileRecord, ...] | None = None) -> list[FileSource]:
         """Every fragment of the given files (default: all rank files), read lazily.
 
@@ -378,11 +327,10 @@ class FileSource:
         """Decode elements ``[start, stop)`` straight into ``out`` (or a new tensor).
 
         From a local file (a plain :class:`~zckpt.store.LocalStorage`), the file is opened once
-        for all the chunks (once for the whole load within :meth:`Checkpoint.reading`), and a
-        raw chunk in the page cache is read :data:`READ_PIECE` bytes at a time, each piece
-        hashed right after its read while it is in the CPU cache (one not in the cache is read
-        whole, one such read at a time, so the kernel reads ahead, and hashed after); from any
-        other storage (an object store, or a subclass with its own ``read_into``), one ``read_into``
+        for all the chunks, and a raw chunk in the page cache is read :data:`READ_PIECE` bytes
+        at a time, each piece hashed right after its read while it is in the CPU cache (one not
+        in the cache is read whole, so the kernel reads ahead, and hashed after); from any other
+        storage (an object store, or a subclass with its own ``read_into``), one ``read_into``
         per chunk.
         """
         h = self.checkpoint.header(self.record)
@@ -394,7 +342,7 @@ class FileSource:
             c for c in h.fragments[index].chunks if c.start_elem < stop and c.stop_elem > start
         ]
         storage = self.checkpoint.storage
-        held, mine = self.checkpoint._open_for_reads(path) if chunks else (None, False)
+        held = _held_file(storage, path) if chunks else None
         # Imported here: reading headers (zckpt inspect) needs none of the decoder.
         from zckpt.format import decode_fragment
 
@@ -421,7 +369,7 @@ class FileSource:
         except FormatError as e:
             raise type(e)(f"{path}: {e}") from None
         finally:
-            if held is not None and mine:
+            if held is not None:
                 held.close()
 
 

@@ -408,21 +408,6 @@ def _write_stream(fd: int, blob: BlobStream) -> tuple[int, int]:
     return size, digest
 
 
-def _pread_fully(fd: int, path: str, offset: int, view: memoryview) -> int:
-    """``preadv`` into ``view`` at ``offset``, looping over short reads; the bytes read (fewer
-    than ``view`` holds only at the end of the file)."""
-    done = 0
-    try:
-        while done < view.nbytes:
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                break
-            done += n
-    except OSError as e:
-        raise StorageError(e.errno, f"reading {path} at byte {offset + done}: {e.strerror}") from e
-    return done
-
-
 class OpenFile:
     """A regular file (checked by :func:`open_regular`) open for ranged reads: ``preadv`` at
     offsets, safe from several threads at once (no shared file position). A context manager:
@@ -440,27 +425,28 @@ class OpenFile:
 
     def __init__(self, path: str, fd: int) -> None:
         self.path, self._fd = path, fd
-        # Reads that wait for the disk: one at a time, through a descriptor of their own.
-        self._disk_fd = -1
-        self._disk = threading.Lock()
 
     def read_into(self, offset: int, out: memoryview) -> int:
         """``preadv`` into ``out`` at ``offset``, looping over short reads; the bytes read
         (fewer than ``out`` holds only at the end of the file)."""
-        return _pread_fully(self._fd, self.path, offset, out.cast("B"))
+        view, done = out.cast("B"), 0
+        try:
+            while done < view.nbytes:
+                n = os.preadv(self._fd, [view[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as e:
+            raise StorageError(
+                e.errno, f"reading {self.path} at byte {offset + done}: {e.strerror}"
+            ) from e
+        return done
 
     def read_some(self, offset: int, out: memoryview, piece: int) -> int:
         """Read at ``offset`` into ``out``: the first ``piece`` bytes when the page cache holds
         them (``preadv2(RWF_NOWAIT)``, never waiting for the disk), else all of ``out`` in one
-        ``preadv``; the bytes read (0 only at the end of the file).
-
-        Reads that must wait for the disk go one at a time (threads calling this at once take
-        turns; a fragment's chunks are handed out in file order), through one
-        descriptor of their own marked ``POSIX_FADV_SEQUENTIAL``: the disk then sees one
-        sequential stream, as a plain file read does, and the kernel's read-ahead on that
-        descriptor stays ahead of it. Two threads reading two chunks from the disk at once
-        made the cold load slower than one reader (``docs/benchmarks.md``, issue 14 part 1,
-        third session); the other threads meanwhile hash what they have read.
+        ``preadv`` through a descriptor of its own (a large read lets the kernel read ahead as
+        far as the request goes); the bytes read (0 only at the end of the file).
 
         Example:
             >>> import tempfile, os
@@ -485,13 +471,12 @@ class OpenFile:
                 if n > 0:
                     return n
         # From the disk, on a descriptor of its own: the kernel's read-ahead state is per open
-        # file, and the cache-only reads of other chunks by other threads would upset it.
-        with self._disk:
-            if self._disk_fd < 0:
-                self._disk_fd = open_regular(self.path)
-                with contextlib.suppress(OSError, AttributeError):
-                    os.posix_fadvise(self._disk_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            return _pread_fully(self._disk_fd, self.path, offset, view)
+        # file, and reads of other chunks by other threads through this one would upset it.
+        fd = open_regular(self.path)
+        try:
+            return OpenFile(self.path, fd).read_into(offset, view)
+        finally:
+            os.close(fd)
 
     def will_need(self, offset: int, length: int) -> None:
         """Start reading ``length`` bytes at ``offset`` into the page cache (a hint, not waited
@@ -501,11 +486,9 @@ class OpenFile:
 
     def close(self) -> None:
         """Close the file; a second call does nothing."""
-        for name in ("_fd", "_disk_fd"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                setattr(self, name, -1)
-                os.close(fd)
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
     def __enter__(self) -> OpenFile:
         return self
