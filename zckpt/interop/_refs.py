@@ -24,7 +24,6 @@ import enum
 import math
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -422,8 +421,3 @@ def to_torch(tree: Any) -> Any:
         ('TensorRef', [0.0, 1.0, 2.0], 'Size')
     """
     return TorchBuilder().value(tree)
-
-
-def rebuild_of(name: str) -> Callable[..., TensorRef] | None:
-    """The stand-in for a rebuild function's qualified name, or None."""
-    return REBUILD.get(name)
