@@ -662,6 +662,55 @@ def test_a_blobs_header_costs_one_ranged_get(s3: Where) -> None:
     assert_states_equal(full, zckpt.load_checkpoint(s3.url, storage=s3.storage).state)
 
 
+# -- integrity headers -------------------------------------------------------------------
+
+
+def test_http_urls_send_no_crc32_unless_asked(s3_server: Any) -> None:
+    """An s3:// URL on an http endpoint: botocore's CRC32 request checksum is off (the payload's
+    SHA-256 is still signed, the ETags still checked); asked for in storage_options, it is sent."""
+    proxy = FaultProxy(s3_server.endpoint).start()
+    try:
+        opts = {"endpoint_url": proxy.endpoint, "key": KEY, "secret": SECRET}
+        state = state_of(3)
+        for asked in (None, "when_supported"):
+            extra = (
+                {} if asked is None else {"config_kwargs": {"request_checksum_calculation": asked}}
+            )
+            url = f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+            proxy.headers.clear()
+            zckpt.save_checkpoint(
+                url, state, spec(2, 1), tag="t", storage_options={**opts, **extra}
+            )
+            puts = [h for m, p, h in proxy.headers if m == "PUT" and ".zck" in p]
+            assert len(puts) >= 3  # two blobs and the manifest
+            assert all(len(h["x-amz-content-sha256"]) == 64 for h in puts)  # signed payloads
+            assert [("x-amz-checksum-crc32" in h) for h in puts] == [asked is not None] * len(puts)
+            got = zckpt.load_checkpoint(url, storage_options={**opts, **extra}).state
+            assert_states_equal(got, state)
+    finally:
+        proxy.stop()
+
+
+def test_default_options_leave_https_and_the_users_choice_alone(monkeypatch: Any) -> None:
+    from zckpt.store._s3 import default_options
+
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    off = {"request_checksum_calculation": "when_required"}
+    assert default_options({}) == {}  # AWS itself: https
+    assert default_options({"client_kwargs": {"endpoint_url": "https://x"}})["client_kwargs"]
+    assert "config_kwargs" not in default_options({"client_kwargs": {"endpoint_url": "https://x"}})
+    got = default_options(
+        {"client_kwargs": {"endpoint_url": "http://x"}, "config_kwargs": {"a": 1}}
+    )
+    assert got["config_kwargs"] == {"a": 1, **off}
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "HTTP://minio:9000")
+    assert default_options({})["config_kwargs"] == off
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    assert default_options({}) == {}
+
+
 # -- failures ------------------------------------------------------------------------------
 
 
