@@ -662,6 +662,72 @@ def test_a_blobs_header_costs_one_ranged_get(s3: Where) -> None:
     assert_states_equal(full, zckpt.load_checkpoint(s3.url, storage=s3.storage).state)
 
 
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_a_fragments_chunks_come_in_a_few_large_gets(
+    s3: Where, monkeypatch: Any, codec: str
+) -> None:
+    """will_need names a fragment's span: its chunks are fetched in PREFETCH_PIECE-byte GETs,
+    not one GET per chunk, and the load is bitwise the same."""
+    import zckpt.store._fsspec as fsspec_storage
+
+    monkeypatch.setattr(fsspec_storage, "PREFETCH_PIECE", 256 << 10)
+    g = torch.Generator().manual_seed(5)
+    state = {"w": torch.randn(600_000, generator=g), "b": torch.randn(333_333, generator=g)}
+    zckpt.save_checkpoint(
+        s3.url, state, spec(2, 2), tag="t", storage=s3.storage, codec=codec, chunk_bytes=64 << 10
+    )
+    st = FsspecStorage(s3.storage.fs)
+    get, chunk_gets = st._backend._get, []
+
+    async def counting(key: str, offset: int, length: int) -> bytes:
+        if offset > 0 and key.endswith(".zck"):  # not a blob's head (at 0)
+            chunk_gets.append(length)
+        data: bytes = await get(key, offset, length)
+        return data
+
+    st._backend._get = counting
+    got = [zckpt.load_checkpoint(s3.url, world_size=3, rank=r, storage=st).state for r in range(3)]
+    want = [
+        zckpt.load_checkpoint(s3.url, world_size=3, rank=r, storage=s3.storage).state
+        for r in range(3)
+    ]
+    for a, b in zip(got, want, strict=True):
+        assert_states_equal(a, b)
+    stored = sum(
+        st.size(f"{s3.url}/t/{n}") for n in st.listdir(f"{s3.url}/t") if n.endswith(".zck")
+    )
+    chunks = -(-stored // (64 << 10))
+    assert chunk_gets and len(chunk_gets) < chunks / 2  # one GET per chunk: >= chunks
+    assert max(chunk_gets) > 64 << 10
+    assert not st._spans  # every span was read to its end and let go
+
+
+def test_a_failed_prefetch_falls_back_to_the_read_itself(
+    proxied: tuple[Where, FaultProxy], monkeypatch: Any
+) -> None:
+    """A piece fetched ahead that fails permanently is no error: the chunk reads it would have
+    served go to the store themselves."""
+    import zckpt.store._fsspec as fsspec_storage
+
+    monkeypatch.setattr(fsspec_storage, "PREFETCH_PIECE", 256 << 10)
+    where, proxy = proxied
+    state = {"w": torch.randn(400_000, generator=torch.Generator().manual_seed(6))}
+    zckpt.save_checkpoint(where.url, state, spec(1, 2), tag="t", storage=where.storage,
+                          chunk_bytes=64 << 10)  # fmt: skip
+    gets = [0]
+
+    def second_blob_get_fails(method: str, path: str) -> int | None:
+        if method == "GET" and path.split("?")[0].endswith(".zck"):
+            gets[0] += 1
+            return 403 if gets[0] == 2 else None  # the first is the blob's head
+        return None
+
+    proxy.faults = [second_blob_get_fails]
+    got = zckpt.load_checkpoint(where.url, storage=where.storage).state
+    assert_states_equal(got, state)
+    assert [s for s in proxy.seen if s[2] == 403] and gets[0] > 3
+
+
 # -- integrity headers -------------------------------------------------------------------
 
 
