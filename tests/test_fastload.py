@@ -173,6 +173,42 @@ def test_reduce_on_an_allowed_but_not_callable_global_is_not_fast(tmp_path: Path
         zi.load_pickle(p)
 
 
+def _with_pickle(src: Path, dst: Path, edit: Any) -> None:
+    """``src`` (a torch.save zip) rewritten to ``dst`` with its data.pkl passed through ``edit``."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as b:
+        for info in a.infolist():
+            body = a.read(info)
+            b.writestr(info, edit(body) if info.filename.endswith("/data.pkl") else body)
+
+
+@pytest.mark.parametrize("declared", [1, 2, 4, 50])
+def test_a_storage_declared_another_size_than_its_record_is_refused(
+    tmp_path: Path, declared: int
+) -> None:
+    # A storage of 3 floats whose pickle declares another element count: its record holds 12
+    # bytes. Read as a file range it would be the next record's zip header taken for floats (a
+    # silent wrong tensor, which torch's mmap=True load also returns): a FormatError naming it.
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.arange(3.0), "v": torch.arange(100.0)}, good)
+    marker = b"cpu" + b"q\x06" + b"K\x03"  # the storage id's location, then numel 3
+
+    def edit(data: bytes) -> bytes:
+        assert data.count(marker) == 1 and data.count(b"K\x00K\x03\x85") == 1
+        data = data.replace(marker, marker[:-1] + bytes([declared]))
+        return data.replace(b"K\x00K\x03\x85", b"K\x00K" + bytes([declared]) + b"\x85")
+
+    bad = tmp_path / "bad.pt"
+    _with_pickle(good, bad, edit)
+    with pytest.raises(RuntimeError, match="record size"):
+        torch.load(bad, weights_only=True)  # (torch's mmap=True load returns the wrong floats)
+    for load in (load_refs, fast_load, zi.load_pickle):
+        with pytest.raises(zckpt.FormatError, match=r"bad\.pt: storage data/0 .* record holds 12"):
+            load(str(bad))
+    assert fast_load(str(good)) is not NOT_FAST  # the edit, not the file, is what is refused
+
+
 # ---- random opcode streams: refused, or exactly torch's result ----
 
 GLOBALS = [

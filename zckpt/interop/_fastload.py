@@ -347,6 +347,11 @@ class _Unpickler(pickle.Unpickler):
         return self._storage(pid)
 
 
+class _DamagedError(Exception):
+    """The file is a torch.save zip that no loader may read as it is (torch's ``mmap=True`` load
+    would give wrong values without an error): a zckpt error, not torch's fallback."""
+
+
 def _record_offset(f: Any, info: zipfile.ZipInfo) -> int:
     """Where a stored zip record's bytes begin (after its local header)."""
     f.seek(info.header_offset)
@@ -409,6 +414,11 @@ def load_refs(path: str) -> Any:
                 if info.compress_type != zipfile.ZIP_STORED:
                     raise pickle.UnpicklingError("a compressed storage")
                 ref = StorageRef(path, key, dtype, numel, location, _record_offset(f, info))
+                if ref.nbytes != info.file_size:  # torch's mmap load would not notice
+                    raise _DamagedError(
+                        f"storage data/{key} is {numel} x {dtype} ({ref.nbytes} bytes) but its "
+                        f"record holds {info.file_size} bytes"
+                    )
                 if ref.offset + ref.nbytes > size:
                     raise pickle.UnpicklingError("a storage past the end of the file")
                 if seen.setdefault(key, ref) != ref:  # one key, two readings: torch decides
@@ -416,6 +426,10 @@ def load_refs(path: str) -> Any:
                 return ref
 
             return _Unpickler(data, fast, storage).load()
+    except _DamagedError as e:
+        from zckpt.interop._unpickle import DeepSpeedFormatError
+
+        raise DeepSpeedFormatError(f"{path}: {e}") from None
     except Exception:  # a torn or foreign zip, the C unpickler's own checks: torch's load decides
         return NOT_FAST
 

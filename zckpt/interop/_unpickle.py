@@ -157,8 +157,10 @@ def require_regular(path: str) -> None:
 def load_pickle(path: str | os.PathLike[str], refs: bool = False) -> Any:
     """Load a DeepSpeed ``.pt`` file with ``weights_only=True`` and the allow-list, on CPU.
 
-    Zip-format files (every ``torch.save`` since 1.6) are memory-mapped, so tensors are read
-    from the page cache only when used. With ``refs``, tensors are inert
+    Zip-format files (every ``torch.save`` since 1.6) go through zckpt's fast path
+    (``_fastload.py``), whose tensors are memory-mapped and read from the page cache only when
+    used; a file it does not take is read by torch's own load, into memory. With ``refs``,
+    tensors are inert
     :class:`~zckpt.interop._refs.TensorRef` (and torch's other values the stand-ins of
     ``_refs.py``) wherever the fast path takes the file, and torch is not imported; where it
     does not, torch's own load runs and its tensors are returned.
@@ -210,7 +212,9 @@ def load_pickle(path: str | os.PathLike[str], refs: bool = False) -> Any:
                     "allow-list for DeepSpeed checkpoints; nothing from the file was run)"
                 )
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+            # Not memory-mapped: torch's mmap load does not check a storage's size against its
+            # record (a damaged file would give wrong values); its plain load does.
+            return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise UnsafePickleError(f"{path}: refused to unpickle: {_first_line(e)}") from None
         except Exception as e:  # e.g. a stand-in called with arguments: refused, nothing run
