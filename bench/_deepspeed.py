@@ -420,7 +420,21 @@ def child(mode: str, path: str, hash_out: bool) -> dict[str, Any]:
         # ``import zckpt`` imports its modules on first use (issue 14 part 4): the ones this
         # call runs are imported here, before the clock, as DeepSpeed's child imports
         # deepspeed.utils.zero_to_fp32 (and with it everything it calls) before its own.
-        for name in ("zckpt.store._fp32", "zckpt.interop._deepspeed", "zckpt.interop._stream"):
+        # zckpt.interop._deepspeed itself imports no torch (zckpt consolidate reads DeepSpeed
+        # checkpoints without it): what its torch path runs is listed too.
+        for name in (
+            "zckpt.store._fp32",
+            "zckpt.interop._deepspeed",
+            "zckpt.interop._stream",
+            "zckpt.interop._fastload",
+            "zckpt.interop._refs",
+            "zckpt.interop._pages",
+            "zckpt.interop._mapped",
+            "zckpt.assemble._consolidate",
+            "zckpt.assemble._overlap",
+            "torch._weights_only_unpickler",
+            "zipfile",
+        ):
             importlib.import_module(name)
         assert callable(zckpt.get_fp32_state_dict_from_zero_checkpoint)
 

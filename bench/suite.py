@@ -1291,7 +1291,9 @@ def targets(s: Suite, ws: int, ds_skipped: str | None) -> list[str]:
 
 def cli(s: Suite, root: str) -> None:
     """Command line start-up: one row per command, new processes (``bench_cli.measure``)."""
-    for m in bench_cli.measure(max(5, s.reps), root):
+    # At least 5 processes per row for a median, except when one repetition is asked for (the
+    # smoke run: it checks that every row is measured, and 5 rounds of torch imports cost a minute).
+    for m in bench_cli.measure(1 if s.reps == 1 else max(5, s.reps), root):
         heavy = "" if m.imported is None else f"imports {', '.join(m.imported) or 'no torch/Numba'}"
         row = Row("cli", m.name, "warm", m.times, 0.0, 0, note=heavy)
         row.extra["CPU s"] = statistics.median(m.cpu)

@@ -69,6 +69,8 @@ class FaultProxy:
     upstream: str
     faults: list[Fault] = field(default_factory=list)
     seen: list[tuple[str, str, int | str]] = field(default_factory=list)
+    # (method, path, the request's headers with lower-case names), every request
+    headers: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     port: int = 0
     _httpd: Any = None
 
@@ -101,6 +103,8 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
+                sent = {k.lower(): v for k, v in self.headers.items()}
+                proxy.headers.append((self.command, self.path, sent))
                 verdict: int | str | None = None
                 for fault in proxy.faults:
                     verdict = fault(self.command, self.path)

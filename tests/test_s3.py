@@ -662,6 +662,121 @@ def test_a_blobs_header_costs_one_ranged_get(s3: Where) -> None:
     assert_states_equal(full, zckpt.load_checkpoint(s3.url, storage=s3.storage).state)
 
 
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_a_fragments_chunks_come_in_a_few_large_gets(
+    s3: Where, monkeypatch: Any, codec: str
+) -> None:
+    """will_need names a fragment's span: its chunks are fetched in PREFETCH_PIECE-byte GETs,
+    not one GET per chunk, and the load is bitwise the same."""
+    import zckpt.store._fsspec as fsspec_storage
+
+    monkeypatch.setattr(fsspec_storage, "PREFETCH_PIECE", 256 << 10)
+    g = torch.Generator().manual_seed(5)
+    state = {"w": torch.randn(600_000, generator=g), "b": torch.randn(333_333, generator=g)}
+    zckpt.save_checkpoint(
+        s3.url, state, spec(2, 2), tag="t", storage=s3.storage, codec=codec, chunk_bytes=64 << 10
+    )
+    st = FsspecStorage(s3.storage.fs)
+    get, chunk_gets = st._backend._get, []
+
+    async def counting(key: str, offset: int, length: int) -> bytes:
+        if offset > 0 and key.endswith(".zck"):  # not a blob's head (at 0)
+            chunk_gets.append(length)
+        data: bytes = await get(key, offset, length)
+        return data
+
+    st._backend._get = counting
+    got = [zckpt.load_checkpoint(s3.url, world_size=3, rank=r, storage=st).state for r in range(3)]
+    want = [
+        zckpt.load_checkpoint(s3.url, world_size=3, rank=r, storage=s3.storage).state
+        for r in range(3)
+    ]
+    for a, b in zip(got, want, strict=True):
+        assert_states_equal(a, b)
+    stored = sum(
+        st.size(f"{s3.url}/t/{n}") for n in st.listdir(f"{s3.url}/t") if n.endswith(".zck")
+    )
+    chunks = -(-stored // (64 << 10))
+    assert chunk_gets and len(chunk_gets) < chunks / 2  # one GET per chunk: >= chunks
+    assert max(chunk_gets) > 64 << 10
+    assert not st._spans  # every span was read to its end and let go
+
+
+def test_a_failed_prefetch_falls_back_to_the_read_itself(
+    proxied: tuple[Where, FaultProxy], monkeypatch: Any
+) -> None:
+    """A piece fetched ahead that fails permanently is no error: the chunk reads it would have
+    served go to the store themselves."""
+    import zckpt.store._fsspec as fsspec_storage
+
+    monkeypatch.setattr(fsspec_storage, "PREFETCH_PIECE", 256 << 10)
+    where, proxy = proxied
+    state = {"w": torch.randn(400_000, generator=torch.Generator().manual_seed(6))}
+    zckpt.save_checkpoint(where.url, state, spec(1, 2), tag="t", storage=where.storage,
+                          chunk_bytes=64 << 10)  # fmt: skip
+    gets = [0]
+
+    def second_blob_get_fails(method: str, path: str) -> int | None:
+        if method == "GET" and path.split("?")[0].endswith(".zck"):
+            gets[0] += 1
+            return 403 if gets[0] == 2 else None  # the first is the blob's head
+        return None
+
+    proxy.faults = [second_blob_get_fails]
+    got = zckpt.load_checkpoint(where.url, storage=where.storage).state
+    assert_states_equal(got, state)
+    assert [s for s in proxy.seen if s[2] == 403] and gets[0] > 3
+
+
+# -- integrity headers -------------------------------------------------------------------
+
+
+def test_http_urls_send_no_crc32_unless_asked(s3_server: Any) -> None:
+    """An s3:// URL on an http endpoint: botocore's CRC32 request checksum is off (the payload's
+    SHA-256 is still signed, the ETags still checked); asked for in storage_options, it is sent."""
+    proxy = FaultProxy(s3_server.endpoint).start()
+    try:
+        opts = {"endpoint_url": proxy.endpoint, "key": KEY, "secret": SECRET}
+        state = state_of(3)
+        for asked in (None, "when_supported"):
+            extra = (
+                {} if asked is None else {"config_kwargs": {"request_checksum_calculation": asked}}
+            )
+            url = f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+            proxy.headers.clear()
+            zckpt.save_checkpoint(
+                url, state, spec(2, 1), tag="t", storage_options={**opts, **extra}
+            )
+            puts = [h for m, p, h in proxy.headers if m == "PUT" and ".zck" in p]
+            assert len(puts) >= 3  # two blobs and the manifest
+            assert all(len(h["x-amz-content-sha256"]) == 64 for h in puts)  # signed payloads
+            assert [("x-amz-checksum-crc32" in h) for h in puts] == [asked is not None] * len(puts)
+            got = zckpt.load_checkpoint(url, storage_options={**opts, **extra}).state
+            assert_states_equal(got, state)
+    finally:
+        proxy.stop()
+
+
+def test_default_options_leave_https_and_the_users_choice_alone(monkeypatch: Any) -> None:
+    from zckpt.store._s3 import default_options
+
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    off = {"request_checksum_calculation": "when_required"}
+    assert default_options({}) == {}  # AWS itself: https
+    assert default_options({"client_kwargs": {"endpoint_url": "https://x"}})["client_kwargs"]
+    assert "config_kwargs" not in default_options({"client_kwargs": {"endpoint_url": "https://x"}})
+    got = default_options(
+        {"client_kwargs": {"endpoint_url": "http://x"}, "config_kwargs": {"a": 1}}
+    )
+    assert got["config_kwargs"] == {"a": 1, **off}
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "HTTP://minio:9000")
+    assert default_options({})["config_kwargs"] == off
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    assert default_options({}) == {}
+
+
 # -- failures ------------------------------------------------------------------------------
 
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
-import gc
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, overload
 
@@ -21,6 +18,7 @@ import torch
 
 import zckpt
 from zckpt.assemble import ReshardedShards, index_sources
+from zckpt.cli._consolidate import consolidate, end_process, export_to, output_kind
 from zckpt.cli._inspect import source_codec
 from zckpt.cli._main import CommandLineError, progress
 from zckpt.cli._manage import clean, positive, prune
@@ -30,16 +28,9 @@ from zckpt.interop import (
     deepspeed_training_state,
     find_deepspeed,
     open_deepspeed,
-    parse_size,
 )
-from zckpt.interop._output import (
-    OutputExistsError,
-    building_file,
-    check_dir_output,
-    check_disjoint,
-    check_file_output,
-)
-from zckpt.interop._safetensors import is_directory_output, module_key_order, write_safetensors
+from zckpt.interop._output import OutputExistsError, building_file, check_disjoint
+from zckpt.interop._safetensors import module_key_order
 from zckpt.spec._plan import EXPERT, REPLICATED, TENSOR
 from zckpt.store._commit import Saved, prepare_save, write_and_commit
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, TagError, generation_of
@@ -49,6 +40,7 @@ __all__ = [
     "WrittenShards",
     "clean",
     "consolidate",
+    "consolidate_loaded",
     "convert",
     "output_kind",
     "prune",
@@ -85,60 +77,6 @@ def _save_torch(sd: dict[str, Any], out: str, dtype: torch.dtype, args: argparse
     return 0
 
 
-def _export_bytes(sd: dict[str, Any], dtype: torch.dtype) -> int:
-    """Bytes a safetensors export of ``sd`` writes: tied values once, floating ones in
-    ``dtype`` (what ``on_tensor`` reports, so the bar ends at 100%)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    seen: dict[int, int] = {}
-    for v in sd.values():
-        if id(v) not in seen:
-            n = _nbytes(v)
-            seen[id(v)] = n // v.dtype.itemsize * size if v.dtype.is_floating_point else n
-    return sum(seen.values())
-
-
-_SUFFIXES = {".safetensors": "one safetensors file", ".pt": "torch.save", ".bin": "torch.save"}
-
-
-def output_kind(out: str, max_shard_size: str | None = None) -> str:
-    """What ``zckpt consolidate`` writes at OUT: ``"torch"`` (a ``torch.save`` file, OUT ending
-    in ``.pt`` or ``.bin``), ``"file"`` (one ``.safetensors`` file) or ``"dir"`` (a directory
-    of Hugging Face style shards).
-
-    A directory is said by a path ending in ``/``, an existing directory, a last component
-    without a suffix (``hf``), or ``--max-shard-size``. Any other suffix is refused, so a typo
-    (``model.safetensor``) does not become a directory.
-
-    Raises:
-        CommandLineError: OUT has a suffix that is none of these.
-
-    Example:
-        >>> [output_kind(o) for o in ("m.safetensors", "m.pt", "hf", "hf.v2/")]
-        ['file', 'torch', 'dir', 'dir']
-        >>> output_kind("m.safetensor")
-        Traceback (most recent call last):
-        ...
-        zckpt.cli._main.CommandLineError: OUT m.safetensor has the unknown suffix '.safetensor' \
-(did you mean m.safetensors?); ...
-    """
-    if out.endswith((".pt", ".bin")):
-        return "torch"
-    if out.endswith(("/", os.sep)) or max_shard_size is not None:
-        return "dir"
-    if out.endswith(".safetensors"):
-        return "file"
-    suffix = os.path.splitext(os.path.basename(out))[1]
-    if not suffix or os.path.isdir(out):
-        return "dir"
-    close = difflib.get_close_matches(suffix, list(_SUFFIXES), n=1, cutoff=0.75)
-    hint = f" (did you mean {out[: -len(suffix)]}{close[0]}?)" if close else ""
-    raise CommandLineError(
-        f"OUT {out} has the unknown suffix {suffix!r}{hint}; OUT must end in .safetensors "
-        "(one file), .pt or .bin (torch.save), or name a directory for shards: end it with "
-        "'/' (or pass --max-shard-size)"
-    )
-
-
 def _module_order(args: argparse.Namespace) -> list[str] | None:
     """The module's own key order (a DeepSpeed fp32 state dict comes in zero_to_fp32's), so
     shards are laid out as save_pretrained lays them out; None when it cannot be read."""
@@ -148,78 +86,25 @@ def _module_order(args: argparse.Namespace) -> list[str] | None:
         return None
 
 
-def consolidate(args: argparse.Namespace) -> int:
-    """``zckpt consolidate PATH OUT``: the fp32 state dict as safetensors or a torch.save file.
-
-    OUT is checked before the checkpoint is read: its suffix must say what to write
-    (:func:`output_kind`), it may not be PATH or contain it, and an existing OUT needs
-    ``--overwrite`` (then it is replaced atomically).
+def consolidate_loaded(args: argparse.Namespace, kind: str) -> int:
+    """The rest of ``zckpt consolidate`` (:func:`zckpt.cli._consolidate.consolidate` checked the
+    arguments and OUT) where torch does the reading: a zckpt checkpoint, or a ``.pt`` output.
 
     Example:
         >>> from zckpt.cli import main
-        >>> main(["consolidate", "/nonexistent", "out.safetensors", "--quiet"])
+        >>> main(["consolidate", "/nonexistent", "out.pt", "--quiet"])
         1
     """
     out: str = args.out
-    kind = output_kind(out, args.max_shard_size)
-    if args.max_shard_size is not None:
-        if kind == "torch":
-            raise CommandLineError(
-                f"--max-shard-size applies to safetensors output, not .pt/.bin (OUT is {out})"
-            )
-        try:
-            parse_size(args.max_shard_size)
-        except ValueError as e:
-            raise CommandLineError(f"--max-shard-size: {e}") from None
-    check_disjoint(args.path, out, allow_inside=True)
-    if kind != "dir" or not is_directory_output(out, args.max_shard_size):
-        check_file_output(out, overwrite=args.overwrite, flag=FLAG)
-    else:
-        check_dir_output(out, overwrite=args.overwrite, flag=FLAG)
-    # What is in memory now (torch and zckpt's imports, ~10^6 objects) outlives the command:
-    # no cyclic collection, during the export or at exit, need traverse it again (~0.3-0.5 s).
-    gc.freeze()
     sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(  # safetensors: streamed, always lazy
         args.path, args.tag, args.exclude_frozen, lazy_mode=args.lazy or kind != "torch"
     )
     dtype = DTYPES[args.dtype]
     if kind == "torch":
         code = _save_torch(sd, out, dtype, args)
-        _end_process(args)
+        end_process(args)
         return code
-    with progress(args, _export_bytes(sd, dtype), "export") as bar:
-        r = write_safetensors(
-            sd,
-            out,
-            max_shard_size=args.max_shard_size,
-            dtype=None if dtype == torch.float32 else dtype,
-            on_tensor=lambda _name, n: bar.update(n),
-            overwrite=args.overwrite,
-            key_order=_module_order(args),
-            flag=FLAG,
-        )
-    where = r.index_path or (r.files[0] if len(r.files) == 1 else out)
-    print(f"wrote {where}: {len(r.files)} file(s), {r.total_size} bytes, {len(sd)} tensors")
-    for alias, name in sorted(r.tied.items()):
-        print(f"tied: {alias} -> {name} (stored once)")
-    _end_process(args)
-    return 0
-
-
-def _end_process(args: argparse.Namespace) -> None:
-    """As the ``zckpt`` command (not ``main(argv)`` in a caller's process), end the process now:
-    the output is durable (fsynced and renamed into place), and tearing down torch's modules
-    and the checkpoint's mappings at interpreter exit costs 0.3 s and does nothing for it.
-    stdout and stderr are flushed first; a failed flush (a closed pipe) leaves the normal exit
-    path to report it."""
-    if not getattr(args, "as_command", False):
-        return
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        return
-    os._exit(0)
+    return export_to(sd, args, kind, _module_order(args))
 
 
 def _check_save_dir(src: str, out: str) -> None:

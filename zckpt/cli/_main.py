@@ -281,7 +281,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add(
         "consolidate",
-        _command("_convert", "consolidate"),
+        _command("_consolidate", "consolidate"),
         "Write the fp32 state dict (the module's weights, from the fp32 masters) as one "
         ".safetensors file, Hugging Face style shards, or a torch.save file.",
     )

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
-
-from zckpt.assemble import Fp32Entry, SourceIndex, TensorSource, assemble_fp32, index_sources
 from zckpt.errors import CoverageError
+from zckpt.format._dtypes import dtype_name, torch_dtype
 from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
 from zckpt.interop._layout import (
     Member,
@@ -43,18 +41,23 @@ from zckpt.interop._layout import (
     whole_pieces,
 )
 from zckpt.interop._layout import stage3_piece_size as piece_size
-from zckpt.interop._mapped import MIN_BYTES, mapped_tensor, mapping_enabled
 from zckpt.interop._moe import expert_pieces, is_expert_group, local_expert_counts
-from zckpt.interop._pages import PagedSource, file_mappings
-from zckpt.interop._stream import Segment, StreamedTensor
+from zckpt.interop._refs import TensorRef, is_tensor
+from zckpt.interop._stream import FileRanges, Segment, StreamedTensor
 from zckpt.interop._unpickle import DeepSpeedFormatError
 from zckpt.spec import Fragment
 from zckpt.store._fp32 import LazyTensor
 from zckpt.tree import DICT, TENSOR, Skeleton, TensorMeta
 
+if TYPE_CHECKING:
+    import torch
+
+    from zckpt.assemble import Fp32Entry, SourceIndex, TensorSource
+
 __all__ = [
     "GroupLayout",
     "deepspeed_fp32_state_dict",
+    "export_values",
     "fp32_sources",
     "gather",
     "group_layouts",
@@ -75,12 +78,12 @@ class GroupLayout(NamedTuple):
     pieces: list[Piece]
 
 
-def partitions(ck: DeepSpeedCheckpoint, key: str | None = None) -> list[list[torch.Tensor]]:
+def partitions(ck: DeepSpeedCheckpoint, key: str | None = None) -> list[list[Any]]:
     """``[group][member]`` flat fp32 partitions, or (``key``) optimizer state tensors like them.
 
     A param group's members are its ranks' flat partitions, in rank order; in a universal
     checkpoint, its parameters' own tensors, in ``param_shapes`` order (a :class:`Piece`'s
-    ``rank`` indexes them).
+    ``rank`` indexes them). In a checkpoint opened as references, they are ``TensorRef``.
 
     Example:
         >>> import tempfile, torch
@@ -106,7 +109,7 @@ def partitions(ck: DeepSpeedCheckpoint, key: str | None = None) -> list[list[tor
         if len(ts) != n_groups:
             raise DeepSpeedFormatError(f"{f}: {len(ts)} {name} for {n_groups} param groups")
         for g, t in enumerate(ts):
-            if not isinstance(t, torch.Tensor) or t.dim() != 1:
+            if not is_tensor(t) or t.dim() != 1:
                 raise DeepSpeedFormatError(f"{f}: {name}[{g}] is not a 1-D tensor")
         by_rank.append(ts)
     return [[ts[g] for ts in by_rank] for g in range(n_groups)]
@@ -153,12 +156,7 @@ def group_layouts(ck: DeepSpeedCheckpoint) -> list[GroupLayout]:
     groups = _param_groups(ck)
     expert = [g < len(groups) and is_expert_group(groups[g]) for g in range(len(shapes))]
     counts = local_expert_counts(n for g, s in enumerate(shapes) if expert[g] for n in s)
-    known = {
-        k: tuple(t.shape)
-        for e in ck.experts
-        for k, t in e.state.items()
-        if isinstance(t, torch.Tensor)
-    }
+    known = {k: tuple(t.shape) for e in ck.experts for k, t in e.state.items() if is_tensor(t)}
     out = []
     for g, s in enumerate(shapes):
         where = f"{path}: param group {g}"
@@ -191,35 +189,58 @@ def group_layouts(ck: DeepSpeedCheckpoint) -> list[GroupLayout]:
     return out
 
 
+class _Part(NamedTuple):
+    """Elements ``[a, b)`` of the flattened ``data`` (a tensor or a ``TensorRef`` as the file
+    holds it) are elements ``[start, start + b - a)`` of output leaf ``leaf``."""
+
+    leaf: int
+    start: int
+    data: Any
+    a: int
+    b: int
+
+
+class _Entry(NamedTuple):
+    """An output key: its leaf, its dtype (a torch dtype name) and its tie (as ``Fp32Entry``)."""
+
+    name: str
+    source: int
+    dtype: str
+    tied_to: str | None
+
+
+_HALF = ("float16", "bfloat16")
+
+
 class _Builder:
-    """Leaves, sources and entries of the output, in output order."""
+    """Leaves, saved parts and entries of the output, in output order (no torch needed: the
+    parts may be references; :func:`fp32_sources` makes torch sources of them)."""
 
     def __init__(self, ck: DeepSpeedCheckpoint, upcast: bool = False) -> None:
         self.upcast = upcast  # floating outputs in fp32 (16-bit sources are upcast when read)
         self.where = ck.path
-        # The files' mappings: pieces lying in them are copied out with their pages released.
-        self.mappings = file_mappings(ck.files)
         self.metas: list[TensorMeta] = []
-        self.sources: list[TensorSource] = []
-        self.entries: list[Fp32Entry] = []
+        self.parts: list[_Part] = []
+        self.entries: list[_Entry] = []
         self.leaves: dict[str, int] = {}  # name -> leaf, tied names included
 
-    def leaf(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    def leaf(self, name: str, dtype: Any, shape: tuple[int, ...]) -> int:
         if name in self.leaves:
             raise DeepSpeedFormatError(f"{self.where}: '{name}' is recorded twice")
-        self.metas.append(TensorMeta(dtype, shape))
-        out = torch.float32 if self.upcast and dtype in (torch.float16, torch.bfloat16) else dtype
-        self.entries.append(Fp32Entry(name, len(self.metas) - 1, out, None))
+        dt = dtype_name(dtype)
+        self.metas.append(TensorMeta(dt, shape))
+        out = "float32" if self.upcast and dt in _HALF else dt
+        self.entries.append(_Entry(name, len(self.metas) - 1, out, None))
         self.leaves[name] = len(self.metas) - 1
         return len(self.metas) - 1
 
-    def add(self, leaf: int, start: int, data: torch.Tensor) -> None:
-        if data.numel():
-            frag = Fragment(leaf, start, start + data.numel())
-            self.sources.append(PagedSource(frag, data.reshape(-1), self.mappings))
+    def add(self, leaf: int, start: int, data: Any, a: int = 0, b: int | None = None) -> None:
+        b = data.numel() if b is None else b
+        if b > a:
+            self.parts.append(_Part(leaf, start, data, a, b))
 
     def whole(self, name: str, t: Any, what: str) -> None:
-        if not isinstance(t, torch.Tensor):
+        if not is_tensor(t):
             raise DeepSpeedFormatError(f"{self.where}: {what} '{name}' is not a tensor")
         self.add(self.leaf(name, t.dtype, tuple(t.shape)), 0, t)
 
@@ -227,13 +248,30 @@ class _Builder:
         leaf = self.leaves.get(target)
         if leaf is not None and name not in self.leaves:
             out = next(e.dtype for e in self.entries if e.source == leaf and e.tied_to is None)
-            self.entries.append(Fp32Entry(name, leaf, out, target))
+            self.entries.append(_Entry(name, leaf, out, target))
             self.leaves[name] = leaf
 
     def skeleton(self) -> Skeleton:
         node = (DICT, tuple((e.name, (TENSOR, e.source)) for e in self.entries))
         first = {e.source: e.name for e in reversed(self.entries) if e.tied_to is None}
         return Skeleton(node, tuple(self.metas), tuple((first[i],) for i in range(len(self.metas))))
+
+    def torch_sources(self, ck: DeepSpeedCheckpoint) -> list[TensorSource]:
+        """The parts as :class:`~zckpt.interop._pages.PagedSource` over torch tensors (a
+        reference built from its file by ``ck.as_torch``), pages released as they are copied."""
+        from zckpt.interop._pages import PagedSource, file_mappings
+
+        flat = [ck.as_torch(p.data).reshape(-1)[p.a : p.b] for p in self.parts]
+        mappings = file_mappings(ck.files)  # after the building: references map their files
+        return [
+            PagedSource(Fragment(p.leaf, p.start, p.start + p.b - p.a), t, mappings)
+            for p, t in zip(self.parts, flat)
+        ]
+
+    def torch_entries(self) -> list[Fp32Entry]:
+        from zckpt.assemble import Fp32Entry
+
+        return [Fp32Entry(e.name, e.source, torch_dtype(e.dtype), e.tied_to) for e in self.entries]
 
 
 def _frozen(b: _Builder, ck: DeepSpeedCheckpoint) -> None:
@@ -248,8 +286,10 @@ def _frozen(b: _Builder, ck: DeepSpeedCheckpoint) -> None:
         shapes, frags = get({"s": shapes}, "s", f, Mapping), get({"f": frags}, "f", f, Mapping)
         for name, s in shapes.items():
             shape = shape_of(s, f"{f}: frozen_param_shapes[{name}]")
-            t = get(frags, name, f"{f}: frozen_param_fragments", torch.Tensor)
-            n = TensorMeta(t.dtype, shape).numel
+            t = get(frags, name, f"{f}: frozen_param_fragments")
+            if not is_tensor(t):
+                raise DeepSpeedFormatError(f"{f}: frozen_param_fragments: '{name}' is not a tensor")
+            n = TensorMeta(dtype_name(t.dtype), shape).numel
             if ck.stage != 3:
                 if t.numel() != n:
                     raise DeepSpeedFormatError(f"{f}: frozen '{name}' has {t.numel()} of {n}")
@@ -259,9 +299,9 @@ def _frozen(b: _Builder, ck: DeepSpeedCheckpoint) -> None:
             if t.numel() != c:
                 raise DeepSpeedFormatError(f"{f}: frozen '{name}' holds {t.numel()}, not {c}")
             leaf = b.leaf(name, t.dtype, shape) if r == 0 else _leaf_of(b, name, f)
-            if b.metas[leaf] != TensorMeta(t.dtype, shape):
+            if b.metas[leaf] != TensorMeta(dtype_name(t.dtype), shape):
                 raise DeepSpeedFormatError(f"{f}: frozen '{name}' differs from rank 0's")
-            b.add(leaf, r * c, t.reshape(-1)[: max(0, min(c, n - r * c))])
+            b.add(leaf, r * c, t, 0, max(0, min(c, n - r * c)))
 
 
 def _leaf_of(b: _Builder, name: str, f: str) -> int:
@@ -270,14 +310,14 @@ def _leaf_of(b: _Builder, name: str, f: str) -> int:
     raise DeepSpeedFormatError(f"{f}: frozen '{name}' is not in rank 0's frozen_param_shapes")
 
 
-def _add_group(b: _Builder, layout: GroupLayout, parts: list[list[torch.Tensor]]) -> None:
+def _add_group(b: _Builder, layout: GroupLayout, parts: list[list[Any]]) -> None:
     g = layout.group
-    dtypes = {t.dtype for t in parts[g]}
+    dtypes = {dtype_name(t.dtype) for t in parts[g]}
     if len(dtypes) > 1:
         raise DeepSpeedFormatError(
             f"{b.where}: param group {g}: dtypes {dtypes} differ between partitions"
         )
-    dtype = next(iter(dtypes), torch.float32)  # a group without members has no elements
+    dtype = next(iter(dtypes), "float32")  # a group without members has no elements
     leaves = {n: b.leaf(n, dtype, s) for n, s in layout.shapes.items()}
     for p in layout.pieces:
         part = parts[g][p.rank]
@@ -286,11 +326,11 @@ def _add_group(b: _Builder, layout: GroupLayout, parts: list[list[torch.Tensor]]
                 f"{b.where}: rank {p.rank}, param group {g}: {p.name} elements [{p.start}, "
                 f"{p.stop}) lie past the end of a partition of {part.numel()}"
             )
-        b.add(leaves[p.name], p.start, part[p.offset : p.offset + p.numel])
+        b.add(leaves[p.name], p.start, part, p.offset, p.offset + p.numel)
 
 
 def gather(
-    ck: DeepSpeedCheckpoint, layouts: Sequence[GroupLayout], parts: list[list[torch.Tensor]]
+    ck: DeepSpeedCheckpoint, layouts: Sequence[GroupLayout], parts: list[list[Any]]
 ) -> dict[str, torch.Tensor]:
     """Every parameter's full tensor from ``parts[group][member]`` laid out like the fp32
     masters (the masters themselves, or an optimizer state such as ``exp_avg``).
@@ -304,11 +344,14 @@ def gather(
         >>> gather(ck, group_layouts(ck), partitions(ck, "exp_avg"))["w"].tolist()
         [0.5, 0.5, 0.5, 0.5, 0.5]
     """
+    from zckpt.assemble import assemble_fp32, index_sources
+
     b = _Builder(ck)
     for layout in layouts:
         _add_group(b, layout, parts)
     try:
-        return dict(assemble_fp32(index_sources(b.skeleton(), b.sources), b.entries))
+        sources = b.torch_sources(ck)
+        return dict(assemble_fp32(index_sources(b.skeleton(), sources), b.torch_entries()))
     except CoverageError as err:
         raise DeepSpeedFormatError(f"{ck.path}: {err}") from None
 
@@ -334,6 +377,13 @@ def fp32_sources(
         >>> [e.name for e in entries], len(sources)
         (['n', 'w'], 3)
     """
+    b = _build(ck, exclude_frozen_parameters, zero_to_fp32_compat)
+    return b.skeleton(), b.torch_sources(ck), b.torch_entries()
+
+
+def _build(ck: DeepSpeedCheckpoint, exclude_frozen_parameters: bool, compat: bool) -> _Builder:
+    """The output's leaves, parts and entries (``fp32_sources`` without torch)."""
+    zero_to_fp32_compat = compat
     b = _Builder(ck, upcast=not zero_to_fp32_compat)
     m0, f0 = ck.model[0], ck.model_files[0]
     module = get(m0, "module", f0, Mapping)
@@ -355,7 +405,7 @@ def fp32_sources(
         _add_group(b, layout, parts)
     for alias, target in get({"s": shared}, "s", f0, Mapping).items():
         b.tie(str(alias), str(target))
-    return b.skeleton(), b.sources, b.entries
+    return b
 
 
 def deepspeed_fp32_state_dict(
@@ -404,6 +454,9 @@ def deepspeed_fp32_state_dict(
         >>> deepspeed_fp32_state_dict(d, lazy_mode=True)["w"].contiguous().shape
         torch.Size([4, 3])
     """
+    from zckpt.assemble import assemble_fp32, index_sources
+    from zckpt.interop._mapped import mapping_enabled
+
     ck = open_deepspeed(checkpoint_dir, tag)
     skel, sources, entries = fp32_sources(
         ck, exclude_frozen_parameters, zero_to_fp32_compat=zero_to_fp32_compat
@@ -442,6 +495,9 @@ def _eager_mapped(
 ) -> dict[str, torch.Tensor]:
     """The eager state dict, each large stored-as-is tensor mapped from the files when it can
     be (``_mapped.py``), the others assembled into new memory; in ``entries``' order."""
+    from zckpt.assemble import assemble_fp32
+    from zckpt.interop._mapped import MIN_BYTES, mapped_tensor
+
     out: dict[str, torch.Tensor] = {}
     for e in entries:
         if e.tied_to is not None:
@@ -471,3 +527,97 @@ def _segments(where: str, index: SourceIndex, skel: Skeleton, want: Fragment) ->
         (src, lo - src.fragment.start, hi - src.fragment.start)
         for src, lo, hi in index.overlapping(want)
     ]
+
+
+def _byte_ranges(
+    b: _Builder, by_leaf: dict[int, list[_Part]], e: _Entry
+) -> tuple[tuple[str, int, int], ...] | None:
+    """Where entry ``e``'s bytes lie in the checkpoint's files, in order, when they are all
+    there as they are (stored in the output dtype, contiguous references, no overlaps); None
+    when some must be computed. A gap is a :class:`DeepSpeedFormatError`, as in assembly."""
+    meta = b.metas[e.source]
+    if meta.dtype_name != e.dtype:
+        return None
+    out: list[tuple[str, int, int]] = []
+    at = 0
+    for p in sorted(by_leaf.get(e.source, []), key=lambda p: p.start):
+        if p.start > at:
+            break
+        if p.start < at or type(p.data) is not TensorRef:
+            return None  # overlapping pieces, or a tensor torch's load built: the torch path
+        where = p.data.file_range(p.a, p.b)
+        if where is None:
+            return None
+        if out and out[-1][0] == where[0] and out[-1][1] + out[-1][2] == where[1]:
+            out[-1] = (where[0], out[-1][1], out[-1][2] + where[2])  # adjacent: one range
+        else:
+            out.append(where)
+        at = p.start + p.b - p.a
+    if at != meta.numel:
+        raise DeepSpeedFormatError(
+            f"{b.where}: {e.name}: elements [{at}, ...) of {meta.numel} are in no saved shard"
+        )
+    return tuple(out)
+
+
+def export_values(
+    checkpoint_dir: str | os.PathLike[str],
+    tag: str | None = None,
+    exclude_frozen_parameters: bool = False,
+) -> dict[str, Any]:
+    """The fp32 state dict for an export (``zckpt consolidate``), torch imported only if needed.
+
+    The checkpoint is opened as references (``open_deepspeed(refs=True)``): each value stored
+    in the output dtype, as byte ranges of the files, is a
+    :class:`~zckpt.interop._stream.FileRanges` (an export copies them file to file; its
+    ``contiguous()`` builds the tensor); every other value (a 16-bit tensor upcast, a tensor that
+    is no byte range) is a :class:`zckpt.LazyTensor` read by the same assembly as
+    :func:`deepspeed_fp32_state_dict`'s ``lazy_mode``, built from the same references. Keys,
+    order and ties are that function's.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from zckpt.interop._synthetic import write_zero_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> w = torch.randn(4, 3)
+        >>> write_zero_checkpoint(d, {"w": w}, world_size=3, stage=2, tied={"v": "w"})
+        >>> sd = export_values(d)
+        >>> type(sd["w"]).__name__, sd["v"] is sd["w"], torch.equal(sd["w"].contiguous(), w)
+        ('FileRanges', True, True)
+    """
+    ck = open_deepspeed(checkpoint_dir, tag, refs=True)
+    b = _build(ck, exclude_frozen_parameters, False)
+    by_leaf: dict[int, list[_Part]] = {}
+    for p in b.parts:
+        by_leaf.setdefault(p.leaf, []).append(p)
+    built: list[Any] = []
+
+    def assembled(name: str) -> torch.Tensor:
+        """Entry ``name`` by torch's assembly (the sources made once, on first use)."""
+        from zckpt.assemble import assemble_fp32, index_sources
+
+        if not built:
+            try:
+                index = index_sources(b.skeleton(), b.torch_sources(ck))
+            except CoverageError as err:
+                raise DeepSpeedFormatError(f"{ck.path}: {err}") from None
+            built.extend((index, {e.name: e for e in b.torch_entries()}))
+        index, entries = built
+        return dict(assemble_fp32(index, [entries[name]]))[name]
+
+    out: dict[str, Any] = {}
+    for e in b.entries:
+        if e.tied_to is not None:
+            out[e.name] = out[e.tied_to]
+            continue
+        meta = b.metas[e.source]
+
+        def load(name: str = e.name) -> torch.Tensor:
+            return assembled(name)
+
+        ranges = _byte_ranges(b, by_leaf, e)
+        if ranges is not None:
+            out[e.name] = FileRanges(meta.shape, e.dtype, ranges, load)
+        else:
+            out[e.name] = LazyTensor(meta.shape, torch_dtype(e.dtype), load)
+    return out

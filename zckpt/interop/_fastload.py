@@ -21,9 +21,16 @@ How it stays exactly torch's result, never more permissive:
    ``APPEND(S)`` only on a list and ``SETITEM(S)`` only on a dict or ``OrderedDict``: where torch
    would refuse, or would do something the C unpickler does differently, the scan says no.
 2. **The C unpickler then builds the objects** with ``find_class`` answering only
-   :data:`FAST_GLOBALS` (anything else raises) and ``persistent_load`` answering only
-   ``('storage', type, key, location, numel)`` ids, with slices of one private mapping of the
-   file, as torch's ``mmap=True`` load makes them.
+   :data:`FAST_GLOBALS` (anything else raises), and those are inert: torch's names are answered
+   by the stand-ins of ``_refs.py`` (a rebuild function returns a ``TensorRef``: which record of
+   the file, dtype, storage offset, shape, stride, checked to lie inside its storage as torch's
+   ``set_`` checks it), and ``persistent_load`` answers only ``('storage', type, key,
+   location, numel)`` ids, with a ``StorageRef`` (the record's byte offset, read from the zip's
+   own headers). This is :func:`load_refs`: no torch object is built, torch is not imported.
+3. **torch's objects, when wanted** (:func:`fast_load`): ``_refs.to_torch`` calls torch's own
+   rebuild functions with the recorded arguments, on slices of one private mapping of the file
+   (as torch's ``mmap=True`` load makes them), and maps every other stand-in to the object
+   torch's allow-list maps its name to.
 
 Any error on the way (a torn file, an odd state the C unpickler rejects) is :data:`NOT_FAST`:
 torch's load then runs and reports it as before.
@@ -36,48 +43,104 @@ import os
 import pickle
 import struct
 import sys
+import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-import torch._weights_only_unpickler as _wou
-import torch.serialization
+from zckpt.interop._refs import (
+    REBUILD,
+    STORAGE_DTYPES,
+    TENSOR_TYPE,
+    Device,
+    Size,
+    StorageRef,
+    TorchGlobal,
+    to_torch,
+)
 
-__all__ = ["FAST_GLOBALS", "NOT_FAST", "fast_load", "scan"]
+__all__ = ["FAST_GLOBALS", "NOT_FAST", "fast_load", "load_refs", "scan"]
 
 #: What :func:`fast_load` returns when it cannot give torch's result; the caller loads as before.
 NOT_FAST: Any = object()
 
-_REBUILD = ("_rebuild_tensor", "_rebuild_tensor_v2")
-# ZeRO-3 saves its flat groups as tensors with Python attributes: _rebuild_from_type_v2 of
-# torch.Tensor, which calls the (allow-listed) rebuild function it is given.
-_NAMED = (
-    "collections.OrderedDict",
-    "torch.Size",
-    "torch.device",
-    "torch.Tensor",
-    "torch._tensor._rebuild_from_type_v2",
-)
 _PLAIN = "plain"  # a stand-in class instance: BUILD sets attributes
+
+#: The dtypes torch's ``weights_only`` allow-list names (``torch.<name>``), kept by name.
+DTYPE_NAMES = tuple(
+    [
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+        "complex128",
+        "complex64",
+        "complex32",
+        "qint8",
+        "qint32",
+        "quint8",
+        "quint4x2",
+        "quint2x4",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+        "bits1x8",
+        "bits2x4",
+        "bits4x2",
+        "bits8",
+        "bits16",
+        "uint1",
+        "uint2",
+        "uint3",
+        "uint4",
+        "uint5",
+        "uint6",
+        "uint7",
+        "int1",
+        "int2",
+        "int3",
+        "int4",
+        "int5",
+        "int6",
+        "int7",
+    ]
+)
 
 
 def _fast_globals(extra: Mapping[str, Any]) -> dict[str, Any]:
-    allowed = _wou._get_allowed_globals()
-    out: dict[str, Any] = {}
-    for name, obj in allowed.items():
-        if (
-            name in _NAMED
-            or name in (f"torch._utils.{f}" for f in _REBUILD)
-            or isinstance(obj, (torch.dtype, torch.serialization.StorageType))
-        ):
-            out[name] = obj
+    """Every global the fast path answers, by name, as the inert objects of ``_refs.py`` (no
+    torch): what torch's allow-list maps these names to is what ``to_torch`` makes of them."""
+    out: dict[str, Any] = {
+        "collections.OrderedDict": OrderedDict,
+        "torch.Size": Size,
+        "torch.device": Device,
+        "torch.Tensor": TENSOR_TYPE,
+        **REBUILD,
+    }
+    for name in DTYPE_NAMES:
+        out[f"torch.{name}"] = TorchGlobal(f"torch.{name}")
+    for name in STORAGE_DTYPES:
+        for module in ("torch", "torch.cuda"):
+            if module == "torch" or not name.startswith("Q"):
+                out[f"{module}.{name}"] = TorchGlobal(f"{module}.{name}")
     out.update(extra)
     return out
 
 
-#: Filled on first use from torch's allow-list and ``_unpickle.ALLOWED_GLOBALS``.
+#: Filled on first use (``_fast_globals`` with ``_unpickle.ALLOWED_GLOBALS``'s stand-ins).
 FAST_GLOBALS: dict[str, Any] = {}
 
 
@@ -101,11 +164,13 @@ def _map_name(module: str, name: str) -> tuple[str, str]:
 def _kind_of_global(obj: Any) -> str:
     if obj is OrderedDict:
         return "g:odict"
-    if getattr(obj, "__name__", None) in (*_REBUILD, "_rebuild_from_type_v2") and callable(obj):
+    if type(obj).__name__ == "RebuildFn":
         return "g:rebuild"
-    if isinstance(obj, type) and obj.__module__.startswith("zckpt."):
+    if obj is TENSOR_TYPE:  # NEWOBJ/REDUCE on torch.Tensor: torch's load decides
+        return "g:value"
+    if isinstance(obj, type) and obj.__module__.startswith("zckpt.interop._unpickle"):
         return "g:standin-enum" if issubclass(obj, int) else "g:standin"
-    if isinstance(obj, type):
+    if obj is Size or obj is Device:
         return "g:class"
     return "g:value"
 
@@ -282,13 +347,102 @@ class _Unpickler(pickle.Unpickler):
         return self._storage(pid)
 
 
+class _DamagedError(Exception):
+    """The file is a torch.save zip that no loader may read as it is (torch's ``mmap=True`` load
+    would give wrong values without an error): a zckpt error, not torch's fallback."""
+
+
+def _record_offset(f: Any, info: zipfile.ZipInfo) -> int:
+    """Where a stored zip record's bytes begin (after its local header)."""
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise ValueError(f"no local header for {info.filename}")
+    n, m = struct.unpack_from("<HH", head, 26)
+    return int(info.header_offset) + 30 + int(n) + int(m)
+
+
+def load_refs(path: str) -> Any:
+    """``path`` (a ``torch.save`` zip) unpickled on the C unpickler with its tensors as
+    :class:`~zckpt.interop._refs.TensorRef` and torch's other values as the inert stand-ins of
+    ``_refs.py``: nothing is built in torch, nothing from the file is run, and torch is not
+    imported. :data:`NOT_FAST` where the scan or the unpickler says no (see the module
+    docstring); ``_refs.to_torch`` of the result is what :func:`fast_load` returns.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = tempfile.mkdtemp() + "/x.pt"
+        >>> torch.save({"w": torch.arange(3.0)}, p)
+        >>> ref = load_refs(p)["w"]
+        >>> ref.dtype, ref.shape, ref.file_range()[2]
+        ('float32', (3,), 12)
+    """
+    fast = _globals()
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")  # noqa: SIM115 (closed below, after the storages are located)
+    except OSError:
+        return NOT_FAST
+    try:
+        with f, zipfile.ZipFile(f) as z:
+            infos = z.infolist()
+            prefix = infos[0].filename.split("/", 1)[0] + "/" if infos else ""
+            records = {i.filename[len(prefix) :]: i for i in infos}
+            if not prefix or any(not i.filename.startswith(prefix) for i in infos):
+                return NOT_FAST
+            if "byteorder" in records and z.read(records["byteorder"]) != sys.byteorder.encode():
+                return NOT_FAST
+            data = z.read(records["data.pkl"])
+            if not scan(data, fast):
+                return NOT_FAST
+            seen: dict[str, StorageRef] = {}
+
+            def storage(pid: Any) -> Any:
+                if type(pid) is not tuple or len(pid) != 5:
+                    raise pickle.UnpicklingError("not a storage id")
+                typename, storage_type, key, location, numel = pid
+                if isinstance(typename, bytes):
+                    typename = typename.decode("ascii")
+                if isinstance(location, bytes):
+                    location = location.decode("ascii")
+                if typename != "storage" or not isinstance(location, str):
+                    raise pickle.UnpicklingError("not a storage id")
+                dtype = getattr(storage_type, "storage_dtype", None) or ""
+                if not dtype or type(key) is not str or type(numel) is not int or numel < 0:
+                    raise pickle.UnpicklingError("not a storage id")
+                info = records[f"data/{key}"]
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise pickle.UnpicklingError("a compressed storage")
+                ref = StorageRef(path, key, dtype, numel, location, _record_offset(f, info))
+                if ref.nbytes != info.file_size:  # torch's mmap load would not notice
+                    raise _DamagedError(
+                        f"storage data/{key} is {numel} x {dtype} ({ref.nbytes} bytes) but its "
+                        f"record holds {info.file_size} bytes"
+                    )
+                if ref.offset + ref.nbytes > size:
+                    raise pickle.UnpicklingError("a storage past the end of the file")
+                if seen.setdefault(key, ref) != ref:  # one key, two readings: torch decides
+                    raise pickle.UnpicklingError("a storage key with two types")
+                return ref
+
+            return _Unpickler(data, fast, storage).load()
+    except _DamagedError as e:
+        from zckpt.interop._unpickle import DeepSpeedFormatError
+
+        raise DeepSpeedFormatError(f"{path}: {e}") from None
+    except Exception:  # a torn or foreign zip, the C unpickler's own checks: torch's load decides
+        return NOT_FAST
+
+
 def fast_load(path: str) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True, mmap=True)`` with zckpt's
     DeepSpeed stand-ins allowed, on the C unpickler; :data:`NOT_FAST` where it cannot be sure
-    to give the same result (see the module docstring). ``path`` is a ``torch.save`` zip.
+    to give the same result (see the module docstring). ``path`` is a ``torch.save`` zip: it is
+    read as references (:func:`load_refs`), which torch's own rebuild functions then turn into
+    tensors (``_refs.to_torch``).
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, torch
         >>> p = tempfile.mkdtemp() + "/x.pt"
         >>> torch.save({"w": torch.arange(3.0), "n": torch.Size([3])}, p)
         >>> fast_load(p)["w"].tolist()
@@ -297,51 +451,10 @@ def fast_load(path: str) -> Any:
         >>> fast_load(p) is NOT_FAST
         True
     """
-    fast = _globals()
-    try:
-        reader: Any = torch._C.PyTorchFileReader(path)
-        order = bytes(reader.get_record("byteorder")) if reader.has_record("byteorder") else None
-        if order is not None and order != sys.byteorder.encode():
-            return NOT_FAST
-        data = bytes(reader.get_record("data.pkl"))
-    except Exception:  # a torn or foreign zip: torch's load reports it
+    refs = load_refs(path)
+    if refs is NOT_FAST:
         return NOT_FAST
-    if not scan(data, fast):
-        return NOT_FAST
-    size = os.path.getsize(path)
-    whole = torch.UntypedStorage.from_file(path, False, size)
-    loaded: dict[Any, Any] = {}
-
-    def storage(pid: Any) -> Any:
-        if type(pid) is not tuple or len(pid) != 5:
-            raise pickle.UnpicklingError("not a storage id")
-        typename, storage_type, key, location, numel = pid
-        if torch.serialization._maybe_decode_ascii(typename) != "storage":
-            raise pickle.UnpicklingError("not a storage id")
-        if key in loaded:
-            return loaded[key]
-        if storage_type is torch.UntypedStorage:
-            dtype = torch.uint8
-        elif isinstance(storage_type, torch.serialization.StorageType):
-            dtype = storage_type.dtype
-        else:
-            raise pickle.UnpicklingError("not a storage type")
-        nbytes = numel * dtype.itemsize  # torch._utils._element_size
-        offset = reader.get_record_offset(f"data/{key}")
-        if offset < 0 or nbytes < 0 or offset + nbytes > size:
-            raise pickle.UnpicklingError("a storage past the end of the file")
-        untyped = whole[offset : offset + nbytes]
-        location = torch.serialization._maybe_decode_ascii(location)
-        if not isinstance(location, str):
-            raise pickle.UnpicklingError("not a storage location")
-        typed: Any = torch.storage.TypedStorage(  # type: ignore[no-untyped-call]
-            wrap_storage=untyped, dtype=dtype, _internal=True
-        )
-        if typed._data_ptr() != 0:
-            loaded[key] = typed
-        return typed
-
     try:
-        return _Unpickler(data, fast, storage).load()
-    except Exception:  # the C unpickler's own checks (odd states): torch's load decides
+        return to_torch(refs)
+    except Exception:  # torch's rebuild refused what the stand-ins accepted: torch's load decides
         return NOT_FAST

@@ -26,7 +26,7 @@ import threading
 import weakref
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, overload
 
 from zckpt.interop._detect import deepspeed_tags, find_deepspeed
@@ -92,8 +92,8 @@ class ModelStates(Sequence[Mapping[str, Any]]):
         (2, (0,), 2, (0, 1))
     """
 
-    def __init__(self, files: tuple[str, ...], world_size: int) -> None:
-        self._files, self._ws = files, world_size
+    def __init__(self, files: tuple[str, ...], world_size: int, refs: bool = False) -> None:
+        self._files, self._ws, self._refs = files, world_size, refs
         self._loaded: dict[int, Mapping[str, Any]] = {}
         self._lock = threading.Lock()
         for f in files[1:]:
@@ -112,7 +112,7 @@ class ModelStates(Sequence[Mapping[str, Any]]):
         f = self._files[r]
         with self._lock:
             if r not in self._loaded:
-                state = get({"f": load_pickle(f)}, "f", f, Mapping)
+                state = get({"f": _load(f, self._refs)}, "f", f, Mapping)
                 dp = state.get("dp_world_size", self._ws)
                 if dp != self._ws:
                     raise DeepSpeedFormatError(
@@ -124,6 +124,11 @@ class ModelStates(Sequence[Mapping[str, Any]]):
     def loaded(self) -> tuple[int, ...]:
         """The ranks whose file was unpickled so far."""
         return tuple(sorted(self._loaded))
+
+
+def _load(path: str, refs: bool) -> Any:
+    """:func:`load_pickle`, as references with ``refs`` (looked up when called: tests patch it)."""
+    return load_pickle(path, refs=True) if refs else load_pickle(path)
 
 
 def _check_zip(path: str) -> None:
@@ -169,6 +174,20 @@ class DeepSpeedCheckpoint:
     optim: tuple[Mapping[str, Any], ...]
     experts: tuple[ExpertFile, ...]
     universal: UniversalFiles | None = None
+    #: Opened as references (``open_deepspeed(refs=True)``): tensors may be ``TensorRef``.
+    refs: bool = False
+    _torch: list[Any] = field(default_factory=list, repr=False, compare=False)
+
+    def as_torch(self, t: Any) -> Any:
+        """A tensor of this checkpoint as a torch tensor: a ``TensorRef`` (``refs=True``) is
+        built from its file by one :class:`~zckpt.interop._refs.TorchBuilder` per checkpoint
+        (one mapping per file, storages shared as a whole load shares them); a torch tensor is
+        returned as it is. Imports torch."""
+        if not self._torch:
+            from zckpt.interop._refs import TorchBuilder
+
+            self._torch.append(TorchBuilder())
+        return self._torch[0].tensor(t)
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -223,10 +242,14 @@ def _scan(d: str) -> tuple[list[str], dict[int, str], list[str], list[tuple[int,
     return _by_rank(optim, "optimizer", d), model3, model, experts
 
 
-def open_deepspeed(path: str | os.PathLike[str], tag: str | None = None) -> DeepSpeedCheckpoint:
+def open_deepspeed(
+    path: str | os.PathLike[str], tag: str | None = None, refs: bool = False
+) -> DeepSpeedCheckpoint:
     """Open a DeepSpeed checkpoint: a save_dir (tag from ``tag`` or ``latest``) or a tag dir.
 
-    Every file is loaded through :func:`zckpt.interop.load_pickle` (allow-list, memory-mapped).
+    Every file is loaded through :func:`zckpt.interop.load_pickle` (allow-list, memory-mapped);
+    with ``refs``, as references where the fast path takes it (no torch; a universal checkpoint
+    is read with torch all the same), see :meth:`DeepSpeedCheckpoint.as_torch`.
 
     Raises:
         DeepSpeedFormatError: not a DeepSpeed ZeRO checkpoint, or its files disagree (the
@@ -245,16 +268,16 @@ def open_deepspeed(path: str | os.PathLike[str], tag: str | None = None) -> Deep
     if found is None:
         raise DeepSpeedFormatError(f"{os.fspath(path)}: not a DeepSpeed checkpoint directory")
     d, tag = found
-    ck = _open(d, tag)
+    ck = _open(d, tag, refs)
     if ck.universal is None:
         with _LOCK:
-            _opened[(os.path.realpath(d), _fingerprint(d))] = ck
+            _opened[(os.path.realpath(d), _fingerprint(d), ck.refs)] = ck
     return ck
 
 
 # Checkpoints opened and still alive in this process (the fp32 state dict's lazy values keep
 # theirs), by directory and its files' identities: see recently_opened.
-_opened: weakref.WeakValueDictionary[tuple[str, Any], DeepSpeedCheckpoint] = (
+_opened: weakref.WeakValueDictionary[tuple[str, Any, bool], DeepSpeedCheckpoint] = (
     weakref.WeakValueDictionary()
 )
 _LOCK = threading.Lock()
@@ -287,14 +310,16 @@ def recently_opened(path: str | os.PathLike[str], tag: str | None = None) -> Dee
     """
     found = find_deepspeed(path, tag)
     if found is not None:
-        with _LOCK:
-            ck = _opened.get((os.path.realpath(found[0]), _fingerprint(found[0])))
-        if ck is not None and ck.tag == found[1]:
-            return ck
+        key = (os.path.realpath(found[0]), _fingerprint(found[0]))
+        for refs in (False, True):
+            with _LOCK:
+                ck = _opened.get((*key, refs))
+            if ck is not None and ck.tag == found[1]:
+                return ck
     return open_deepspeed(path, tag)
 
 
-def _open(d: str, tag: str) -> DeepSpeedCheckpoint:
+def _open(d: str, tag: str, refs: bool = False) -> DeepSpeedCheckpoint:
     optim_files, model3, model, experts = _scan(d)
     if not optim_files and is_universal(d):
         return _open_universal(d, tag, model3, model, experts)
@@ -305,20 +330,30 @@ def _open(d: str, tag: str) -> DeepSpeedCheckpoint:
             "module in mp_rank_00_model_states.pt)"
         )
     ws = len(optim_files)
-    optim = tuple(get(load_pickle(f), "optimizer_state_dict", f, Mapping) for f in optim_files)
+    optim = tuple(get(_load(f, refs), "optimizer_state_dict", f, Mapping) for f in optim_files)
     stages = {int(get(o, "zero_stage", f, int)) for o, f in zip(optim, optim_files)}
     if len(stages) != 1 or not stages <= {1, 2, 3}:
         raise DeepSpeedFormatError(f"{d}: zero_stage {sorted(stages)} across the optimizer files")
     (stage,) = stages
     model_files = _model_files(d, stage, ws, model3, model)
-    states = ModelStates(tuple(model_files), ws)
+    states = ModelStates(tuple(model_files), ws, refs)
     states[0]  # rank 0's is always needed: load and check it now
     loaded = tuple(
-        ExpertFile(layer, e, f, get({"f": load_pickle(f)}, "f", f, Mapping))
+        ExpertFile(layer, e, f, get({"f": _load(f, refs)}, "f", f, Mapping))
         for layer, e, f in sorted(experts)
     )
     return DeepSpeedCheckpoint(
-        d, tag, stage, ws, tuple(model_files), states, tuple(optim_files), optim, loaded
+        d,
+        tag,
+        stage,
+        ws,
+        tuple(model_files),
+        states,
+        tuple(optim_files),
+        optim,
+        loaded,
+        None,
+        refs,
     )
 
 

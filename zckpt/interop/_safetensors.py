@@ -51,12 +51,11 @@ import json
 import os
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
-
-from zckpt.assemble import fp32_entries
+from zckpt.format._dtypes import ITEMSIZE_OF_NAME, dtype_name, torch_dtype
 from zckpt.interop._files import find_deepspeed, recently_opened
 from zckpt.interop._output import (
     PYTHON_FLAG,
@@ -67,7 +66,9 @@ from zckpt.interop._output import (
     finish_file,
 )
 from zckpt.interop._stream import write_value
-from zckpt.store import open_checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Exported",
@@ -204,6 +205,9 @@ def module_key_order(checkpoint_dir: str | os.PathLike[str], tag: str | None = N
         if not isinstance(module, Mapping):
             return []
         return [k for k in module if isinstance(k, str)]
+    from zckpt.assemble import fp32_entries
+    from zckpt.store import open_checkpoint
+
     m = open_checkpoint(checkpoint_dir, tag).manifest
     return [e.name for e in fp32_entries(m.skeleton, m.spec)]
 
@@ -218,7 +222,8 @@ def _in_order(state_dict: Mapping[str, Any], key_order: Iterable[str] | None) ->
 
 
 def _alias_key(v: Any) -> tuple[Any, ...]:
-    if isinstance(v, torch.Tensor) and v.numel() > 0:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(v, torch.Tensor) and v.numel() > 0:
         return (
             v.device,
             v.untyped_storage().data_ptr(),
@@ -230,9 +235,14 @@ def _alias_key(v: Any) -> tuple[Any, ...]:
     return ("id", id(v))
 
 
-def _target_dtype(v: Any, dtype: torch.dtype | None) -> torch.dtype:
-    src: torch.dtype = v.dtype
-    return dtype if dtype is not None and src.is_floating_point else src
+def _is_floating(name: str) -> bool:
+    return name.startswith(("float", "bfloat"))
+
+
+def _target_dtype(v: Any, dtype: torch.dtype | str | None) -> str:
+    """The dtype (its name) ``v`` is written in: ``dtype`` for floating values, else its own."""
+    src = dtype_name(v.dtype)
+    return dtype_name(dtype) if dtype is not None and _is_floating(src) else src
 
 
 def _numel(v: Any) -> int:
@@ -242,13 +252,21 @@ def _numel(v: Any) -> int:
     return n
 
 
-def _nbytes(v: Any, dtype: torch.dtype) -> int:
-    return _numel(v) * torch.empty((), dtype=dtype).element_size()
+def _itemsize(name: str) -> int:
+    if name in ITEMSIZE_OF_NAME:
+        return ITEMSIZE_OF_NAME[name]
+    return int(torch_dtype(name).itemsize)
 
 
-def _materialise(v: Any, dtype: torch.dtype) -> torch.Tensor:
+def _nbytes(v: Any, dtype: str) -> int:
+    return _numel(v) * _itemsize(dtype)
+
+
+def _materialise(v: Any, dtype: str) -> torch.Tensor:
+    import torch
+
     t: torch.Tensor = v if isinstance(v, torch.Tensor) else v.contiguous()
-    t = t.detach().to(device="cpu", dtype=dtype).contiguous()
+    t = t.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous()
     if t.numel() and t.untyped_storage().nbytes() != t.numel() * t.element_size():
         t = t.clone()  # a view into a larger buffer: safetensors refuses shared storage
     return t
@@ -257,33 +275,42 @@ def _materialise(v: Any, dtype: torch.dtype) -> torch.Tensor:
 #: safetensors' dtype names, in the order ``safetensors.torch.save_file`` lays tensors out (its
 #: ``Dtype`` enum, largest first; by name within a dtype), so a streamed file is byte for byte
 #: the file ``save_file`` writes for the same tensors and metadata.
-_DTYPES: tuple[tuple[str, torch.dtype], ...] = tuple(
-    (code, dt)
-    for code, name in (
-        ("U64", "uint64"),
-        ("I64", "int64"),
-        ("F64", "float64"),
-        ("F32", "float32"),
-        ("U32", "uint32"),
-        ("I32", "int32"),
-        ("BF16", "bfloat16"),
-        ("F16", "float16"),
-        ("U16", "uint16"),
-        ("I16", "int16"),
-        ("F8_E4M3", "float8_e4m3fn"),
-        ("F8_E5M2", "float8_e5m2"),
-        ("I8", "int8"),
-        ("U8", "uint8"),
-        ("BOOL", "bool"),
-    )
-    if isinstance(dt := getattr(torch, name, None), torch.dtype)
+_CODES: tuple[tuple[str, str], ...] = (
+    ("U64", "uint64"),
+    ("I64", "int64"),
+    ("F64", "float64"),
+    ("F32", "float32"),
+    ("U32", "uint32"),
+    ("I32", "int32"),
+    ("BF16", "bfloat16"),
+    ("F16", "float16"),
+    ("U16", "uint16"),
+    ("I16", "int16"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("I8", "int8"),
+    ("U8", "uint8"),
+    ("BOOL", "bool"),
 )
-_CODE = {dt: code for code, dt in _DTYPES}
-_RANK = {dt: i for i, (_code, dt) in enumerate(_DTYPES)}
+_CODE = {dt: code for code, dt in _CODES}
+_RANK = {dt: i for i, (_code, dt) in enumerate(_CODES)}
+
+
+def __getattr__(name: str) -> Any:
+    """``_DTYPES``: the table with torch dtypes (those this torch has), built when asked for."""
+    if name == "_DTYPES":
+        import torch
+
+        return tuple(
+            (code, dt)
+            for code, n in _CODES
+            if isinstance(dt := getattr(torch, n, None), torch.dtype)
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def safetensors_header(
-    tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+    tensors: Iterable[tuple[str, torch.dtype | str, tuple[int, ...]]], metadata: Mapping[str, str]
 ) -> tuple[bytes, list[int]]:
     """The header ``save_file`` writes for these ``(name, dtype, shape)`` and metadata (the
     8-byte length and the JSON, space-padded to 8 bytes), and the order the tensors' bytes
@@ -293,22 +320,23 @@ def safetensors_header(
         ValueError: a dtype safetensors has no name for here.
 
     Example:
+        >>> import torch
         >>> h, order = safetensors_header(
-        ...     [("b", torch.float16, (2,)), ("a", torch.float32, ())], {"format": "pt"})
+        ...     [("b", torch.float16, (2,)), ("a", "float32", ())], {"format": "pt"})
         >>> h[8:].decode().rstrip(), order
         ('{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]},\
 "b":{"dtype":"F16","shape":[2],"data_offsets":[4,8]}}', [1, 0])
     """
-    items = list(tensors)
+    items = [(name, dtype_name(dt), shape) for name, dt, shape in tensors]
     for name, dt, _shape in items:
         if dt not in _CODE:
-            raise ValueError(f"{name}: dtype {dt} has no safetensors name zckpt writes")
+            raise ValueError(f"{name}: dtype torch.{dt} has no safetensors name zckpt writes")
     order = sorted(range(len(items)), key=lambda i: (_RANK[items[i][1]], items[i][0]))
     doc: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     pos = 0
     for i in order:
         name, dt, shape = items[i]
-        n = dt.itemsize
+        n = ITEMSIZE_OF_NAME[dt]
         for d in shape:
             n *= int(d)
         doc[name] = {
@@ -325,7 +353,7 @@ def safetensors_header(
 def _write(
     names: list[str],
     values: list[Any],
-    dtypes: list[torch.dtype],
+    dtypes: list[str],
     path: str,
     meta: dict[str, str],
     on_tensor: Callable[[str, int], None] | None,
@@ -370,7 +398,7 @@ def export_safetensors(
     *,
     max_shard_size: int | str | None = None,
     metadata: Mapping[str, str] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     overwrite: bool = False,
     key_order: Iterable[str] | None = None,
@@ -451,13 +479,13 @@ class _Plan(NamedTuple):
 
     names: list[str]
     values: list[Any]
-    dtypes: list[torch.dtype]
+    dtypes: list[str]
     sizes: list[int]
     tied: dict[str, str]
 
 
 def _plan(
-    state_dict: Mapping[str, Any], key_order: Iterable[str] | None, dtype: torch.dtype | None
+    state_dict: Mapping[str, Any], key_order: Iterable[str] | None, dtype: torch.dtype | str | None
 ) -> _Plan:
     names: list[str] = []
     values: list[Any] = []
@@ -467,7 +495,7 @@ def _plan(
         if not isinstance(name, str):
             raise ValueError(f"state dict keys must be strings, got {name!r}")
         v = state_dict[name]
-        if not (isinstance(v, torch.Tensor) or hasattr(v, "contiguous")):
+        if not hasattr(v, "contiguous"):
             raise ValueError(
                 f"{name}: not a tensor ({type(v).__name__}); safetensors holds tensors"
             )
@@ -489,7 +517,7 @@ def write_safetensors(
     *,
     max_shard_size: int | str | None = None,
     metadata: Mapping[str, str] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     overwrite: bool = False,
     key_order: Iterable[str] | None = None,

@@ -13,6 +13,9 @@ value (tensor, lazy or streamed) at a file descriptor's position with bounded me
   ``copy_file_range`` (where the kernel or filesystem refuses it, from the mapping, window by
   window, each window's pages released, as ``PagedSource.read_into`` does); ranges in memory are
   written from memory;
+- a :class:`FileRanges` (``_deepspeed.py: export_values``, a checkpoint read as references):
+  its byte ranges of the checkpoint files, with ``copy_file_range`` or else ``pread`` and
+  ``write``; torch is not needed, nor imported;
 - any other value is materialised (one tensor) and written from its memory, window by window.
 
 Memory beyond the tensor being written is one window at most; a streamed value needs none.
@@ -24,15 +27,17 @@ import errno
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from zckpt.assemble import Source
-from zckpt.interop._pages import PagedSource, release_pages
+from zckpt.format._dtypes import dtype_name
 from zckpt.store._fp32 import LazyTensor
 
-__all__ = ["Segment", "StreamedTensor", "write_value"]
+if TYPE_CHECKING:
+    import torch
+
+    from zckpt.assemble import Source
+
+__all__ = ["FileRanges", "Segment", "StreamedTensor", "write_value"]
 
 _WINDOW = 16 << 20
 #: errnos with which copy_file_range says "not here" (old kernel, other filesystem, seccomp).
@@ -40,7 +45,36 @@ _NO_COPY_RANGE = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, err
 _state = {"copy_range": hasattr(os, "copy_file_range")}
 
 #: ``(source, start, stop)``: elements ``[start, stop)`` of a saved fragment (relative to it).
-Segment = tuple[Source, int, int]
+Segment = tuple["Source", int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class FileRanges:
+    """A tensor of ``shape`` and ``dtype`` (a torch dtype name) whose bytes are, in order, the
+    ``(path, offset, bytes)`` ranges of files: an export copies them without torch;
+    ``contiguous()`` is ``load()``, the tensor (built with torch).
+
+    Example:
+        >>> import tempfile
+        >>> f = tempfile.NamedTemporaryFile()
+        >>> _ = f.write(bytes(range(16))); f.flush()
+        >>> v = FileRanges((2,), "int16", ((f.name, 4, 2), (f.name, 10, 2)), lambda: None)
+        >>> with tempfile.TemporaryFile() as out:
+        ...     write_value(out.fileno(), v, "int16", lambda v, d: None)
+        ...     _ = out.seek(0)
+        ...     list(out.read())
+        4
+        [4, 5, 10, 11]
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    ranges: tuple[tuple[str, int, int], ...]
+    load: Callable[[], Any]
+
+    def contiguous(self) -> Any:
+        """The tensor, read and built with torch."""
+        return self.load()
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +83,7 @@ class StreamedTensor(LazyTensor):
     fragments of the same dtype: an export writes them to its file without materialising it.
 
     Example:
+        >>> import torch
         >>> from zckpt.spec import Fragment
         >>> from zckpt.assemble import TensorSource
         >>> data = torch.arange(4.0)
@@ -70,6 +105,8 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 def _bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
+    import torch
+
     flat = t.reshape(-1)
     if not flat.numel():
         return memoryview(b"")
@@ -82,7 +119,7 @@ def write_tensor(fd: int, t: torch.Tensor, release: bool = False) -> int:
     Returns the bytes written.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, torch
         >>> with tempfile.TemporaryFile() as f:
         ...     write_tensor(f.fileno(), torch.tensor([1, 2], dtype=torch.int16))
         ...     _ = f.seek(0)
@@ -90,6 +127,8 @@ def write_tensor(fd: int, t: torch.Tensor, release: bool = False) -> int:
         4
         b'\\x01\\x00\\x02\\x00'
     """
+    from zckpt.interop._pages import release_pages
+
     view = _bytes(t)
     lo = t.data_ptr()
     for a in range(0, view.nbytes, _WINDOW):
@@ -128,21 +167,50 @@ def _copy_range(src: str, offset: int, n: int, fd: int) -> bool:
         os.close(sfd)
 
 
-def write_value(fd: int, value: Any, dtype: torch.dtype, materialise: Callable[..., Any]) -> int:
-    """Write ``value``'s bytes (as ``dtype``) at ``fd``'s position; returns the bytes written.
+def _pread_range(src: str, offset: int, n: int, fd: int) -> int:
+    """Copy ``n`` bytes of ``src`` from ``offset`` to ``fd``'s position, 16 MiB at a time."""
+    sfd = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        done = 0
+        while done < n:
+            chunk = os.pread(sfd, min(_WINDOW, n - done), offset + done)
+            if not chunk:
+                raise OSError(
+                    errno.EIO,
+                    f"{src}: ends before byte {offset + n} (read at offset {offset + done}); "
+                    "was it truncated while being exported?",
+                )
+            _write_all(fd, memoryview(chunk))
+            done += len(chunk)
+        return done
+    finally:
+        os.close(sfd)
 
-    A :class:`StreamedTensor` of ``dtype`` goes segment by segment (checkpoint files to the
-    output in the kernel where possible); anything else is ``materialise(value, dtype)`` (a
-    contiguous CPU tensor) written from memory.
+
+def write_value(fd: int, value: Any, dtype: Any, materialise: Callable[..., Any]) -> int:
+    """Write ``value``'s bytes (as ``dtype``, a torch dtype or its name) at ``fd``'s position;
+    returns the bytes written.
+
+    A :class:`FileRanges` of ``dtype`` goes range by range, file to file (no torch); a
+    :class:`StreamedTensor` of ``dtype`` segment by segment (checkpoint files to the output in
+    the kernel where possible); anything else is ``materialise(value, dtype)`` (a contiguous
+    CPU tensor) written from memory.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, torch
         >>> with tempfile.TemporaryFile() as f:
         ...     write_value(f.fileno(), torch.ones(2), torch.float32, lambda v, d: v.to(d))
         8
     """
-    if not isinstance(value, StreamedTensor) or value.dtype != dtype:
+    if isinstance(value, FileRanges) and value.dtype == dtype_name(dtype):
+        done = 0
+        for path, offset, n in value.ranges:
+            done += n if _copy_range(path, offset, n, fd) else _pread_range(path, offset, n, fd)
+        return done
+    if not isinstance(value, StreamedTensor) or dtype_name(value.dtype) != dtype_name(dtype):
         return write_tensor(fd, materialise(value, dtype))
+    from zckpt.interop._pages import PagedSource
+
     total = 0
     for src, a, b in value.segments():
         if isinstance(src, PagedSource):
@@ -154,7 +222,7 @@ def write_value(fd: int, value: Any, dtype: torch.dtype, materialise: Callable[.
             total += write_tensor(fd, src.data[a:b], release=where is not None)
         else:
             part = src.read(a, b)
-            if part.dtype != dtype:
+            if dtype_name(part.dtype) != dtype_name(dtype):
                 raise TypeError(f"a {part.dtype} segment in a {dtype} streamed tensor")
             total += write_tensor(fd, part.contiguous())
     return total

@@ -154,11 +154,16 @@ def require_regular(path: str) -> None:
         raise DeepSpeedFormatError(e.strerror or str(e)) from None
 
 
-def load_pickle(path: str | os.PathLike[str]) -> Any:
+def load_pickle(path: str | os.PathLike[str], refs: bool = False) -> Any:
     """Load a DeepSpeed ``.pt`` file with ``weights_only=True`` and the allow-list, on CPU.
 
-    Zip-format files (every ``torch.save`` since 1.6) are memory-mapped, so tensors are read
-    from the page cache only when used.
+    Zip-format files (every ``torch.save`` since 1.6) go through zckpt's fast path
+    (``_fastload.py``), whose tensors are memory-mapped and read from the page cache only when
+    used; a file it does not take is read by torch's own load, into memory. With ``refs``,
+    tensors are inert
+    :class:`~zckpt.interop._refs.TensorRef` (and torch's other values the stand-ins of
+    ``_refs.py``) wherever the fast path takes the file, and torch is not imported; where it
+    does not, torch's own load runs and its tensors are returned.
 
     Raises:
         UnsafePickleError: the pickle references a global outside the allow-list (named).
@@ -176,9 +181,6 @@ def load_pickle(path: str | os.PathLike[str]) -> Any:
         ...
         zckpt.interop._unpickle.UnsafePickleError: .../x.pt: refused to unpickle builtins.print ...
     """
-    import torch
-    import torch.serialization
-
     path = os.fspath(path)
     require_regular(path)
     try:
@@ -186,11 +188,15 @@ def load_pickle(path: str | os.PathLike[str]) -> Any:
     except OSError as e:
         raise DeepSpeedFormatError(f"{path}: cannot read ({e})") from None
     if zipped:
-        from zckpt.interop._fastload import NOT_FAST, fast_load
+        from zckpt.interop._fastload import NOT_FAST, fast_load, load_refs
 
-        fast = fast_load(path)  # the C unpickler, where it gives torch's result exactly
+        # The C unpickler, where it gives torch's result exactly (as references, or built)
+        fast = load_refs(path) if refs else fast_load(path)
         if fast is not NOT_FAST:
             return fast
+    import torch
+    import torch.serialization
+
     pairs: list[Any] = [(obj, name) for name, obj in ALLOWED_GLOBALS.items()]
     with _LOCK, torch.serialization.safe_globals(pairs):
         if zipped:
@@ -206,7 +212,9 @@ def load_pickle(path: str | os.PathLike[str]) -> Any:
                     "allow-list for DeepSpeed checkpoints; nothing from the file was run)"
                 )
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+            # Not memory-mapped: torch's mmap load does not check a storage's size against its
+            # record (a damaged file would give wrong values); its plain load does.
+            return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise UnsafePickleError(f"{path}: refused to unpickle: {_first_line(e)}") from None
         except Exception as e:  # e.g. a stand-in called with arguments: refused, nothing run

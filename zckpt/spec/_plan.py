@@ -9,29 +9,47 @@ fragments (a lazy sequence, built per rank when asked for).
 
 from __future__ import annotations
 
-import bisect
 import heapq
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import chain
-from typing import TYPE_CHECKING, Any, NamedTuple, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from zckpt._lazy import lazy_module
 from zckpt.errors import SpecError
-from zckpt.format._dtypes import ITEMSIZE_OF_NAME, dtype_name, torch_dtype
-from zckpt.format._tree_index import ColumnSkeleton
+from zckpt.spec._leaves import expert_ids, is_module, itemsize, leaf_info, paths_of
+from zckpt.spec._placement import (
+    _CODE,
+    _EMPTY,
+    _EXPERT,
+    _FLAT,
+    _REPLICATED,
+    _TENSOR,
+    EMPTY,
+    EXPERT,
+    FLAT,
+    REPLICATED,
+    TENSOR,
+    FlatGroup,
+    Fragment,
+    Placement,
+    Placements,
+)
 from zckpt.spec._spec import ZeroSpec
 from zckpt.tree import Path, Skeleton, TensorMeta, _gc_paused, skeleton_of
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 else:
     np = lazy_module("numpy")  # planning a v1 manifest's checkpoint needs none
 
 __all__ = [
+    "EMPTY",
+    "EXPERT",
+    "FLAT",
+    "REPLICATED",
+    "TENSOR",
     "FlatGroup",
     "Fragment",
     "Placement",
@@ -40,119 +58,6 @@ __all__ = [
     "ShardPlan",
     "plan_shards",
 ]
-
-# Placement kinds.
-FLAT, TENSOR, REPLICATED, EMPTY, EXPERT = "flat", "tensor", "replicated", "empty", "expert"
-
-
-def _itemsize(name: str) -> int:
-    """Bytes per element of the named dtype (from the format's table: no torch needed)."""
-    n = ITEMSIZE_OF_NAME.get(name)
-    return n if n is not None else torch_dtype(name).itemsize
-
-
-class Fragment(NamedTuple):
-    """Elements ``[start, stop)`` of tensor leaf ``leaf``, in row-major flat order.
-
-    Example:
-        >>> Fragment(leaf=0, start=4, stop=10).numel
-        6
-    """
-
-    leaf: int
-    start: int
-    stop: int
-
-    @property
-    def numel(self) -> int:
-        """Number of elements in the range."""
-        return self.stop - self.start
-
-
-class Placement(NamedTuple):
-    """How one tensor leaf is laid out over ranks.
-
-    ``kind`` is ``"flat"`` (in stage 1/2 flat group ``group``), ``"tensor"`` (partitioned on its
-    own, stage 3), ``"replicated"`` (whole on every rank, written by ``owner``), ``"expert"``
-    (a tensor of MoE expert ``expert``, written whole by ``owner`` into that expert's file) or
-    ``"empty"`` (no elements; rebuilt from its meta).
-
-    Example:
-        >>> Placement("replicated", owner=1).owner
-        1
-    """
-
-    kind: str
-    group: int = -1
-    owner: int = -1
-    expert: int = -1
-
-
-@dataclass(frozen=True, init=False)
-class FlatGroup:
-    """A stage 1/2 flat buffer: tensors concatenated, tail-padded, cut into equal partitions.
-
-    Its dtype is kept by name (planning needs no torch); :attr:`dtype` is the torch dtype.
-
-    Example:
-        >>> import torch
-        >>> g = FlatGroup("exp_avg", torch.float32, (0, 1), (0, 3), 5, 8, 4)
-        >>> g.partition_range(1), g.dtype
-        ((4, 8), torch.float32)
-    """
-
-    key: str
-    dtype_name: str
-    leaves: tuple[int, ...]
-    offsets: tuple[int, ...]
-    numel: int
-    padded_numel: int
-    partition_numel: int
-
-    def __init__(
-        self,
-        key: str,
-        dtype: torch.dtype | str,
-        leaves: tuple[int, ...],
-        offsets: tuple[int, ...],
-        numel: int,
-        padded_numel: int,
-        partition_numel: int,
-    ) -> None:
-        values = (key, dtype_name(dtype), leaves, offsets, numel, padded_numel, partition_numel)
-        for name, v in zip(self.__dataclass_fields__, values):
-            object.__setattr__(self, name, v)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The torch dtype of the group's tensors (imports torch on first use)."""
-        return torch_dtype(self.dtype_name)
-
-    def partition_range(self, rank: int) -> tuple[int, int]:
-        """``[start, stop)`` of ``rank``'s partition in the padded flat buffer."""
-        return rank * self.partition_numel, (rank + 1) * self.partition_numel
-
-    def fragments(self, lo: int, hi: int) -> list[Fragment]:
-        """The pieces of the group's leaves in flat range ``[lo, hi)``, in flat order.
-
-        Example:
-            >>> FlatGroup("g", "float32", (3, 5), (0, 3), 5, 8, 4).fragments(2, 6)
-            [Fragment(leaf=3, start=2, stop=3), Fragment(leaf=5, start=0, stop=2)]
-        """
-        hi = min(hi, self.numel)
-        out: list[Fragment] = []
-        if lo >= hi:
-            return out
-        offs = self.offsets
-        i = bisect.bisect_right(offs, lo) - 1
-        n = len(offs)
-        while i < n and offs[i] < hi:
-            end = offs[i + 1] if i + 1 < n else self.numel
-            a, b = max(lo, offs[i]), min(hi, end)
-            if a < b:
-                out.append(Fragment(self.leaves[i], a - offs[i], b - offs[i]))
-            i += 1
-        return out
 
 
 class RankWrites(Sequence[tuple[Fragment, ...]]):
@@ -199,76 +104,6 @@ class RankWrites(Sequence[tuple[Fragment, ...]]):
         if not isinstance(other, Sequence) or isinstance(other, str | bytes):
             return NotImplemented
         return len(other) == len(self) and all(tuple(a) == b for a, b in zip(other, self))
-
-    def __hash__(self) -> int:
-        return hash(tuple(self))
-
-    def __repr__(self) -> str:
-        return repr(tuple(self))
-
-
-# Placement kinds as the small codes a plan's arrays hold, and back.
-_KINDS = (FLAT, TENSOR, REPLICATED, EMPTY, EXPERT)
-_CODE = {k: i for i, k in enumerate(_KINDS)}
-_FLAT, _TENSOR, _REPLICATED, _EMPTY, _EXPERT = range(5)
-
-
-class Placements(Sequence[Placement]):
-    """``plan.placements``: every leaf's :class:`Placement`, held as arrays and made when read.
-
-    Reads like the tuple it stands for (indexing, iteration, ``len``, equality with tuples);
-    a plan of a few hundred thousand leaves builds no object per leaf until one is asked for.
-
-    Example:
-        >>> import torch
-        >>> p = plan_shards({"master": {"w": torch.zeros(4)}, "n": torch.ones(())}, ZeroSpec(2, 3))
-        >>> p.placements[1], p.placements == (Placement("tensor"), Placement("replicated", owner=0))
-        (Placement(kind='replicated', group=-1, owner=0, expert=-1), True)
-    """
-
-    def __init__(
-        self, kinds: np.ndarray, groups: np.ndarray, owners: np.ndarray, experts: np.ndarray
-    ) -> None:
-        self._arrays = (kinds, groups, owners, experts)
-        self._lists: tuple[list[int], list[int], list[int], list[int]] | None = None
-        self._reads = 0  # leaves read one at a time from the arrays, before the lists are made
-
-    def _cols(self) -> tuple[list[int], list[int], list[int], list[int]]:
-        if self._lists is None:
-            k, g, o, e = (a.tolist() for a in self._arrays)
-            self._lists = (k, g, o, e)
-        return self._lists
-
-    def __len__(self) -> int:
-        return len(self._arrays[0])
-
-    @overload
-    def __getitem__(self, i: int) -> Placement: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> tuple[Placement, ...]: ...
-
-    def __getitem__(self, i: int | slice) -> Any:
-        if self._lists is None and type(i) is int and self._reads < len(self) >> 4:
-            # A few leaves (a loading rank's sources): no list of every leaf's fields.
-            self._reads += 1
-            ka, ga, oa, ea = self._arrays
-            return Placement(_KINDS[ka[i]], int(ga[i]), int(oa[i]), int(ea[i]))
-        k, g, o, e = self._cols()
-        if isinstance(i, slice):
-            return tuple(map(Placement, map(_KINDS.__getitem__, k[i]), g[i], o[i], e[i]))
-        return Placement(_KINDS[k[i]], g[i], o[i], e[i])
-
-    def __iter__(self) -> Iterator[Placement]:
-        k, g, o, e = self._cols()
-        return map(Placement, map(_KINDS.__getitem__, k), g, o, e)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Placements):
-            return all(np.array_equal(a, b) for a, b in zip(self._arrays, other._arrays))
-        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
-            return NotImplemented
-        return len(other) == len(self) and all(a == b for a, b in zip(self, other))
 
     def __hash__(self) -> int:
         return hash(tuple(self))
@@ -434,11 +269,11 @@ class ShardPlan:
             # The rank's part of each tensor of its experts: whole for 0-d tensors (and module
             # weights under stages 1-2), else its slice over the expert's group of ranks.
             leaves = np.fromiter(chain.from_iterable(mine), dtype=np.int64)
-            info = _leaves(self.skeleton)
+            info = leaf_info(self.skeleton)
             numel = info.numel[leaves]
             whole = info.scalar[leaves]
             if self.spec.stage < 3:
-                whole |= _is_module(self.skeleton, leaves, self.spec.module)
+                whole |= is_module(self.skeleton, leaves, self.spec.module)
             per = -(-numel // (self.world_size // ep))
             a = np.where(whole, 0, (rank // ep) * per)
             b = np.where(whole, numel, np.minimum(numel, a + per))
@@ -530,83 +365,6 @@ def _group_key(
     return (tuple(map(str, path[:-1])), f"torch.{meta.dtype_name}", -1), 0
 
 
-def _cache(skel: Skeleton) -> dict[Any, Any]:
-    """Per-skeleton values that every plan of it needs (a skeleton is immutable; a load plans
-    one skeleton twice, at the saved spec and the new one)."""
-    cache: dict[Any, Any] | None = skel.__dict__.get("_plan_cache")
-    if cache is None:
-        cache = {}
-        object.__setattr__(skel, "_plan_cache", cache)
-    return cache
-
-
-class _Leaves(NamedTuple):
-    numels: list[int]
-    numel: np.ndarray  # int64
-    items: np.ndarray  # bytes per element, int64
-    scalar: np.ndarray  # 0-d tensors (bool)
-
-
-def _leaves(skel: Skeleton) -> _Leaves:
-    cache = _cache(skel)
-    info: _Leaves | None = cache.get("leaves")
-    if info is None and isinstance(skel, ColumnSkeleton):  # sizes straight from the columns
-        s = skel.sizes
-        info = cache["leaves"] = _Leaves(s.numel.tolist(), s.numel, s.itemsize, s.scalar)
-    if info is None:
-        tensors = skel.tensors
-        n = len(tensors)
-        shapes = [m.shape for m in tensors]
-        dtypes = [m.dtype_name for m in tensors]
-        numels = list(map(math.prod, shapes))
-        try:
-            numel = np.array(numels, dtype=np.int64).reshape(n)
-        except OverflowError:
-            big = next(i for i, x in enumerate(numels) if x > 2**63 - 1)
-            raise SpecError(
-                f"{skel.name(big)}: {numels[big]} elements do not fit in 64 bits"
-            ) from None
-        size = {d: _itemsize(d) for d in set(dtypes)}
-        items = np.fromiter(map(size.__getitem__, dtypes), dtype=np.int64, count=n)
-        scalar = np.fromiter(map(len, shapes), dtype=np.int64, count=n) == 0
-        info = cache["leaves"] = _Leaves(numels, numel, items, scalar)
-    return info
-
-
-def _expert_ids(skel: Skeleton, spec: ZeroSpec) -> np.ndarray:
-    cache = _cache(skel)
-    key = ("experts", spec.experts)
-    ids: np.ndarray | None = cache.get(key)
-    if ids is None:
-        if isinstance(skel, ColumnSkeleton) and not skel.built:
-            ids = cache[key] = spec._expert_ids_tree(skel.index)
-        else:
-            ids = cache[key] = spec._expert_ids(skel.paths)
-    return ids
-
-
-def _paths_of(skel: Skeleton, leaves: list[int]) -> list[Path]:
-    """The paths of some leaves: a columnar skeleton walks a few up its tree rather than build
-    every path (the leaves a plan needs paths for are the few outside the experts, as a rule)."""
-    if isinstance(skel, ColumnSkeleton) and not skel.built and 4 * len(leaves) < len(skel):
-        return [skel.index.path(i) for i in leaves]
-    paths = skel.paths
-    return [paths[i] for i in leaves]
-
-
-def _is_module(skel: Skeleton, leaves: np.ndarray, module: str) -> np.ndarray:
-    """Whether each leaf's path starts with the key ``module`` (``spec.is_module_path``)."""
-    if isinstance(skel, ColumnSkeleton) and not skel.built:
-        tree = skel.index
-        tops = tree.top_nodes()[leaves]
-        firsts, which = np.unique(tops, return_inverse=True)
-        ok = [t >= 0 and str(tree.component(t)) == module for t in firsts.tolist()]
-        out: np.ndarray = np.array(ok, dtype=bool)[which.reshape(-1)]
-        return out
-    paths = skel.paths
-    return np.array([bool(paths[i]) and str(paths[i][0]) == module for i in leaves.tolist()], bool)
-
-
 def _derive(
     skel: Skeleton, placements: Sequence[Placement], groups: Sequence[FlatGroup]
 ) -> _Layout:
@@ -627,7 +385,7 @@ def _layout(
     experts: np.ndarray,
     groups: Sequence[FlatGroup],
 ) -> _Layout:
-    info = _leaves(skel)
+    info = leaf_info(skel)
     offsets = np.full(len(kinds), -1, dtype=np.int64)
     for g in groups:
         offsets[list(g.leaves)] = g.offsets
@@ -703,9 +461,9 @@ def _plan(skel: Skeleton, spec: ZeroSpec) -> ShardPlan:
     ws = spec.world_size
     tensors = skel.tensors
     n = len(tensors)
-    info = _leaves(skel)
+    info = leaf_info(skel)
     numel, items = info.numel, info.items
-    eids = _expert_ids(skel, spec) if spec.experts else np.full(n, -1, dtype=np.int64)
+    eids = expert_ids(skel, spec) if spec.experts else np.full(n, -1, dtype=np.int64)
 
     # Each leaf's kind, decided in this order: empty, expert, replicated (0-d or under a
     # replicate prefix), stage 3 tensor, module (replicated), flat group member.
@@ -714,7 +472,7 @@ def _plan(skel: Skeleton, spec: ZeroSpec) -> ShardPlan:
     rep = ~empty & ~expert & info.scalar
     if spec.replicate:
         maybe = np.flatnonzero(~empty & ~expert & ~rep).tolist()
-        for i, path in zip(maybe, _paths_of(skel, maybe)):
+        for i, path in zip(maybe, paths_of(skel, maybe)):
             if spec.is_replicated_path(path):
                 rep[i] = True
     rest = np.flatnonzero(~empty & ~expert & ~rep)
@@ -726,13 +484,13 @@ def _plan(skel: Skeleton, spec: ZeroSpec) -> ShardPlan:
     if spec.stage == 3:
         kinds[rest] = _TENSOR
     else:
-        in_module = _is_module(skel, rest, spec.module)
+        in_module = is_module(skel, rest, spec.module)
         kinds[rest[in_module]] = _REPLICATED
         flat: list[int] = rest[~in_module].tolist()
         kinds[flat] = _FLAT
         params = _param_index(spec)
         members: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
-        for leaf, path in zip(flat, _paths_of(skel, flat)):
+        for leaf, path in zip(flat, paths_of(skel, flat)):
             key, order = _group_key(path, tensors[leaf], params)
             members.setdefault(key, []).append((order, leaf))
         numels = info.numels
@@ -756,7 +514,7 @@ def _plan(skel: Skeleton, spec: ZeroSpec) -> ShardPlan:
     tl = np.flatnonzero(kinds == _TENSOR)
     _add_even(load, numel[tl], -(-numel[tl] // ws), items[tl])
     if groups:
-        g_items = np.array([_itemsize(g.dtype_name) for g in groups], dtype=np.int64)
+        g_items = np.array([itemsize(g.dtype_name) for g in groups], dtype=np.int64)
         g_numel = np.array([g.numel for g in groups], dtype=np.int64)
         g_parts = np.array([g.partition_numel for g in groups], dtype=np.int64)
         _add_even(load, g_numel, g_parts, g_items)

@@ -30,11 +30,15 @@ transient error that outlasts that, raises a ``StorageError`` naming the object.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import concurrent.futures
 import contextlib
 import errno
 import os
 import posixpath
 import secrets
+import sys
 import threading
 import time
 import weakref
@@ -60,6 +64,58 @@ __all__ = [
 HEAD_PREFIX = 64 << 10
 _PREFIX_FOR = 10.0
 _PREFIXES_KEPT = 64
+# A fragment's span, named by will_need (S3): fetched in ranged GETs of PREFETCH_PIECE bytes,
+# at most PREFETCH_AHEAD of them fetched or held at a time per span; the chunk reads that
+# follow are served from them. At most _SPANS_KEPT spans, each for at most _SPAN_FOR seconds.
+PREFETCH_PIECE = 16 << 20
+PREFETCH_AHEAD = 3
+_SPAN_FOR = 60.0
+_SPANS_KEPT = 8
+# Chunks in a blob may lie up to this many bytes apart (alignment): reads that far apart count
+# as covering the bytes between them when deciding that a piece has been used up.
+_GAP = 4096
+
+
+class _Span:
+    """Bytes ``[offset, end)`` of one object, fetched ahead in pieces (see
+    :meth:`FsspecStorage.will_need`). Every field is guarded by the storage's mutex."""
+
+    def __init__(self, key: str, offset: int, length: int) -> None:
+        self.key, self.offset, self.end = key, offset, offset + length
+        self.count = -(-length // PREFETCH_PIECE)
+        self.pieces: dict[int, concurrent.futures.Future[bytes]] = {}
+        self.served: set[int] = set()  # offsets of the reads served (each chunk is read once)
+        self.done: list[list[int]] = []  # the bytes served, as sorted [start, stop) runs
+        self.scheduled = 0  # pieces [0, scheduled) were asked for
+        self.born = time.monotonic()
+
+    def piece(self, i: int) -> tuple[int, int]:
+        at = self.offset + i * PREFETCH_PIECE
+        return at, min(PREFETCH_PIECE, self.end - at)
+
+    def covers(self, offset: int, length: int) -> bool:
+        return self.offset <= offset and offset + length <= self.end and offset not in self.served
+
+    def serve(self, offset: int, length: int) -> None:
+        """Record a read served, then let go of the pieces whose bytes have all been read."""
+        self.served.add(offset)
+        runs, stop = self.done, offset + length
+        i = bisect.bisect_left(runs, [offset])
+        runs.insert(i, [offset, stop])
+        j = max(0, i - 1)  # merge the new run with its neighbours, across alignment gaps
+        while j + 1 < len(runs):
+            if runs[j + 1][0] - runs[j][1] <= _GAP:
+                runs[j][1] = max(runs[j][1], runs[j + 1][1])
+                del runs[j + 1]
+            elif j >= i:
+                break
+            else:
+                j += 1
+        for k in list(self.pieces):
+            at, n = self.piece(k)
+            r = runs[max(0, bisect.bisect_right(runs, [at, sys.maxsize]) - 1)]
+            if r[0] <= at and at + n <= r[1]:
+                del self.pieces[k]
 
 
 def _is_s3(fs: Any) -> bool:
@@ -200,6 +256,7 @@ class FsspecStorage:
             self._backend = FsBackend(fs, self.retry)
         self._held: dict[int, _ObjectLock] = {}
         self._prefixes: dict[str, tuple[float, bytes]] = {}  # see read()
+        self._spans: list[_Span] = []  # see will_need()
         self._mutex = threading.Lock()
         self._wake = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -259,6 +316,10 @@ class FsspecStorage:
             return b""
         key = self._key(path)
         try:
+            if self._spans:
+                ahead = self._from_span(key, offset, length)
+                if ahead is not None:
+                    return ahead
             if self._s3 and offset + length <= HEAD_PREFIX:
                 return self._read_prefix(key, offset, length)
             data: bytes = self._backend.get(key, offset, length)
@@ -284,6 +345,78 @@ class FsspecStorage:
             while len(self._prefixes) > _PREFIXES_KEPT:
                 self._prefixes.pop(next(iter(self._prefixes)))
         return data[:length]
+
+    def will_need(self, path: str, offset: int, length: int) -> None:
+        """A hint that bytes ``[offset, offset + length)`` of ``path`` (a fragment's chunks) are
+        about to be read, chunk by chunk. On S3 they are fetched at once, in ranged GETs of
+        :data:`PREFETCH_PIECE` bytes, :data:`PREFETCH_AHEAD` in flight or held per span (more
+        as the reads use them up), and the reads within the span are served from those:
+        fewer, larger GETs than one per chunk, in parallel, while earlier chunks are decoded.
+        Elsewhere nothing. A piece that fails is not an error here: the read it would have
+        served goes to the store itself and fails (or is retried) there.
+
+        Example:
+            >>> import fsspec
+            >>> st = FsspecStorage(fsspec.filesystem("memory"))
+            >>> _ = st.write_atomic("memory://doc/w.bin", [b"0123456789"])
+            >>> st.will_need("memory://doc/w.bin", 2, 6); st.read("memory://doc/w.bin", 2, 3)
+            b'234'
+        """
+        if not self._s3 or length <= 0:
+            return
+        span = _Span(self._key(path), offset, length)
+        now = time.monotonic()
+        with self._mutex:
+            dropped = [s for s in self._spans if now - s.born >= _SPAN_FOR]
+            self._spans = [s for s in self._spans if now - s.born < _SPAN_FOR]
+            self._spans.append(span)
+            while len(self._spans) > _SPANS_KEPT:
+                dropped.append(self._spans.pop(0))
+            self._schedule(span, PREFETCH_AHEAD)
+        for old in dropped:
+            for fut in old.pieces.values():
+                fut.cancel()
+
+    def _schedule(self, span: _Span, upto: int) -> None:
+        """Ask for the span's pieces up to ``upto`` (mutex held)."""
+        while span.scheduled < min(upto, span.count):
+            i = span.scheduled
+            at, n = span.piece(i)
+            coro = self._backend._get(span.key, at, n)
+            span.pieces[i] = asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
+            span.scheduled += 1
+
+    def _from_span(self, key: str, offset: int, length: int) -> bytes | None:
+        """The bytes of a read that a will_need span covers (None: not covered, or a piece
+        failed or came short: the caller reads from the store)."""
+        with self._mutex:
+            span = next((s for s in self._spans if s.key == key and s.covers(offset, length)), None)
+            if span is None:
+                return None
+            span.served.add(offset)  # here: of two readers of one chunk, one takes it from span
+            first = (offset - span.offset) // PREFETCH_PIECE
+            last = (offset + length - 1 - span.offset) // PREFETCH_PIECE
+            self._schedule(span, last + PREFETCH_AHEAD)
+            wanted = [(i, span.pieces.get(i)) for i in range(first, last + 1)]
+        out: list[bytes] = []
+        ok = True
+        for i, fut in wanted:
+            at, n = span.piece(i)
+            try:
+                data = fut.result() if fut is not None else b""
+            except BaseException:
+                data = b""
+            if len(data) != n:
+                ok = False  # failed, cancelled or short: the store's own read says which
+            lo, hi = max(offset, at) - at, min(offset + length, at + n) - at
+            out.append(data[lo:hi])
+        with self._mutex:
+            span.serve(offset, length)
+            if span.scheduled >= span.count and not span.pieces and span in self._spans:
+                self._spans.remove(span)
+        if not ok:
+            return None
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def read_into(self, path: str, offset: int, out: memoryview) -> int:
         """Read into ``out`` at ``offset``; return the bytes read."""

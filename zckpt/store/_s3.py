@@ -18,6 +18,14 @@ blobs under two parts are held and sent as one PUT instead).
 
 Lock objects use conditional requests: ``If-None-Match: *`` creates one only if it is absent,
 ``If-Match: <etag>`` replaces or deletes one only if it is still the one read.
+
+Each byte uploaded is hashed by this module (MD5, for the ETag check; xxh3, for the manifest)
+and by botocore, which by default adds a CRC32 request checksum to every PUT (in a trailer on
+https, where the payload then goes unsigned; in a header on http) and, on http, signs the
+payload's SHA-256. On an http endpoint the CRC32 is a third hash of bytes that the SHA-256 and
+the ETag check already cover, so :func:`default_options` (used for ``s3://`` URLs that zckpt
+opens) asks botocore for it only where an operation requires one. On https it stays: without
+it botocore SHA-256-signs the payload instead, which costs more.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ import contextlib
 import email.utils
 import hashlib
 import itertools
+import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import xxhash
@@ -42,7 +51,7 @@ from zckpt.store._parts import ViewsReader, flat_head, flat_tail, growing_parts
 from zckpt.store._storage import windows
 from zckpt.store._transient import Retry, is_transient
 
-__all__ = ["S3Backend"]
+__all__ = ["S3Backend", "default_options"]
 
 T = TypeVar("T")
 
@@ -59,6 +68,66 @@ READ_BACK_FLIGHT = 4
 # save peaked 392 MiB above its state.
 STREAM_PART = 8 << 20
 STREAM_FLIGHT = 64 << 20
+
+
+def _endpoint(options: Mapping[str, Any]) -> str:
+    client_kwargs = options.get("client_kwargs") or {}
+    return str(
+        options.get("endpoint_url")
+        or client_kwargs.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or ""
+    )
+
+
+def _checksum_setting_of_profile(options: Mapping[str, Any]) -> object:
+    """The profile's own ``request_checksum_calculation`` (an explicit Config would override
+    it, so it counts as the user's choice); None when it sets none or cannot be read."""
+    try:
+        import botocore.session  # type: ignore[import-untyped]
+
+        session = botocore.session.Session(profile=options.get("profile"))
+        return session.get_scoped_config().get("request_checksum_calculation")
+    except Exception:  # no botocore, or a profile that does not exist: s3fs will say so
+        return None
+
+
+def default_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``storage_options`` for an ``s3://`` URL, with zckpt's defaults where the user set none.
+
+    On an ``http://`` endpoint, botocore's default CRC32 request checksum is turned off
+    (``config_kwargs={"request_checksum_calculation": "when_required"}``): there botocore
+    signs each payload's SHA-256, which the server checks, and zckpt checks each part's and
+    object's ETag against the MD5 of the bytes sent, so the CRC32 adds a third hash of every
+    byte and no check. Anywhere else (https, real S3) the options are returned unchanged:
+    there the CRC32 goes in a trailer instead of a signed payload SHA-256, the cheaper of the
+    two. A ``request_checksum_calculation`` in ``config_kwargs``, in the environment
+    (``AWS_REQUEST_CHECKSUM_CALCULATION``) or in the profile wins.
+
+    Example:
+        >>> default_options({"endpoint_url": "http://127.0.0.1:9000"})["config_kwargs"]
+        {'request_checksum_calculation': 'when_required'}
+        >>> default_options({"endpoint_url": "https://s3.example.com"})
+        {'endpoint_url': 'https://s3.example.com'}
+        >>> mine = {"endpoint_url": "http://minio:9000",
+        ...         "config_kwargs": {"request_checksum_calculation": "when_supported"}}
+        >>> default_options(mine) == mine
+        True
+    """
+    out = dict(options)
+    if not _endpoint(options).lower().startswith("http://"):
+        return out
+    config = dict(options.get("config_kwargs") or {})
+    if (
+        "request_checksum_calculation" in config
+        or os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION")
+        or _checksum_setting_of_profile(options) is not None
+    ):
+        return out
+    config["request_checksum_calculation"] = "when_required"
+    out["config_kwargs"] = config
+    return out
 
 
 def _etag(text: str) -> str:
