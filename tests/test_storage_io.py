@@ -14,7 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import zckpt
-from zckpt.store import _storage
+from zckpt.store import _storage, _write
 
 
 class Recorder:
@@ -61,15 +61,15 @@ def test_each_piece_is_hashed_just_before_it_is_written(
     path = tmp_path_factory.mktemp("h") / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     hasher = Recorder(log)
-    real_piece = _storage._HASH_PIECE
+    real_piece = _write._HASH_PIECE
     try:
         _storage.os.writev = writev  # type: ignore[assignment]
-        _storage._HASH_PIECE = piece
-        views = _storage._views(buffers)
-        total = _storage._writev_all(fd, views, window, hasher=hasher)  # type: ignore[arg-type]
+        _write._HASH_PIECE = piece
+        views = _write.views(buffers)
+        total = _write._writev_all(fd, views, window, hasher=hasher)  # type: ignore[arg-type]
     finally:
         _storage.os.writev = real_writev  # type: ignore[assignment]
-        _storage._HASH_PIECE = real_piece
+        _write._HASH_PIECE = real_piece
         os.close(fd)
     want = b"".join(bytes(b) for b in buffers)
     assert total == len(want) and path.read_bytes() == want

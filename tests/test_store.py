@@ -21,7 +21,7 @@ import zckpt
 from zckpt.assemble import index_sources
 from zckpt.format import decode_header, iter_problems
 from zckpt.format._codecs import RAW
-from zckpt.store import _storage
+from zckpt.store import _storage, _write
 from zckpt.testing import assert_states_equal, tensors_bitwise_equal
 
 
@@ -464,7 +464,7 @@ def test_windowed_writes_are_exact_and_start_writeback_in_order(
     real_writev = os.writev
 
     def writev(fd: int, bufs: Sequence[memoryview]) -> int:
-        assert sum(b.nbytes for b in bufs) <= window and len(bufs) <= _storage._IOV_MAX
+        assert sum(b.nbytes for b in bufs) <= window and len(bufs) <= _write._IOV_MAX
         cap = next(caps, None)  # the kernel may write less than asked
         if cap is None:
             return real_writev(fd, bufs)
@@ -472,14 +472,14 @@ def test_windowed_writes_are_exact_and_start_writeback_in_order(
 
     path = tmp_path_factory.mktemp("w") / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    real = _storage._start_writeback
+    real = _write._start_writeback
     try:
         _storage.os.writev = writev  # type: ignore[assignment]
-        _storage._start_writeback = lambda f, o, n: started.append((o, n))
-        total = _storage._writev_all(fd, _storage._views(buffers), window)
+        _write._start_writeback = lambda f, o, n: started.append((o, n))
+        total = _write._writev_all(fd, _write.views(buffers), window)
     finally:
         _storage.os.writev = real_writev  # type: ignore[assignment]
-        _storage._start_writeback = real
+        _write._start_writeback = real
         os.close(fd)
     want = b"".join(bytes(b) for b in buffers)
     assert total == len(want) and path.read_bytes() == want

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from zckpt.store._storage import windows
+from zckpt.store._write import windows
 
 __all__ = ["GROW_EVERY", "ViewsReader", "flat_head", "flat_tail", "growing_parts"]
 

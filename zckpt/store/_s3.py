@@ -48,8 +48,8 @@ import xxhash
 from zckpt.format import BlobStream
 from zckpt.store._fsbackend import Head, PreconditionFailedError, UnsupportedError
 from zckpt.store._parts import ViewsReader, flat_head, flat_tail, growing_parts
-from zckpt.store._storage import windows
 from zckpt.store._transient import Retry, is_transient
+from zckpt.store._write import windows
 
 __all__ = ["S3Backend", "default_options"]
 
