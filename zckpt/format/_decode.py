@@ -133,44 +133,110 @@ def _decode_one(
         raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
 
 
-def _read_raw_into(
-    h: BlobHeader, fi: int, ci: int, read_into: ReadInto, dst: U8, piece: int | None = None
+def _read_raw_span(
+    h: BlobHeader,
+    fi: int,
+    span: tuple[int, ...],
+    read_into: ReadInto,
+    dst: U8,
+    piece: int | None = None,
 ) -> None:
-    """A raw frame read straight into its destination bytes, and checked there.
+    """Raw frames ``span`` (adjacent in the file and in ``dst``) read straight into their
+    destination bytes, and each checked there against its own checksum.
 
-    With ``piece``, ``read_into`` may return fewer bytes than asked (what the page cache holds)
-    and is called again for the rest; the bytes of each call are hashed right after it, by the
-    same thread, ``piece`` at a time, while they are still in the core's cache (a frame of
-    several MiB hashed after the whole read is hashed from memory: on a busy machine as slow as
-    the copy itself). The digest is compared once the frame is in: as before, its every byte is
-    checked before this returns.
+    ``read_into`` is asked for the whole span at once: a local file not in the page cache is
+    then read in one request larger than the kernel's read-ahead window, which the kernel
+    serves with large folios and large disk requests and keeps reading ahead of (a frame at a
+    time, 8 MiB, is read as a "random" read of small pages: docs/benchmarks.md, issue 14 part
+    1, fourth session). With ``piece``, ``read_into`` may return fewer bytes than asked (what
+    the page cache holds) and is called again for the rest; the bytes of each call are hashed
+    right after it, by the same thread, ``piece`` at a time, while they are still in the
+    core's cache. Each frame's digest is compared as soon as its last byte is in: as before,
+    every byte is checked before this returns.
     """
-    c = h.fragments[fi].chunks[ci]
+    frames = h.fragments[fi].chunks
     view = as_bytes_view(dst)
-    if piece is None:
-        got = read_into(c.offset, view)
-        if got != c.length:
-            raise TruncatedError(f"{h.describe(fi, ci)}: read {got} of its {c.length} bytes")
-        check(view, c.checksum, h.describe(fi, ci))
-    else:
-        hasher = xxhash.xxh3_64()
-        pos = 0
-        while pos < c.length:
-            got = read_into(c.offset + pos, view[pos:])
-            if got <= 0:
-                where = h.describe(fi, ci)
-                raise TruncatedError(f"{where}: read {pos} of its {c.length} bytes")
-            for p in range(pos, pos + got, piece):
-                hasher.update(view[p : min(p + piece, pos + got)])
-            pos += got
-        digest = hasher.intdigest()
-        if digest != c.checksum:
-            raise ChecksumError(
-                f"{h.describe(fi, ci)}: checksum mismatch (stored {c.checksum:#018x}, "
-                f"computed {digest:#018x})"
-            )
-    if h.meta(h.fragments[fi].fragment.leaf).dtype_name == "bool" and dst.max(initial=0) > 1:
-        raise FormatError(f"{h.describe(fi, ci)}: a bool byte is neither 0 nor 1")
+    total = view.nbytes
+    base = frames[span[0]].offset
+    k, frame_end = 0, frames[span[0]].length
+    hasher = xxhash.xxh3_64()
+    step = total if piece is None else piece
+    pos = 0
+    while pos < total:
+        got = read_into(base + pos, view[pos:])
+        if got <= 0 or (piece is None and got != total - pos):
+            at = pos + max(got, 0)
+            while k < len(span) - 1 and at >= frame_end:  # the frame the file ends in
+                k += 1
+                frame_end += frames[span[k]].length
+            c = frames[span[k]]
+            done = at - (frame_end - c.length)
+            raise TruncatedError(f"{h.describe(fi, span[k])}: read {done} of its {c.length} bytes")
+        end = pos + got
+        while pos < end:
+            stop = min(end, pos + step, frame_end)
+            hasher.update(view[pos:stop])
+            pos = stop
+            if pos == frame_end:
+                c = frames[span[k]]
+                digest = hasher.intdigest()
+                if digest != c.checksum:
+                    raise ChecksumError(
+                        f"{h.describe(fi, span[k])}: checksum mismatch (stored "
+                        f"{c.checksum:#018x}, computed {digest:#018x})"
+                    )
+                hasher.reset()
+                k += 1
+                if k < len(span):
+                    frame_end += frames[span[k]].length
+    if h.meta(h.fragments[fi].fragment.leaf).dtype_name == "bool":
+        at = 0
+        for ci in span:
+            n = frames[ci].length
+            if dst[at : at + n].max(initial=0) > 1:
+                raise FormatError(f"{h.describe(fi, ci)}: a bool byte is neither 0 nor 1")
+            at += n
+
+
+def _spans(chunks: Any, direct: list[int], threads: int, most: int) -> list[tuple[int, ...]]:
+    """``direct`` (indices of whole raw chunks, increasing) grouped into spans of consecutive
+    chunks whose frames are adjacent in the file (so also in the tensor): each run of them is
+    cut, in whole frames, into about ``threads`` spans of about equal size (one for each
+    thread to read), none past ``most`` bytes unless one frame is.
+
+    Example:
+        >>> from types import SimpleNamespace as C
+        >>> cs = [C(offset=o, length=10) for o in (0, 10, 20, 30, 50, 60)]
+        >>> _spans(cs, [0, 1, 2, 3, 4, 5], 2, 100)
+        [(0, 1), (2, 3), (4,), (5,)]
+        >>> _spans(cs, [0, 1, 2, 3, 4, 5], 1, 20)
+        [(0, 1), (2, 3), (4, 5)]
+    """
+    runs: list[list[int]] = []
+    for ci in direct:
+        prev = runs[-1][-1] if runs else -1
+        if prev == ci - 1 >= 0 and chunks[prev].offset + chunks[prev].length == chunks[ci].offset:
+            runs[-1].append(ci)
+        else:
+            runs.append([ci])
+    out: list[tuple[int, ...]] = []
+    for run in runs:
+        size = sum(chunks[ci].length for ci in run)
+        target = min(most, -(-size // max(threads, 1)))
+        span: list[int] = []
+        have = 0
+        for ci in run:
+            if span and have + chunks[ci].length > most:
+                out.append(tuple(span))
+                span, have = [], 0
+            span.append(ci)
+            have += chunks[ci].length
+            if have >= target:
+                out.append(tuple(span))
+                span, have = [], 0
+        if span:
+            out.append(tuple(span))
+    return out
 
 
 def _run(thunks: Iterable[Callable[[], None]], threads: int) -> None:
@@ -250,6 +316,7 @@ def decode_fragment(
     threads: int | None = None,
     read_into: ReadInto | None = None,
     piece_bytes: int | None = None,
+    span_bytes: int | None = None,
 ) -> torch.Tensor:
     """Decode fragment ``index`` of a blob, or its elements ``[start, stop)``, reading only the
     chunks that overlap them.
@@ -278,6 +345,12 @@ def decode_fragment(
             None: ``read_into`` reads whole chunks (an object store's ranged GET), each hashed
             after its read. Either way every byte is checked against its chunk's checksum
             before this returns.
+        span_bytes: when given (with ``read_into``), raw chunks adjacent in the file are read
+            together: each run of them is cut into about one span per thread, at most
+            ``span_bytes`` each (in whole chunks), and ``read_into`` is asked for a whole span
+            at once (a local file's kernel read-ahead then sees one large sequential read per
+            span, not one "random" read per chunk). Each chunk of a span is still checked
+            against its own checksum. None: one ``read_into`` call per chunk.
 
     Returns:
         ``out``, or the new 1-D tensor.
@@ -316,6 +389,10 @@ def decode_fragment(
         isinstance(piece_bytes, bool) or not isinstance(piece_bytes, int) or piece_bytes < 1
     ):
         raise ValueError(f"piece_bytes must be a positive int or None, got {piece_bytes!r}")
+    if span_bytes is not None and (
+        isinstance(span_bytes, bool) or not isinstance(span_bytes, int) or span_bytes < 1
+    ):
+        raise ValueError(f"span_bytes must be a positive int or None, got {span_bytes!r}")
     import torch
 
     dtype = header.meta(f.leaf).dtype
@@ -333,16 +410,39 @@ def decode_fragment(
     dst = target.view(torch.uint8).numpy()
     size = ITEMSIZE[dtype_code(dtype)]
     todo = [ci for ci, c in enumerate(chunks) if c.start_elem < hi and c.stop_elem > lo]
+    work = sum(chunks[ci].raw_length for ci in todo)
+    n_threads = _threads_for(work, len(todo), threads)
+    # Whole raw chunks go straight into ``dst``, in spans of adjacent frames (one per chunk
+    # without ``span_bytes``).
+    straight = [
+        ci
+        for ci in todo
+        if read_into is not None
+        and chunks[ci].codec == RAW
+        and lo <= chunks[ci].start_elem
+        and chunks[ci].stop_elem <= hi
+    ]
+    spans = (
+        [(ci,) for ci in straight]
+        if span_bytes is None
+        else _spans(chunks, straight, n_threads, span_bytes)
+    )
+    span_at = {span[0]: span for span in spans}
+    covered = set(straight)
 
     def thunks() -> Iterator[Callable[[], None]]:
         for ci in todo:
             c = chunks[ci]
+            if ci in covered:
+                span = span_at.get(ci)
+                if span is not None and read_into is not None:
+                    a, b = c.start_elem, chunks[span[-1]].stop_elem
+                    part = dst[(a - lo) * size : (b - lo) * size]
+                    yield partial(_read_raw_span, header, index, span, read_into, part, piece_bytes)
+                continue
             a, b = max(lo, c.start_elem), min(hi, c.stop_elem)
             part = dst[(a - lo) * size : (b - lo) * size]
             whole = (a, b) == (c.start_elem, c.stop_elem)
-            if whole and read_into is not None and c.codec == RAW:
-                yield partial(_read_raw_into, header, index, ci, read_into, part, piece_bytes)
-                continue
             stored = read(c.offset, c.length)
             if whole:
                 yield partial(_decode_one, header, index, ci, stored, part)
@@ -350,8 +450,7 @@ def decode_fragment(
                 skip = (a - c.start_elem) * size
                 yield partial(_decode_partial, header, index, ci, stored, part, skip)
 
-    work = sum(chunks[ci].raw_length for ci in todo)
-    _run(thunks(), _threads_for(work, len(todo), threads))
+    _run(thunks(), n_threads)
     if not direct:
         with torch.no_grad():
             out.copy_(target)

@@ -414,7 +414,8 @@ def _load(
     ]
     index = ck.source_index()
     try:
-        parts = assemble(index, held, out=outs)
+        with ck.reading():  # each blob opened once for the load (one disk stream per blob)
+            parts = assemble(index, held, out=outs)
     except CoverageError as e:
         raise CoverageError(f"{ck.path}: {e}") from None
     for i, view in copy_into:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -102,6 +103,8 @@ class Checkpoint:
     _headers: dict[str, BlobHeader] = field(default_factory=dict, repr=False)
     _starts: dict[str, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Blob files held open for the reads of one load (see :meth:`reading`); None outside one.
+    _held: list[dict[str, OpenFile] | None] = field(default_factory=lambda: [None], repr=False)
 
     @property
     def tag(self) -> str:
@@ -236,6 +239,55 @@ class Checkpoint:
 
         return PlannedIndex(plan, source)
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Within this, each local blob is opened once for all the fragments read from it, not
+        once per fragment, and closed on exit: its reads that wait for the disk then go, in
+        file order, through one descriptor for the whole load
+        (:meth:`~zckpt.store._storage.OpenFile.read_some`), so the kernel's read-ahead runs on
+        from one fragment into the next as it does for one plain read of the file. Re-entering
+        is allowed (the outermost exit closes).
+
+        Example:
+            >>> import tempfile, torch, zckpt
+            >>> d = tempfile.mkdtemp()
+            >>> s = {"w": torch.arange(4.0)}
+            >>> _ = zckpt.save_checkpoint(d, s, zckpt.ZeroSpec(1, 1), tag="t")
+            >>> ck = zckpt.open_checkpoint(d)
+            >>> with ck.reading():
+            ...     [s.read(0, 2).tolist() for s in ck.sources()]
+            [[0.0, 1.0]]
+        """
+        with self._lock:
+            outer = self._held[0] is None
+            if outer:
+                self._held[0] = {}
+        try:
+            yield
+        finally:
+            if outer:
+                with self._lock:
+                    files, self._held[0] = self._held[0] or {}, None
+                for f in files.values():
+                    f.close()
+
+    def _open_for_reads(self, path: str) -> tuple[OpenFile | None, bool]:
+        """(``path`` open for ranged reads, whether the caller closes it), or (None, False)
+        when the storage does not read local files with :class:`LocalStorage`'s methods."""
+        with self._lock:
+            held = self._held[0]
+            f = None if held is None else held.get(path)
+        if f is not None:
+            return f, False
+        f = _held_file(self.storage, path)
+        if f is None or held is None:
+            return f, f is not None
+        with self._lock:
+            if self._held[0] is held and path not in held:
+                held[path] = f
+                return f, False
+        return f, True
+
     def sources(self, files: tuple[FileRecord, ...] | None = None) -> list[FileSource]:
         """Every fragment of the given files (default: all rank files), read lazily.
 
@@ -327,11 +379,17 @@ class FileSource:
         """Decode elements ``[start, stop)`` straight into ``out`` (or a new tensor).
 
         From a local file (a plain :class:`~zckpt.store.LocalStorage`), the file is opened once
-        for all the chunks, and a raw chunk in the page cache is read :data:`READ_PIECE` bytes
-        at a time, each piece hashed right after its read while it is in the CPU cache (one not
-        in the cache is read whole, so the kernel reads ahead, and hashed after); from any other
-        storage (an object store, or a subclass with its own ``read_into``), one ``read_into``
-        per chunk.
+        for all the chunks (once for the whole load within :meth:`Checkpoint.reading`) and its
+        raw chunks are read in spans of adjacent chunks straight into ``out``. When the page
+        cache holds them, one span per reader thread, :data:`READ_PIECE` bytes at a time, each
+        piece hashed right after its read while it is in the CPU cache; when it does not, one
+        thread reads them from the disk in file order, :data:`~zckpt.store._storage.DISK_STEP`
+        bytes at a time through the load's one disk descriptor of the file, each step hashed
+        while the kernel reads ahead (a large sequential stream, as a plain read of the file
+        makes: ``docs/benchmarks.md``, issue 14 part 1, fourth session). From any other storage
+        (an object store, or a subclass with its own ``read_into``), one ``read_into`` per
+        chunk, after a ``will_need`` hint of the fragment's span. Every chunk is checked
+        against its checksum before this returns.
         """
         h = self.checkpoint.header(self.record)
         path = self.checkpoint.file_path(self.record)
@@ -342,20 +400,26 @@ class FileSource:
             c for c in h.fragments[index].chunks if c.start_elem < stop and c.stop_elem > start
         ]
         storage = self.checkpoint.storage
-        held = _held_file(storage, path) if chunks else None
+        held, mine = self.checkpoint._open_for_reads(path) if chunks else (None, False)
         # Imported here: reading headers (zckpt inspect) needs none of the decoder.
         from zckpt.format import decode_fragment
 
         try:
+            span: int | None = None
+            threads: int | None = None
             if held is not None:
-                read_into, piece = partial(_read_some, held), READ_PIECE
-                hint: Callable[[int, int], None] | None = held.will_need
+                read_into, piece, span = partial(_read_some, held), READ_PIECE, READ_SPAN
+                first, last = chunks[0], chunks[-1]
+                if held.cached(first.offset, last.offset + last.length - first.offset) is False:
+                    # From the disk: one reader in file order (a second one would only split
+                    # the disk stream); it hashes each step while read-ahead runs.
+                    threads = 1
             else:
                 read_into, piece = self._reader_into(), None
                 will_need = getattr(storage, "will_need", None)
-                hint = None if will_need is None else partial(will_need, path)
-            if chunks and hint is not None:
-                hint(chunks[0].offset, chunks[-1].offset + chunks[-1].length - chunks[0].offset)
+                if chunks and will_need is not None:
+                    first, last = chunks[0], chunks[-1]
+                    will_need(path, first.offset, last.offset + last.length - first.offset)
             return decode_fragment(
                 h,
                 index,
@@ -365,11 +429,13 @@ class FileSource:
                 out=out,
                 read_into=read_into,
                 piece_bytes=piece,
+                span_bytes=span,
+                threads=threads,
             )
         except FormatError as e:
             raise type(e)(f"{path}: {e}") from None
         finally:
-            if held is not None:
+            if held is not None and mine:
                 held.close()
 
 
@@ -377,10 +443,12 @@ class FileSource:
 # holds them when the hash reads them back (a whole 8 MiB chunk would be hashed from memory:
 # on a busy machine as slow as the read's own copy; docs/benchmarks.md, issue 14 part 1).
 READ_PIECE = 512 << 10
+# Most bytes of adjacent raw chunks read as one span (by one thread, in pieces or steps).
+READ_SPAN = 64 << 20
 
 
 def _read_some(f: OpenFile, offset: int, out: memoryview) -> int:
-    """One piece from the page cache, or (when the disk must be waited for) all of ``out``."""
+    """One piece from the page cache, or (when the disk must be waited for) one disk step."""
     return f.read_some(offset, out, READ_PIECE)
 
 

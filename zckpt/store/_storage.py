@@ -13,9 +13,10 @@ import errno
 import fcntl
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from zckpt.errors import ZckptError
 from zckpt.store._write import views, write_hashing, write_stream
@@ -27,6 +28,59 @@ __all__ = ["LocalStorage", "Lock", "OpenFile", "Storage", "StorageError"]
 
 # ``preadv2`` flag: fail with EAGAIN instead of waiting for the disk (Linux 4.14+); 0 elsewhere.
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+# Linux's ``cachestat`` (6.5+; one number on every architecture since 5.1's common table).
+_CACHESTAT = 451
+_cachestat: list[Any] = []  # [libc.syscall] once found to work; [None] once found not to
+
+
+def cached(fd: int, offset: int, length: int) -> bool | None:
+    """Whether the page cache holds all of bytes ``[offset, offset + length)`` of ``fd``
+    (``cachestat(2)``: a question to the page cache that starts no disk read); None where the
+    kernel cannot say (not Linux, older than 6.5, or the call refused).
+
+    A ``preadv2(RWF_NOWAIT)`` that misses is no such question: it starts a small read-ahead of
+    4 KiB pages at the place it asked for, which splits the large requests of a sequential
+    read that arrives there next (``docs/benchmarks.md``, issue 14 part 1, fourth session).
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "f")
+        >>> _ = LocalStorage().write_atomic(p, [b"x" * 8192])
+        >>> fd = os.open(p, os.O_RDONLY)
+        >>> cached(fd, 0, 8192) in (True, False, None)
+        True
+        >>> os.close(fd)
+    """
+    if not _cachestat:
+        _cachestat.append(_libc_syscall())
+    call = _cachestat[0]
+    if call is None:
+        return None
+    import ctypes
+
+    rng = (ctypes.c_uint64 * 2)(offset, length)
+    out = (ctypes.c_uint64 * 5)()  # cache, dirty, writeback, evicted, recently evicted
+    if call(_CACHESTAT, fd, rng, out, 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # no such call, or not allowed
+            _cachestat[0] = None
+        return None
+    first, last = offset // _PAGE, (offset + length - 1) // _PAGE
+    return bool(out[0] >= last - first + 1)
+
+
+def _libc_syscall() -> Any:
+    """libc's ``syscall`` on Linux, else None."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class StorageError(ZckptError, OSError):
@@ -200,6 +254,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+# Bytes of a disk read at a time (see OpenFile.read_some): the caller hashes each while the
+# kernel's read-ahead, a window ahead on the same descriptor, keeps the disk busy.
+DISK_STEP = 16 << 20
+
+
 class OpenFile:
     """A regular file (checked by :func:`open_regular`) open for ranged reads: ``preadv`` at
     offsets, safe from several threads at once (no shared file position). A context manager:
@@ -217,28 +276,31 @@ class OpenFile:
 
     def __init__(self, path: str, fd: int) -> None:
         self.path, self._fd = path, fd
+        # Reads that wait for the disk: one at a time, in the order they come, through a
+        # descriptor of their own (see read_some).
+        self._disk_fd = -1
+        self._disk = threading.Lock()
 
     def read_into(self, offset: int, out: memoryview) -> int:
         """``preadv`` into ``out`` at ``offset``, looping over short reads; the bytes read
         (fewer than ``out`` holds only at the end of the file)."""
-        view, done = out.cast("B"), 0
-        try:
-            while done < view.nbytes:
-                n = os.preadv(self._fd, [view[done:]], offset + done)
-                if n == 0:
-                    break
-                done += n
-        except OSError as e:
-            raise StorageError(
-                e.errno, f"reading {self.path} at byte {offset + done}: {e.strerror}"
-            ) from e
-        return done
+        return _pread_fully(self._fd, self.path, offset, out.cast("B"))
 
     def read_some(self, offset: int, out: memoryview, piece: int) -> int:
-        """Read at ``offset`` into ``out``: the first ``piece`` bytes when the page cache holds
-        them (``preadv2(RWF_NOWAIT)``, never waiting for the disk), else all of ``out`` in one
-        ``preadv`` through a descriptor of its own (a large read lets the kernel read ahead as
-        far as the request goes); the bytes read (0 only at the end of the file).
+        """Read at ``offset`` into ``out``; the bytes read (at least one, unless the file
+        ends). When the page cache holds all of ``out`` (or the kernel cannot say, see
+        :func:`cached`): its first ``piece`` bytes with ``preadv2(RWF_NOWAIT)``, which never
+        waits for the disk. Otherwise (or when that read would wait) the next
+        :data:`DISK_STEP` bytes of ``out`` from the disk.
+
+        Reads from the disk take turns on one descriptor of their own, kept for this object's
+        life: the disk then sees one sequential stream of large requests, as a plain read of
+        the file from start to end makes, and the kernel's read-ahead on that descriptor (its
+        window, and the large folios it grows into) carries on from one read to the next.
+        Nothing else reads through it, and no read that misses the cache is tried first: a
+        ``RWF_NOWAIT`` read that misses starts a read-ahead of small pages at its offset,
+        which splits that stream into small disk requests (``docs/benchmarks.md``, issue 14
+        part 1, fourth session).
 
         Example:
             >>> import tempfile, os
@@ -249,11 +311,11 @@ class OpenFile:
             True
         """
         view = out.cast("B")
-        if _NOWAIT and view.nbytes > piece:
+        if _NOWAIT and cached(self._fd, offset, view.nbytes) is not False:
             try:
                 n = os.preadv(self._fd, [view[:piece]], offset, _NOWAIT)
             except BlockingIOError:
-                pass  # not (all) cached: read the whole request below
+                pass  # still (or again) on its way from the disk: wait for it below
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise StorageError(
@@ -262,31 +324,55 @@ class OpenFile:
             else:
                 if n > 0:
                     return n
-        # From the disk, on a descriptor of its own: the kernel's read-ahead state is per open
-        # file, and reads of other chunks by other threads through this one would upset it.
-        fd = open_regular(self.path)
-        try:
-            return OpenFile(self.path, fd).read_into(offset, view)
-        finally:
-            os.close(fd)
+        with self._disk:
+            if self._disk_fd < 0:
+                if self._fd < 0:
+                    raise StorageError(errno.EBADF, f"reading {self.path}: the file is closed")
+                self._disk_fd = open_regular(self.path)
+            return _pread_fully(self._disk_fd, self.path, offset, view[:DISK_STEP])
 
-    def will_need(self, offset: int, length: int) -> None:
-        """Start reading ``length`` bytes at ``offset`` into the page cache (a hint, not waited
-        for): the disk streams the next chunks while earlier ones are checked and copied."""
-        with contextlib.suppress(OSError, AttributeError):
-            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+    def cached(self, offset: int, length: int) -> bool | None:
+        """Whether the page cache holds all of ``[offset, offset + length)`` (:func:`cached`;
+        None where the kernel cannot say).
+
+        Example:
+            >>> import tempfile, os
+            >>> p = os.path.join(tempfile.mkdtemp(), "f")
+            >>> _ = LocalStorage().write_atomic(p, [b"abcdef"])
+            >>> with LocalStorage().open_reads(p) as f:
+            ...     f.cached(0, 6) in (True, None)  # just written: in the page cache
+            True
+        """
+        return cached(self._fd, offset, length)
 
     def close(self) -> None:
         """Close the file; a second call does nothing."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
+        with self._disk:
+            fds, self._fd, self._disk_fd = (self._fd, self._disk_fd), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
 
     def __enter__(self) -> OpenFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pread_fully(fd: int, path: str, offset: int, view: memoryview) -> int:
+    """``preadv`` into ``view`` at ``offset``, looping over short reads; the bytes read (fewer
+    than ``view`` holds only at the end of the file)."""
+    done = 0
+    try:
+        while done < view.nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+    except OSError as e:
+        raise StorageError(e.errno, f"reading {path} at byte {offset + done}: {e.strerror}") from e
+    return done
 
 
 class LocalStorage:
