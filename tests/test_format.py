@@ -791,3 +791,56 @@ def test_decoding_threads_are_shared_among_the_local_ranks(monkeypatch: pytest.M
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     decode_fragment(h, 0, r, read_into=r.read_into)
     assert any(n.startswith("zckpt-codec") for n in seen)
+
+
+@pytest.mark.parametrize(("most", "piece", "threads"), [(None, None, 1), (5000, 64, 2), (7, 3, 1)])
+def test_span_reads_take_adjacent_chunks_together_and_check_each(
+    most: int | None, piece: int | None, threads: int
+) -> None:
+    """With ``span_bytes``, adjacent raw chunks are asked for in one ``read_into`` call per
+    span (about one span per thread); each chunk is still checked on its own, and a damaged or
+    cut chunk is named, whichever place of its span it has."""
+    blob = encode_shard(shard_of({"m": {"w": torch.arange(256.0)}}), chunk_bytes=64)
+    h = decode_header(blob)
+    chunks = h.fragments[0].chunks
+    assert len(chunks) == 16
+    kw: dict[str, Any] = dict(piece_bytes=piece, span_bytes=1 << 20, threads=threads)
+
+    def reader(data: bytes) -> ReaderInto:
+        return ReaderInto(data) if most is None else ReaderSome(data, most)
+
+    r = reader(blob)
+    out = torch.full((256,), float("nan"))
+    decode_fragment(h, 0, r, out=out, read_into=r.read_into, **kw)
+    assert out.tolist() == list(map(float, range(256)))
+    if most is None:  # one call per span: the whole fragment for one thread
+        assert r.into == [(chunks[0].offset, 1024)]
+    else:  # a fragment this small is one span even for two threads; read piece by piece
+        assert r.into[0][0] == chunks[0].offset and max(n for _, n in r.into) <= most
+        assert sum(n for _, n in r.into) == 1024
+    for ci in (0, 7, 15):  # first, middle and last chunk of the span
+        c = chunks[ci]
+        bad = bytearray(blob)
+        bad[c.offset + c.length - 1] ^= 0x01
+        r = reader(bytes(bad))
+        elems = rf"m/w elements \[{16 * ci}, {16 * ci + 16}\).*offset {c.offset}"
+        with pytest.raises(ChecksumError, match=elems):
+            decode_fragment(h, 0, r, read_into=r.read_into, **kw)
+    c = chunks[9]
+    r = reader(blob[: c.offset + 40])  # the file ends inside chunk 9
+    with pytest.raises(TruncatedError, match=rf"offset {c.offset}, 64 bytes\): read 40 of its 64"):
+        decode_fragment(h, 0, r, read_into=r.read_into, **kw)
+    with pytest.raises(ValueError, match="span_bytes"):
+        decode_fragment(h, 0, r, read_into=r.read_into, span_bytes=0)
+
+
+def test_spans_cut_runs_at_gaps_and_at_the_cap() -> None:
+    """A span holds consecutive chunks whose frames follow each other in the file."""
+    from types import SimpleNamespace
+
+    from zckpt.format._decode import _spans
+
+    cs = [SimpleNamespace(offset=o, length=10) for o in (0, 10, 20, 40, 50, 60, 70)]
+    assert _spans(cs, [0, 1, 2, 3, 4, 5, 6], 1, 1000) == [(0, 1, 2), (3, 4, 5, 6)]
+    assert _spans(cs, [0, 1, 2, 3, 4, 5, 6], 2, 1000) == [(0, 1), (2,), (3, 4), (5, 6)]
+    assert _spans(cs, [0, 2, 3, 4, 5, 6], 1, 20) == [(0,), (2,), (3, 4), (5, 6)]

@@ -597,3 +597,73 @@ def test_local_reads_in_pieces_check_every_byte(
         f.write(raw)
     with pytest.raises(zckpt.ChecksumError, match=f"offset {c.offset}"):
         zckpt.load_checkpoint(tmp_path, into={k: torch.zeros_like(v) for k, v in state.items()})
+
+
+def _saved_in_fragments(tmp_path: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    state = {f"w{i}": torch.arange(3000.0) + i for i in range(4)}
+    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(1, 1), tag="t", chunk_bytes=2048)
+    return state, tmp_path
+
+
+def test_a_load_opens_each_blob_once_and_reads_it_from_one_disk_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold load (the page cache said not to hold the bytes) goes through one descriptor for
+    the disk per blob, in file order, for all its fragments (one stream for the kernel's
+    read-ahead), not one open per fragment or chunk; every byte is still checked."""
+    state, path = _saved_in_fragments(tmp_path)
+    monkeypatch.setattr(_storage, "cached", lambda fd, offset, length: False)
+    monkeypatch.setattr(_storage, "DISK_STEP", 1000)  # several steps per span, across chunks
+    opened: list[str] = []
+    disk: list[int] = []
+    real_open, real_pread = _storage.open_regular, _storage._pread_fully
+
+    def counting_open(p: str, *, follow: bool = False) -> int:
+        opened.append(p)
+        return real_open(p, follow=follow)
+
+    def counting_pread(fd: int, p: str, offset: int, view: memoryview) -> int:
+        if p.endswith(".zck"):
+            disk.append(offset)
+        return real_pread(fd, p, offset, view)
+
+    monkeypatch.setattr(_storage, "open_regular", counting_open)
+    monkeypatch.setattr(_storage, "_pread_fully", counting_pread)
+    into = {k: torch.zeros_like(v) for k, v in state.items()}
+    zckpt.load_checkpoint(path, into=into)
+    assert_states_equal(into, state)
+    blob_opens = [p for p in opened if p.endswith(".zck")]
+    header_opens = 2  # the preamble, then the index (LocalStorage.read)
+    assert len(blob_opens) == header_opens + 2  # + the load's descriptor and its disk one
+    assert disk == sorted(disk) and len(disk) > 4  # in file order, DISK_STEP at a time
+    ck = zckpt.open_checkpoint(path)
+    rec = ck.manifest.files[0]
+    frag = ck.header(rec).fragments[2]
+    c = frag.chunks[1]
+    raw = bytearray(Path(ck.file_path(rec)).read_bytes())
+    raw[c.offset + 1500] ^= 0x01
+    Path(ck.file_path(rec)).write_bytes(raw)
+    with pytest.raises(zckpt.ChecksumError, match=f"offset {c.offset}"):
+        zckpt.load_checkpoint(path, into={k: torch.zeros_like(v) for k, v in state.items()})
+
+
+def test_cached_says_what_the_page_cache_holds(tmp_path: Path) -> None:
+    """``cached`` answers from the page cache and starts no read: after DONTNEED it says no,
+    and a read of the range after it still finds the pages missing until it reads them."""
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom(1 << 20))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        first = _storage.cached(fd, 0, 1 << 20)
+        if first is None:
+            pytest.skip("this kernel has no cachestat(2)")
+        if first:
+            pytest.skip("this filesystem keeps the pages (tmpfs)")
+        assert _storage.cached(fd, 0, 1 << 20) is False  # asking did not read them
+        os.pread(fd, 1 << 20, 0)
+        assert _storage.cached(fd, 0, 1 << 20) is True
+        assert _storage.cached(fd, 4096 * 3 + 5, 100) is True
+    finally:
+        os.close(fd)
