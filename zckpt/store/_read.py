@@ -408,9 +408,12 @@ class FileSource:
             span: int | None = None
             threads: int | None = None
             if held is not None:
-                read_into, piece, span = partial(_read_some, held), READ_PIECE, READ_SPAN
+                piece, span = READ_PIECE, READ_SPAN
                 first, last = chunks[0], chunks[-1]
-                if held.cached(first.offset, last.offset + last.length - first.offset) is False:
+                hot = held.cached(first.offset, last.offset + last.length - first.offset)
+                # Known to be in the page cache: no need to ask again for each piece.
+                read_into = partial(_read_some, held, ask=hot is not True)
+                if hot is False:
                     # From the disk: one reader in file order (a second one would only split
                     # the disk stream); it hashes each step while read-ahead runs.
                     threads = 1
@@ -447,9 +450,9 @@ READ_PIECE = 512 << 10
 READ_SPAN = 64 << 20
 
 
-def _read_some(f: OpenFile, offset: int, out: memoryview) -> int:
+def _read_some(f: OpenFile, offset: int, out: memoryview, *, ask: bool = True) -> int:
     """One piece from the page cache, or (when the disk must be waited for) one disk step."""
-    return f.read_some(offset, out, READ_PIECE)
+    return f.read_some(offset, out, READ_PIECE, ask=ask)
 
 
 def _held_file(storage: Storage, path: str) -> OpenFile | None:

@@ -286,12 +286,13 @@ class OpenFile:
         (fewer than ``out`` holds only at the end of the file)."""
         return _pread_fully(self._fd, self.path, offset, out.cast("B"))
 
-    def read_some(self, offset: int, out: memoryview, piece: int) -> int:
+    def read_some(self, offset: int, out: memoryview, piece: int, *, ask: bool = True) -> int:
         """Read at ``offset`` into ``out``; the bytes read (at least one, unless the file
-        ends). When the page cache holds all of ``out`` (or the kernel cannot say, see
-        :func:`cached`): its first ``piece`` bytes with ``preadv2(RWF_NOWAIT)``, which never
-        waits for the disk. Otherwise (or when that read would wait) the next
-        :data:`DISK_STEP` bytes of ``out`` from the disk.
+        ends). When the page cache holds the first ``piece`` bytes of ``out`` (asked with
+        :func:`cached` unless ``ask`` is false, for a caller that has just asked about a range
+        holding them; tried too where the kernel cannot say): those bytes, with
+        ``preadv2(RWF_NOWAIT)``, which never waits for the disk. Otherwise (or when that read
+        would wait) the next :data:`DISK_STEP` bytes of ``out`` from the disk.
 
         Reads from the disk take turns on one descriptor of their own, kept for this object's
         life: the disk then sees one sequential stream of large requests, as a plain read of
@@ -311,9 +312,10 @@ class OpenFile:
             True
         """
         view = out.cast("B")
-        if _NOWAIT and cached(self._fd, offset, view.nbytes) is not False:
+        first = view[:piece]
+        if _NOWAIT and (not ask or cached(self._fd, offset, first.nbytes) is not False):
             try:
-                n = os.preadv(self._fd, [view[:piece]], offset, _NOWAIT)
+                n = os.preadv(self._fd, [first], offset, _NOWAIT)
             except BlockingIOError:
                 pass  # still (or again) on its way from the disk: wait for it below
             except OSError as e:
