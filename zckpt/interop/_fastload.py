@@ -435,10 +435,15 @@ def load_refs(path: str) -> Any:
     """
     fast = _globals()
     try:
-        size = os.path.getsize(path)
         f = open(path, "rb")  # noqa: SIM115 (closed below, after the storages are located)
     except OSError:
         return NOT_FAST
+    try:
+        st = os.fstat(f.fileno())
+    except OSError:
+        f.close()
+        return NOT_FAST
+    size, stamp = st.st_size, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     try:
         with f, zipfile.ZipFile(f) as z:
             infos = z.infolist()
@@ -470,7 +475,7 @@ def load_refs(path: str) -> Any:
                 info = records[f"data/{key}"]
                 if info.compress_type != zipfile.ZIP_STORED:
                     raise pickle.UnpicklingError("a compressed storage")
-                ref = StorageRef(path, key, dtype, numel, location, offsets[info.filename])
+                ref = StorageRef(path, key, dtype, numel, location, offsets[info.filename], stamp)
                 if ref.nbytes != info.file_size:  # torch's mmap load would not notice
                     raise _DamagedError(
                         f"storage data/{key} is {numel} x {dtype} ({ref.nbytes} bytes) but its "
