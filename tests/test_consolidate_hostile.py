@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,13 @@ from safetensors.torch import load_file
 
 import zckpt
 from zckpt.cli import main
-from zckpt.interop._deepspeed import export_values
+from zckpt.interop._deepspeed import deepspeed_fp32_state_dict, export_values
+from zckpt.interop._mapped import mapped_tensor
+from zckpt.interop._pages import PagedSource, file_mappings
 from zckpt.interop._safetensors import export_safetensors
 from zckpt.interop._stream import FileRanges
 from zckpt.interop._synthetic import write_zero_checkpoint
+from zckpt.spec import Fragment
 
 
 def _two_saves(tmp_path: Path) -> tuple[Path, Path, torch.Tensor]:
@@ -108,3 +112,32 @@ def test_a_latest_pointing_outside_the_save_dir_is_refused(tmp_path: Path, lates
     out = tmp_path / "model.safetensors"
     assert main(["consolidate", str(a), str(out), "--quiet"]) != 0
     assert not out.exists()
+
+
+def test_the_torch_path_copies_a_replaced_file_from_its_mapping(tmp_path: Path) -> None:
+    # The lazy torch path maps each file when it reads it and streamed its ranges by path:
+    # after a new file was renamed over one, the export held that file's bytes while the eager
+    # state dict (the mapping) held the old ones. Now a path whose file is not the mapped one
+    # is copied from the mapping: the values the state dict was read with.
+    a, b, w = _two_saves(tmp_path)
+    lazy = deepspeed_fp32_state_dict(a, lazy_mode=True)
+    os.replace(_rank1(b), _rank1(a))
+    out = tmp_path / "model.safetensors"
+    export_safetensors(lazy, out)
+    assert torch.equal(load_file(out)["w"], w)
+
+
+def test_a_mapped_output_maps_only_the_file_it_read(tmp_path: Path) -> None:
+    # _mapped.py maps whole pages by path: a file renamed over the source's since must not be
+    # mapped in its place (its pages are copied from the source's own mapping instead).
+    n = 1 << 19
+    f, g = tmp_path / "f.bin", tmp_path / "g.bin"
+    torch.arange(n, dtype=torch.float32).numpy().tofile(f)
+    torch.full((n,), -1.0).numpy().tofile(g)
+    data = torch.from_file(str(f), size=n, dtype=torch.float32)
+    src = PagedSource(Fragment(0, 0, n), data, file_mappings([str(f)]))
+    assert src.file_stamp(0, n) == (os.stat(f).st_dev, os.stat(f).st_ino) or sys.platform != "linux"
+    os.replace(g, f)
+    t = mapped_tensor((n,), torch.float32, [(src, 0, n)])
+    if t is not None:  # None off Linux
+        assert torch.equal(t, torch.arange(n, dtype=torch.float32))

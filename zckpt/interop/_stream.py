@@ -155,28 +155,36 @@ def _check_stamp(sfd: int, src: str, stamp: tuple[int, ...] | None, offset: int)
     the tag again), its bytes would be another save's, mixed silently into the output."""
     if stamp is None:
         return
-    now = _stamp(sfd)
+    now = _stamp(sfd)[: len(stamp)]  # a mapping's stamp is (device, inode) only
     if now != stamp:
         from zckpt.interop._unpickle import DeepSpeedFormatError
 
         what = "replaced" if now[:2] != stamp[:2] else "rewritten"
+        sizes = f"size {stamp[2]} -> {now[2]}, " if len(stamp) > 2 else ""
         raise DeepSpeedFormatError(
-            f"{src}: {what} since the checkpoint was read (size {stamp[2]} -> {now[2]}, "
-            f"copying from byte {offset}); its bytes would be another save's: export again "
-            "once the checkpoint is complete"
+            f"{src}: {what} since the checkpoint was read ({sizes}copying from byte {offset}); "
+            "its bytes would be another save's: export again once the checkpoint is complete"
         )
 
 
 def _copy_range(
-    src: str, offset: int, n: int, fd: int, stamp: tuple[int, ...] | None = None
+    src: str,
+    offset: int,
+    n: int,
+    fd: int,
+    stamp: tuple[int, ...] | None = None,
+    replaced_ok: bool = False,
 ) -> bool:
     """Copy ``n`` bytes of ``src`` from ``offset`` to ``fd``'s position in the kernel; False
     (nothing written) where this kernel or filesystem cannot (the caller writes them itself).
-    With ``stamp``, the file must still be the one read, before and after (``_check_stamp``)."""
+    With ``stamp``, the file must still be the one read, before and after (``_check_stamp``);
+    with ``replaced_ok``, another file there is False too (the caller has the bytes mapped)."""
     if not _state["copy_range"]:
         return False
     sfd = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
+        if replaced_ok and stamp is not None and _stamp(sfd)[: len(stamp)] != stamp:
+            return False
         _check_stamp(sfd, src, stamp, offset)
         done = 0
         while done < n:
@@ -256,10 +264,11 @@ def write_value(fd: int, value: Any, dtype: Any, materialise: Callable[..., Any]
     for src, a, b in value.segments():
         if isinstance(src, PagedSource):
             where = src.file_range(a, b)
-            if where is not None and _copy_range(*where, fd):
+            if where is not None and _copy_range(*where, fd, src.file_stamp(a, b), True):
                 total += where[2]
                 continue
-            # Not copied in the kernel: from the mapping (pages released only where it is one).
+            # Not copied in the kernel (nor by path from a file renamed over the mapped one):
+            # from the mapping (pages released only where it is one).
             total += write_tensor(fd, src.data[a:b], release=where is not None)
         else:
             part = src.read(a, b)
