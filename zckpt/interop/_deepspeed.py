@@ -344,14 +344,16 @@ def gather(
         >>> gather(ck, group_layouts(ck), partitions(ck, "exp_avg"))["w"].tolist()
         [0.5, 0.5, 0.5, 0.5, 0.5]
     """
-    from zckpt.assemble import assemble_fp32, index_sources
+    from zckpt.assemble import fp32_tensors, index_sources
+    from zckpt.format._decode import decode_threads
 
     b = _Builder(ck)
     for layout in layouts:
         _add_group(b, layout, parts)
     try:
         sources = b.torch_sources(ck)
-        return dict(assemble_fp32(index_sources(b.skeleton(), sources), b.torch_entries()))
+        index = index_sources(b.skeleton(), sources)
+        return fp32_tensors(index, b.torch_entries(), decode_threads())
     except CoverageError as err:
         raise DeepSpeedFormatError(f"{ck.path}: {err}") from None
 
@@ -454,7 +456,8 @@ def deepspeed_fp32_state_dict(
         >>> deepspeed_fp32_state_dict(d, lazy_mode=True)["w"].contiguous().shape
         torch.Size([4, 3])
     """
-    from zckpt.assemble import assemble_fp32, index_sources
+    from zckpt.assemble import assemble_fp32, fp32_tensors, index_sources
+    from zckpt.format._decode import decode_threads
     from zckpt.interop._mapped import mapping_enabled
 
     ck = open_deepspeed(checkpoint_dir, tag)
@@ -466,7 +469,7 @@ def deepspeed_fp32_state_dict(
         if not lazy_mode:
             if mapping_enabled(map_files):
                 return _eager_mapped(ck.path, index, skel, entries)
-            return dict(assemble_fp32(index, entries))
+            return fp32_tensors(index, entries, decode_threads())
     except CoverageError as err:
         raise DeepSpeedFormatError(f"{ck.path}: {err}") from None
     out: dict[str, Any] = {}
