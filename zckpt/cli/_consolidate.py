@@ -151,7 +151,7 @@ def consolidate(args: argparse.Namespace) -> int:
     from zckpt.interop._deepspeed import export_values
     from zckpt.interop._safetensors import module_key_order
 
-    sd = export_values(args.path, args.tag, args.exclude_frozen)
+    sd = export_values(args.path, args.tag, args.exclude_frozen, check_records=True)
     try:
         order: list[str] | None = module_key_order(args.path, args.tag)
     except (ZckptError, OSError):

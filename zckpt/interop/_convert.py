@@ -31,6 +31,7 @@ import torch
 
 from zckpt.assemble import fp32_tensors, index_sources
 from zckpt.format._decode import decode_threads
+from zckpt.interop._fastload import require_intact
 from zckpt.interop._deepspeed import fp32_sources, gather, group_layouts, partitions
 from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
 from zckpt.interop._output import check_disjoint
@@ -212,6 +213,9 @@ def convert_deepspeed(
     Raises:
         zckpt.interop._output.OutputPathError: ``dst_dir`` is ``src_dir``, lies inside it or
             contains it (it would write into DeepSpeed's own folders); nothing is written.
+        DeepSpeedFormatError: a record of the DeepSpeed files does not match its zip CRC-32
+            (every one is read and checked first: the converted checkpoint's own checksums
+            would otherwise vouch for the flipped bits); nothing is written.
 
     Example:
         >>> import tempfile, torch, zckpt
@@ -227,6 +231,7 @@ def convert_deepspeed(
     """
     check_disjoint(src_dir, dst_dir)
     ck = open_deepspeed(src_dir, tag)
+    require_intact(ck.files)  # converted, a flipped bit would get a checksum of its own
     state, spec, frozen, client = deepspeed_training_state(ck)
     return save_checkpoint(
         dst_dir, state, spec, tag=ck.tag, client_state=client, frozen=frozen, codec=codec,

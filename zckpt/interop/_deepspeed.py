@@ -570,8 +570,14 @@ def export_values(
     checkpoint_dir: str | os.PathLike[str],
     tag: str | None = None,
     exclude_frozen_parameters: bool = False,
+    *,
+    check_records: bool = False,
 ) -> dict[str, Any]:
     """The fp32 state dict for an export (``zckpt consolidate``), torch imported only if needed.
+
+    ``check_records``: first read every record of the checkpoint's files against its zip
+    CRC-32 (:func:`~zckpt.interop._fastload.require_intact`), the only checksum DeepSpeed's
+    files carry, so that a flipped bit is an error rather than a wrong value in the export.
 
     The checkpoint is opened as references (``open_deepspeed(refs=True)``): each value stored
     in the output dtype, as byte ranges of the files, is a
@@ -592,6 +598,10 @@ def export_values(
         ('FileRanges', True, True)
     """
     ck = open_deepspeed(checkpoint_dir, tag, refs=True)
+    if check_records:
+        from zckpt.interop._fastload import require_intact
+
+        require_intact(ck.files)
     b = _build(ck, exclude_frozen_parameters, False)
     by_leaf: dict[int, list[_Part]] = {}
     for p in b.parts:

@@ -51,7 +51,7 @@ import sys
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from zckpt.interop._refs import (
@@ -65,7 +65,16 @@ from zckpt.interop._refs import (
     to_torch,
 )
 
-__all__ = ["FAST_GLOBALS", "NOT_FAST", "fast_load", "load_refs", "scan"]
+__all__ = [
+    "FAST_GLOBALS",
+    "NOT_FAST",
+    "fast_load",
+    "load_refs",
+    "record_problems",
+    "records_problems",
+    "require_intact",
+    "scan",
+]
 
 #: What :func:`fast_load` returns when it cannot give torch's result; the caller loads as before.
 NOT_FAST: Any = object()
@@ -416,6 +425,130 @@ def _record_offsets(fd: int, infos: list[zipfile.ZipInfo], start_dir: int) -> di
                 f"record {name} (bytes {a} to {end}) overlaps {nxt[2]} at byte {nxt[0]}"
             )
     return out
+
+
+_CRC_PIECE = 1 << 20  # read into one buffer and hashed while in the CPU cache
+
+
+def record_problems(path: str, on_bytes: Callable[[int], None] | None = None) -> list[str]:
+    """Every record of the ``torch.save`` zip ``path`` read whole and its CRC-32 compared with
+    the one its central directory records (after the layout check of ``_record_offsets``): the
+    only checksum a DeepSpeed checkpoint has, and one that torch's loads never check (a flipped
+    bit in a tensor's bytes loads as a wrong value). Each problem names the file, the record and
+    the byte range; ``[]`` when every record matches. A file that is not a zip (torch's legacy
+    format) has no CRC to check: ``[]``. ``on_bytes`` is told each piece's size as it is read.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> p = tempfile.mkdtemp() + "/x.pt"
+        >>> torch.save({"w": torch.arange(3.0)}, p)
+        >>> record_problems(p)
+        []
+        >>> raw = bytearray(Path(p).read_bytes())
+        >>> raw[raw.index(torch.arange(3.0).numpy().tobytes()) + 5] ^= 1
+        >>> _ = Path(p).write_bytes(raw)
+        >>> print(record_problems(p)[0])  # doctest: +ELLIPSIS
+        /...x.pt: record x/data/0 (bytes ... to ...): CRC-32 0x... where the zip records 0x...
+    """
+    import zlib
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return []
+            try:
+                z = zipfile.ZipFile(f)
+            except zipfile.BadZipFile as e:
+                return [f"{path}: not a readable zip ({e})"]
+            with z:
+                infos = z.infolist()
+                try:
+                    offsets = _record_offsets(f.fileno(), infos, int(z.start_dir))
+                except _DamagedError as e:
+                    return [f"{path}: {e}"]
+                problems = []
+                view = memoryview(bytearray(_CRC_PIECE))
+                for info in infos:
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        try:  # zipfile inflates it and checks the CRC-32 at its end
+                            with z.open(info) as r:
+                                while piece := r.read(_CRC_PIECE):
+                                    if on_bytes is not None:
+                                        on_bytes(len(piece))
+                        except (zipfile.BadZipFile, OSError, EOFError) as e:
+                            problems.append(f"{path}: record {info.filename}: {e}")
+                        continue
+                    start, left, crc = offsets[info.filename], int(info.compress_size), 0
+                    at = start
+                    while left:
+                        got = os.preadv(f.fileno(), [view[: min(left, _CRC_PIECE)]], at)
+                        if not got:
+                            break
+                        crc = zlib.crc32(view[:got], crc)
+                        at, left = at + got, left - got
+                        if on_bytes is not None:
+                            on_bytes(got)
+                    if left:
+                        problems.append(
+                            f"{path}: record {info.filename} (bytes {start} to "
+                            f"{start + info.compress_size}): the file ends at byte {at}"
+                        )
+                    elif crc != info.CRC:
+                        problems.append(
+                            f"{path}: record {info.filename} (bytes {start} to {at}): CRC-32 "
+                            f"{crc:#010x} where the zip records {info.CRC:#010x}"
+                        )
+                return problems
+    except OSError as e:
+        return [f"{path}: {e.strerror or e}"]
+
+
+def records_problems(
+    paths: Sequence[str], on_bytes: Callable[[int], None] | None = None
+) -> list[str]:
+    """:func:`record_problems` of every file in ``paths``, files read side by side on
+    ``decode_threads()`` threads; the problems in ``paths``' order.
+
+    Example:
+        >>> import tempfile, torch
+        >>> d = tempfile.mkdtemp()
+        >>> for n in "ab":
+        ...     torch.save({"w": torch.ones(2)}, f"{d}/{n}.pt")
+        >>> records_problems([f"{d}/a.pt", f"{d}/b.pt"])
+        []
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zckpt.format._decode import decode_threads
+
+    threads = max(1, min(decode_threads(), len(paths)))
+    if threads == 1:
+        return [p for path in paths for p in record_problems(path, on_bytes)]
+    with ThreadPoolExecutor(threads, thread_name_prefix="zckpt-crc") as pool:
+        found = list(pool.map(lambda path: record_problems(path, on_bytes), paths))
+    return [p for problems in found for p in problems]
+
+
+def require_intact(paths: Sequence[str]) -> None:
+    """Raise unless every zip record of every file in ``paths`` matches its CRC-32
+    (:func:`records_problems`), before a conversion or an export reads them: torch's loads
+    would read a flipped bit as a value.
+
+    Raises:
+        DeepSpeedFormatError: naming the first problems (file, record, byte range).
+
+    Example:
+        >>> require_intact([])
+    """
+    problems = records_problems(paths)
+    if problems:
+        from zckpt.interop._unpickle import DeepSpeedFormatError
+
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DeepSpeedFormatError(
+            "damaged checkpoint files, nothing was written: " + "; ".join(problems[:3]) + more
+        )
 
 
 def load_refs(path: str) -> Any:
