@@ -143,6 +143,19 @@ def _code(e: BaseException) -> str:
     return str(code or status or "")
 
 
+def _total_size(content_range: object) -> int | None:
+    """The object's size from a ranged GET's ``Content-Range`` (``bytes 0-9/1234``).
+
+    Example:
+        >>> _total_size("bytes 0-65535/16777664"), _total_size("bytes 0-9/*"), _total_size(None)
+        (16777664, None, None)
+    """
+    if not isinstance(content_range, str):
+        return None
+    total = content_range.rpartition("/")[2].strip()
+    return int(total) if total.isdigit() else None
+
+
 def _server_age(r: dict[str, Any]) -> float | None:
     """Seconds since the object was last written, by the server's own clock (its Date header
     against the object's Last-Modified), so client clocks that disagree do not matter."""
@@ -227,9 +240,18 @@ class S3Backend:
         return self._run(self._get(path, offset, length))
 
     async def _get(self, path: str, offset: int, length: int) -> bytes:
+        data, _ = await self._get_sized(path, offset, length)
+        return data
+
+    def get_sized(self, path: str, offset: int, length: int) -> tuple[bytes, int | None]:
+        """:meth:`get`, and the object's whole size as the GET's ``Content-Range`` says it
+        (None where it says none)."""
+        return self._run(self._get_sized(path, offset, length))
+
+    async def _get_sized(self, path: str, offset: int, length: int) -> tuple[bytes, int | None]:
         bucket, key = self._split(path)
         if length <= 0:
-            return b""
+            return b"", None
         try:
             r = await self._call(
                 path,
@@ -244,9 +266,9 @@ class S3Backend:
             if self._missing(e):
                 raise FileNotFoundError(path) from e
             if _code(e) in ("InvalidRange", "416"):
-                return b""
+                return b"", None
             raise
-        return data
+        return data, _total_size(r.get("ContentRange"))
 
     def get_small(self, path: str) -> tuple[bytes, Head] | None:
         """A small object whole, with its ETag and age; None when there is none."""
