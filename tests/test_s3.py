@@ -9,14 +9,17 @@ and SIGKILL at random instants.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -595,13 +598,13 @@ def test_a_streamed_blobs_parts_in_flight_are_bounded_by_bytes(s3: Where, monkey
     backend = st._backend
     part, outstanding, most, sizes = backend._part, [0], [0], []
 
-    async def counting(*args: Any) -> str:
+    async def counting(*args: Any, **kw: Any) -> Any:
         n = sum(v.nbytes for v in args[-1])
         sizes.append(n)
         outstanding[0] += n
         most[0] = max(most[0], outstanding[0])
         try:
-            return await part(*args)
+            return await part(*args, **kw)
         finally:
             outstanding[0] -= n
 
@@ -688,9 +691,11 @@ def test_a_load_checks_the_skeleton_when_it_reads_no_header(s3: Where) -> None:
     calls = _counting(st)
     got = zckpt.load_checkpoint(s3.url, world_size=4, rank=3, storage=st)
     assert got.state["step"] == 7 and got.state["w"].numel() == 0
-    assert [k for _, k, r in calls if k.endswith(".zck")] == [
-        k for _, k, _ in calls if "rank00000" in k
-    ] != []
+    assert (
+        [k for _, k, r in calls if k.endswith(".zck")]
+        == [k for _, k, _ in calls if "rank00000" in k]
+        != []
+    )
 
 
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
@@ -806,6 +811,172 @@ def test_default_options_leave_https_and_the_users_choice_alone(monkeypatch: Any
     assert default_options({})["config_kwargs"] == off
     monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
     assert default_options({}) == {}
+
+
+class SseKms:
+    """What a bucket encrypting with SSE-KMS answers, played by the proxy in front of moto (which
+    says ``aws:kms`` but answers MD5 ETags and echoes no checksums): every answer says
+    ``aws:kms`` and carries ETags that are not MD5s (the same opaque one for an object
+    wherever it is shown); an upload sent with a CRC32 is answered with the CRC32 of the bytes
+    the server received (a part's too), and a completed upload with the composite of its
+    parts'. ``corrupt``: the next body PUT to a path containing it has one bit flipped on the
+    way, after the client computed its checksums."""
+
+    def __init__(self) -> None:
+        self.parts: dict[tuple[str, int], int] = {}
+        self.real: dict[bytes, bytes] = {}  # opaque ETag -> moto's
+        self.corrupt: str | None = None
+        self.corrupted = 0
+
+    def _opaque(self, text: bytes) -> bytes:
+        def swap(m: Any) -> bytes:
+            fake = hashlib.sha256(m.group()).hexdigest()[:32].encode()
+            self.real[fake] = m.group()
+            return fake
+
+        return re.sub(rb"[0-9a-f]{32}", swap, text)
+
+    def _moto(self, text: bytes) -> bytes:
+        return re.sub(rb"[0-9a-f]{32}", lambda m: self.real.get(m.group(), m.group()), text)
+
+    def request(self, method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        for k in list(headers):
+            if k.lower() in ("if-match", "if-none-match"):
+                headers[k] = self._moto(headers[k].encode()).decode()
+        if method == "POST" and "uploadId=" in path:  # the parts' ETags, as moto knows them
+            body = self._moto(body)
+        if method == "PUT" and self.corrupt is not None and self.corrupt in path and body:
+            self.corrupt, self.corrupted = None, self.corrupted + 1
+            flipped = bytearray(body)
+            flipped[len(flipped) // 2] ^= 0x10
+            body = bytes(flipped)
+        return body
+
+    def response(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        answer: list[tuple[str, str]],
+        data: bytes,
+    ) -> tuple[list[tuple[str, str]], bytes]:
+        from urllib.parse import parse_qs, urlsplit
+
+        from zckpt.store._s3 import composite_crc32, crc32_b64
+
+        out = [
+            (k, self._opaque(v.encode()).decode() if k.lower() == "etag" else v)
+            for k, v in answer
+            if not k.lower().startswith("x-amz-checksum")
+        ]
+        out.append(("x-amz-server-side-encryption", "aws:kms"))
+        q = parse_qs(urlsplit(path).query)
+        if method == "PUT" and "x-amz-checksum-crc32" in headers:
+            crc = zlib.crc32(body)
+            if "partNumber" in q:
+                self.parts[(q["uploadId"][0], int(q["partNumber"][0]))] = crc
+            out.append(("x-amz-checksum-crc32", crc32_b64(crc)))
+        if method == "POST" and "uploadId" in q and b"<ETag>" in data:  # completed
+            upload = q["uploadId"][0]
+            crcs = [c for (u, _), c in sorted(self.parts.items()) if u == upload]
+            tag = f"<ChecksumCRC32>{composite_crc32(crcs)}</ChecksumCRC32>".encode()
+            data = data.replace(b"</ETag>", b"</ETag>" + tag, 1)
+        if b"<ETag>" in data:
+            data = self._opaque(data)
+        return out, data
+
+
+@pytest.fixture
+def sse_kms(s3_server: Any) -> Iterator[tuple[Where, FaultProxy, SseKms]]:
+    kms = SseKms()
+    proxy = FaultProxy(s3_server.endpoint, on_request=kms.request, on_response=kms.response)
+    proxy.start()
+    fs = _s3_fs(
+        proxy.endpoint,
+        config_kwargs={
+            "retries": {"max_attempts": 1},
+            "request_checksum_calculation": "when_required",
+        },
+    )
+    st = FsspecStorage(fs, part_size=5 * MiB, multipart_threshold=10 * MiB, lease=5, retry_for=5)
+    yield Where(f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}", st, None, True), proxy, kms
+    proxy.stop()
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_sse_kms_buckets_are_checked_by_crc32(
+    sse_kms: tuple[Where, FaultProxy, SseKms], codec: str
+) -> None:
+    """On a bucket whose ETags are not MD5s (SSE-KMS), saves succeed and load bitwise: the
+    first answer that says ``aws:kms`` switches the storage to CRC32s the server checks on
+    receipt, and every PUT, part and completed upload is checked by the CRC32 it echoes."""
+    where, proxy, _ = sse_kms
+    g = torch.Generator().manual_seed(8)
+    big = {"master": {"w": torch.randn(4_000_000, generator=g)}, "step": 3}  # parts of 5 MiB
+    small = state_of(5)
+    for tag, state, sp in (("a", small, spec(2, 2)), ("b", big, spec(1, 2))):
+        zckpt.save_checkpoint(where.url, state, sp, tag=tag, codec=codec, storage=where.storage)
+        assert_states_equal(
+            zckpt.load_checkpoint(where.url, tag=tag, storage=where.storage).state, state
+        )
+    assert where.storage._backend.checksums
+    blobs = (".zck", "manifest.zckm", "latest")  # all but the lock whose answer showed SSE
+    uploads = [h for m, p, h in proxy.headers if m == "PUT" and p.split("?")[0].endswith(blobs)]
+    assert uploads and all("x-amz-checksum-crc32" in h for h in uploads)
+    assert any("partNumber=" in p for m, p, _ in proxy.headers if m == "PUT")
+    (report,) = zckpt.verify_checkpoint(where.url, tag="b", storage=where.storage)
+    assert report.ok, report.problems
+    fresh = zckpt.load_checkpoint(where.url, storage=FsspecStorage(where.storage.fs))
+    assert_states_equal(fresh.state, big)
+
+
+@pytest.mark.parametrize("target", ["rank00001", "partNumber=2"])
+def test_sse_kms_a_body_corrupted_in_flight_is_refused(
+    sse_kms: tuple[Where, FaultProxy, SseKms], target: str
+) -> None:
+    """A bit flipped on the way to an SSE-KMS bucket (one rank's single PUT, one part of a
+    multipart upload): the server's CRC32 is not the one sent, so the save fails on every rank,
+    nothing is committed, and the previous checkpoint and ``latest`` load as they were."""
+    where, _, kms = sse_kms
+    old = state_of(1)
+    zckpt.save_checkpoint(where.url, old, spec(2, 1), tag="t", storage=where.storage)
+    new = state_of(2, n=2_500_000 if "part" in target else 1000)  # a multipart rank 1 blob
+    kms.corrupt = target
+    with pytest.raises(zckpt.SaveError, match="CRC32") as e:
+        zckpt.save_checkpoint(
+            where.url, new, spec(2, 1), tag="t", overwrite=True, storage=where.storage
+        )
+    assert kms.corrupted == 1 and not e.value.committed
+    got = zckpt.load_checkpoint(where.url, storage=where.storage)
+    assert got.load_path == f"{where.url}/t"
+    assert_states_equal(got.state, old)
+    assert where.storage.unfinished_uploads(where.url) == []
+
+
+def test_sse_requested_by_the_filesystem_sends_crc32s_from_the_first_put(
+    sse_kms: tuple[Where, FaultProxy, SseKms],
+) -> None:
+    """``s3_additional_kwargs`` asking for SSE-KMS reach zckpt's own requests, and uploads carry
+    a CRC32 from the first one (no PUT sent twice)."""
+    where, proxy, _ = sse_kms
+    fs = where.storage.fs
+    kms_fs = _s3_fs(
+        proxy.endpoint,
+        config_kwargs={"request_checksum_calculation": "when_required"},
+        s3_additional_kwargs={"ServerSideEncryption": "aws:kms"},
+    )
+    assert fs is not kms_fs
+    st = FsspecStorage(kms_fs)
+    assert st._backend.checksums
+    proxy.headers.clear()
+    state = state_of(6)
+    zckpt.save_checkpoint(where.url, state, spec(2, 2), tag="t", storage=st)
+    puts = [(p, h) for m, p, h in proxy.headers if m == "PUT"]
+    assert all(h.get("x-amz-server-side-encryption") == "aws:kms" for _, h in puts)
+    assert all("x-amz-checksum-crc32" in h for _, h in puts)
+    assert len({p for p, _ in puts}) == len(puts)  # each object PUT once
+    assert_states_equal(zckpt.load_checkpoint(where.url, storage=st).state, state)
 
 
 # -- failures ------------------------------------------------------------------------------
