@@ -682,6 +682,43 @@ def test_a_load_reads_latest_once_and_each_header_with_one_get(s3: Where) -> Non
         assert sorted(h for h in heads if h[0].endswith(".zck")) == wanted, calls
 
 
+@pytest.mark.parametrize("when", ["manifest", "blob"])
+def test_a_load_whose_tag_is_deleted_meanwhile_follows_latest_once(s3: Where, when: str) -> None:
+    """``latest`` is read once per load. When retention (another job's save with keep_last=1)
+    deletes the tag it named before the load read that tag's manifest, or after the manifest
+    but before its blobs, the load reads ``latest`` once more and loads the new tag whole: one
+    checkpoint, never a mix of two."""
+    url = f"{s3.url}/{when}"
+    zckpt.save_checkpoint(url, state_of(1), spec(2, 2), tag="a", storage=s3.storage)
+    other = FsspecStorage(s3.storage.fs)
+    moved: list[int] = []
+
+    def move() -> None:
+        moved.append(len([k for _, k, _ in calls if k.endswith("/latest")]))
+        zckpt.save_checkpoint(url, state_of(2), spec(2, 2), tag="b", keep_last=1, storage=other)
+
+    class Racing(FsspecStorage):
+        def read_whole(self, path: str, limit: int) -> bytes | None:
+            if when == "manifest" and path.endswith("/a/manifest.zckm") and not moved:
+                move()
+            return super().read_whole(path, limit)
+
+        def read(self, path: str, offset: int, length: int) -> bytes:
+            if when == "blob" and path.endswith(".zck") and not moved:
+                move()
+            return super().read(path, offset, length)
+
+    st = Racing(s3.storage.fs)
+    calls = _counting(st)
+    got = zckpt.load_checkpoint(url, world_size=3, rank=1, storage=st)
+    assert moved and got.load_path == f"{url}/b"
+    want = zckpt.load_checkpoint(url, tag="b", world_size=3, rank=1, storage=s3.storage)
+    assert_states_equal(got.state, want.state)
+    assert got.client_state == want.client_state
+    assert moved == [1]  # latest was read once before the load failed and followed it
+    assert not s3.storage.exists(f"{url}/a")
+
+
 def test_a_load_checks_the_skeleton_when_it_reads_no_header(s3: Where) -> None:
     """A rank that holds nothing from any blob (more ranks than elements: only replicated
     plain values) still has the manifest's skeleton checked against a file's."""

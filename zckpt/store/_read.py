@@ -499,26 +499,24 @@ def following_latest(
         >>> following_latest(LocalStorage(), "/nonexistent", "t", lambda: 3)
         3
     """
+    run: Callable[[Found], T]
     if use is None:
         if load is None:
             raise TypeError("following_latest: pass load, or found and use")
         if tag is None:  # the tag latest names now, to tell whether it moved if load fails
             with contextlib.suppress(ZckptError, OSError):
                 found = locate(storage, path, None)
-
-        def run(f: Found | None) -> T:
-            assert load is not None
+        if found is None:  # a tag named, or nothing there (load says what): nothing to follow
             return load()
-
+        again = load
+        run = lambda _: again()  # noqa: E731
     else:
         if found is None:
             raise TypeError("following_latest: use needs found")
+        with_ck = use
+        run = lambda f: with_ck(opened(storage, path, tag, f))  # noqa: E731
 
-        def run(f: Found | None) -> T:
-            assert f is not None and use is not None
-            return use(opened(storage, path, tag, f))
-
-    before = found.tag if found is not None and found.via_latest else None
+    before = found.tag if found.via_latest else None
     try:
         return run(found)
     except (CheckpointNotFoundError, StorageError):
