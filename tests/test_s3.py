@@ -522,24 +522,30 @@ def test_a_lock_on_a_store_with_conditional_writes_costs_no_read_back(
     proxied: tuple[Where, FaultProxy],
 ) -> None:
     """A conditional PUT that succeeded is the object there: taking a lock is one GET (absent)
-    and one PUT, a renewal one PUT, a release one GET and one DELETE. (Each read back was a
-    round trip of a save's fixed cost: two locks per save, 24 requests for 4 objects.)"""
+    and one PUT (plus, once per storage, a second create that the store must refuse), and once
+    the store has refused a create, one PUT; a renewal one PUT, a release one GET and one
+    DELETE. (Each read back was a round trip of a save's fixed cost: two locks per save.)"""
     where, proxy = proxied
     path = f"{where.url}/.count-lock"
     key = path.removeprefix("s3://" + BUCKET)
     st = FsspecStorage(where.storage.fs, lease=60)
 
-    def requests() -> list[str]:
+    def requests() -> list[str | int]:
         return [m for m, p, _ in proxy.seen if p.split("?")[0].endswith(key)]
 
+    first = st.try_lock(path, "me")
+    assert first is not None and requests() == ["GET", "PUT", "PUT"]
+    assert [s[2] for s in proxy.seen if s[0] == "PUT"] == [200, 412]
+    first.release()
+    proxy.seen.clear()
     held = st.try_lock(path, "me")
-    assert held is not None and requests() == ["GET", "PUT"]
+    assert held is not None and requests() == ["PUT"] and held.intact()
     proxy.seen.clear()
     held.renew_if_due(time.monotonic() + 3600, 1.0)  # type: ignore[attr-defined]
     assert requests() == ["PUT"] and held.intact()
     proxy.seen.clear()
-    assert st.try_lock(path, "other") is None  # held: one GET to see it
-    assert requests() == ["GET"]
+    assert st.try_lock(path, "other") is None  # held: a refused create, one GET to see it
+    assert requests() == ["PUT", "GET"]
     proxy.seen.clear()
     held.release()
     assert requests() == ["GET", "DELETE"] and not st.exists(path)
@@ -549,6 +555,31 @@ def test_a_lock_on_a_store_with_conditional_writes_costs_no_read_back(
     again = plain.try_lock(path, "me")
     assert again is not None and requests() == ["GET", "GET", "PUT", "GET"]
     again.release()
+
+
+def test_a_store_that_ignores_if_none_match_gets_check_then_write(
+    proxied: tuple[Where, FaultProxy],
+) -> None:
+    """A store that answers a create of an existing object with 200 (it ignores
+    ``If-None-Match``, as S3 did before 2024) is found out by the first lock's second create:
+    locks then read their writes back, and a live holder's lock is never overwritten."""
+    where, proxy = proxied
+
+    def strip(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        for k in [k for k in headers if k.lower() in ("if-none-match", "if-match")]:
+            del headers[k]
+        return body
+
+    proxy.on_request = strip
+    st = FsspecStorage(where.storage.fs, lease=60)
+    path = f"{where.url}/.ignoring-lock"
+    held = st.try_lock(path, "me")
+    assert held is not None and held.intact() and not st._atomic_conditions()
+    assert st.try_lock(path, "other") is None and st.lock_owner(path) == "me"
+    other = FsspecStorage(where.storage.fs, lease=60)
+    assert other.try_lock(path, "other") is None and st.lock_owner(path) == "me"
+    held.release()
+    assert not st.exists(path)
 
 
 def test_reading_a_streamed_blob_back_holds_a_bounded_number_of_bytes(s3: Where) -> None:

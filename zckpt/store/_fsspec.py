@@ -248,6 +248,9 @@ class FsspecStorage:
             raise ValueError(f"multipart_threshold must be >= 0, got {multipart_threshold}")
         self.fs, self.lease, self.retry = fs, float(lease), Retry(total=float(retry_for))
         self._conditional = conditional_writes is not False
+        # Whether the store has been seen to refuse a create (If-None-Match: *) of an object
+        # that exists: then taking a lock needs no read first (see try_lock).
+        self._refuses_creates = False
         self._backend: Any
         self._s3 = _is_s3(fs)
         if self._s3:
@@ -580,12 +583,22 @@ class FsspecStorage:
         body = _lock_body(owner, token, self.lease)
         lock = _ObjectLock(self, key, owner, token)
         try:
+            if self._refuses_creates and self._atomic_conditions():
+                # A store that refuses creates of existing objects: create it, and only if that
+                # is refused read what is there (a live holder's, or a stale one to take over).
+                with contextlib.suppress(PreconditionFailedError):
+                    lock.etag = self._put_lock(key, body, if_absent=True)
+                    if lock.etag:
+                        self._hold(lock)
+                        return lock
             for _ in range(16):
                 current = self._read_lock(key)
                 try:
                     if current is None:
                         lock.etag = self._put_lock(key, body, if_absent=True)
                         sure = self._atomic_conditions() and bool(lock.etag)
+                        if sure and not self._refuses_creates:
+                            sure = self._check_refuses_creates(lock, key, body)
                     elif current[0].token == token:  # our own write, answered ambiguously
                         lock.etag, sure = current[1].etag, True
                     elif not self._stale(current[0], current[1]):
@@ -605,6 +618,24 @@ class FsspecStorage:
         except Exception as e:
             raise self._fail("locking", path, e) from e
         raise StorageError(errno.EAGAIN, f"{path}: the lock keeps changing hands")
+
+    def _check_refuses_creates(self, lock: _ObjectLock, key: str, body: bytes) -> bool:
+        """Once per storage, right after creating a lock: create it again. A store that
+        implements ``If-None-Match: *`` refuses (412), and later locks are created without a
+        read first; one that ignores it has overwritten our own lock with the same body (the
+        ETag it answered is now ours), and locks fall back to check-then-write. Returns
+        whether the store's conditions can be trusted."""
+        try:
+            lock.etag = self._backend.put_small(key, body, if_absent=True)
+        except PreconditionFailedError:
+            self._refuses_creates = True
+            return True
+        except UnsupportedError:
+            pass
+        except Exception:
+            return True  # no answer (a failure past the retries): as before, and ask next time
+        self._conditional = False  # it ignores conditions: check-then-write from now on
+        return False
 
     def lock_owner(self, path: str) -> str:
         """The owner text of the lock object ``path`` ("" when there is none)."""
