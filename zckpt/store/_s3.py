@@ -16,6 +16,11 @@ records then has to be computed in file order, head first: the object is
 read back once in ranged GETs (bounded memory, twice the traffic for a large compressed blob;
 blobs under two parts are held and sent as one PUT instead).
 
+On a bucket that encrypts with SSE-KMS or SSE-C an ETag is not the MD5 of the bytes: where an
+answer (or the filesystem's ``s3_additional_kwargs``) says so, uploads carry the CRC32 of their
+bytes, which the server checks on receipt, and its echo (per PUT and part; the completed
+upload's composite) is checked instead (``docs/layout.md``).
+
 Lock objects use conditional requests: ``If-None-Match: *`` creates one only if it is absent,
 ``If-Match: <etag>`` replaces or deletes one only if it is still the one read.
 
