@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from zckpt.assemble import assemble_fp32, index_sources
+from zckpt.assemble import fp32_tensors, index_sources
+from zckpt.format._decode import decode_threads
 from zckpt.interop._deepspeed import fp32_sources, gather, group_layouts, partitions
 from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
 from zckpt.interop._output import check_disjoint
@@ -156,7 +157,7 @@ def deepspeed_training_state(
     m0, f0 = ck.model[0], ck.model_files[0]
     layouts = group_layouts(ck)
     skel, sources, entries = fp32_sources(ck, zero_to_fp32_compat=True)
-    full = dict(assemble_fp32(index_sources(skel, sources), entries))
+    full = fp32_tensors(index_sources(skel, sources), entries, decode_threads())
     masters = {n: full[n] for lay in layouts for n in lay.shapes}
     saved = get(m0, "module", f0, Mapping)
     buffers = list(m0.get("buffer_names") or ())

@@ -32,8 +32,13 @@ How it stays exactly torch's result, never more permissive:
    (as torch's ``mmap=True`` load makes them), and maps every other stand-in to the object
    torch's allow-list maps its name to.
 
-Any error on the way (a torn file, an odd state the C unpickler rejects) is :data:`NOT_FAST`:
-torch's load then runs and reports it as before.
+Before any of it, the zip's layout is checked (``_record_offsets``): one record per name, each
+local header where the central directory says and agreeing with it, records disjoint. torch's
+loads check none of it (a directory entry pointing at another record's header gives that
+record's bytes, a duplicate name one copy or the other), so a file failing it is a
+:class:`~zckpt.interop._unpickle.DeepSpeedFormatError` naming the record and the byte offset,
+not left to torch. Any other error on the way (a torn file, an odd state the C unpickler
+rejects) is :data:`NOT_FAST`: torch's load then runs and reports it as before.
 """
 
 from __future__ import annotations
@@ -352,14 +357,65 @@ class _DamagedError(Exception):
     would give wrong values without an error): a zckpt error, not torch's fallback."""
 
 
-def _record_offset(f: Any, info: zipfile.ZipInfo) -> int:
-    """Where a stored zip record's bytes begin (after its local header)."""
-    f.seek(info.header_offset)
-    head = f.read(30)
-    if len(head) != 30 or head[:4] != b"PK\x03\x04":
-        raise ValueError(f"no local header for {info.filename}")
-    n, m = struct.unpack_from("<HH", head, 26)
-    return int(info.header_offset) + 30 + int(n) + int(m)
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header (30 bytes)
+_DESCRIPTOR = b"PK\x07\x08"
+_ZIP64_SIZE = 0xFFFFFFFF
+_DESC32, _DESC64 = struct.Struct("<III"), struct.Struct("<IQQ")
+
+
+def _record_offsets(fd: int, infos: list[zipfile.ZipInfo], start_dir: int) -> dict[str, int]:
+    """Where each record's bytes begin (after its local header), by name, the zip's layout
+    checked first: one record per name; each record's local header where the central directory
+    puts it, naming that record, and agreeing with it (CRC-32 and sizes, in the header or in
+    the data descriptor after the bytes); the records, descriptors included, disjoint and before
+    the central directory. torch's loads (``mmap`` or not) check none of this and read a record
+    another one's bytes, a shifted range or a duplicate's copy without an error; so a file
+    failing it is damaged (:class:`_DamagedError`, naming the record and the byte offset), not
+    left to torch's load.
+    """
+    out: dict[str, int] = {}
+    spans: list[tuple[int, int, str]] = []
+    for info in infos:
+        name, at = info.filename, int(info.header_offset)
+        if name in out:
+            raise _DamagedError(f"two zip records are named {name} (which one is the file's?)")
+        head = os.pread(fd, _LOCAL.size, at)
+        if len(head) != _LOCAL.size or head[:4] != b"PK\x03\x04":
+            raise _DamagedError(f"record {name}: no zip local header at byte {at}")
+        _sig, _v, flags, _method, _t, _d, crc, csize, usize, n, m = _LOCAL.unpack(head)
+        raw = os.pread(fd, n, at + _LOCAL.size)
+        local = raw.decode("utf-8" if flags & 0x800 else "cp437", errors="replace")
+        if local != info.orig_filename:
+            raise _DamagedError(f"record {name}: the local header at byte {at} names {local!r}")
+        data = at + _LOCAL.size + n + m
+        end = data + int(info.compress_size)
+        want = (info.CRC, info.compress_size, info.file_size)
+        if flags & 0x08:  # CRC-32 and sizes in a data descriptor after the bytes (zip64: 8-byte)
+            desc = os.pread(fd, 24, end)
+            skip = 4 if desc[:4] == _DESCRIPTOR else 0
+            for form in (_DESC32, _DESC64):
+                if len(desc) >= skip + form.size and form.unpack_from(desc, skip) == want:
+                    end += skip + form.size
+                    break
+            else:
+                raise _DamagedError(
+                    f"record {name}: its data descriptor at byte {end} disagrees with the "
+                    "central directory (CRC-32, sizes)"
+                )
+        elif crc != info.CRC or (_ZIP64_SIZE not in (csize, usize) and (csize, usize) != want[1:]):
+            raise _DamagedError(
+                f"record {name}: the local header at byte {at} disagrees with the central "
+                "directory (CRC-32, sizes)"
+            )
+        out[name] = data
+        spans.append((at, end, name))
+    spans.sort()
+    for (a, end, name), nxt in zip(spans, [*spans[1:], (start_dir, 0, "the central directory")]):
+        if end > nxt[0]:
+            raise _DamagedError(
+                f"record {name} (bytes {a} to {end}) overlaps {nxt[2]} at byte {nxt[0]}"
+            )
+    return out
 
 
 def load_refs(path: str) -> Any:
@@ -379,13 +435,19 @@ def load_refs(path: str) -> Any:
     """
     fast = _globals()
     try:
-        size = os.path.getsize(path)
         f = open(path, "rb")  # noqa: SIM115 (closed below, after the storages are located)
     except OSError:
         return NOT_FAST
     try:
+        st = os.fstat(f.fileno())
+    except OSError:
+        f.close()
+        return NOT_FAST
+    size, stamp = st.st_size, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    try:
         with f, zipfile.ZipFile(f) as z:
             infos = z.infolist()
+            offsets = _record_offsets(f.fileno(), infos, int(z.start_dir))
             prefix = infos[0].filename.split("/", 1)[0] + "/" if infos else ""
             records = {i.filename[len(prefix) :]: i for i in infos}
             if not prefix or any(not i.filename.startswith(prefix) for i in infos):
@@ -413,7 +475,7 @@ def load_refs(path: str) -> Any:
                 info = records[f"data/{key}"]
                 if info.compress_type != zipfile.ZIP_STORED:
                     raise pickle.UnpicklingError("a compressed storage")
-                ref = StorageRef(path, key, dtype, numel, location, _record_offset(f, info))
+                ref = StorageRef(path, key, dtype, numel, location, offsets[info.filename], stamp)
                 if ref.nbytes != info.file_size:  # torch's mmap load would not notice
                     raise _DamagedError(
                         f"storage data/{key} is {numel} x {dtype} ({ref.nbytes} bytes) but its "
