@@ -18,6 +18,15 @@ KEY, SECRET = "testing", "testing"
 # A fault: given (method, path and query), None to forward the request, an HTTP status to
 # answer it with (an S3 error document), or "drop" to close the connection without an answer.
 Fault = Callable[[str, str], "int | str | None"]
+# What the proxy forwards of a request: given (method, path, the headers to forward, which it
+# may change, and the body), the body to send on.
+OnRequest = Callable[[str, str, "dict[str, str]", bytes], bytes]
+# What it answers: given (method, path, request headers, the body forwarded, the server's
+# headers, the server's body), the headers and body to answer with.
+OnResponse = Callable[
+    [str, str, "dict[str, str]", bytes, "list[tuple[str, str]]", bytes],
+    "tuple[list[tuple[str, str]], bytes]",
+]
 
 _CODES = {403: "AccessDenied", 500: "InternalError", 503: "SlowDown", 404: "NoSuchKey"}
 
@@ -71,6 +80,10 @@ class FaultProxy:
     seen: list[tuple[str, str, int | str]] = field(default_factory=list)
     # (method, path, the request's headers with lower-case names), every request
     headers: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    # Rewrite a request's body before it is forwarded, a response before it is answered (the
+    # bytes a network corrupts; a server that encrypts with SSE-KMS), where set.
+    on_request: OnRequest | None = None
+    on_response: OnResponse | None = None
     port: int = 0
     _httpd: Any = None
 
@@ -134,18 +147,25 @@ class FaultProxy:
                         self.wfile.write(doc)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                if proxy.on_request is not None:
+                    body = proxy.on_request(self.command, self.path, headers, body)
                 headers["Content-Length"] = str(len(body))
                 conn = http.client.HTTPConnection(host, int(port), timeout=60)
                 try:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     r = conn.getresponse()
                     data = r.read()
+                    answer = r.getheaders()
                 finally:
                     conn.close()
+                if proxy.on_response is not None:
+                    answer, data = proxy.on_response(
+                        self.command, self.path, sent, body, answer, data
+                    )
                 proxy.seen.append((self.command, self.path, r.status))
                 self.send_response(r.status)
                 head = self.command == "HEAD"  # its Content-Length is the object's
-                for k, v in r.getheaders():
+                for k, v in answer:
                     if k.lower() not in _HOP and (head or k.lower() != "content-length"):
                         self.send_header(k, v)
                 if not head:

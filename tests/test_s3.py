@@ -9,14 +9,17 @@ and SIGKILL at random instants.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -519,24 +522,30 @@ def test_a_lock_on_a_store_with_conditional_writes_costs_no_read_back(
     proxied: tuple[Where, FaultProxy],
 ) -> None:
     """A conditional PUT that succeeded is the object there: taking a lock is one GET (absent)
-    and one PUT, a renewal one PUT, a release one GET and one DELETE. (Each read back was a
-    round trip of a save's fixed cost: two locks per save, 24 requests for 4 objects.)"""
+    and one PUT (plus, once per storage, a second create that the store must refuse), and once
+    the store has refused a create, one PUT; a renewal one PUT, a release one GET and one
+    DELETE. (Each read back was a round trip of a save's fixed cost: two locks per save.)"""
     where, proxy = proxied
     path = f"{where.url}/.count-lock"
     key = path.removeprefix("s3://" + BUCKET)
     st = FsspecStorage(where.storage.fs, lease=60)
 
-    def requests() -> list[str]:
+    def requests() -> list[str | int]:
         return [m for m, p, _ in proxy.seen if p.split("?")[0].endswith(key)]
 
+    first = st.try_lock(path, "me")
+    assert first is not None and requests() == ["GET", "PUT", "PUT"]
+    assert [s[2] for s in proxy.seen if s[0] == "PUT"] == [200, 412]
+    first.release()
+    proxy.seen.clear()
     held = st.try_lock(path, "me")
-    assert held is not None and requests() == ["GET", "PUT"]
+    assert held is not None and requests() == ["PUT"] and held.intact()
     proxy.seen.clear()
     held.renew_if_due(time.monotonic() + 3600, 1.0)  # type: ignore[attr-defined]
     assert requests() == ["PUT"] and held.intact()
     proxy.seen.clear()
-    assert st.try_lock(path, "other") is None  # held: one GET to see it
-    assert requests() == ["GET"]
+    assert st.try_lock(path, "other") is None  # held: a refused create, one GET to see it
+    assert requests() == ["PUT", "GET"]
     proxy.seen.clear()
     held.release()
     assert requests() == ["GET", "DELETE"] and not st.exists(path)
@@ -546,6 +555,31 @@ def test_a_lock_on_a_store_with_conditional_writes_costs_no_read_back(
     again = plain.try_lock(path, "me")
     assert again is not None and requests() == ["GET", "GET", "PUT", "GET"]
     again.release()
+
+
+def test_a_store_that_ignores_if_none_match_gets_check_then_write(
+    proxied: tuple[Where, FaultProxy],
+) -> None:
+    """A store that answers a create of an existing object with 200 (it ignores
+    ``If-None-Match``, as S3 did before 2024) is found out by the first lock's second create:
+    locks then read their writes back, and a live holder's lock is never overwritten."""
+    where, proxy = proxied
+
+    def strip(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        for k in [k for k in headers if k.lower() in ("if-none-match", "if-match")]:
+            del headers[k]
+        return body
+
+    proxy.on_request = strip
+    st = FsspecStorage(where.storage.fs, lease=60)
+    path = f"{where.url}/.ignoring-lock"
+    held = st.try_lock(path, "me")
+    assert held is not None and held.intact() and not st._atomic_conditions()
+    assert st.try_lock(path, "other") is None and st.lock_owner(path) == "me"
+    other = FsspecStorage(where.storage.fs, lease=60)
+    assert other.try_lock(path, "other") is None and st.lock_owner(path) == "me"
+    held.release()
+    assert not st.exists(path)
 
 
 def test_reading_a_streamed_blob_back_holds_a_bounded_number_of_bytes(s3: Where) -> None:
@@ -595,13 +629,13 @@ def test_a_streamed_blobs_parts_in_flight_are_bounded_by_bytes(s3: Where, monkey
     backend = st._backend
     part, outstanding, most, sizes = backend._part, [0], [0], []
 
-    async def counting(*args: Any) -> str:
+    async def counting(*args: Any, **kw: Any) -> Any:
         n = sum(v.nbytes for v in args[-1])
         sizes.append(n)
         outstanding[0] += n
         most[0] = max(most[0], outstanding[0])
         try:
-            return await part(*args)
+            return await part(*args, **kw)
         finally:
             outstanding[0] -= n
 
@@ -636,30 +670,100 @@ def test_streamed_parts_grow_to_stay_within_s3s_part_count(monkeypatch: Any) -> 
     assert b"".join(bytes(v) for p in parts for v in p) == data
 
 
-def test_a_blobs_header_costs_one_ranged_get(s3: Where) -> None:
-    """Opening a blob read its preamble, then its header: two ranged GETs at offset 0 of every
-    blob a rank opens (a load at another world size opens more of them per rank). The first
-    now fetches HEAD_PREFIX bytes, and the header is served from them."""
+def _counting(st: FsspecStorage) -> list[tuple[str, str, str]]:
+    """Every request ``st`` makes from now on, as (operation, key, range)."""
+    backend, calls = st._backend, []
+    real = backend._call
+
+    async def counting(what: str, method: str, **kw: Any) -> Any:
+        calls.append((method, str(kw.get("Key", kw.get("Prefix", ""))), str(kw.get("Range", ""))))
+        return await real(what, method, **kw)
+
+    backend._call = counting
+    return calls
+
+
+def test_a_load_reads_latest_once_and_each_header_with_one_get(s3: Where) -> None:
+    """A load's requests: the save_dir's manifest probed and ``latest`` read once (one GET
+    each), the manifest in one GET, and each blob the rank needs opened with one GET of its
+    first HEAD_PREFIX bytes (its size taken from that GET's Content-Range): no HEAD, no LIST,
+    and no blob opened that the rank does not read (the skeleton is checked against the first
+    header it reads). Was 15 requests per rank before the first blob (``latest`` three times)."""
     from zckpt.store._fsspec import HEAD_PREFIX
 
-    zckpt.save_checkpoint(s3.url, state_of(4), spec(3, 2), tag="t", storage=s3.storage)
+    state = {"master": {"w": torch.arange(30_000.0)}, "optimizer": {"v": torch.ones(9_000)}}
+    zckpt.save_checkpoint(s3.url, state, spec(3, 3), tag="t", storage=s3.storage)
+    ck = zckpt.open_checkpoint(s3.url, storage=s3.storage)
+    index = ck.source_index()
+    for ws, rank in ((2, 0), (2, 1), (3, 2), (1, 0), (5, 4)):
+        plan = zckpt.plan_shards(ck.manifest.skeleton, ck.manifest.spec.with_world_size(ws))
+        needed = {s.record.name for f in plan.holds(rank) for s, _, _ in index.overlapping(f)}
+        st = FsspecStorage(s3.storage.fs)
+        calls = _counting(st)
+        got = zckpt.load_checkpoint(s3.url, world_size=ws, rank=rank, storage=st)
+        want = zckpt.load_checkpoint(s3.url, world_size=ws, rank=rank, storage=s3.storage)
+        assert_states_equal(got.state, want.state)
+        assert {m for m, _, _ in calls} == {"get_object"}, calls
+        small = [k.rsplit("/", 2)[-2:] for _, k, _ in calls if not k.endswith(".zck")]
+        assert small == [[s3.url.rsplit("/", 1)[-1], "manifest.zckm"],
+                         [s3.url.rsplit("/", 1)[-1], "latest"], ["t", "manifest.zckm"]]  # fmt: skip
+        heads = [(k.rsplit("/", 1)[-1], r) for _, k, r in calls if r.startswith("bytes=0-")]
+        wanted = [(name, f"bytes=0-{HEAD_PREFIX - 1}") for name in sorted(needed)]
+        assert len(needed) == {2: 2, 3: 1, 1: 3, 5: 1}[ws]  # partitioned: only overlapping files
+        assert sorted(h for h in heads if h[0].endswith(".zck")) == wanted, calls
+
+
+@pytest.mark.parametrize("when", ["manifest", "blob"])
+def test_a_load_whose_tag_is_deleted_meanwhile_follows_latest_once(s3: Where, when: str) -> None:
+    """``latest`` is read once per load. When retention (another job's save with keep_last=1)
+    deletes the tag it named before the load read that tag's manifest, or after the manifest
+    but before its blobs, the load reads ``latest`` once more and loads the new tag whole: one
+    checkpoint, never a mix of two."""
+    url = f"{s3.url}/{when}"
+    zckpt.save_checkpoint(url, state_of(1), spec(2, 2), tag="a", storage=s3.storage)
+    other = FsspecStorage(s3.storage.fs)
+    moved: list[int] = []
+
+    def move() -> None:
+        moved.append(len([k for _, k, _ in calls if k.endswith("/latest")]))
+        zckpt.save_checkpoint(url, state_of(2), spec(2, 2), tag="b", keep_last=1, storage=other)
+
+    class Racing(FsspecStorage):
+        def read_whole(self, path: str, limit: int) -> bytes | None:
+            if when == "manifest" and path.endswith("/a/manifest.zckm") and not moved:
+                move()
+            return super().read_whole(path, limit)
+
+        def read(self, path: str, offset: int, length: int) -> bytes:
+            if when == "blob" and path.endswith(".zck") and not moved:
+                move()
+            return super().read(path, offset, length)
+
+    st = Racing(s3.storage.fs)
+    calls = _counting(st)
+    got = zckpt.load_checkpoint(url, world_size=3, rank=1, storage=st)
+    assert moved and got.load_path == f"{url}/b"
+    want = zckpt.load_checkpoint(url, tag="b", world_size=3, rank=1, storage=s3.storage)
+    assert_states_equal(got.state, want.state)
+    assert got.client_state == want.client_state
+    assert moved == [1]  # latest was read once before the load failed and followed it
+    assert not s3.storage.exists(f"{url}/a")
+
+
+def test_a_load_checks_the_skeleton_when_it_reads_no_header(s3: Where) -> None:
+    """A rank that holds nothing from any blob (more ranks than elements: only replicated
+    plain values) still has the manifest's skeleton checked against a file's."""
+    state = {"w": torch.arange(2.0), "step": 7}
+    zckpt.save_checkpoint(s3.url, state, spec(2, 3), tag="t", storage=s3.storage)
     st = FsspecStorage(s3.storage.fs)
-    get, at_zero = st._backend.get, []
-
-    def counting(key: str, offset: int, length: int) -> bytes:
-        if offset == 0 and key.endswith(".zck"):
-            at_zero.append((key, length))
-        data: bytes = get(key, offset, length)
-        return data
-
-    st._backend.get = counting
-    for rank in range(2):
-        got = zckpt.load_checkpoint(s3.url, world_size=2, rank=rank, storage=st)
-        assert got.state["lr_scheduler"] == {"last_epoch": 4}
-    # One GET per blob each load opens (was two: the preamble's, then the header's).
-    assert len({k for k, _ in at_zero}) == 3 and all(n == HEAD_PREFIX for _, n in at_zero)
-    full = zckpt.load_checkpoint(s3.url, storage=st).state
-    assert_states_equal(full, zckpt.load_checkpoint(s3.url, storage=s3.storage).state)
+    calls = _counting(st)
+    got = zckpt.load_checkpoint(s3.url, world_size=4, rank=3, storage=st)
+    assert got.state["step"] == 7 and got.state["w"].numel() == 0
+    assert (
+        [k for _, k, r in calls if k.endswith(".zck")]
+        == [k for _, k, _ in calls if "rank00000" in k]
+        != []
+    )
 
 
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
@@ -775,6 +879,176 @@ def test_default_options_leave_https_and_the_users_choice_alone(monkeypatch: Any
     assert default_options({})["config_kwargs"] == off
     monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
     assert default_options({}) == {}
+
+
+class SseKms:
+    """What a bucket encrypting with SSE-KMS answers, played by the proxy in front of moto (which
+    says ``aws:kms`` but answers MD5 ETags and echoes no checksums): every answer says
+    ``aws:kms`` and carries ETags that are not MD5s (the same opaque one for an object
+    wherever it is shown); an upload sent with a CRC32 is answered with the CRC32 of the bytes
+    the server received (a part's too), and a completed upload with the composite of its
+    parts'. ``corrupt``: the next body PUT to a path containing it has one bit flipped on the
+    way, after the client computed its checksums."""
+
+    def __init__(self) -> None:
+        self.parts: dict[tuple[str, int], int] = {}
+        self.real: dict[bytes, bytes] = {}  # opaque ETag -> moto's
+        self.corrupt: str | None = None
+        self.corrupted = 0
+
+    def _opaque(self, text: bytes) -> bytes:
+        def swap(m: Any) -> bytes:
+            fake = hashlib.sha256(m.group()).hexdigest()[:32].encode()
+            self.real[fake] = m.group()
+            return fake
+
+        return re.sub(rb"[0-9a-f]{32}", swap, text)
+
+    def _moto(self, text: bytes) -> bytes:
+        return re.sub(rb"[0-9a-f]{32}", lambda m: self.real.get(m.group(), m.group()), text)
+
+    def request(self, method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        for k in list(headers):
+            if k.lower() in ("if-match", "if-none-match"):
+                headers[k] = self._moto(headers[k].encode()).decode()
+        if method == "POST" and "uploadId=" in path:  # the parts' ETags, as moto knows them
+            body = self._moto(body)
+        if method == "PUT" and self.corrupt is not None and self.corrupt in path and body:
+            self.corrupt, self.corrupted = None, self.corrupted + 1
+            flipped = bytearray(body)
+            flipped[len(flipped) // 2] ^= 0x10
+            body = bytes(flipped)
+        return body
+
+    def response(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        answer: list[tuple[str, str]],
+        data: bytes,
+    ) -> tuple[list[tuple[str, str]], bytes]:
+        from urllib.parse import parse_qs, urlsplit
+
+        from zckpt.store._s3 import composite_crc32, crc32_b64
+
+        out = [
+            (k, self._opaque(v.encode()).decode() if k.lower() == "etag" else v)
+            for k, v in answer
+            if not k.lower().startswith("x-amz-checksum")
+        ]
+        out.append(("x-amz-server-side-encryption", "aws:kms"))
+        q = parse_qs(urlsplit(path).query)
+        if method == "PUT" and "x-amz-checksum-crc32" in headers:
+            crc = zlib.crc32(body)
+            if "partNumber" in q:
+                self.parts[(q["uploadId"][0], int(q["partNumber"][0]))] = crc
+            out.append(("x-amz-checksum-crc32", crc32_b64(crc)))
+        if method == "POST" and "uploadId" in q and b"<ETag>" in data:  # completed
+            upload = q["uploadId"][0]
+            crcs = [c for (u, _), c in sorted(self.parts.items()) if u == upload]
+            tag = f"<ChecksumCRC32>{composite_crc32(crcs)}</ChecksumCRC32>".encode()
+            data = data.replace(b"</ETag>", b"</ETag>" + tag, 1)
+        if b"<ETag>" in data:
+            data = self._opaque(data)
+        return out, data
+
+
+@pytest.fixture
+def sse_kms(s3_server: Any) -> Iterator[tuple[Where, FaultProxy, SseKms]]:
+    kms = SseKms()
+    proxy = FaultProxy(s3_server.endpoint, on_request=kms.request, on_response=kms.response)
+    proxy.start()
+    fs = _s3_fs(
+        proxy.endpoint,
+        config_kwargs={
+            "retries": {"max_attempts": 1},
+            "request_checksum_calculation": "when_required",
+        },
+    )
+    st = FsspecStorage(fs, part_size=5 * MiB, multipart_threshold=10 * MiB, lease=5, retry_for=5)
+    yield Where(f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}", st, None, True), proxy, kms
+    proxy.stop()
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_sse_kms_buckets_are_checked_by_crc32(
+    sse_kms: tuple[Where, FaultProxy, SseKms], codec: str
+) -> None:
+    """On a bucket whose ETags are not MD5s (SSE-KMS), saves succeed and load bitwise: the
+    first answer that says ``aws:kms`` switches the storage to CRC32s the server checks on
+    receipt, and every PUT, part and completed upload is checked by the CRC32 it echoes."""
+    where, proxy, _ = sse_kms
+    g = torch.Generator().manual_seed(8)
+    big = {"master": {"w": torch.randn(4_000_000, generator=g)}, "step": 3}  # parts of 5 MiB
+    small = state_of(5)
+    for tag, state, sp in (("a", small, spec(2, 2)), ("b", big, spec(1, 2))):
+        zckpt.save_checkpoint(where.url, state, sp, tag=tag, codec=codec, storage=where.storage)
+        assert_states_equal(
+            zckpt.load_checkpoint(where.url, tag=tag, storage=where.storage).state, state
+        )
+    assert where.storage._backend.checksums
+    blobs = (".zck", "manifest.zckm", "latest")  # all but the lock whose answer showed SSE
+    uploads = [h for m, p, h in proxy.headers if m == "PUT" and p.split("?")[0].endswith(blobs)]
+    assert uploads and all("x-amz-checksum-crc32" in h for h in uploads)
+    assert any("partNumber=" in p for m, p, _ in proxy.headers if m == "PUT")
+    (report,) = zckpt.verify_checkpoint(where.url, tag="b", storage=where.storage)
+    assert report.ok, report.problems
+    fresh = zckpt.load_checkpoint(where.url, storage=FsspecStorage(where.storage.fs))
+    assert_states_equal(fresh.state, big)
+
+
+@pytest.mark.parametrize("target", ["rank00001", "partNumber=2"])
+def test_sse_kms_a_body_corrupted_in_flight_is_refused(
+    sse_kms: tuple[Where, FaultProxy, SseKms], target: str
+) -> None:
+    """A bit flipped on the way to an SSE-KMS bucket (one rank's single PUT, one part of a
+    multipart upload): the server's CRC32 is not the one sent, so the save fails on every rank,
+    nothing is committed, and the previous checkpoint and ``latest`` load as they were."""
+    where, _, kms = sse_kms
+    old = state_of(1)
+    zckpt.save_checkpoint(where.url, old, spec(2, 1), tag="t", storage=where.storage)
+    new = state_of(2, n=2_500_000 if "part" in target else 1000)  # a multipart rank 1 blob
+    kms.corrupt = target
+    with pytest.raises(zckpt.SaveError, match="CRC32") as e:
+        zckpt.save_checkpoint(
+            where.url, new, spec(2, 1), tag="t", overwrite=True, storage=where.storage
+        )
+    assert kms.corrupted == 1 and not e.value.committed
+    got = zckpt.load_checkpoint(where.url, storage=where.storage)
+    assert got.load_path == f"{where.url}/t"
+    assert_states_equal(got.state, old)
+    assert where.storage.unfinished_uploads(where.url) == []
+
+
+def test_sse_requested_by_the_filesystem_sends_crc32s_from_the_first_put(
+    sse_kms: tuple[Where, FaultProxy, SseKms],
+) -> None:
+    """``s3_additional_kwargs`` asking for SSE-KMS reach zckpt's own requests, and uploads carry
+    a CRC32 from the first one (no PUT sent twice)."""
+    where, proxy, _ = sse_kms
+    fs = where.storage.fs
+    kms_fs = _s3_fs(
+        proxy.endpoint,
+        config_kwargs={"request_checksum_calculation": "when_required"},
+        s3_additional_kwargs={"ServerSideEncryption": "aws:kms"},
+    )
+    assert fs is not kms_fs
+    st = FsspecStorage(kms_fs)
+    assert st._backend.checksums
+    proxy.headers.clear()
+    state = state_of(6)
+    zckpt.save_checkpoint(where.url, state, spec(2, 2), tag="t", storage=st)
+    puts = [(p, h) for m, p, h in proxy.headers if m == "PUT"]
+    assert all(h.get("x-amz-server-side-encryption") == "aws:kms" for _, h in puts)
+    assert all("x-amz-checksum-crc32" in h for _, h in puts)
+    # Each object PUT once (no PUT sent again for want of a CRC32); the first lock is created
+    # twice, the second create refused: the storage's check that the store honours it.
+    twice = [p for p in {p for p, _ in puts} if [q for q, _ in puts].count(p) > 1]
+    assert len(puts) == len({p for p, _ in puts}) + 1 and twice == [puts[0][0]]
+    assert [s[2] for s in proxy.seen if s[0] == "PUT" and s[1] == twice[0]] == [200, 412]
+    assert_states_equal(zckpt.load_checkpoint(where.url, storage=st).state, state)
 
 
 # -- failures ------------------------------------------------------------------------------

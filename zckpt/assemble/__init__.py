@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         consolidate,
         fp32_entries,
         fp32_state_dict,
+        fp32_tensors,
         reshard,
         shard_sources,
     )
@@ -37,6 +38,7 @@ __getattr__, __dir__ = attach(
             "consolidate",
             "fp32_entries",
             "fp32_state_dict",
+            "fp32_tensors",
             "reshard",
             "shard_sources",
         ),
@@ -63,6 +65,7 @@ __all__ = [
     "assemble",
     "consolidate",
     "fp32_state_dict",
+    "fp32_tensors",
     "index_sources",
     "reshard",
     "shard_sources",

@@ -29,6 +29,7 @@ __all__ = [
     "consolidate",
     "fp32_entries",
     "fp32_state_dict",
+    "fp32_tensors",
     "reshard",
     "shard_sources",
 ]
@@ -231,27 +232,77 @@ def fp32_entries(
     ]
 
 
+def _entry_tensor(index: SourceIndex, e: Fp32Entry) -> torch.Tensor:
+    meta = index.skeleton.tensors[e.source]
+    if meta.numel == 0:
+        return new_tensor(meta.shape, e.dtype, e.name)
+    (flat,) = assemble(index, [Fragment(e.source, 0, meta.numel)], [e.dtype])
+    return flat.view(meta.shape)
+
+
 def assemble_fp32(
     index: SourceIndex, entries: Sequence[Fp32Entry]
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, fp32 tensor)`` one at a time (tied names yield the same tensor object).
 
     Working memory beyond the outputs is one tensor's read buffer at most (only for upcasts).
+
+    Example:
+        >>> import zckpt
+        >>> s = {"module": {"w": torch.arange(3.0)}}
+        >>> shards = [zckpt.shard_state(s, zckpt.plan_shards(s, zckpt.ZeroSpec(2, 2)), r)
+        ...           for r in range(2)]
+        >>> skel = shards[0].skeleton
+        >>> idx = index_sources(skel, shard_sources(shards))
+        >>> [(k, v.tolist()) for k, v in assemble_fp32(idx, fp32_entries(skel, ZeroSpec(1, 1)))]
+        [('w', [0.0, 1.0, 2.0])]
     """
-    skel = index.skeleton
     done: dict[str, torch.Tensor] = {}
     for e in entries:
-        if e.tied_to is not None:
-            yield e.name, done[e.tied_to]
-            continue
-        meta = skel.tensors[e.source]
-        if meta.numel == 0:
-            t = new_tensor(meta.shape, e.dtype, e.name)
-        else:
-            (flat,) = assemble(index, [Fragment(e.source, 0, meta.numel)], [e.dtype])
-            t = flat.view(meta.shape)
+        t = done[e.tied_to] if e.tied_to is not None else _entry_tensor(index, e)
         done[e.name] = t
         yield e.name, t
+
+
+def fp32_tensors(
+    index: SourceIndex, entries: Sequence[Fp32Entry], threads: int = 1
+) -> dict[str, torch.Tensor]:
+    """Every entry's fp32 tensor at once (tied names share one tensor), ``threads`` at a time.
+
+    What :func:`assemble_fp32` yields, built by up to ``threads`` threads side by side when the
+    sources may be read concurrently (memory or file mappings: an output's time there is the
+    page faults of its fresh memory, which one core takes in turn and several cores take
+    together). The result is the same whatever ``threads``; on the first failure the tensors
+    not yet started are not built and the failure is raised.
+
+    Example:
+        >>> import zckpt
+        >>> s = {"module": {"w": torch.arange(3.0), "b": torch.ones(2)}}
+        >>> shards = [zckpt.shard_state(s, zckpt.plan_shards(s, zckpt.ZeroSpec(2, 2)), r)
+        ...           for r in range(2)]
+        >>> skel = shards[0].skeleton
+        >>> idx = index_sources(skel, shard_sources(shards))
+        >>> out = fp32_tensors(idx, fp32_entries(skel, ZeroSpec(1, 1)), threads=2)
+        >>> out["w"].tolist(), out["b"].tolist()
+        ([0.0, 1.0, 2.0], [1.0, 1.0])
+    """
+    if threads <= 1:
+        return dict(assemble_fp32(index, entries))
+    from concurrent.futures import ThreadPoolExecutor
+
+    own = [e for e in entries if e.tied_to is None]
+    with ThreadPoolExecutor(threads, thread_name_prefix="zckpt-assemble") as pool:
+        futures = [pool.submit(_entry_tensor, index, e) for e in own]
+        try:
+            built = {e.name: f.result() for e, f in zip(own, futures)}
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    out: dict[str, torch.Tensor] = {}
+    for e in entries:
+        out[e.name] = out[e.tied_to] if e.tied_to is not None else built[e.name]
+    return out
 
 
 def fp32_state_dict(

@@ -86,11 +86,43 @@ def _check(args: argparse.Namespace) -> str:
         except ValueError as e:
             raise CommandLineError(f"--max-shard-size: {e}") from None
     check_disjoint(args.path, out, allow_inside=True)
+    _check_not_an_input(args.path, args.tag, out)
     if kind != "dir" or not is_directory_output(out, args.max_shard_size):
         check_file_output(out, overwrite=args.overwrite, flag=FLAG)
     else:
         check_dir_output(out, overwrite=args.overwrite, flag=FLAG)
     return kind
+
+
+def _check_not_an_input(path: str, tag: str | None, out: str) -> None:
+    """Refuse an OUT inside the input that is one of the DeepSpeed checkpoint's own files (an
+    entry of its tag directory, or the save_dir's ``latest``): ``--overwrite`` would replace
+    the checkpoint being read with its export. A new name there is free (as ``zero_to_fp32``
+    writes one).
+
+    Raises:
+        OutputPathError: naming OUT and the checkpoint.
+
+    Example:
+        >>> _check_not_an_input("/nonexistent", None, "/nonexistent/model.safetensors")
+    """
+    from zckpt.interop._detect import find_deepspeed
+    from zckpt.interop._output import OutputPathError
+    from zckpt.store._layout import LATEST, LATEST_UNIVERSAL
+
+    if not os.path.lexists(out):
+        return
+    found = find_deepspeed(path, tag)
+    if found is None:
+        return
+    o, d = os.path.realpath(out), os.path.realpath(found[0])
+    pointers = {os.path.realpath(os.path.join(path, n)) for n in (LATEST, LATEST_UNIVERSAL)}
+    if os.path.commonpath([o, d]) == d or o in pointers:
+        what = "the checkpoint" if o == d else "a file of the checkpoint"
+        raise OutputPathError(
+            f"the output {out} is {what} {found[0]} being read: writing it would replace the "
+            "checkpoint with its export; choose a new name"
+        )
 
 
 def consolidate(args: argparse.Namespace) -> int:
@@ -119,7 +151,7 @@ def consolidate(args: argparse.Namespace) -> int:
     from zckpt.interop._deepspeed import export_values
     from zckpt.interop._safetensors import module_key_order
 
-    sd = export_values(args.path, args.tag, args.exclude_frozen)
+    sd = export_values(args.path, args.tag, args.exclude_frozen, check_records=True)
     try:
         order: list[str] | None = module_key_order(args.path, args.tag)
     except (ZckptError, OSError):

@@ -406,26 +406,36 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def _verify_deepspeed(args: argparse.Namespace) -> int:
+    """A DeepSpeed checkpoint: every file loads with the pickle allow-list, its layout is
+    consistent (the fp32 state dict plans), and every zip record matches its CRC-32 (the only
+    checksum DeepSpeed's files carry; torch's loads never check it)."""
     from zckpt.cli._describe import deepspeed_files
     from zckpt.interop import open_deepspeed
+    from zckpt.interop._fastload import records_problems
 
     ck = open_deepspeed(args.path, args.tag)  # loads every file with the pickle allow-list
     zckpt.get_fp32_state_dict_from_zero_checkpoint(args.path, args.tag, lazy_mode=True)
     kind = "DeepSpeed universal checkpoint" if ck.universal is not None else "DeepSpeed checkpoint"
     counted = deepspeed_files(ck)
+    with progress(args, counted.nbytes, "verify") as bar:
+        problems = records_problems(ck.files, on_bytes=bar.update)
     if args.json:
-        # verify's layout for a zckpt tag, with the same meaning: one tag, its files, no problem
+        # verify's layout for a zckpt tag, with the same meaning: one tag, its files, problems
         report = {"path": ck.path, "tag": ck.tag, "files": counted.files,
-                  "bytes": counted.nbytes, "ok": True, "problems": []}  # fmt: skip
-        doc = {"path": args.path, "tags": [report], "files": counted.files, "problems": [],
-               "ok": True, "tag": ck.tag, "format": "deepspeed"}  # fmt: skip
+                  "bytes": counted.nbytes, "ok": not problems, "problems": problems}  # fmt: skip
+        doc = {"path": args.path, "tags": [report], "files": counted.files,
+               "problems": problems, "ok": not problems, "tag": ck.tag,
+               "format": "deepspeed"}  # fmt: skip
         print(json.dumps(doc, indent=2))
     else:
+        for p in problems:
+            print(p)
         said = files_summary(counted.files, counted.rank, counted.expert, False,
                              shared=counted.shared, unit="file")  # fmt: skip
-        print(f"{ck.path}: {kind}, {said} load with the allow-list; OK")
-        print("(DeepSpeed records no checksums: only loadability and layout were checked)")
-    return 0
+        status = "OK" if not problems else f"{len(problems)} problem(s)"
+        print(f"{ck.path}: {kind}, {said} load with the allow-list, {counted.nbytes} bytes, "
+              f"every zip record against its CRC-32: {status}")  # fmt: skip
+    return 0 if not problems else 1
 
 
 def _verified_files(r: zckpt.TagReport) -> str:

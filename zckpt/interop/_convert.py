@@ -29,8 +29,10 @@ from typing import Any
 
 import torch
 
-from zckpt.assemble import assemble_fp32, index_sources
+from zckpt.assemble import fp32_tensors, index_sources
+from zckpt.format._decode import decode_threads
 from zckpt.interop._deepspeed import fp32_sources, gather, group_layouts, partitions
+from zckpt.interop._fastload import require_intact
 from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
 from zckpt.interop._output import check_disjoint
 from zckpt.interop._unpickle import DeepSpeedFormatError, LossScaler
@@ -156,7 +158,7 @@ def deepspeed_training_state(
     m0, f0 = ck.model[0], ck.model_files[0]
     layouts = group_layouts(ck)
     skel, sources, entries = fp32_sources(ck, zero_to_fp32_compat=True)
-    full = dict(assemble_fp32(index_sources(skel, sources), entries))
+    full = fp32_tensors(index_sources(skel, sources), entries, decode_threads())
     masters = {n: full[n] for lay in layouts for n in lay.shapes}
     saved = get(m0, "module", f0, Mapping)
     buffers = list(m0.get("buffer_names") or ())
@@ -211,6 +213,9 @@ def convert_deepspeed(
     Raises:
         zckpt.interop._output.OutputPathError: ``dst_dir`` is ``src_dir``, lies inside it or
             contains it (it would write into DeepSpeed's own folders); nothing is written.
+        DeepSpeedFormatError: a record of the DeepSpeed files does not match its zip CRC-32
+            (every one is read and checked first: the converted checkpoint's own checksums
+            would otherwise vouch for the flipped bits); nothing is written.
 
     Example:
         >>> import tempfile, torch, zckpt
@@ -226,6 +231,7 @@ def convert_deepspeed(
     """
     check_disjoint(src_dir, dst_dir)
     ck = open_deepspeed(src_dir, tag)
+    require_intact(ck.files)  # converted, a flipped bit would get a checksum of its own
     state, spec, frozen, client = deepspeed_training_state(ck)
     return save_checkpoint(
         dst_dir, state, spec, tag=ck.tag, client_state=client, frozen=frozen, codec=codec,

@@ -344,14 +344,16 @@ def gather(
         >>> gather(ck, group_layouts(ck), partitions(ck, "exp_avg"))["w"].tolist()
         [0.5, 0.5, 0.5, 0.5, 0.5]
     """
-    from zckpt.assemble import assemble_fp32, index_sources
+    from zckpt.assemble import fp32_tensors, index_sources
+    from zckpt.format._decode import decode_threads
 
     b = _Builder(ck)
     for layout in layouts:
         _add_group(b, layout, parts)
     try:
         sources = b.torch_sources(ck)
-        return dict(assemble_fp32(index_sources(b.skeleton(), sources), b.torch_entries()))
+        index = index_sources(b.skeleton(), sources)
+        return fp32_tensors(index, b.torch_entries(), decode_threads())
     except CoverageError as err:
         raise DeepSpeedFormatError(f"{ck.path}: {err}") from None
 
@@ -454,7 +456,8 @@ def deepspeed_fp32_state_dict(
         >>> deepspeed_fp32_state_dict(d, lazy_mode=True)["w"].contiguous().shape
         torch.Size([4, 3])
     """
-    from zckpt.assemble import assemble_fp32, index_sources
+    from zckpt.assemble import assemble_fp32, fp32_tensors, index_sources
+    from zckpt.format._decode import decode_threads
     from zckpt.interop._mapped import mapping_enabled
 
     ck = open_deepspeed(checkpoint_dir, tag)
@@ -466,7 +469,7 @@ def deepspeed_fp32_state_dict(
         if not lazy_mode:
             if mapping_enabled(map_files):
                 return _eager_mapped(ck.path, index, skel, entries)
-            return dict(assemble_fp32(index, entries))
+            return fp32_tensors(index, entries, decode_threads())
     except CoverageError as err:
         raise DeepSpeedFormatError(f"{ck.path}: {err}") from None
     out: dict[str, Any] = {}
@@ -530,11 +533,12 @@ def _segments(where: str, index: SourceIndex, skel: Skeleton, want: Fragment) ->
 
 
 def _byte_ranges(
-    b: _Builder, by_leaf: dict[int, list[_Part]], e: _Entry
+    b: _Builder, by_leaf: dict[int, list[_Part]], e: _Entry, stamps: dict[str, tuple[int, ...]]
 ) -> tuple[tuple[str, int, int], ...] | None:
     """Where entry ``e``'s bytes lie in the checkpoint's files, in order, when they are all
     there as they are (stored in the output dtype, contiguous references, no overlaps); None
-    when some must be computed. A gap is a :class:`DeepSpeedFormatError`, as in assembly."""
+    when some must be computed. A gap is a :class:`DeepSpeedFormatError`, as in assembly.
+    ``stamps`` gets each file's identity as it was read (``StorageRef.stamp``)."""
     meta = b.metas[e.source]
     if meta.dtype_name != e.dtype:
         return None
@@ -548,6 +552,8 @@ def _byte_ranges(
         where = p.data.file_range(p.a, p.b)
         if where is None:
             return None
+        if p.data.storage.stamp is not None:
+            stamps[where[0]] = p.data.storage.stamp
         if out and out[-1][0] == where[0] and out[-1][1] + out[-1][2] == where[1]:
             out[-1] = (where[0], out[-1][1], out[-1][2] + where[2])  # adjacent: one range
         else:
@@ -564,8 +570,14 @@ def export_values(
     checkpoint_dir: str | os.PathLike[str],
     tag: str | None = None,
     exclude_frozen_parameters: bool = False,
+    *,
+    check_records: bool = False,
 ) -> dict[str, Any]:
     """The fp32 state dict for an export (``zckpt consolidate``), torch imported only if needed.
+
+    ``check_records``: first read every record of the checkpoint's files against its zip
+    CRC-32 (:func:`~zckpt.interop._fastload.require_intact`), the only checksum DeepSpeed's
+    files carry, so that a flipped bit is an error rather than a wrong value in the export.
 
     The checkpoint is opened as references (``open_deepspeed(refs=True)``): each value stored
     in the output dtype, as byte ranges of the files, is a
@@ -586,6 +598,10 @@ def export_values(
         ('FileRanges', True, True)
     """
     ck = open_deepspeed(checkpoint_dir, tag, refs=True)
+    if check_records:
+        from zckpt.interop._fastload import require_intact
+
+        require_intact(ck.files)
     b = _build(ck, exclude_frozen_parameters, False)
     by_leaf: dict[int, list[_Part]] = {}
     for p in b.parts:
@@ -615,9 +631,10 @@ def export_values(
         def load(name: str = e.name) -> torch.Tensor:
             return assembled(name)
 
-        ranges = _byte_ranges(b, by_leaf, e)
+        stamps: dict[str, tuple[int, ...]] = {}
+        ranges = _byte_ranges(b, by_leaf, e, stamps)
         if ranges is not None:
-            out[e.name] = FileRanges(meta.shape, e.dtype, ranges, load)
+            out[e.name] = FileRanges(meta.shape, e.dtype, ranges, load, tuple(stamps.items()))
         else:
             out[e.name] = LazyTensor(meta.shape, torch_dtype(e.dtype), load)
     return out

@@ -198,7 +198,41 @@ def _mapped_pieces(
                 f"{_numel(shape)} elements"
             )
     order = {name: i for i, name in enumerate(shapes)}
+    _check_back_to_back(pieces, members, order, where)
     return sorted(pieces, key=lambda p: (order[p.name], p.start))
+
+
+def _check_back_to_back(
+    pieces: Sequence[Piece], members: Sequence[Member], order: Mapping[str, int], where: str
+) -> None:
+    """The mapped pieces lie as DeepSpeed lays a flat group out: in each rank's partition, the
+    parameters back to back from element 0, in ``param_shapes`` order, up to the partition's
+    end on every rank before the last one holding any (padding only after the last parameter).
+    Mappings that overlap, leave a gap or swap two parameters would otherwise read another
+    parameter's elements for this one, silently (each still inside the partition, the counts
+    right)."""
+    by_rank: dict[int, list[Piece]] = {}
+    for p in pieces:
+        if p.numel:
+            by_rank.setdefault(p.rank, []).append(p)
+    size = {m.rank: m.size for m in members}
+    ranks = [m.rank for m in members if m.rank in by_rank]
+    for r in ranks:
+        at, last = 0, -1
+        for p in sorted(by_rank[r], key=lambda p: p.offset):
+            if p.offset != at or order[p.name] <= last:
+                raise DeepSpeedFormatError(
+                    f"{where}, rank {r}, {p.name}: param_slice_mappings put its elements "
+                    f"[{p.start}, {p.stop}) at [{p.offset}, {p.offset + p.numel}) of the "
+                    f"partition, not at {at} after the parameters before it (a flat group "
+                    "holds its parameters back to back, in param_shapes order)"
+                )
+            at, last = p.offset + p.numel, order[p.name]
+        if r != ranks[-1] and at != size[r]:
+            raise DeepSpeedFormatError(
+                f"{where}, rank {r}: param_slice_mappings fill elements [0, {at}) of a partition "
+                f"of {size[r]}, and a later rank holds more parameters"
+            )
 
 
 def stage3_piece_size(numel: int, world_size: int) -> int:

@@ -107,10 +107,17 @@ def _release(n: int) -> None:
         _live[0] -= n
 
 
-def _map_fixed(addr: int, n: int, path: str, offset: int) -> bool:
-    """Map ``n`` bytes of ``path`` from ``offset`` at ``addr`` (inside our own mapping)."""
+def _map_fixed(
+    addr: int, n: int, path: str, offset: int, stamp: tuple[int, int] | None = None
+) -> bool:
+    """Map ``n`` bytes of ``path`` from ``offset`` at ``addr`` (inside our own mapping); False
+    (nothing mapped) where ``path`` is no longer the file of ``stamp`` (``(st_dev, st_ino)``
+    of the file the source maps: one renamed over it since has other bytes)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
+        st = os.fstat(fd)
+        if stamp is not None and (st.st_dev, st.st_ino) != stamp:
+            return False
         got = _mmap(addr, n, _PROT, mmap.MAP_PRIVATE | _MAP_FIXED, fd, offset)  # type: ignore[operator]
     finally:
         os.close(fd)
@@ -193,7 +200,8 @@ def mapped_tensor(
         if where is None or (where[1] - p) % _PAGE != r or vhi <= vlo:
             _copy(src, a, b, flat[p // item : (p + n) // item])
             continue
-        if not _map_fixed(vlo, vhi - vlo, where[0], where[1] + (vlo - lo)):
+        stamp = src.file_stamp(a, b) if isinstance(src, PagedSource) else None
+        if not _map_fixed(vlo, vhi - vlo, where[0], where[1] + (vlo - lo), stamp):
             vlo = vhi = lo  # nothing mapped: copy it all
         head, tail = (vlo - lo) // item, (vhi - lo) // item
         if head:

@@ -76,6 +76,9 @@ class FileMapping(NamedTuple):
     end: int
     offset: int
     path: str
+    #: The mapped file's identity, ``(st_dev, st_ino)`` as ``os.stat`` gives them (``None``:
+    #: not known). A later copy by ``path`` checks it: the file there may have been replaced.
+    stamp: tuple[int, int] | None = None
 
 
 def file_mappings(paths: Iterable[str]) -> tuple[FileMapping, ...]:
@@ -98,7 +101,11 @@ def file_mappings(paths: Iterable[str]) -> tuple[FileMapping, ...]:
                 path = parts[5].rstrip("\n") if len(parts) == 6 else ""
                 if path in wanted:
                     lo, hi = parts[0].split("-")
-                    found.append(FileMapping(int(lo, 16), int(hi, 16), int(parts[2], 16), path))
+                    major, minor = parts[3].split(":")
+                    stamp = (os.makedev(int(major, 16), int(minor, 16)), int(parts[4]))
+                    found.append(
+                        FileMapping(int(lo, 16), int(hi, 16), int(parts[2], 16), path, stamp)
+                    )
     except (OSError, ValueError):
         return ()
     return tuple(sorted(found))
@@ -139,6 +146,21 @@ class PagedSource(TensorSource):
         n = src.numel() * src.element_size()
         m = _mapping_of(self.mappings, lo, lo + n)
         return None if m is None else (m.path, m.offset + (lo - m.start), n)
+
+    def file_stamp(self, start: int, stop: int) -> tuple[int, int] | None:
+        """``(st_dev, st_ino)`` of the file elements ``[start, stop)`` are mapped from (see
+        :meth:`file_range`): a copy by its path must find this file there, not one renamed
+        over it since. None where not known.
+
+        Example:
+            >>> from zckpt.spec import Fragment
+            >>> PagedSource(Fragment(0, 0, 4), torch.arange(4.0), ()).file_stamp(0, 2) is None
+            True
+        """
+        src = self.data[start:stop]
+        lo = src.data_ptr()
+        m = _mapping_of(self.mappings, lo, lo + src.numel() * src.element_size())
+        return None if m is None else m.stamp
 
     def read_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Copy elements ``[start, stop)`` into ``out``, releasing the source pages copied."""

@@ -48,7 +48,8 @@ _ITEMSIZE = {**ITEMSIZE_OF_NAME, "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2
 @dataclass(frozen=True)
 class StorageRef:
     """A storage of a ``torch.save`` zip: ``numel`` elements of ``dtype`` (a torch dtype name)
-    at byte ``offset`` of ``path`` (record ``data/<key>``).
+    at byte ``offset`` of ``path`` (record ``data/<key>``); ``stamp``: the file's identity when
+    it was read (device, inode, size, mtime in ns), which a copy of its bytes checks later.
 
     Example:
         >>> StorageRef("/f.pt", "0", "bfloat16", 3, "cpu", 128).nbytes
@@ -61,6 +62,7 @@ class StorageRef:
     numel: int
     location: str
     offset: int
+    stamp: tuple[int, ...] | None = None
 
     @property
     def nbytes(self) -> int:

@@ -15,7 +15,9 @@ value (tensor, lazy or streamed) at a file descriptor's position with bounded me
   written from memory;
 - a :class:`FileRanges` (``_deepspeed.py: export_values``, a checkpoint read as references):
   its byte ranges of the checkpoint files, with ``copy_file_range`` or else ``pread`` and
-  ``write``; torch is not needed, nor imported;
+  ``write``; torch is not needed, nor imported. Each file must still be the one that was read
+  (device, inode, size, mtime: checked before and after each range is copied), else the copy
+  fails naming it: a tag saved again meanwhile would otherwise mix two saves in the output;
 - any other value is materialised (one tensor) and written from its memory, window by window.
 
 Memory beyond the tensor being written is one window at most; a streamed value needs none.
@@ -71,6 +73,9 @@ class FileRanges:
     dtype: str
     ranges: tuple[tuple[str, int, int], ...]
     load: Callable[[], Any]
+    #: ``(path, stamp)``: a file's identity when its ranges were found (``StorageRef.stamp``);
+    #: a copy from a file that no longer has it (replaced, rewritten) fails, naming it.
+    stamps: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def contiguous(self) -> Any:
         """The tensor, read and built with torch."""
@@ -139,13 +144,48 @@ def write_tensor(fd: int, t: torch.Tensor, release: bool = False) -> int:
     return view.nbytes
 
 
-def _copy_range(src: str, offset: int, n: int, fd: int) -> bool:
+def _stamp(sfd: int) -> tuple[int, ...]:
+    st = os.fstat(sfd)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _check_stamp(sfd: int, src: str, stamp: tuple[int, ...] | None, offset: int) -> None:
+    """Refuse to copy from ``src`` (open as ``sfd``) when it is no longer the file that was
+    read (``stamp``: device, inode, size, mtime): replaced or rewritten since (DeepSpeed saving
+    the tag again), its bytes would be another save's, mixed silently into the output."""
+    if stamp is None:
+        return
+    now = _stamp(sfd)[: len(stamp)]  # a mapping's stamp is (device, inode) only
+    if now != stamp:
+        from zckpt.interop._unpickle import DeepSpeedFormatError
+
+        what = "replaced" if now[:2] != stamp[:2] else "rewritten"
+        sizes = f"size {stamp[2]} -> {now[2]}, " if len(stamp) > 2 else ""
+        raise DeepSpeedFormatError(
+            f"{src}: {what} since the checkpoint was read ({sizes}copying from byte {offset}); "
+            "its bytes would be another save's: export again once the checkpoint is complete"
+        )
+
+
+def _copy_range(
+    src: str,
+    offset: int,
+    n: int,
+    fd: int,
+    stamp: tuple[int, ...] | None = None,
+    replaced_ok: bool = False,
+) -> bool:
     """Copy ``n`` bytes of ``src`` from ``offset`` to ``fd``'s position in the kernel; False
-    (nothing written) where this kernel or filesystem cannot (the caller writes them itself)."""
+    (nothing written) where this kernel or filesystem cannot (the caller writes them itself).
+    With ``stamp``, the file must still be the one read, before and after (``_check_stamp``);
+    with ``replaced_ok``, another file there is False too (the caller has the bytes mapped)."""
     if not _state["copy_range"]:
         return False
     sfd = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
+        if replaced_ok and stamp is not None and _stamp(sfd)[: len(stamp)] != stamp:
+            return False
+        _check_stamp(sfd, src, stamp, offset)
         done = 0
         while done < n:
             try:
@@ -162,15 +202,20 @@ def _copy_range(src: str, offset: int, n: int, fd: int) -> bool:
                     f"{offset + done}); was it truncated while being exported?",
                 )
             done += got
+        _check_stamp(sfd, src, stamp, offset)
         return True
     finally:
         os.close(sfd)
 
 
-def _pread_range(src: str, offset: int, n: int, fd: int) -> int:
-    """Copy ``n`` bytes of ``src`` from ``offset`` to ``fd``'s position, 16 MiB at a time."""
+def _pread_range(
+    src: str, offset: int, n: int, fd: int, stamp: tuple[int, ...] | None = None
+) -> int:
+    """Copy ``n`` bytes of ``src`` from ``offset`` to ``fd``'s position, 16 MiB at a time
+    (``stamp`` as for :func:`_copy_range`)."""
     sfd = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
+        _check_stamp(sfd, src, stamp, offset)
         done = 0
         while done < n:
             chunk = os.pread(sfd, min(_WINDOW, n - done), offset + done)
@@ -182,6 +227,7 @@ def _pread_range(src: str, offset: int, n: int, fd: int) -> int:
                 )
             _write_all(fd, memoryview(chunk))
             done += len(chunk)
+        _check_stamp(sfd, src, stamp, offset)
         return done
     finally:
         os.close(sfd)
@@ -204,8 +250,11 @@ def write_value(fd: int, value: Any, dtype: Any, materialise: Callable[..., Any]
     """
     if isinstance(value, FileRanges) and value.dtype == dtype_name(dtype):
         done = 0
+        stamps = dict(value.stamps)
         for path, offset, n in value.ranges:
-            done += n if _copy_range(path, offset, n, fd) else _pread_range(path, offset, n, fd)
+            st = stamps.get(path)
+            copied = _copy_range(path, offset, n, fd, st)
+            done += n if copied else _pread_range(path, offset, n, fd, st)
         return done
     if not isinstance(value, StreamedTensor) or dtype_name(value.dtype) != dtype_name(dtype):
         return write_tensor(fd, materialise(value, dtype))
@@ -215,10 +264,11 @@ def write_value(fd: int, value: Any, dtype: Any, materialise: Callable[..., Any]
     for src, a, b in value.segments():
         if isinstance(src, PagedSource):
             where = src.file_range(a, b)
-            if where is not None and _copy_range(*where, fd):
+            if where is not None and _copy_range(*where, fd, src.file_stamp(a, b), True):
                 total += where[2]
                 continue
-            # Not copied in the kernel: from the mapping (pages released only where it is one).
+            # Not copied in the kernel (nor by path from a file renamed over the mapped one):
+            # from the mapping (pages released only where it is one).
             total += write_tensor(fd, src.data[a:b], release=where is not None)
         else:
             part = src.read(a, b)

@@ -64,6 +64,10 @@ __all__ = [
 HEAD_PREFIX = 64 << 10
 _PREFIX_FOR = 10.0
 _PREFIXES_KEPT = 64
+# Sizes of blobs (names never reused: a blob's size never changes) that a GET of their first
+# bytes reported (its Content-Range): size() answers from them, for as long as the bytes are
+# kept, instead of a HEAD.
+_SIZES_KEPT = 4096
 # A fragment's span, named by will_need (S3): fetched in ranged GETs of PREFETCH_PIECE bytes,
 # at most PREFETCH_AHEAD of them fetched or held at a time per span; the chunk reads that
 # follow are served from them. At most _SPANS_KEPT spans, each for at most _SPAN_FOR seconds.
@@ -244,6 +248,9 @@ class FsspecStorage:
             raise ValueError(f"multipart_threshold must be >= 0, got {multipart_threshold}")
         self.fs, self.lease, self.retry = fs, float(lease), Retry(total=float(retry_for))
         self._conditional = conditional_writes is not False
+        # Whether the store has been seen to refuse a create (If-None-Match: *) of an object
+        # that exists: then taking a lock needs no read first (see try_lock).
+        self._refuses_creates = False
         self._backend: Any
         self._s3 = _is_s3(fs)
         if self._s3:
@@ -256,6 +263,7 @@ class FsspecStorage:
             self._backend = FsBackend(fs, self.retry)
         self._held: dict[int, _ObjectLock] = {}
         self._prefixes: dict[str, tuple[float, bytes]] = {}  # see read()
+        self._sizes: dict[str, tuple[float, int]] = {}  # see size()
         self._spans: list[_Span] = []  # see will_need()
         self._mutex = threading.Lock()
         self._wake = threading.Event()
@@ -339,11 +347,16 @@ class FsspecStorage:
         if offset != 0 or generation_of(posixpath.basename(key)) is None:
             got: bytes = self._backend.get(key, offset, length)
             return got
-        data: bytes = self._backend.get(key, 0, HEAD_PREFIX)
+        got_sized: tuple[bytes, int | None] = self._backend.get_sized(key, 0, HEAD_PREFIX)
+        data, total = got_sized
         with self._mutex:
             self._prefixes[key] = (time.monotonic(), data)
             while len(self._prefixes) > _PREFIXES_KEPT:
                 self._prefixes.pop(next(iter(self._prefixes)))
+            if total is not None:
+                self._sizes[key] = (time.monotonic(), total)
+                while len(self._sizes) > _SIZES_KEPT:
+                    self._sizes.pop(next(iter(self._sizes)))
         return data[:length]
 
     def will_need(self, path: str, offset: int, length: int) -> None:
@@ -425,10 +438,43 @@ class FsspecStorage:
         view[: len(data)] = data
         return len(data)
 
-    def size(self, path: str) -> int:
-        """The object's size (a StorageError for a directory or nothing)."""
+    def read_whole(self, path: str, limit: int) -> bytes | None:
+        """The object ``path`` whole (at most ``limit`` bytes of it), or None when there is no
+        object there: one GET, where ``exists``, ``size`` and ``read`` make three requests, and
+        an object replaced meanwhile reads as one version or the other, never a mix of the two
+        (``latest`` and manifests are replaced in place). Optional in
+        :class:`~zckpt.store._storage.Storage`: readers of small objects use it where it exists.
+
+        Example:
+            >>> import fsspec
+            >>> st = FsspecStorage(fsspec.filesystem("memory"))
+            >>> _ = st.write_atomic("memory://doc/latest", [b"step3"])
+            >>> st.read_whole("memory://doc/latest", 4096), st.read_whole("memory://doc/no", 9)
+            (b'step3', None)
+        """
+        if limit <= 0:
+            return b"" if self.exists(path) else None
         try:
-            head = self._backend.head(self._key(path))
+            data: bytes = self._backend.get(self._key(path), 0, limit)
+            return data
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        except Exception as e:
+            if isinstance(e, StorageError) and e.errno == errno.ENOENT:
+                return None
+            raise self._fail("reading", path, e) from e
+
+    def size(self, path: str) -> int:
+        """The object's size (a StorageError for a directory or nothing). On S3 a blob whose
+        first bytes were just read (its header, see :meth:`read`) is not asked again: that GET
+        reported its size, and a blob's name is never reused."""
+        key = self._key(path)
+        with self._mutex:
+            known = self._sizes.get(key)
+        if known is not None and time.monotonic() - known[0] < _PREFIX_FOR:
+            return known[1]
+        try:
+            head = self._backend.head(key)
         except Exception as e:
             raise self._fail("looking up", path, e) from e
         if head is None:
@@ -471,13 +517,22 @@ class FsspecStorage:
 
     def remove(self, path: str) -> None:
         """Delete the object ``path``; missing is fine."""
+        key = self._key(path)
+        with self._mutex:
+            self._sizes.pop(key, None)
+            self._prefixes.pop(key, None)
         try:
-            self._backend.delete(self._key(path))
+            self._backend.delete(key)
         except Exception as e:
             raise self._fail("removing", path, e) from e
 
     def rmtree(self, path: str) -> None:
         """Delete every object under ``path``; missing is fine."""
+        below = self._key(path).rstrip("/") + "/"
+        with self._mutex:
+            for kept in (self._sizes, self._prefixes):
+                for key in [k for k in kept if k.startswith(below)]:
+                    del kept[key]
         try:
             self._backend.rmtree(self._key(path))
         except Exception as e:
@@ -528,12 +583,22 @@ class FsspecStorage:
         body = _lock_body(owner, token, self.lease)
         lock = _ObjectLock(self, key, owner, token)
         try:
+            if self._refuses_creates and self._atomic_conditions():
+                # A store that refuses creates of existing objects: create it, and only if that
+                # is refused read what is there (a live holder's, or a stale one to take over).
+                with contextlib.suppress(PreconditionFailedError):
+                    lock.etag = self._put_lock(key, body, if_absent=True)
+                    if lock.etag:
+                        self._hold(lock)
+                        return lock
             for _ in range(16):
                 current = self._read_lock(key)
                 try:
                     if current is None:
                         lock.etag = self._put_lock(key, body, if_absent=True)
                         sure = self._atomic_conditions() and bool(lock.etag)
+                        if sure and not self._refuses_creates:
+                            sure = self._check_refuses_creates(lock, key, body)
                     elif current[0].token == token:  # our own write, answered ambiguously
                         lock.etag, sure = current[1].etag, True
                     elif not self._stale(current[0], current[1]):
@@ -553,6 +618,24 @@ class FsspecStorage:
         except Exception as e:
             raise self._fail("locking", path, e) from e
         raise StorageError(errno.EAGAIN, f"{path}: the lock keeps changing hands")
+
+    def _check_refuses_creates(self, lock: _ObjectLock, key: str, body: bytes) -> bool:
+        """Once per storage, right after creating a lock: create it again. A store that
+        implements ``If-None-Match: *`` refuses (412), and later locks are created without a
+        read first; one that ignores it has overwritten our own lock with the same body (the
+        ETag it answered is now ours), and locks fall back to check-then-write. Returns
+        whether the store's conditions can be trusted."""
+        try:
+            lock.etag = self._backend.put_small(key, body, if_absent=True)
+        except PreconditionFailedError:
+            self._refuses_creates = True
+            return True
+        except UnsupportedError:
+            pass
+        except Exception:
+            return True  # no answer (a failure past the retries): as before, and ask next time
+        self._conditional = False  # it ignores conditions: check-then-write from now on
+        return False
 
     def lock_owner(self, path: str) -> str:
         """The owner text of the lock object ``path`` ("" when there is none)."""

@@ -349,9 +349,15 @@ def read_latest(storage: Storage, save_dir: str, name: str = LATEST) -> str | No
         'step3'
     """
     path = os.path.join(save_dir, name)
-    if not storage.exists(path):
+    whole = getattr(storage, "read_whole", None)  # an object store: one GET, None when absent
+    if whole is not None:
+        data = whole(path, 4096)
+        if data is None:
+            return None
+    elif not storage.exists(path):
         return None
-    data = storage.read(path, 0, 4096)
+    else:
+        data = storage.read(path, 0, 4096)
     try:
         tag = data.decode("utf-8").strip()
     except UnicodeDecodeError:

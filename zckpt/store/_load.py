@@ -15,7 +15,7 @@ from zckpt.assemble import assemble
 from zckpt.errors import ArgumentError, CoverageError, SpecError, ZckptError
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
 from zckpt.store._explain import DEEPSPEED, explain
-from zckpt.store._read import CheckpointNotFoundError, following_latest, open_checkpoint, resolve
+from zckpt.store._read import Checkpoint, CheckpointNotFoundError, following_latest, locate
 from zckpt.store._resolve import storage_for
 from zckpt.store._storage import Storage
 from zckpt.tree import (
@@ -187,7 +187,8 @@ def load_checkpoint(
     """
     storage, load_dir = storage_for(load_dir, storage, storage_options)
     _check_target(world_size, stage, rank)
-    if resolve(storage, load_dir, tag) is None:
+    found = locate(storage, load_dir, tag)  # latest is read here, once
+    if found is None:
         reason = explain(load_dir, tag, storage=storage)
         if reason.kind == DEEPSPEED:
             raise CheckpointNotFoundError(errno.ENOENT, reason.message)
@@ -198,11 +199,9 @@ def load_checkpoint(
         return Loaded(None, {}, None, None, (), ())
     keys = None if module_keys is None else list(module_keys)
 
-    def attempt() -> Loaded:
+    def attempt(ck: Checkpoint) -> Loaded:
         return _load(
-            storage,
-            load_dir,
-            tag,
+            ck,
             spec,
             rank,
             world_size,
@@ -217,7 +216,7 @@ def load_checkpoint(
             into,
         )
 
-    return following_latest(storage, load_dir, tag, attempt)
+    return following_latest(storage, load_dir, tag, found=found, use=attempt)
 
 
 class _Skip:
@@ -348,9 +347,7 @@ def _check_target(world_size: int | None, stage: int | None, rank: int) -> None:
 
 
 def _load(
-    storage: Storage,
-    load_dir: str,
-    tag: str | None,
+    ck: Checkpoint,
     spec: ZeroSpec | None,
     rank: int,
     world_size: int | None,
@@ -364,7 +361,6 @@ def _load(
     load_masters: bool | None,
     into: Any = None,
 ) -> Loaded:
-    ck = open_checkpoint(load_dir, tag, storage=storage)
     saved = ck.manifest.spec
     if spec is None:
         spec = saved.with_world_size(world_size or 1, stage)
@@ -418,6 +414,7 @@ def _load(
             parts = assemble(index, held, out=outs)
     except CoverageError as e:
         raise CoverageError(f"{ck.path}: {e}") from None
+    ck.check_skeleton()  # no read when this rank read a header (the first one checked it)
     for i, view in copy_into:
         view.copy_(parts[i])
     leaves: list[Any] = [None] * len(skel.tensors)

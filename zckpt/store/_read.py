@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import xxhash
 
@@ -58,14 +58,27 @@ def read_manifest(storage: Storage, tag_dir: str) -> Manifest:
         FormatError: the manifest is torn or corrupt.
     """
     path = os.path.join(tag_dir, MANIFEST)
-    if not storage.exists(path):
+    whole = getattr(storage, "read_whole", None)
+    if whole is not None:  # an object store: one GET, one version of an object replaced meanwhile
+        data: bytes | None = whole(path, _MAX_MANIFEST + 1)
+    elif storage.exists(path):
+        size = storage.size(path)
+        if size > _MAX_MANIFEST:
+            raise FormatError(f"{path}: {size} bytes is too large for a manifest")
+        data = storage.read(path, 0, size)
+    else:
+        data = None
+    if data is None:
         raise CheckpointNotFoundError(
             errno.ENOENT, f"{tag_dir}: no committed checkpoint (missing {MANIFEST})"
         )
-    size = storage.size(path)
-    if size > _MAX_MANIFEST:
-        raise FormatError(f"{path}: {size} bytes is too large for a manifest")
-    return decode_manifest(storage.read(path, 0, size), path)
+    return _decode(data, path)
+
+
+def _decode(data: bytes, path: str) -> Manifest:
+    if len(data) > _MAX_MANIFEST:
+        raise FormatError(f"{path}: more than {_MAX_MANIFEST} bytes is too large for a manifest")
+    return decode_manifest(data, path)
 
 
 def _check_metas(h: BlobHeader, skel: Skeleton, path: str) -> None:
@@ -105,6 +118,9 @@ class Checkpoint:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Blob files held open for the reads of one load (see :meth:`reading`); None outside one.
     _held: list[dict[str, OpenFile] | None] = field(default_factory=lambda: [None], repr=False)
+    # Names of the files whose headers were read: the first was compared with the manifest's
+    # skeleton and spec (check_skeleton), and every file is bound to the manifest.
+    _bound: list[str] = field(default_factory=list, repr=False)
 
     @property
     def tag(self) -> str:
@@ -122,9 +138,11 @@ class Checkpoint:
         if h is not None:
             return h
         path = self.file_path(rec)
+        # The preamble first: on S3 its GET reports the object's size, which the check then
+        # takes instead of a HEAD (a short file reads fewer bytes, and the check says so).
+        pre = self.storage.read(path, 0, PREAMBLE_SIZE)
         size = self._checked_size(rec)
         try:
-            pre = self.storage.read(path, 0, PREAMBLE_SIZE)
             n = read_header_size(pre, blob_size=size)
             self._check_binding(rec, pre)
             # A version 2 blob's skeleton is the manifest's: its digest and leaf columns are
@@ -136,8 +154,11 @@ class Checkpoint:
         if tuple(f.fragment for f in h.fragments) != rec.fragments:
             raise FormatError(f"{path}: its fragments differ from the manifest's record")
         _check_metas(h, self.manifest.skeleton, path)
+        if not self._bound:
+            self._check_bound(h, rec)
         with self._lock:
             self._headers[rec.name] = h
+            self._bound.append(rec.name)
         return h
 
     def fragment_index(self, rec: FileRecord, frag: Fragment) -> int:
@@ -187,10 +208,13 @@ class Checkpoint:
         comparing with one file's (one small read) catches a manifest rewritten with a valid
         checksum but other values, keys or metas than the files hold.
         """
+        if self._bound:
+            return  # done when the first header was read: every file is bound to the manifest
         rec = next(iter(self.manifest.files), None)
-        if rec is None:
-            return
-        h = self.header(rec)
+        if rec is not None:
+            self.header(rec)
+
+    def _check_bound(self, h: BlobHeader, rec: FileRecord) -> None:
         m = self.manifest
         if h.skeleton != m.skeleton:
             raise FormatError(
@@ -307,8 +331,8 @@ class Checkpoint:
         path = self.file_path(rec)
         from zckpt.format import decode_shard
 
-        self._checked_size(rec)
         data = self.storage.read(path, 0, rec.size)
+        self._checked_size(rec)  # after the read: on S3 its GET reported the size
         try:
             if len(data) != rec.size:
                 raise TruncatedError(f"{len(data)} bytes read, the manifest says {rec.size}")
@@ -467,53 +491,136 @@ def _held_file(storage: Storage, path: str) -> OpenFile | None:
     return storage.open_reads(path)
 
 
-def resolve(storage: Storage, path: str, tag: str | None) -> tuple[str, str] | None:
-    """(tag directory, tag) for a save_dir or tag directory; None if nothing is committed there.
+class Found(NamedTuple):
+    """Where a checkpoint was found: its tag directory and tag, whether ``latest`` (or
+    ``latest_universal``) named it, and the manifest's bytes when finding it read them."""
 
-    A directory holding a manifest is a tag directory. Otherwise the tag is ``tag``, else the
-    one ``latest`` names, else ``latest_universal`` (every zckpt checkpoint loads at any world
-    size, so DeepSpeed users' pointer is honoured the same way).
+    tag_dir: str
+    tag: str
+    via_latest: bool
+    manifest: bytes | None = None
+
+
+def locate(storage: Storage, path: str, tag: str | None) -> Found | None:
+    """Find the checkpoint of a save_dir or tag directory; None if nothing is committed there.
+
+    This is the one place a load resolves ``latest``: what it returns is passed down to
+    :func:`opened` and :func:`following_latest`, never looked up again (so the tag loaded is the
+    tag ``latest`` named when it was read, once). A directory holding a manifest is a tag
+    directory. Otherwise the tag is ``tag``, else the one ``latest`` names, else
+    ``latest_universal`` (every zckpt checkpoint loads at any world size, so DeepSpeed users'
+    pointer is honoured the same way). On an object store the manifest probe is a GET (one
+    request, whose bytes are kept when it finds one) and ``latest`` one more.
+
+    Example:
+        >>> import tempfile, torch, zckpt
+        >>> from zckpt.store import LocalStorage
+        >>> d = tempfile.mkdtemp()
+        >>> _ = zckpt.save_checkpoint(d, {"w": torch.ones(1)}, zckpt.ZeroSpec(1, 1), tag="a")
+        >>> locate(LocalStorage(), d, None)[1:3], locate(LocalStorage(), d + "/a", None)[1:3]
+        (('a', True), ('a', False))
     """
-    if tag is None and storage.exists(os.path.join(path, MANIFEST)):
-        return path, os.path.basename(os.path.normpath(path))
     if tag is None:
+        here = os.path.join(path, MANIFEST)
+        whole = getattr(storage, "read_whole", None)
+        if whole is not None:
+            data: bytes | None = whole(here, _MAX_MANIFEST + 1)
+            if data is not None:
+                return Found(path, os.path.basename(os.path.normpath(path)), False, data)
+        elif storage.exists(here):
+            return Found(path, os.path.basename(os.path.normpath(path)), False)
         tag = read_latest(storage, path, LATEST) or read_latest(storage, path, LATEST_UNIVERSAL)
         if tag is None:
             return None
-    return os.path.join(path, check_tag(tag)), tag
+        return Found(os.path.join(path, check_tag(tag)), tag, True)
+    return Found(os.path.join(path, check_tag(tag)), tag, False)
+
+
+def resolve(storage: Storage, path: str, tag: str | None) -> tuple[str, str] | None:
+    """(tag directory, tag) for a save_dir or tag directory; None if nothing is committed there
+    (:func:`locate`)."""
+    found = locate(storage, path, tag)
+    return None if found is None else (found.tag_dir, found.tag)
 
 
 T = TypeVar("T")
 
 
-def _latest_tag(storage: Storage, path: str) -> str | None:
-    if storage.exists(os.path.join(path, MANIFEST)):
-        return None  # a tag directory: nothing to re-resolve
-    try:
-        return read_latest(storage, path, LATEST) or read_latest(storage, path, LATEST_UNIVERSAL)
-    except (ZckptError, OSError):
-        return None
+def following_latest(
+    storage: Storage,
+    path: str,
+    tag: str | None,
+    load: Callable[[], T] | None = None,
+    *,
+    found: Found | None = None,
+    use: Callable[[Checkpoint], T] | None = None,
+) -> T:
+    """Run a load; if it fails because the tag ``latest`` named was deleted meanwhile
+    (retention of a running job) and ``latest`` now names another tag, run it once more on that
+    one.
 
-
-def following_latest(storage: Storage, path: str, tag: str | None, load: Callable[[], T]) -> T:
-    """Run ``load``; if it fails because the tag ``latest`` named was deleted meanwhile
-    (retention of a running job) and ``latest`` now names another tag, run it once more.
+    Either ``load`` (which opens the checkpoint itself), or ``found`` (what :func:`locate`
+    found) and ``use``, which is given the checkpoint ``found`` names, opened here without
+    resolving ``latest`` again (and, if it must run again, the one ``latest`` names now). A
+    load thus reads one checkpoint whole, from the one manifest it read: never a mix of two.
 
     Example:
         >>> from zckpt.store import LocalStorage
         >>> following_latest(LocalStorage(), "/nonexistent", "t", lambda: 3)
         3
     """
-    before = None if tag is not None else _latest_tag(storage, path)
+    run: Callable[[Found], T]
+    if use is None:
+        if load is None:
+            raise TypeError("following_latest: pass load, or found and use")
+        if tag is None:  # the tag latest names now, to tell whether it moved if load fails
+            with contextlib.suppress(ZckptError, OSError):
+                found = locate(storage, path, None)
+        if found is None:  # a tag named, or nothing there (load says what): nothing to follow
+            return load()
+        again = load
+        run = lambda _: again()  # noqa: E731
+    else:
+        if found is None:
+            raise TypeError("following_latest: use needs found")
+        with_ck = use
+        run = lambda f: with_ck(opened(storage, path, tag, f))  # noqa: E731
+
+    before = found.tag if found.via_latest else None
     try:
-        return load()
+        return run(found)
     except (CheckpointNotFoundError, StorageError):
         if before is None:
             raise
-        now = _latest_tag(storage, path)
-        if now is None or now == before:
+        try:
+            now = locate(storage, path, None)
+        except (ZckptError, OSError):
+            now = None
+        if now is None or now.tag == before:
             raise
-        return load()
+        return run(now)
+
+
+def opened(storage: Storage, path: str, tag: str | None, found: Found) -> Checkpoint:
+    """The checkpoint ``found`` names, its manifest read (or decoded from the bytes ``locate``
+    read) and verified; the skeleton is checked against its files' when the first header is
+    read (:meth:`Checkpoint.check_skeleton`).
+
+    Raises:
+        CheckpointNotFoundError: the tag is not committed (or no longer).
+        FormatError: the manifest is corrupt.
+    """
+    try:
+        if found.manifest is not None:
+            manifest = _decode(found.manifest, os.path.join(found.tag_dir, MANIFEST))
+        else:
+            manifest = read_manifest(storage, found.tag_dir)
+    except CheckpointNotFoundError:
+        raise _not_found(path, tag, storage) from None
+    except StorageError as e:
+        raise CheckpointNotFoundError(errno.ENOENT, e.strerror or str(e)) from None
+    _check_tag_link(storage, path, found.tag_dir)
+    return Checkpoint(found.tag_dir, manifest, storage)
 
 
 def open_checkpoint(
@@ -540,18 +647,10 @@ def open_checkpoint(
         'a'
     """
     storage, path = storage_for(path, storage, storage_options)
-    found = resolve(storage, path, tag)
+    found = locate(storage, path, tag)
     if found is None:
         raise _not_found(path, tag, storage)
-    tag_dir, _ = found
-    try:
-        manifest = read_manifest(storage, tag_dir)
-    except CheckpointNotFoundError:
-        raise _not_found(path, tag, storage) from None
-    except StorageError as e:
-        raise CheckpointNotFoundError(errno.ENOENT, e.strerror or str(e)) from None
-    _check_tag_link(storage, path, tag_dir)
-    ck = Checkpoint(tag_dir, manifest, storage)
+    ck = opened(storage, path, tag, found)
     ck.check_skeleton()
     return ck
 

@@ -16,6 +16,11 @@ records then has to be computed in file order, head first: the object is
 read back once in ranged GETs (bounded memory, twice the traffic for a large compressed blob;
 blobs under two parts are held and sent as one PUT instead).
 
+On a bucket that encrypts with SSE-KMS or SSE-C an ETag is not the MD5 of the bytes: where an
+answer (or the filesystem's ``s3_additional_kwargs``) says so, uploads carry the CRC32 of their
+bytes, which the server checks on receipt, and its echo (per PUT and part; the completed
+upload's composite) is checked instead (``docs/layout.md``).
+
 Lock objects use conditional requests: ``If-None-Match: *`` creates one only if it is absent,
 ``If-Match: <etag>`` replaces or deletes one only if it is still the one read.
 
@@ -31,6 +36,7 @@ it botocore SHA-256-signs the payload instead, which costs more.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -40,6 +46,7 @@ import itertools
 import os
 import sys
 import time
+import zlib
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -134,6 +141,60 @@ def _etag(text: str) -> str:
     return text.strip('"').lower()
 
 
+# Server-side encryption whose ETags are not the MD5 of the object's bytes (SSE-S3's are).
+_OPAQUE_SSE = ("aws:kms", "aws:kms:dsse")
+
+
+def opaque_etag(r: Mapping[str, Any]) -> str | None:
+    """What makes a PUT's, UploadPart's or CompleteMultipartUpload's ETag no MD5 of the bytes:
+    SSE-KMS (``aws:kms``, ``aws:kms:dsse``) or SSE-C, from the response; None for the others.
+
+    Example:
+        >>> opaque_etag({"ServerSideEncryption": "aws:kms"}), opaque_etag({"ETag": '"ab"'})
+        ('SSE aws:kms', None)
+        >>> opaque_etag({"SSECustomerAlgorithm": "AES256"})
+        'SSE-C'
+    """
+    if r.get("SSECustomerAlgorithm"):
+        return "SSE-C"
+    sse = str(r.get("ServerSideEncryption") or "")
+    return f"SSE {sse}" if sse in _OPAQUE_SSE else None
+
+
+def crc32_b64(crc: int) -> str:
+    """A CRC32 as S3 writes it (``x-amz-checksum-crc32``: base64 of its 4 big-endian bytes).
+
+    Example:
+        >>> crc32_b64(zlib.crc32(b"hello"))
+        'NhCmhg=='
+    """
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
+def composite_crc32(parts: list[int]) -> str:
+    """A multipart object's COMPOSITE CRC32 as S3 reports it: the CRC32 of the parts' CRC32s
+    (4 bytes each, in part order), base64, then ``-`` and the part count.
+
+    Example:
+        >>> composite_crc32([zlib.crc32(b"a"), zlib.crc32(b"b")])[-2:]
+        '-2'
+    """
+    raw = b"".join(c.to_bytes(4, "big") for c in parts)
+    return f"{crc32_b64(zlib.crc32(raw))}-{len(parts)}"
+
+
+def _crc32(views: list[memoryview]) -> int:
+    crc = 0
+    for v in views:
+        crc = zlib.crc32(v, crc)
+    return crc
+
+
+class _OpaqueEtagError(OSError):
+    """A store answered an upload sent without a checksum with an ETag that is not an MD5
+    (SSE-KMS, SSE-C): the upload cannot be checked, and is sent again with one."""
+
+
 def _code(e: BaseException) -> str:
     response = getattr(e, "response", None)
     if not isinstance(response, dict):
@@ -141,6 +202,19 @@ def _code(e: BaseException) -> str:
     code = response.get("Error", {}).get("Code", "")
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return str(code or status or "")
+
+
+def _total_size(content_range: object) -> int | None:
+    """The object's size from a ranged GET's ``Content-Range`` (``bytes 0-9/1234``).
+
+    Example:
+        >>> _total_size("bytes 0-65535/16777664"), _total_size("bytes 0-9/*"), _total_size(None)
+        (16777664, None, None)
+    """
+    if not isinstance(content_range, str):
+        return None
+    total = content_range.rpartition("/")[2].strip()
+    return int(total) if total.isdigit() else None
 
 
 def _server_age(r: dict[str, Any]) -> float | None:
@@ -171,6 +245,13 @@ class S3Backend:
             2 * self.part_size if multipart_threshold is None else multipart_threshold
         )
         self.max_concurrency = max(1, max_concurrency)
+        # Uploads carry a CRC32 the server checks on receipt, and the check is its echo instead
+        # of the ETag: from the start where the filesystem asks for SSE-KMS or SSE-C, else from
+        # the first answer that says the bucket encrypts so.
+        extra = dict(getattr(fs, "s3_additional_kwargs", None) or {})
+        self.checksums = bool(extra.get("SSECustomerAlgorithm")) or (
+            str(extra.get("ServerSideEncryption") or "") in _OPAQUE_SSE
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -191,7 +272,10 @@ class S3Backend:
                 body.seek(0)  # a retry sends the whole body again, not what an attempt left
             await self.fs.set_session()
             client = await self.fs.get_s3(kw.get("Bucket"))
-            return await getattr(client, method)(**kw)
+            call = getattr(client, method)
+            if self.fs.s3_additional_kwargs or self.fs.req_kw:  # SSE-C's key, KMS, requester pays
+                return await call(**self.fs._get_s3_method_kwargs(call, **kw))
+            return await call(**kw)
 
         deadline = time.monotonic() + self.retry.total
         attempt = 0
@@ -227,9 +311,18 @@ class S3Backend:
         return self._run(self._get(path, offset, length))
 
     async def _get(self, path: str, offset: int, length: int) -> bytes:
+        data, _ = await self._get_sized(path, offset, length)
+        return data
+
+    def get_sized(self, path: str, offset: int, length: int) -> tuple[bytes, int | None]:
+        """:meth:`get`, and the object's whole size as the GET's ``Content-Range`` says it
+        (None where it says none)."""
+        return self._run(self._get_sized(path, offset, length))
+
+    async def _get_sized(self, path: str, offset: int, length: int) -> tuple[bytes, int | None]:
         bucket, key = self._split(path)
         if length <= 0:
-            return b""
+            return b"", None
         try:
             r = await self._call(
                 path,
@@ -244,9 +337,9 @@ class S3Backend:
             if self._missing(e):
                 raise FileNotFoundError(path) from e
             if _code(e) in ("InvalidRange", "416"):
-                return b""
+                return b"", None
             raise
-        return data
+        return data, _total_size(r.get("ContentRange"))
 
     def get_small(self, path: str) -> tuple[bytes, Head] | None:
         """A small object whole, with its ETag and age; None when there is none."""
@@ -345,13 +438,17 @@ class S3Backend:
             cond["IfNoneMatch"] = "*"
         if if_match is not None:
             cond["IfMatch"] = f'"{if_match}"'
-        view = memoryview(data)
+        views = [memoryview(data)]
         try:
-            got = self._run(self._put(path, [view], cond))
-            want = hashlib.md5(data, usedforsecurity=False).hexdigest()
-            if got and got != want:
-                raise OSError(f"the store's ETag {got} is not the MD5 {want} of the bytes sent")
-            return got
+            crc = _crc32(views) if self.checksums else None
+            r = self._run(self._put(path, views, cond, crc))
+            try:
+                return self._check_put(r, crc, hashlib.md5(data, usedforsecurity=False))
+            except _OpaqueEtagError:
+                # Our own object, unchecked: replaced by one with a CRC32, if still ours.
+                crc = _crc32(views)
+                r = self._run(self._put(path, views, {"IfMatch": r.get("ETag", "")}, crc))
+                return self._check_put(r, crc, None)
         except Exception as e:
             if _code(e) in ("PreconditionFailed", "412"):
                 raise PreconditionFailedError(path) from e
@@ -359,12 +456,41 @@ class S3Backend:
                 raise UnsupportedError(path) from e
             raise
 
-    async def _put(self, path: str, views: list[memoryview], cond: dict[str, str]) -> str:
+    async def _put(
+        self, path: str, views: list[memoryview], cond: dict[str, str], crc: int | None = None
+    ) -> dict[str, Any]:
         bucket, key = self._split(path)
-        r = await self._call(
+        if crc is not None:
+            cond = {**cond, "ChecksumCRC32": crc32_b64(crc)}
+        r: dict[str, Any] = await self._call(
             path, "put_object", Bucket=bucket, Key=key, Body=ViewsReader(views), **cond
         )
-        return _etag(r.get("ETag", ""))
+        return r
+
+    def _check_put(self, r: Mapping[str, Any], crc: int | None, md5: Any) -> str:
+        """The ETag of a PUT's (or part's) answer ``r``, once it confirms the bytes sent: its
+        ETag is their MD5 (``md5``, a hashlib object), or, sent with the CRC32 ``crc``, the
+        store echoes that CRC32 (it checked the bytes against it on receipt). An opaque ETag
+        (SSE-KMS, SSE-C) of an upload sent without a CRC32 raises :class:`_OpaqueEtagError`,
+        and from then on every upload carries one."""
+        etag = _etag(r.get("ETag", ""))
+        opaque = opaque_etag(r)
+        if crc is not None:
+            got, want = r.get("ChecksumCRC32"), crc32_b64(crc)
+            if got != want:
+                why = f"encrypts with {opaque}: its ETag is no MD5, and " if opaque else ""
+                raise OSError(
+                    f"the store {why}its CRC32 {got or '(none)'} is not the CRC32 {want} "
+                    "of the bytes sent"
+                )
+            return etag
+        if opaque is not None:
+            self.checksums = True
+            raise _OpaqueEtagError(f"the store encrypts with {opaque}: its ETag is no MD5")
+        want_md5 = md5.hexdigest() if md5 is not None else None
+        if etag and want_md5 is not None and etag != want_md5:
+            raise OSError(f"the store's ETag {etag} is not the MD5 {want_md5} of the bytes sent")
+        return etag
 
     def put(self, path: str, buffers: Iterable[memoryview | bytes]) -> tuple[int, int]:
         """Upload a blob; return (size, xxh3_64) once the store has confirmed it."""
@@ -377,15 +503,27 @@ class S3Backend:
             if size < self.multipart_threshold:
                 etag = self._put_hashing(path, views, hasher)
             else:
-                parts = iter(windows(views, self._part_for(size), max_buffers=sys.maxsize))
-                etag = self._multipart(path, parts, None, hasher)
+                try:
+                    parts = iter(windows(views, self._part_for(size), max_buffers=sys.maxsize))
+                    etag = self._multipart(path, parts, None, hasher)
+                except _OpaqueEtagError:  # the parts' answers, not the creation's, said SSE
+                    hasher = xxhash.xxh3_64()
+                    parts = iter(windows(views, self._part_for(size), max_buffers=sys.maxsize))
+                    etag = self._multipart(path, parts, None, hasher)
             digest = hasher.intdigest()
         self._confirm(path, size, etag)
         return size, digest
 
     def _put_hashing(self, path: str, views: list[memoryview], hasher: Any) -> str:
         """One PUT of ``views``; their MD5 (checked against the ETag) and ``hasher``'s update
-        are computed here while the bytes are on their way."""
+        are computed here while the bytes are on their way. Where ETags are no MD5s (SSE-KMS,
+        SSE-C) the PUT carries their CRC32 instead, computed before it is sent, and its echo is
+        checked (an answer that first shows such a bucket makes the PUT go again, so)."""
+        if self.checksums:
+            for v in views:
+                hasher.update(v)
+            crc = _crc32(views)
+            return self._check_put(self._run(self._put(path, views, {}, crc)), crc, None)
         fut = asyncio.run_coroutine_threadsafe(self._put(path, views, {}), self.fs.loop)
         try:
             md5 = hashlib.md5(usedforsecurity=False)
@@ -393,12 +531,12 @@ class S3Backend:
                 md5.update(v)
                 hasher.update(v)
         finally:
-            got = fut.result()
-        if got and got != md5.hexdigest():
-            raise OSError(
-                f"the store's ETag {got} is not the MD5 {md5.hexdigest()} of the bytes sent"
-            )
-        return got
+            r = fut.result()
+        try:
+            return self._check_put(r, None, md5)
+        except _OpaqueEtagError:
+            crc = _crc32(views)
+            return self._check_put(self._run(self._put(path, views, {}, crc)), crc, None)
 
     def _part_for(self, size: int) -> int:
         """The part size for ``size`` bytes: ``part_size``, or more to stay in 10,000 parts."""
@@ -426,37 +564,59 @@ class S3Backend:
         (always one); complete; return the checked ETag. Each part's MD5 (and ``hasher``'s
         update, in part order) is computed while it is on its way."""
         bucket, key = self._split(path)
-        mpu = self._run(self._call(path, "create_multipart_upload", Bucket=bucket, Key=key))
+
+        def create() -> dict[str, Any]:
+            extra = {"ChecksumAlgorithm": "CRC32", "ChecksumType": "COMPOSITE"}
+            made: dict[str, Any] = self._run(
+                self._call(
+                    path,
+                    "create_multipart_upload",
+                    Bucket=bucket,
+                    Key=key,
+                    **(extra if self.checksums else {}),
+                )
+            )
+            return made
+
+        mpu = create()
+        if not self.checksums and opaque_etag(mpu):  # SSE-KMS/SSE-C: parts' ETags are no MD5s
+            self.checksums = True
+            with contextlib.suppress(Exception):
+                self._abort(path, bucket, key, mpu["UploadId"])
+            mpu = create()
+        crcs = self.checksums  # this upload's parts carry CRC32s, checked instead of ETags
         upload_id = mpu["UploadId"]
-        done: dict[int, bytes] = {}
-        flight: collections.deque[tuple[int, bytes, int, concurrent.futures.Future[str]]]
-        flight = collections.deque()
+        done: dict[int, tuple[bytes, int, str]] = {}  # part: (MD5, CRC32, the store's ETag)
+        flight: collections.deque[
+            tuple[int, Any, int, int, concurrent.futures.Future[dict[str, Any]]]
+        ] = collections.deque()
         flying = [0]  # bytes in flight
         room = sys.maxsize if budget is None else budget
 
         def settle(limit: int, adding: int = 0) -> None:
             while flight and (len(flight) > limit or flying[0] + adding > room):
-                number, md5, nbytes, fut = flight.popleft()
+                number, md5, crc, nbytes, fut = flight.popleft()
                 flying[0] -= nbytes
-                got = fut.result()
-                if got and got != md5.hex():
-                    raise OSError(
-                        f"part {number}: the store's ETag {got} is not the MD5 {md5.hex()} "
-                        "of the bytes sent"
-                    )
-                done[number] = md5
+                try:
+                    etag = self._check_put(fut.result(), crc if crcs else None, md5)
+                except OSError as e:
+                    raise type(e)(f"part {number}: {e}") from None
+                done[number] = (b"" if crcs else md5.digest(), crc, etag)
 
         def send(number: int, views: list[memoryview]) -> None:
             nbytes = sum(v.nbytes for v in views)
             settle(self.max_concurrency - 1, nbytes)
-            coro = self._part(path, bucket, key, upload_id, number, views)
+            crc = _crc32(views) if crcs else 0  # in the header: known before sending
+            sent = crc if crcs else None
+            coro = self._part(path, bucket, key, upload_id, number, views, crc=sent)
             fut = asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
-            md5 = hashlib.md5(usedforsecurity=False)
+            md5 = None if crcs else hashlib.md5(usedforsecurity=False)
             for v in views:
-                md5.update(v)
+                if md5 is not None:
+                    md5.update(v)
                 if hasher is not None:
                     hasher.update(v)
-            flight.append((number, md5.digest(), nbytes, fut))
+            flight.append((number, md5, crc, nbytes, fut))
             flying[0] += nbytes
 
         try:
@@ -467,8 +627,13 @@ class S3Backend:
             if first is not None:
                 send(1, first())
             settle(0)
-            md5s = [done[n] for n in sorted(done)]
-            listing = [{"PartNumber": n, "ETag": f'"{done[n].hex()}"'} for n in sorted(done)]
+            numbers = sorted(done)
+            listing: list[dict[str, Any]] = [
+                {"PartNumber": n, "ETag": f'"{done[n][2]}"', "ChecksumCRC32": crc32_b64(done[n][1])}
+                if crcs
+                else {"PartNumber": n, "ETag": f'"{done[n][0].hex()}"'}
+                for n in numbers
+            ]
             r = self._run(
                 self._call(
                     path,
@@ -486,22 +651,41 @@ class S3Backend:
                 with contextlib.suppress(BaseException):  # the failure raised below is the one
                     fut.result()
             with contextlib.suppress(Exception):  # best effort: `zckpt clean` aborts the rest
-                self._run(
-                    self._call(
-                        path, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id
-                    )
-                )
+                self._abort(path, bucket, key, upload_id)
             raise
-        want = f"{hashlib.md5(b''.join(md5s), usedforsecurity=False).hexdigest()}-{len(md5s)}"
         got = _etag(r.get("ETag", ""))
+        if crcs:
+            want = composite_crc32([done[n][1] for n in numbers])
+            said = r.get("ChecksumCRC32")
+            if said != want:
+                raise OSError(
+                    f"the store's CRC32 {said or '(none)'} for the completed upload is not {want}"
+                    ", the composite of the parts' CRC32s"
+                )
+            return got
+        joined = b"".join(done[n][0] for n in numbers)
+        want = f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(numbers)}"
         if got and got != want:
             raise OSError(f"the store's ETag {got} for the completed upload is not {want}")
         return got
 
+    def _abort(self, path: str, bucket: str, key: str, upload_id: str) -> None:
+        self._run(
+            self._call(path, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+        )
+
     async def _part(
-        self, path: str, bucket: str, key: str, upload_id: str, number: int, views: list[memoryview]
-    ) -> str:
-        r = await self._call(
+        self,
+        path: str,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        number: int,
+        views: list[memoryview],
+        crc: int | None = None,
+    ) -> dict[str, Any]:
+        extra = {} if crc is None else {"ChecksumCRC32": crc32_b64(crc)}
+        r: dict[str, Any] = await self._call(
             path,
             "upload_part",
             Bucket=bucket,
@@ -509,8 +693,9 @@ class S3Backend:
             UploadId=upload_id,
             PartNumber=number,
             Body=ViewsReader(views),
+            **extra,
         )
-        return _etag(r.get("ETag", ""))
+        return r
 
     def _put_stream(self, path: str, blob: BlobStream) -> tuple[int, int, str]:
         """A compressed blob as it is encoded: frames into parts 2, 3, ...; part 1 (the head and
