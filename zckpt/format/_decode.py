@@ -385,14 +385,11 @@ def decode_fragment(
         0 <= lo <= hi <= f.numel
     ):
         raise ValueError(f"{header.describe(index)}: bad range [{start}, {stop}) of {f.numel}")
-    if piece_bytes is not None and (
-        isinstance(piece_bytes, bool) or not isinstance(piece_bytes, int) or piece_bytes < 1
-    ):
-        raise ValueError(f"piece_bytes must be a positive int or None, got {piece_bytes!r}")
-    if span_bytes is not None and (
-        isinstance(span_bytes, bool) or not isinstance(span_bytes, int) or span_bytes < 1
-    ):
-        raise ValueError(f"span_bytes must be a positive int or None, got {span_bytes!r}")
+    for name, value in (("piece_bytes", piece_bytes), ("span_bytes", span_bytes)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     import torch
 
     dtype = header.meta(f.leaf).dtype

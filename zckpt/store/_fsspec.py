@@ -101,8 +101,8 @@ class _Span:
         return self.offset <= offset and offset + length <= self.end and offset not in self.served
 
     def serve(self, offset: int, length: int) -> None:
-        """Record a read served, then let go of the pieces whose bytes have all been read."""
-        self.served.add(offset)
+        """Record the bytes of a read served (its offset is in ``served`` already, taken when
+        the read claimed it), then let go of the pieces whose bytes have all been read."""
         runs, stop = self.done, offset + length
         i = bisect.bisect_left(runs, [offset])
         runs.insert(i, [offset, stop])
