@@ -62,6 +62,7 @@ from zckpt.interop._refs import (
     Size,
     StorageRef,
     TorchGlobal,
+    file_stamp,
     to_torch,
 )
 
@@ -576,7 +577,7 @@ def load_refs(path: str) -> Any:
     except OSError:
         f.close()
         return NOT_FAST
-    size, stamp = st.st_size, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    size, stamp = st.st_size, file_stamp(st)
     try:
         with f, zipfile.ZipFile(f) as z:
             infos = z.infolist()

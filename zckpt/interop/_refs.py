@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,12 +38,27 @@ __all__ = [
     "TensorRef",
     "TorchGlobal",
     "TorchBuilder",
+    "file_stamp",
     "is_tensor",
     "to_torch",
 ]
 
 # Quantized dtypes' elements are one byte (qint32: four); storages of them may appear.
 _ITEMSIZE = {**ITEMSIZE_OF_NAME, "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1}
+
+
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """A file's identity as a copy by path checks it (:attr:`StorageRef.stamp`): device,
+    inode, size and mtime. A file renamed over it has another device or inode; one rewritten in
+    place another size or mtime.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile() as f:
+        ...     file_stamp(os.fstat(f.fileno()))[2]
+        0
+    """
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)

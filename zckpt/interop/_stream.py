@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zckpt.format._dtypes import dtype_name
+from zckpt.interop._refs import file_stamp
 from zckpt.store._fp32 import LazyTensor
 
 if TYPE_CHECKING:
@@ -145,8 +146,7 @@ def write_tensor(fd: int, t: torch.Tensor, release: bool = False) -> int:
 
 
 def _stamp(sfd: int) -> tuple[int, ...]:
-    st = os.fstat(sfd)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return file_stamp(os.fstat(sfd))
 
 
 def _check_stamp(sfd: int, src: str, stamp: tuple[int, ...] | None, offset: int) -> None:
