@@ -186,3 +186,17 @@ class FaultProxy:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+
+
+def record_requests(storage: Any) -> list[tuple[str, str]]:
+    """Every S3 request ``storage`` (a ``FsspecStorage`` on S3) makes from now on, as
+    (operation, key relative to the bucket), in the order they were sent."""
+    backend, calls = storage._backend, []
+    real = backend._call
+
+    async def recording(what: str, method: str, **kw: Any) -> Any:
+        calls.append((method, str(kw.get("Key", kw.get("Prefix", "")))))
+        return await real(what, method, **kw)
+
+    backend._call = recording
+    return calls

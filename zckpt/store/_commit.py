@@ -245,6 +245,10 @@ class PreparedSave:
     storage: Storage
     lock: Lock | None = None  # rank 0's lock on the tag, held until the save ends
     created_tag_dir: bool = False  # rank 0 made the tag directory: a failed save removes it
+    # Rank 0: the blob files of earlier generations in the tag directory, listed under the tag
+    # lock before this save wrote anything (an overwrite's old generation, a killed save's):
+    # removed once this save has committed.
+    older_files: tuple[str, ...] = ()
 
     @property
     def tag_dir(self) -> str:
@@ -299,6 +303,7 @@ def prepare_save(
     exists = False
     lock: Lock | None = None
     created = False
+    older: tuple[str, ...] = ()
     local_error: BaseException | None = None
     try:
         # Every argument is checked before anything touches the disk.
@@ -325,8 +330,7 @@ def prepare_save(
             storage.makedirs(save_dir)
             lock = tag_lock(storage, save_dir, my_tag)
             tag_dir = os.path.join(save_dir, my_tag)
-            exists = _committed(storage, tag_dir)
-            created = not storage.exists(tag_dir)
+            exists, created, older = _survey(storage, tag_dir)
             storage.makedirs(tag_dir)
     except Exception as e:  # shared with every rank below, so none is left waiting
         local_error = e
@@ -377,6 +381,7 @@ def prepare_save(
         storage=storage,
         lock=lock,
         created_tag_dir=created,
+        older_files=older,
     )
 
 
@@ -509,8 +514,27 @@ def tag_lock(storage: Storage, save_dir: str, tag: str) -> Lock:
     return lock
 
 
-def _committed(storage: Storage, tag_dir: str) -> bool:
-    return _manifest_generation(storage, tag_dir) is not None
+def _survey(storage: Storage, tag_dir: str) -> tuple[bool, bool, tuple[str, ...]]:
+    """Rank 0, holding the tag's lock: whether the tag is committed, whether its directory is
+    absent (this save creates it), and the blob files of earlier generations in it.
+
+    One listing answers all three for a new tag: the manifest is read (to tell a valid one
+    from a torn or foreign file) only when the listing shows one, and whether the directory
+    exists is asked only when the listing is empty on a store with real directories (where a
+    directory is a name prefix, ``dirs_are_prefixes``, an empty listing is an absent
+    directory and there is none to remove). The store's listings must see every object
+    written before them (``docs/layout.md``); the tag lock keeps other saves of the tag out
+    until this one ends, and retention and ``clean`` skip a locked tag, so the files listed
+    here are the older generations still there at the commit.
+    """
+    names = storage.listdir(tag_dir)
+    committed = MANIFEST in names and _manifest_generation(storage, tag_dir) is not None
+    if names or getattr(storage, "dirs_are_prefixes", False):
+        absent = not names
+    else:
+        absent = not storage.exists(tag_dir)
+    older = tuple(n for n in names if generation_of(n) is not None)
+    return committed, absent, older
 
 
 def _discard(p: PreparedSave) -> None:
@@ -594,11 +618,11 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
                 "error": f"committing {tag_dir} failed, nothing was committed: {e}",
                 "committed": False,
             }
-        # Committed. Files of earlier generations of this tag are garbage (best effort).
+        # Committed. Files of earlier generations of this tag, listed before this save wrote
+        # anything (its own are of a generation never used before), are garbage (best effort).
         try:
-            for name in storage.listdir(tag_dir):
-                g = generation_of(name)
-                if g is not None and g != gen:
+            for name in p.older_files:
+                if generation_of(name) != gen:
                     storage.remove(os.path.join(tag_dir, name))
         except OSError:
             pass

@@ -253,6 +253,9 @@ class FsspecStorage:
         self._refuses_creates = False
         self._backend: Any
         self._s3 = _is_s3(fs)
+        # Whether a directory is only a name prefix (S3): it exists while an object lies under
+        # it, so makedirs and remove_dir have nothing to do and an empty listing means absent.
+        self.dirs_are_prefixes = self._s3
         if self._s3:
             from zckpt.store._s3 import S3Backend
 

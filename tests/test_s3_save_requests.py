@@ -1,0 +1,189 @@
+"""A save's requests to the object store beside its blobs' own, counted against the real
+moto server on loopback, and what the save protocol still promises with fewer of them: a
+committed tag is refused without ``overwrite``, an overwrite removes the old generation, a
+killed save's leftovers are removed by the next commit of the tag, and a failed save removes
+the tag directory it created (and only that)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import torch
+
+import zckpt
+from zckpt.testing import assert_states_equal
+
+s3fs = pytest.importorskip("s3fs", reason="needs s3fs: pip install 'zckpt[test-s3]'")
+fsspec = pytest.importorskip("fsspec", reason="needs fsspec: pip install 'zckpt[s3]'")
+
+from s3_support import BUCKET, KEY, SECRET, record_requests  # noqa: E402
+
+from zckpt.store import FsspecStorage  # noqa: E402
+
+
+def _state(seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(3000, generator=g), "b": torch.randn(17, generator=g)}
+
+
+def _spec() -> zckpt.ZeroSpec:
+    return zckpt.ZeroSpec(2, 2)
+
+
+@pytest.fixture
+def s3(s3_server: Any) -> tuple[str, FsspecStorage]:
+    fs = s3fs.S3FileSystem(
+        endpoint_url=s3_server.endpoint, key=KEY, secret=SECRET, skip_instance_cache=True
+    )
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}", FsspecStorage(fs, lease=30)
+
+
+@pytest.fixture(params=["s3", "memory"])
+def store(request: pytest.FixtureRequest) -> tuple[str, FsspecStorage]:
+    if request.param == "memory":
+        url = f"memory://zckpt-save-requests/{uuid.uuid4().hex[:12]}"
+        return url, FsspecStorage(fsspec.filesystem("memory"), lease=30)
+    got: tuple[str, FsspecStorage] = request.getfixturevalue("s3")
+    return got
+
+
+def _beside_blobs(calls: list[tuple[str, str]], run: str) -> list[tuple[str, str]]:
+    """The requests that are not a blob's own, keys relative to the save_dir."""
+    prefix = f"{run}/"
+    return [(m, k.removeprefix(prefix)) for m, k in calls if not k.endswith(".zck")]
+
+
+def _lock_release(tag: str) -> list[tuple[str, str]]:
+    return [
+        ("get_object", ".zckpt.lock"),
+        ("delete_object", ".zckpt.lock"),
+        ("get_object", f".{tag}.zckpt-lock"),
+        ("delete_object", f".{tag}.zckpt-lock"),
+    ]
+
+
+def test_a_new_tags_save_lists_the_tag_once_and_asks_nothing_else_about_it(
+    s3: tuple[str, FsspecStorage],
+) -> None:
+    """Before its blobs, a save of a new tag takes the tag lock and lists the tag (one LIST:
+    not committed, nothing older in it); no GET of a manifest the listing does not show, no
+    HEAD or LIST asking whether the tag's directory exists, and after the commit no listing
+    of older generations (was: GET, HEAD, LIST before the blobs and a LIST after the
+    manifest, 4 requests where there is now 1)."""
+    url, st = s3
+    run = url.removeprefix(f"s3://{BUCKET}/")
+    zckpt.save_checkpoint(url, _state(0), _spec(), tag="a", storage=st)  # the first lock's probe
+    calls = record_requests(st)
+    zckpt.save_checkpoint(url, _state(1), _spec(), tag="b", storage=st)
+    assert _beside_blobs(calls, run) == [
+        ("put_object", ".b.zckpt-lock"),
+        ("list_objects_v2", "b/"),
+        ("put_object", ".zckpt.lock"),
+        ("get_object", ".b.zckpt-lock"),
+        ("put_object", "b/manifest.zckm"),
+        ("head_object", "b/manifest.zckm"),
+        ("put_object", "latest"),
+        ("head_object", "latest"),
+        *_lock_release("b"),
+    ], calls
+    blobs = [(m, k.rsplit(".", 2)[-2]) for m, k in calls if k.endswith(".zck")]
+    assert blobs == [("put_object", "rank00000-of-00002"), ("head_object", "rank00000-of-00002"),
+                     ("put_object", "rank00001-of-00002"), ("head_object", "rank00001-of-00002")]  # fmt: skip
+    assert_states_equal(zckpt.load_checkpoint(url, storage=st).state, _state(1))
+
+
+def test_an_overwrite_reads_the_manifest_it_lists_and_removes_the_old_generation(
+    s3: tuple[str, FsspecStorage],
+) -> None:
+    """An overwrite's listing shows the manifest, which is read to tell a committed tag; the
+    old generation's blobs it listed are deleted after the commit, without listing again."""
+    url, st = s3
+    run = url.removeprefix(f"s3://{BUCKET}/")
+    zckpt.save_checkpoint(url, _state(1), _spec(), tag="t", storage=st)
+    old = [n for n in st.listdir(f"{url}/t") if n.endswith(".zck")]
+    calls = record_requests(st)
+    with pytest.raises(zckpt.ZckptError, match="already holds a committed checkpoint"):
+        zckpt.save_checkpoint(url, _state(2), _spec(), tag="t", storage=st)
+    assert _beside_blobs(calls, run)[:3] == [
+        ("put_object", ".t.zckpt-lock"),
+        ("list_objects_v2", "t/"),
+        ("get_object", "t/manifest.zckm"),
+    ]
+    calls.clear()
+    zckpt.save_checkpoint(url, _state(2), _spec(), tag="t", overwrite=True, storage=st)
+    seen = _beside_blobs(calls, run)
+    assert seen[:3] == [
+        ("put_object", ".t.zckpt-lock"),
+        ("list_objects_v2", "t/"),
+        ("get_object", "t/manifest.zckm"),
+    ]
+    assert [k for m, k in seen if m == "list_objects_v2"] == ["t/"]
+    deletes = [i for i, (m, k) in enumerate(calls) if m == "delete_object" and k.endswith(".zck")]
+    assert sorted(calls[i][1].rsplit("/", 1)[-1] for i in deletes) == sorted(old)
+    assert min(deletes) > calls.index(("put_object", f"{run}/t/manifest.zckm"))  # after the commit
+    gen = zckpt.open_checkpoint(url, storage=st).manifest.generation
+    assert all(n == "manifest.zckm" or n.startswith(gen) for n in st.listdir(f"{url}/t"))
+    assert_states_equal(zckpt.load_checkpoint(url, storage=st).state, _state(2))
+
+
+def test_a_killed_saves_leftovers_go_with_the_next_commit_and_nothing_written_later(
+    store: tuple[str, FsspecStorage],
+) -> None:
+    """Blobs of an older generation in the tag before the save (a killed save's) are removed
+    once it commits; a blob of another generation that appears while it runs (another job's,
+    on a store whose locks are only advisory) is left alone: the save removes only what it
+    listed under its lock, before it wrote anything."""
+    url, st = store
+    leftover = "00000000000000aa.rank00000-of-00002.zck"
+    st.write_atomic(f"{url}/t/{leftover}", [b"a killed save's bytes"])
+    later = "00000000000000bb.rank00001-of-00002.zck"
+    real = st.write_atomic
+
+    def writing(path: str, buffers: Any) -> tuple[int, int]:
+        if path.endswith("rank00001-of-00002.zck") and not path.endswith(later):
+            real(f"{url}/t/{later}", [b"another job's bytes"])
+        return real(path, buffers)
+
+    st.write_atomic = writing  # type: ignore[method-assign]
+    zckpt.save_checkpoint(url, _state(3), _spec(), tag="t", storage=st)
+    names = st.listdir(f"{url}/t")
+    assert leftover not in names and later in names
+    assert_states_equal(zckpt.load_checkpoint(url, storage=st).state, _state(3))
+
+
+class _FailingBlobs(FsspecStorage):
+    def write_atomic(self, path: str, buffers: Any) -> tuple[int, int]:
+        if path.endswith(".zck"):
+            raise OSError(28, "No space left on device")
+        return super().write_atomic(path, buffers)
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failed_save_removes_the_tag_directory_it_created_only(existed: bool) -> None:
+    """memory:// has directories of its own: a failed save of a new tag removes the directory
+    it made; one that was there before (empty) stays."""
+    fs = fsspec.filesystem("memory")
+    url = f"memory://zckpt-save-requests/{uuid.uuid4().hex[:12]}"
+    st = _FailingBlobs(fs)
+    assert not st.dirs_are_prefixes
+    if existed:
+        fs.makedirs(f"{url}/t", exist_ok=True)
+    with pytest.raises(zckpt.SaveError, match="No space left"):
+        zckpt.save_checkpoint(url, _state(4), _spec(), tag="t", storage=st)
+    assert fs.isdir(f"{url}/t") == existed
+    assert st.listdir(f"{url}/t") == []
+
+
+def test_a_failed_save_on_s3_leaves_no_object_under_the_tag(
+    s3: tuple[str, FsspecStorage],
+) -> None:
+    """On S3 a directory is a name prefix: nothing to make or remove, and the failed save's
+    tag holds no object afterwards."""
+    url, st = s3
+    failing = _FailingBlobs(st.fs)
+    assert failing.dirs_are_prefixes
+    with pytest.raises(zckpt.SaveError, match="No space left"):
+        zckpt.save_checkpoint(url, _state(5), _spec(), tag="t", storage=failing)
+    assert not st.exists(f"{url}/t") and st.listdir(url) == []
