@@ -131,7 +131,7 @@ def peak_child(endpoint: str, mib: int, codec: str, part_mib: int) -> dict[str, 
     import s3fs
 
     from zckpt.store import FsspecStorage
-    from zckpt.store._s3 import default_options
+    from zckpt.store._s3_options import default_options
 
     fs = s3fs.S3FileSystem(**default_options(dict(endpoint_url=endpoint, key=KEY, secret=SECRET)))
     storage = FsspecStorage(fs, **_parts(part_mib))
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     import s3fs
 
     from zckpt.store import FsspecStorage
-    from zckpt.store._s3 import default_options
+    from zckpt.store._s3_options import default_options
 
     proc, endpoint = start_moto()
     try:

@@ -579,7 +579,7 @@ def test_local_reads_in_pieces_check_every_byte(
 ) -> None:
     """From a local file, raw chunks read from the page cache a piece at a time (each piece
     hashed after its read) come back whole; a flipped byte anywhere in a chunk is caught."""
-    import zckpt.store._read as read_mod
+    import zckpt.store._checkpoint as read_mod
 
     monkeypatch.setattr(read_mod, "READ_PIECE", piece)
     state = {"w": torch.arange(4096.0), "v": torch.arange(100, dtype=torch.int64)}

@@ -16,12 +16,14 @@ from zckpt._lazy import attach
 
 if TYPE_CHECKING:
     from zckpt.store._async import AsyncSaver, PendingSave, default_saver
-    from zckpt.store._commit import Saved, SaveError, drop_frozen
+    from zckpt.store._blobs import drop_frozen
+    from zckpt.store._checkpoint import Checkpoint, FileSource
+    from zckpt.store._commit import Saved, SaveError
     from zckpt.store._fp32 import LazyTensor, get_fp32_state_dict_from_zero_checkpoint
     from zckpt.store._fsspec import FsspecStorage
     from zckpt.store._layout import TagError, check_tag
     from zckpt.store._load import SKIP, Loaded, LoadError, load_checkpoint
-    from zckpt.store._read import Checkpoint, CheckpointNotFoundError, FileSource, open_checkpoint
+    from zckpt.store._read import CheckpointNotFoundError, open_checkpoint
     from zckpt.store._resolve import storage_for
     from zckpt.store._retention import CommittedTag, apply_retention, clean, list_tags
     from zckpt.store._save import save_checkpoint
@@ -36,10 +38,14 @@ __getattr__, __dir__ = attach(
             "PendingSave",
             "default_saver",
         ),
+        "zckpt.store._blobs": ("drop_frozen",),
+        "zckpt.store._checkpoint": (
+            "Checkpoint",
+            "FileSource",
+        ),
         "zckpt.store._commit": (
             "Saved",
             "SaveError",
-            "drop_frozen",
         ),
         "zckpt.store._fp32": (
             "LazyTensor",
@@ -57,9 +63,7 @@ __getattr__, __dir__ = attach(
             "load_checkpoint",
         ),
         "zckpt.store._read": (
-            "Checkpoint",
             "CheckpointNotFoundError",
-            "FileSource",
             "open_checkpoint",
         ),
         "zckpt.store._resolve": ("storage_for",),

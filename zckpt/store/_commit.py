@@ -15,11 +15,18 @@ from typing import Any
 
 import zckpt
 from zckpt.dist import Comm, SingleProcess
-from zckpt.errors import ArgumentError, SpecError, StateError, ZckptError
-from zckpt.format import _encode, encode_shard_parts, encode_shard_stream
-from zckpt.format._header import as_bytes_view, parse_preamble
+from zckpt.errors import ArgumentError, SpecError, ZckptError
+from zckpt.format import _encode
 from zckpt.shard import Shard, shard_state
-from zckpt.spec import ShardPlan, ZeroSpec, plan_shards
+from zckpt.spec import ZeroSpec
+from zckpt.store._blobs import (
+    check_client_state,
+    client_shard,
+    drop_frozen,
+    plan_for,
+    split_experts,
+    write_blob,
+)
 from zckpt.store._layout import (
     MANIFEST,
     TagError,
@@ -40,7 +47,7 @@ from zckpt.store._read import read_manifest
 from zckpt.store._resolve import storage_for
 from zckpt.store._retention import apply_retention
 from zckpt.store._storage import Lock, Storage
-from zckpt.tree import Skeleton, flatten, skeleton_of
+from zckpt.tree import Skeleton, skeleton_of
 
 __all__ = [
     "ConcurrentSaveError",
@@ -122,99 +129,6 @@ def _default_tag(state: Any, global_step: int | None) -> str:
             "or keep an int 'global_steps' in the state"
         )
     return f"global_step{global_step}"
-
-
-def drop_frozen(state: Any, frozen: Iterable[str]) -> Any:
-    """The state without any dict entry keyed by a frozen parameter name.
-
-    Example:
-        >>> drop_frozen({"module": {"a": 1, "f": 2}, "master": {"a": 3}}, ["f"])
-        {'module': {'a': 1}, 'master': {'a': 3}}
-    """
-    names = set(frozen)
-    if not names:
-        return state
-
-    def walk(x: Any) -> Any:
-        if isinstance(x, Mapping):
-            return {k: walk(v) for k, v in x.items() if k not in names}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        if isinstance(x, tuple):
-            return tuple(walk(v) for v in x)
-        return x
-
-    return walk(state)
-
-
-def _check_client_state(client_state: Any) -> Any:
-    if client_state is None:
-        return {}
-    if not isinstance(client_state, Mapping):
-        raise StateError(f"client_state must be a dict, got {type(client_state).__name__}")
-    try:
-        flatten(client_state)
-    except StateError as e:
-        raise StateError(f"client_state: {e}") from None
-    return dict(client_state)
-
-
-def _write_blob(
-    storage: Storage,
-    tag_dir: str,
-    name: str,
-    shard: Shard,
-    rank: int,
-    enc: Mapping[str, Any],
-    expert: int = -1,
-) -> FileRecord:
-    # Raw frames of CPU tensors are views of them: written at once, nothing to overlap.
-    # Compressed frames, and any frame of a GPU tensor, stream: compression and device-to-host
-    # copies run ahead of the writes with a few chunks in host memory, not the whole shard.
-    if enc.get("codec", "raw") == "raw" and all(_encode.on_host(t) for t in shard.data):
-        buffers = encode_shard_parts(shard, **enc).buffers
-        size, digest = storage.write_atomic(os.path.join(tag_dir, name), buffers)
-        head = buffers[0]
-    else:
-        stream = encode_shard_stream(shard, **enc)
-        size, digest = storage.write_atomic(os.path.join(tag_dir, name), stream)
-        head = stream.head()
-    # The index checksum binds the file to the manifest: a load checks it when it reads the
-    # header, whatever it reads of the tensor bytes.
-    _, index_xxh3 = parse_preamble(as_bytes_view(head), None)
-    return FileRecord(name, rank, size, digest, shard.fragments, expert, index_xxh3)
-
-
-def split_experts(shard: Shard) -> tuple[Shard, dict[int, Shard]]:
-    """A rank's shard without its MoE expert tensors, and one shard per expert it writes.
-
-    Example:
-        >>> import torch, zckpt
-        >>> s = {"module": {"experts.0.w": torch.ones(2), "gate": torch.ones(2)}}
-        >>> spec = zckpt.ZeroSpec(1, 1, experts=(r"experts\\.(\\d+)\\.",))
-        >>> base, experts = split_experts(zckpt.shard_state(s, zckpt.plan_shards(s, spec), 0))
-        >>> len(base.fragments), sorted(experts)
-        (1, [0])
-    """
-    spec, skel = shard.spec, shard.skeleton
-    if not spec.experts:
-        return shard, {}
-    base: list[int] = []
-    per: dict[int, list[int]] = {}
-    for i, f in enumerate(shard.fragments):
-        e = spec.expert_of(skel.paths[f.leaf])
-        (base if e is None else per.setdefault(e, [])).append(i)
-
-    def sub(idx: list[int]) -> Shard:
-        frags = tuple(shard.fragments[i] for i in idx)
-        return Shard(shard.rank, spec, skel, frags, tuple(shard.data[i] for i in idx))
-
-    return sub(base), {e: sub(idx) for e, idx in sorted(per.items())}
-
-
-def _client_shard(client_state: Mapping[str, Any]) -> Shard:
-    plan = plan_shards(client_state, ZeroSpec(1, 1))
-    return shard_state(client_state, plan, 0)
 
 
 def _failure_text(e: BaseException) -> str:
@@ -318,7 +232,7 @@ def prepare_save(
                 f"the process group has {comm.size} ranks but the spec {spec.world_size}"
             )
         my_tag = check_tag(tag if tag is not None else _default_tag(state, global_step))
-        client = _check_client_state(client_state)
+        client = check_client_state(client_state)
         if local_shard is not None:
             shards = [local_shard]
         else:
@@ -422,27 +336,6 @@ def write_and_commit(p: PreparedSave) -> Saved:
             p.lock.release()
 
 
-_PLANS: dict[str, tuple[Skeleton, ZeroSpec, ShardPlan]] = {}
-
-
-def plan_for(skeleton: Skeleton, spec: ZeroSpec) -> ShardPlan:
-    """``plan_shards(skeleton, spec)``, reused while the same skeleton object is saved again
-    (a save plans once for its shards and once for the records it reports to rank 0).
-
-    Example:
-        >>> import torch, zckpt
-        >>> skel = zckpt.tree.flatten({"w": torch.zeros(4)})[0]
-        >>> plan_for(skel, zckpt.ZeroSpec(2, 1)) is plan_for(skel, zckpt.ZeroSpec(2, 1))
-        True
-    """
-    hit = _PLANS.get("last")
-    if hit is not None and hit[0] is skeleton and hit[1] == spec:
-        return hit[2]
-    plan = plan_shards(skeleton, spec)
-    _PLANS["last"] = (skeleton, spec, plan)
-    return plan
-
-
 def _write_and_commit(p: PreparedSave) -> Saved:
     storage, comm, tag_dir, gen = p.storage, p.comm, p.tag_dir, p.generation
     # Records of files whose fragments are the plan's travel without them (rank 0: O(files)).
@@ -460,15 +353,15 @@ def _write_and_commit(p: PreparedSave) -> Saved:
             failing_rank = sh.rank
             base, experts = split_experts(sh)
             name = blob_name(gen, sh.rank, p.spec.world_size)
-            rec = _write_blob(storage, tag_dir, name, base, sh.rank, enc)
+            rec = write_blob(storage, tag_dir, name, base, sh.rank, enc)
             records.append(file_report(rec, plan))
             for e, esh in experts.items():
-                rec = _write_blob(storage, tag_dir, expert_name(gen, e), esh, sh.rank, enc, e)
+                rec = write_blob(storage, tag_dir, expert_name(gen, e), esh, sh.rank, enc, e)
                 records.append(file_report(rec, plan))
         if comm.rank == 0 and p.client:
             failing_rank = 0
-            client = _client_shard(p.client)
-            rec = _write_blob(storage, tag_dir, client_name(gen), client, -1, p.encoding)
+            client = client_shard(p.client)
+            rec = write_blob(storage, tag_dir, client_name(gen), client, -1, p.encoding)
             records.append(rec.to_obj())
     except Exception as e:  # reported to every rank below, then raised as a SaveError
         errors[failing_rank], first_error = _failure_text(e), e

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zckpt.assemble._keys import Fp32Key, fp32_keys
-from zckpt.store._read import Checkpoint, following_latest, open_checkpoint
+from zckpt.store._checkpoint import Checkpoint
+from zckpt.store._read import following_latest, open_checkpoint
 from zckpt.store._resolve import storage_for
 from zckpt.store._storage import LocalStorage, Storage
 

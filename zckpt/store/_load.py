@@ -14,8 +14,9 @@ import torch
 from zckpt.assemble import assemble
 from zckpt.errors import ArgumentError, CoverageError, SpecError, ZckptError
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
+from zckpt.store._checkpoint import Checkpoint
 from zckpt.store._explain import DEEPSPEED, explain
-from zckpt.store._read import Checkpoint, CheckpointNotFoundError, following_latest, locate
+from zckpt.store._read import CheckpointNotFoundError, following_latest, locate
 from zckpt.store._resolve import storage_for
 from zckpt.store._storage import Storage
 from zckpt.tree import (

@@ -82,7 +82,7 @@ def storage_for(
       would, in an :class:`~zckpt.store.FsspecStorage`; the URL is kept, so messages and
       returned paths show it. Needs ``pip install 'zckpt[s3]'`` (fsspec, and s3fs for S3).
       For ``s3://`` on an ``http://`` endpoint, botocore's CRC32 request checksum is off unless
-      the options ask for it (:func:`zckpt.store._s3.default_options` says why).
+      the options ask for it (:func:`zckpt.store._s3_options.default_options` says why).
 
     Raises:
         ArgumentError: ``storage_options`` with a plain path or an explicit ``storage``, an
@@ -118,7 +118,7 @@ def storage_for(
             f"{text}: URLs need fsspec (and s3fs for s3://): pip install 'zckpt[s3]'"
         ) from None
     if text.split("://", 1)[0].lower() in ("s3", "s3a"):
-        from zckpt.store._s3 import default_options
+        from zckpt.store._s3_options import default_options
 
         options = default_options(options)
     try:

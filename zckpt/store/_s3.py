@@ -36,18 +36,14 @@ it botocore SHA-256-signs the payload instead, which costs more.
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import concurrent.futures
-import contextlib
 import email.utils
 import hashlib
 import itertools
-import os
 import sys
 import time
-import zlib
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 import xxhash
@@ -55,10 +51,22 @@ import xxhash
 from zckpt.format import BlobStream
 from zckpt.store._fsbackend import Head, PreconditionFailedError, UnsupportedError
 from zckpt.store._parts import ViewsReader, flat_head, flat_tail, growing_parts
+from zckpt.store._s3_checks import (
+    OPAQUE_SSE,
+    OpaqueEtagError,
+    composite_crc32,
+    crc32_b64,
+    crc32_of,
+    etag_of,
+    opaque_etag,
+)
+from zckpt.store._s3_multipart import multipart
+from zckpt.store._s3_options import default_options
 from zckpt.store._transient import Retry, is_transient
 from zckpt.store._write import windows
 
-__all__ = ["S3Backend", "default_options"]
+# default_options, composite_crc32 and crc32_b64 are named here too, where they were first.
+__all__ = ["S3Backend", "composite_crc32", "crc32_b64", "default_options"]
 
 T = TypeVar("T")
 
@@ -75,124 +83,6 @@ READ_BACK_FLIGHT = 4
 # save peaked 392 MiB above its state.
 STREAM_PART = 8 << 20
 STREAM_FLIGHT = 64 << 20
-
-
-def _endpoint(options: Mapping[str, Any]) -> str:
-    client_kwargs = options.get("client_kwargs") or {}
-    return str(
-        options.get("endpoint_url")
-        or client_kwargs.get("endpoint_url")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or ""
-    )
-
-
-def _checksum_setting_of_profile(options: Mapping[str, Any]) -> object:
-    """The profile's own ``request_checksum_calculation`` (an explicit Config would override
-    it, so it counts as the user's choice); None when it sets none or cannot be read."""
-    try:
-        import botocore.session  # type: ignore[import-untyped]
-
-        session = botocore.session.Session(profile=options.get("profile"))
-        return session.get_scoped_config().get("request_checksum_calculation")
-    except Exception:  # no botocore, or a profile that does not exist: s3fs will say so
-        return None
-
-
-def default_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``storage_options`` for an ``s3://`` URL, with zckpt's defaults where the user set none.
-
-    On an ``http://`` endpoint, botocore's default CRC32 request checksum is turned off
-    (``config_kwargs={"request_checksum_calculation": "when_required"}``): there botocore
-    signs each payload's SHA-256, which the server checks, and zckpt checks each part's and
-    object's ETag against the MD5 of the bytes sent, so the CRC32 adds a third hash of every
-    byte and no check. Anywhere else (https, real S3) the options are returned unchanged:
-    there the CRC32 goes in a trailer instead of a signed payload SHA-256, the cheaper of the
-    two. A ``request_checksum_calculation`` in ``config_kwargs``, in the environment
-    (``AWS_REQUEST_CHECKSUM_CALCULATION``) or in the profile wins.
-
-    Example:
-        >>> default_options({"endpoint_url": "http://127.0.0.1:9000"})["config_kwargs"]
-        {'request_checksum_calculation': 'when_required'}
-        >>> default_options({"endpoint_url": "https://s3.example.com"})
-        {'endpoint_url': 'https://s3.example.com'}
-        >>> mine = {"endpoint_url": "http://minio:9000",
-        ...         "config_kwargs": {"request_checksum_calculation": "when_supported"}}
-        >>> default_options(mine) == mine
-        True
-    """
-    out = dict(options)
-    if not _endpoint(options).lower().startswith("http://"):
-        return out
-    config = dict(options.get("config_kwargs") or {})
-    if (
-        "request_checksum_calculation" in config
-        or os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION")
-        or _checksum_setting_of_profile(options) is not None
-    ):
-        return out
-    config["request_checksum_calculation"] = "when_required"
-    out["config_kwargs"] = config
-    return out
-
-
-def _etag(text: str) -> str:
-    return text.strip('"').lower()
-
-
-# Server-side encryption whose ETags are not the MD5 of the object's bytes (SSE-S3's are).
-_OPAQUE_SSE = ("aws:kms", "aws:kms:dsse")
-
-
-def opaque_etag(r: Mapping[str, Any]) -> str | None:
-    """What makes a PUT's, UploadPart's or CompleteMultipartUpload's ETag no MD5 of the bytes:
-    SSE-KMS (``aws:kms``, ``aws:kms:dsse``) or SSE-C, from the response; None for the others.
-
-    Example:
-        >>> opaque_etag({"ServerSideEncryption": "aws:kms"}), opaque_etag({"ETag": '"ab"'})
-        ('SSE aws:kms', None)
-        >>> opaque_etag({"SSECustomerAlgorithm": "AES256"})
-        'SSE-C'
-    """
-    if r.get("SSECustomerAlgorithm"):
-        return "SSE-C"
-    sse = str(r.get("ServerSideEncryption") or "")
-    return f"SSE {sse}" if sse in _OPAQUE_SSE else None
-
-
-def crc32_b64(crc: int) -> str:
-    """A CRC32 as S3 writes it (``x-amz-checksum-crc32``: base64 of its 4 big-endian bytes).
-
-    Example:
-        >>> crc32_b64(zlib.crc32(b"hello"))
-        'NhCmhg=='
-    """
-    return base64.b64encode(crc.to_bytes(4, "big")).decode()
-
-
-def composite_crc32(parts: list[int]) -> str:
-    """A multipart object's COMPOSITE CRC32 as S3 reports it: the CRC32 of the parts' CRC32s
-    (4 bytes each, in part order), base64, then ``-`` and the part count.
-
-    Example:
-        >>> composite_crc32([zlib.crc32(b"a"), zlib.crc32(b"b")])[-2:]
-        '-2'
-    """
-    raw = b"".join(c.to_bytes(4, "big") for c in parts)
-    return f"{crc32_b64(zlib.crc32(raw))}-{len(parts)}"
-
-
-def _crc32(views: list[memoryview]) -> int:
-    crc = 0
-    for v in views:
-        crc = zlib.crc32(v, crc)
-    return crc
-
-
-class _OpaqueEtagError(OSError):
-    """A store answered an upload sent without a checksum with an ETag that is not an MD5
-    (SSE-KMS, SSE-C): the upload cannot be checked, and is sent again with one."""
 
 
 def _code(e: BaseException) -> str:
@@ -250,7 +140,7 @@ class S3Backend:
         # the first answer that says the bucket encrypts so.
         extra = dict(getattr(fs, "s3_additional_kwargs", None) or {})
         self.checksums = bool(extra.get("SSECustomerAlgorithm")) or (
-            str(extra.get("ServerSideEncryption") or "") in _OPAQUE_SSE
+            str(extra.get("ServerSideEncryption") or "") in OPAQUE_SSE
         )
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -304,7 +194,7 @@ class S3Backend:
             if self._missing(e):
                 return None
             raise
-        return Head(int(r["ContentLength"]), _etag(r.get("ETag", "")), _server_age(r))
+        return Head(int(r["ContentLength"]), etag_of(r.get("ETag", "")), _server_age(r))
 
     def get(self, path: str, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset + length)`` (fewer at the end); FileNotFoundError if none."""
@@ -349,7 +239,7 @@ class S3Backend:
             r = await self._call(path, "get_object", Bucket=bucket, Key=key)
             async with r["Body"] as body:
                 data = await body.read()
-            return data, Head(len(data), _etag(r.get("ETag", "")), _server_age(r))
+            return data, Head(len(data), etag_of(r.get("ETag", "")), _server_age(r))
 
         try:
             return self._run(go())
@@ -440,13 +330,13 @@ class S3Backend:
             cond["IfMatch"] = f'"{if_match}"'
         views = [memoryview(data)]
         try:
-            crc = _crc32(views) if self.checksums else None
+            crc = crc32_of(views) if self.checksums else None
             r = self._run(self._put(path, views, cond, crc))
             try:
                 return self._check_put(r, crc, hashlib.md5(data, usedforsecurity=False))
-            except _OpaqueEtagError:
+            except OpaqueEtagError:
                 # Our own object, unchecked: replaced by one with a CRC32, if still ours.
-                crc = _crc32(views)
+                crc = crc32_of(views)
                 r = self._run(self._put(path, views, {"IfMatch": r.get("ETag", "")}, crc))
                 return self._check_put(r, crc, None)
         except Exception as e:
@@ -471,9 +361,9 @@ class S3Backend:
         """The ETag of a PUT's (or part's) answer ``r``, once it confirms the bytes sent: its
         ETag is their MD5 (``md5``, a hashlib object), or, sent with the CRC32 ``crc``, the
         store echoes that CRC32 (it checked the bytes against it on receipt). An opaque ETag
-        (SSE-KMS, SSE-C) of an upload sent without a CRC32 raises :class:`_OpaqueEtagError`,
+        (SSE-KMS, SSE-C) of an upload sent without a CRC32 raises :class:`OpaqueEtagError`,
         and from then on every upload carries one."""
-        etag = _etag(r.get("ETag", ""))
+        etag = etag_of(r.get("ETag", ""))
         opaque = opaque_etag(r)
         if crc is not None:
             got, want = r.get("ChecksumCRC32"), crc32_b64(crc)
@@ -486,7 +376,7 @@ class S3Backend:
             return etag
         if opaque is not None:
             self.checksums = True
-            raise _OpaqueEtagError(f"the store encrypts with {opaque}: its ETag is no MD5")
+            raise OpaqueEtagError(f"the store encrypts with {opaque}: its ETag is no MD5")
         want_md5 = md5.hexdigest() if md5 is not None else None
         if etag and want_md5 is not None and etag != want_md5:
             raise OSError(f"the store's ETag {etag} is not the MD5 {want_md5} of the bytes sent")
@@ -505,11 +395,11 @@ class S3Backend:
             else:
                 try:
                     parts = iter(windows(views, self._part_for(size), max_buffers=sys.maxsize))
-                    etag = self._multipart(path, parts, None, hasher)
-                except _OpaqueEtagError:  # the parts' answers, not the creation's, said SSE
+                    etag = multipart(self, path, parts, None, hasher)
+                except OpaqueEtagError:  # the parts' answers, not the creation's, said SSE
                     hasher = xxhash.xxh3_64()
                     parts = iter(windows(views, self._part_for(size), max_buffers=sys.maxsize))
-                    etag = self._multipart(path, parts, None, hasher)
+                    etag = multipart(self, path, parts, None, hasher)
             digest = hasher.intdigest()
         self._confirm(path, size, etag)
         return size, digest
@@ -522,7 +412,7 @@ class S3Backend:
         if self.checksums:
             for v in views:
                 hasher.update(v)
-            crc = _crc32(views)
+            crc = crc32_of(views)
             return self._check_put(self._run(self._put(path, views, {}, crc)), crc, None)
         fut = asyncio.run_coroutine_threadsafe(self._put(path, views, {}), self.fs.loop)
         try:
@@ -534,8 +424,8 @@ class S3Backend:
             r = fut.result()
         try:
             return self._check_put(r, None, md5)
-        except _OpaqueEtagError:
-            crc = _crc32(views)
+        except OpaqueEtagError:
+            crc = crc32_of(views)
             return self._check_put(self._run(self._put(path, views, {}, crc)), crc, None)
 
     def _part_for(self, size: int) -> int:
@@ -550,124 +440,6 @@ class S3Backend:
             raise OSError(f"the store holds {head.size} bytes, {size} were uploaded")
         if etag and head.etag and head.etag != etag:
             raise OSError(f"the store's ETag is {head.etag}, the upload's was {etag}")
-
-    def _multipart(
-        self,
-        path: str,
-        parts: Iterator[list[memoryview]],
-        first: Callable[[], list[memoryview]] | None,
-        hasher: Any = None,
-        budget: int | None = None,
-    ) -> str:
-        """Upload ``parts`` as parts 1, 2, ... (from 2 when ``first`` gives part 1 at the end),
-        at most ``max_concurrency`` in flight and, with ``budget``, at most that many bytes
-        (always one); complete; return the checked ETag. Each part's MD5 (and ``hasher``'s
-        update, in part order) is computed while it is on its way."""
-        bucket, key = self._split(path)
-
-        def create() -> dict[str, Any]:
-            extra = {"ChecksumAlgorithm": "CRC32", "ChecksumType": "COMPOSITE"}
-            made: dict[str, Any] = self._run(
-                self._call(
-                    path,
-                    "create_multipart_upload",
-                    Bucket=bucket,
-                    Key=key,
-                    **(extra if self.checksums else {}),
-                )
-            )
-            return made
-
-        mpu = create()
-        if not self.checksums and opaque_etag(mpu):  # SSE-KMS/SSE-C: parts' ETags are no MD5s
-            self.checksums = True
-            with contextlib.suppress(Exception):
-                self._abort(path, bucket, key, mpu["UploadId"])
-            mpu = create()
-        crcs = self.checksums  # this upload's parts carry CRC32s, checked instead of ETags
-        upload_id = mpu["UploadId"]
-        done: dict[int, tuple[bytes, int, str]] = {}  # part: (MD5, CRC32, the store's ETag)
-        flight: collections.deque[
-            tuple[int, Any, int, int, concurrent.futures.Future[dict[str, Any]]]
-        ] = collections.deque()
-        flying = [0]  # bytes in flight
-        room = sys.maxsize if budget is None else budget
-
-        def settle(limit: int, adding: int = 0) -> None:
-            while flight and (len(flight) > limit or flying[0] + adding > room):
-                number, md5, crc, nbytes, fut = flight.popleft()
-                flying[0] -= nbytes
-                try:
-                    etag = self._check_put(fut.result(), crc if crcs else None, md5)
-                except OSError as e:
-                    raise type(e)(f"part {number}: {e}") from None
-                done[number] = (b"" if crcs else md5.digest(), crc, etag)
-
-        def send(number: int, views: list[memoryview]) -> None:
-            nbytes = sum(v.nbytes for v in views)
-            settle(self.max_concurrency - 1, nbytes)
-            crc = _crc32(views) if crcs else 0  # in the header: known before sending
-            sent = crc if crcs else None
-            coro = self._part(path, bucket, key, upload_id, number, views, crc=sent)
-            fut = asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
-            md5 = None if crcs else hashlib.md5(usedforsecurity=False)
-            for v in views:
-                if md5 is not None:
-                    md5.update(v)
-                if hasher is not None:
-                    hasher.update(v)
-            flight.append((number, md5, crc, nbytes, fut))
-            flying[0] += nbytes
-
-        try:
-            number = 1 if first is None else 2
-            for views in parts:
-                send(number, views)
-                number += 1
-            if first is not None:
-                send(1, first())
-            settle(0)
-            numbers = sorted(done)
-            listing: list[dict[str, Any]] = [
-                {"PartNumber": n, "ETag": f'"{done[n][2]}"', "ChecksumCRC32": crc32_b64(done[n][1])}
-                if crcs
-                else {"PartNumber": n, "ETag": f'"{done[n][0].hex()}"'}
-                for n in numbers
-            ]
-            r = self._run(
-                self._call(
-                    path,
-                    "complete_multipart_upload",
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": listing},
-                )
-            )
-        except BaseException:
-            for *_, fut in flight:
-                fut.cancel()
-            for *_, fut in flight:
-                with contextlib.suppress(BaseException):  # the failure raised below is the one
-                    fut.result()
-            with contextlib.suppress(Exception):  # best effort: `zckpt clean` aborts the rest
-                self._abort(path, bucket, key, upload_id)
-            raise
-        got = _etag(r.get("ETag", ""))
-        if crcs:
-            want = composite_crc32([done[n][1] for n in numbers])
-            said = r.get("ChecksumCRC32")
-            if said != want:
-                raise OSError(
-                    f"the store's CRC32 {said or '(none)'} for the completed upload is not {want}"
-                    ", the composite of the parts' CRC32s"
-                )
-            return got
-        joined = b"".join(done[n][0] for n in numbers)
-        want = f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(numbers)}"
-        if got and got != want:
-            raise OSError(f"the store's ETag {got} for the completed upload is not {want}")
-        return got
 
     def _abort(self, path: str, bucket: str, key: str, upload_id: str) -> None:
         self._run(
@@ -721,7 +493,8 @@ class S3Backend:
         first_frames = flat_head(held, room)
         parts = growing_parts(itertools.chain(flat_tail(held, room), frames), part)
         held = []
-        etag = self._multipart(
+        etag = multipart(
+            self,
             path,
             parts,
             lambda: [memoryview(blob.head()), *first_frames],
