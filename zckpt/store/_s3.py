@@ -43,7 +43,7 @@ import hashlib
 import itertools
 import sys
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import xxhash
@@ -395,11 +395,11 @@ class S3Backend:
             else:
                 try:
                     parts = iter(windows(views, self._part_for(size), max_buffers=sys.maxsize))
-                    etag = multipart(self, path, parts, None, hasher)
+                    etag = self._multipart(path, parts, None, hasher)
                 except OpaqueEtagError:  # the parts' answers, not the creation's, said SSE
                     hasher = xxhash.xxh3_64()
                     parts = iter(windows(views, self._part_for(size), max_buffers=sys.maxsize))
-                    etag = multipart(self, path, parts, None, hasher)
+                    etag = self._multipart(path, parts, None, hasher)
             digest = hasher.intdigest()
         self._confirm(path, size, etag)
         return size, digest
@@ -440,6 +440,17 @@ class S3Backend:
             raise OSError(f"the store holds {head.size} bytes, {size} were uploaded")
         if etag and head.etag and head.etag != etag:
             raise OSError(f"the store's ETag is {head.etag}, the upload's was {etag}")
+
+    def _multipart(
+        self,
+        path: str,
+        parts: Iterator[list[memoryview]],
+        first: Callable[[], list[memoryview]] | None,
+        hasher: Any = None,
+        budget: int | None = None,
+    ) -> str:
+        """One multipart upload of ``parts`` (:func:`~zckpt.store._s3_multipart.multipart`)."""
+        return multipart(self, path, parts, first, hasher, budget)
 
     def _abort(self, path: str, bucket: str, key: str, upload_id: str) -> None:
         self._run(
@@ -493,8 +504,7 @@ class S3Backend:
         first_frames = flat_head(held, room)
         parts = growing_parts(itertools.chain(flat_tail(held, room), frames), part)
         held = []
-        etag = multipart(
-            self,
+        etag = self._multipart(
             path,
             parts,
             lambda: [memoryview(blob.head()), *first_frames],
