@@ -27,23 +27,47 @@ def _options(server: Any) -> tuple[list[str], dict[str, str]]:
     return [f"--storage-option={k}={v}" for k, v in given.items()], given
 
 
-def test_consolidate_from_and_to_s3(s3_server: Any, tmp_path: Path) -> None:
-    from zckpt.cli import main
-
-    opts, so = _options(s3_server)
+def _saved(server: Any) -> tuple[str, dict[str, Any]]:
+    _, so = _options(server)
     url = f"s3://{BUCKET}/cli-{uuid.uuid4().hex[:12]}"
     g = torch.Generator().manual_seed(0)
     master = {"w": torch.randn(10, 3, generator=g), "b": torch.randn(5, generator=g)}
     state = {"module": {k: v.bfloat16() for k, v in master.items()}, "master": master}
     zckpt.save_checkpoint(url, state, zckpt.ZeroSpec(2, 2), tag="t", storage_options=so)
     fp32 = zckpt.get_fp32_state_dict_from_zero_checkpoint(url, storage_options=so)
-    want = dict(sorted(fp32.items()))  # a safetensors file lists its tensors by name
+    return url, dict(sorted(fp32.items()))  # a safetensors file lists its tensors by name
+
+
+def test_consolidate_from_s3(s3_server: Any, tmp_path: Path) -> None:
+    from zckpt.cli import main
+
+    opts, _ = _options(s3_server)
+    url, want = _saved(s3_server)
     assert main(["consolidate", url, str(tmp_path / "m.safetensors"), *opts]) == 0
     assert_states_equal(safetensors_torch.load_file(tmp_path / "m.safetensors"), want)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="zckpt consolidate writes an s3:// OUT to a local directory named 's3:' and reports "
+    "'wrote s3://...' (zckpt/cli/_consolidate.py, zckpt/interop/_output.py take OUT as a path)",
+)
+def test_consolidate_to_s3_writes_the_object_or_refuses(
+    s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zckpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    opts, so = _options(s3_server)
+    url, want = _saved(s3_server)
     out = f"{url}-out/m.safetensors"
-    assert main(["consolidate", url, out, *opts]) == 0
+    code = main(["consolidate", url, out, *opts])
+    assert not (tmp_path / "s3:").exists()
     fs = s3fs.S3FileSystem(**so, skip_instance_cache=True)
-    assert_states_equal(safetensors_torch.load(fs.cat_file(out)), want)
+    if code == 0:
+        assert_states_equal(safetensors_torch.load(fs.cat_file(out)), want)
+    else:
+        assert code == 1 and not fs.exists(out)
 
 
 def test_convert_a_deepspeed_checkpoint_into_s3(s3_server: Any, tmp_path: Path) -> None:
