@@ -1,0 +1,120 @@
+"""Property tests on the object store, as on local disk: any state hypothesis draws, saved at
+any spec (world size 1-8, every stage, alignment, param groups) and codec to the loopback S3
+server (and ``memory://``), loads at any other world size exactly as the same save on local
+disk does; and a permanent failure of one rank's upload, with the ranks as threads of one job,
+raises on every rank a ``SaveError`` naming that rank and the object, leaving the previous
+checkpoint and ``latest`` as they were."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import zckpt
+from zckpt.testing import assert_states_equal, run_ranks, specs, states
+
+s3fs = pytest.importorskip("s3fs", reason="needs s3fs: pip install 'zckpt[test-s3]'")
+fsspec = pytest.importorskip("fsspec", reason="needs fsspec: pip install 'zckpt[s3]'")
+
+from s3_support import BUCKET, KEY, SECRET, FaultProxy  # noqa: E402
+
+from zckpt.store import FsspecStorage  # noqa: E402
+
+SCALE = float(os.environ.get("ZCKPT_SLOW_SCALE", "1"))
+MiB = 1 << 20
+
+
+@st.composite
+def saves(draw: st.DrawFn) -> tuple[Any, zckpt.ZeroSpec, str, int]:
+    state = draw(states())
+    return (
+        state,
+        draw(specs(state)),
+        draw(st.sampled_from(["raw", "zstd", "byteplane"])),
+        draw(st.integers(1, 8)),
+    )
+
+
+def _storage(server: Any, kind: str) -> tuple[str, FsspecStorage]:
+    run = uuid.uuid4().hex[:12]
+    if kind == "memory":
+        return f"memory://zckpt-props/{run}", FsspecStorage(fsspec.filesystem("memory"))
+    fs = s3fs.S3FileSystem(
+        endpoint_url=server.endpoint, key=KEY, secret=SECRET, skip_instance_cache=True
+    )
+    return f"s3://{BUCKET}/props-{run}", FsspecStorage(fs, part_size=5 * MiB)
+
+
+def _same_as_local(
+    url: str, st_: FsspecStorage, case: tuple[Any, zckpt.ZeroSpec, str, int]
+) -> None:
+    state, spec, codec, ws_load = case
+    with tempfile.TemporaryDirectory() as local:
+        zckpt.save_checkpoint(local, state, spec, tag="t", codec=codec, chunk_bytes=256)
+        zckpt.save_checkpoint(url, state, spec, tag="t", codec=codec, chunk_bytes=256, storage=st_)
+        for rank in range(ws_load):
+            got = zckpt.load_checkpoint(url, world_size=ws_load, rank=rank, storage=st_)
+            want = zckpt.load_checkpoint(local, world_size=ws_load, rank=rank)
+            assert_states_equal(got.state, want.state)
+        assert_states_equal(zckpt.load_checkpoint(url, storage=st_).state, state)
+
+
+_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+
+
+@pytest.mark.parametrize("kind", ["s3", "memory"])
+def test_any_save_loads_at_any_world_size_as_on_local_disk(s3_server: Any, kind: str) -> None:
+    examples = max(3, int((12 if kind == "s3" else 40) * SCALE))
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=_SLOW)
+    @given(saves())
+    def check(case: tuple[Any, zckpt.ZeroSpec, str, int]) -> None:
+        url, st_ = _storage(s3_server, kind)
+        _same_as_local(url, st_, case)
+
+    check()
+
+
+def test_a_permanent_failure_of_one_ranks_upload_fails_every_rank(s3_server: Any) -> None:
+    """Four ranks as threads (one job): rank 2's blob is refused (403) on every attempt."""
+    proxy = FaultProxy(s3_server.endpoint).start()
+    try:
+        fs = s3fs.S3FileSystem(
+            endpoint_url=proxy.endpoint, key=KEY, secret=SECRET, skip_instance_cache=True,
+            config_kwargs={"retries": {"max_attempts": 1}},
+        )  # fmt: skip
+        storage = FsspecStorage(fs, retry_for=5)
+        url = f"s3://{BUCKET}/ranks-{uuid.uuid4().hex[:12]}"
+        spec = zckpt.ZeroSpec(4, 2)
+        old = {"w": torch.arange(4000.0), "step": 1}
+        new = {"w": -torch.arange(4000.0), "step": 2}
+
+        def save(state: Any, comm: Any) -> Any:
+            try:
+                return zckpt.save_checkpoint(url, state, spec, tag="t", overwrite=True,
+                                             comm=comm, storage=storage)  # fmt: skip
+            except zckpt.SaveError as e:
+                return e
+
+        assert all(isinstance(s, zckpt.store.Saved) for s in run_ranks(lambda c: save(old, c), 4))
+        proxy.faults = [lambda m, p: 403 if m == "PUT" and "rank00002" in p else None]
+        got = run_ranks(lambda c: save(new, c), 4)
+        proxy.faults = []
+        assert all(isinstance(e, zckpt.SaveError) and not e.committed for e in got), got
+        for e in got:
+            assert list(e.errors) == [2], e.errors
+            assert "rank 2" in str(e) and f"{url}/t/" in str(e) and "rank00002-of-00004" in str(e)
+        loaded = zckpt.load_checkpoint(url, storage=storage)
+        assert loaded.load_path == f"{url}/t"
+        assert_states_equal(loaded.state, old)
+        gen = zckpt.open_checkpoint(url, storage=storage).manifest.generation
+        assert all(n == "manifest.zckm" or n.startswith(gen) for n in storage.listdir(f"{url}/t"))
+    finally:
+        proxy.stop()
