@@ -6,6 +6,7 @@ the tag directory it created (and only that)."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
@@ -77,7 +78,8 @@ def test_a_new_tags_save_lists_the_tag_once_and_asks_nothing_else_about_it(
     zckpt.save_checkpoint(url, _state(0), _spec(), tag="a", storage=st)  # the first lock's probe
     calls = record_requests(st)
     zckpt.save_checkpoint(url, _state(1), _spec(), tag="b", storage=st)
-    assert _beside_blobs(calls, run) == [
+    seen = _beside_blobs(calls, run)
+    assert seen[:-4] == [
         ("put_object", ".b.zckpt-lock"),
         ("list_objects_v2", "b/"),
         ("put_object", ".zckpt.lock"),
@@ -86,8 +88,8 @@ def test_a_new_tags_save_lists_the_tag_once_and_asks_nothing_else_about_it(
         ("head_object", "b/manifest.zckm"),
         ("put_object", "latest"),
         ("head_object", "latest"),
-        *_lock_release("b"),
     ], calls
+    assert sorted(seen[-4:]) == sorted(_lock_release("b"))  # the two locks go side by side
     blobs = [(m, k.rsplit(".", 2)[-2]) for m, k in calls if k.endswith(".zck")]
     ranks = ("rank00000-of-00002", "rank00001-of-00002")
     assert blobs == [(m, r) for r in ranks for m in ("put_object", "head_object")]
@@ -187,3 +189,24 @@ def test_a_failed_save_on_s3_leaves_no_object_under_the_tag(
     with pytest.raises(zckpt.SaveError, match="No space left"):
         zckpt.save_checkpoint(url, _state(5), _spec(), tag="t", storage=failing)
     assert not st.exists(f"{url}/t") and st.listdir(url) == []
+
+
+def test_the_tag_lock_goes_while_the_save_dirs_lock_goes(s3: tuple[str, FsspecStorage]) -> None:
+    """Both locks are released at once at the end of a save (each a GET and a DELETE): the
+    save_dir's lock is not let go until the tag lock's release has begun."""
+    url, st = s3
+    began = threading.Event()
+    overlapped: list[bool] = []
+    real = st._drop_lock
+
+    def dropping(lock: Any) -> None:
+        if lock.path.endswith(".t.zckpt-lock"):
+            began.set()
+        elif lock.path.endswith("/.zckpt.lock"):
+            overlapped.append(began.wait(timeout=10))
+        real(lock)
+
+    st._drop_lock = dropping  # type: ignore[method-assign]
+    zckpt.save_checkpoint(url, _state(6), _spec(), tag="t", storage=st)
+    assert overlapped == [True]
+    assert not st.exists(f"{url}/.t.zckpt-lock") and not st.exists(f"{url}/.zckpt.lock")

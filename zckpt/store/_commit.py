@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from zckpt.store._manifest import FileRecord, Manifest, encode_manifest, file_re
 from zckpt.store._read import read_manifest
 from zckpt.store._resolve import storage_for
 from zckpt.store._retention import apply_retention
-from zckpt.store._storage import Lock, Storage
+from zckpt.store._storage import LocalStorage, Lock, Storage
 from zckpt.tree import Skeleton, skeleton_of
 
 __all__ = [
@@ -480,6 +481,8 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
         zckpt_version=zckpt.__version__,
     )
     with contextlib.ExitStack() as held:
+        beside: list[threading.Thread] = []
+        held.callback(_join, beside)  # runs last: after the dir lock's release
         try:
             held.enter_context(dir_lock(storage, save_dir))
         except (ZckptError, OSError) as e:  # e.g. no room for the lock file on a full disk
@@ -489,6 +492,11 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
                 f"save_dir's commit lock failed: {e}",
                 "committed": False,
             }
+        if p.lock is not None and not isinstance(storage, LocalStorage):
+            # Nothing of the tag is written after this block: its lock goes while the
+            # save_dir's does (runs first), not one after the other (an object store's release
+            # is a read and a conditional delete, two round trips each).
+            held.callback(_release_beside, p.lock, beside)
         if p.lock is not None and not p.lock.intact():
             _discard(p)
             return {
@@ -543,6 +551,19 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
                     "committed": True,
                 }
     return {"error": None, "committed": True}
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.join()
+
+
+def _release_beside(lock: Lock, beside: list[threading.Thread]) -> None:
+    """Start releasing ``lock`` in a thread of its own, added to ``beside`` (to be joined).
+    A release that fails leaves the lock to its lease, as one in the caller's thread would."""
+    t = threading.Thread(target=lock.release, name="zckpt-release-tag-lock", daemon=True)
+    t.start()
+    beside.append(t)
 
 
 def _latest_text(storage: Storage, save_dir: str) -> str:
