@@ -6,6 +6,7 @@ the same way. Either way nothing is committed and the previous checkpoint and ``
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -86,4 +87,68 @@ def test_a_transient_error_that_never_clears_fails_after_retry_for(proxy: FaultP
     proxy.faults = []
     assert len([s for s in proxy.seen if s[2] == 503]) > 1
     assert all("retried for up to 1.5 s" in str(e) for e in got), got
+    _every_rank_failed_on_rank_2(url, storage, got)
+
+
+def _flip_once(target: str, seen: list[str]) -> Any:
+    """An on_request hook that flips one bit of the first request body whose path has
+    ``target`` (and, for ``partNumber=2``, is that part), as a bad network card would."""
+
+    def flip(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        if method == "PUT" and target in path and not seen and len(body) > 100:
+            seen.append(path)
+            return body[:50] + bytes([body[50] ^ 0x10]) + body[51:]
+        return body
+
+    return flip
+
+
+@pytest.mark.parametrize("target", ["rank00002", "partNumber=2"])
+def test_a_body_corrupted_on_its_way_is_refused_by_the_etag_check(
+    proxy: FaultProxy, target: str
+) -> None:
+    """A bucket whose ETags are MD5s (moto, SSE-S3): one bit flipped in one rank's single PUT or
+    in one part of a multipart upload. The store's ETag is then not the MD5 of the bytes sent:
+    the upload is not counted, the save fails on every rank, nothing is committed."""
+    url, storage = _storage(proxy, retry_for=5)
+    fs = storage.fs
+    storage = FsspecStorage(fs, part_size=5 << 20, multipart_threshold=10 << 20, retry_for=5)
+    assert all(isinstance(s, zckpt.store.Saved) for s in _save_as_ranks(url, storage, OLD))
+    seen: list[str] = []
+    proxy.on_request = _flip_once(target, seen)
+    big = {"w": -torch.arange(4 * 4_000_000.0), "step": 2}  # 16 MB per rank: multipart
+    got = _save_as_ranks(url, storage, NEW if target.startswith("rank") else big)
+    proxy.on_request = None
+    assert len(seen) == 1, seen
+    failed = {r for e in got for r in e.errors}
+    assert len(failed) == 1 and all("is not the MD5" in str(e) for e in got), got
+    assert all(isinstance(e, zckpt.SaveError) and not e.committed for e in got)
+    loaded = zckpt.load_checkpoint(url, storage=storage)
+    assert_states_equal(loaded.state, OLD)
+    assert storage.unfinished_uploads(url) == []
+
+
+def test_a_store_that_shows_another_size_fails_the_upload(proxy: FaultProxy) -> None:
+    """The HEAD after an upload must show the size uploaded: a store that answers another one
+    (a truncated object) fails that rank's blob and the save."""
+    url, storage = _storage(proxy, retry_for=5)
+    assert all(isinstance(s, zckpt.store.Saved) for s in _save_as_ranks(url, storage, OLD))
+
+    def short(
+        method: str,
+        path: str,
+        sent: dict[str, str],
+        body: bytes,
+        answer: list[tuple[str, str]],
+        data: bytes,
+    ) -> tuple[list[tuple[str, str]], bytes]:
+        if method == "HEAD" and "rank00002" in path:
+            answer = [(k, str(int(v) - 1) if k.lower() == "content-length" else v)
+                      for k, v in answer]  # fmt: skip
+        return answer, data
+
+    proxy.on_response = short
+    got = _save_as_ranks(url, storage, NEW)
+    proxy.on_response = None
+    assert all(re.search(r"the store holds \d+ bytes, \d+ were uploaded", str(e)) for e in got)
     _every_rank_failed_on_rank_2(url, storage, got)

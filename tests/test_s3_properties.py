@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -77,3 +78,20 @@ def test_any_save_loads_at_any_world_size_as_on_local_disk(s3_server: Any, kind:
         _same_as_local(url, st_, case)
 
     check()
+
+
+def test_a_load_from_s3_lands_in_the_callers_tensors(s3_server: Any) -> None:
+    """``into=`` destinations on a load of a ws-3 save from S3 (the fsspec filesystem
+    passed as ``storage=`` as it is): the bytes land in the tensors given, bitwise."""
+    fs = s3fs.S3FileSystem(
+        endpoint_url=s3_server.endpoint, key=KEY, secret=SECRET, skip_instance_cache=True
+    )
+    url = f"s3://{BUCKET}/into-{uuid.uuid4().hex[:12]}"
+    g = torch.Generator().manual_seed(9)
+    state = {"master": {"w": torch.randn(5000, generator=g), "v": torch.randn(33, generator=g)}}
+    zckpt.save_checkpoint(url, state, zckpt.ZeroSpec(3, 3), tag="t", storage=fs)
+    into = {"master": {k: torch.empty_like(v) for k, v in state["master"].items()}}
+    kept = {k: v.data_ptr() for k, v in into["master"].items()}
+    zckpt.load_checkpoint(url, into=into, storage=fs)
+    assert_states_equal(into, state)
+    assert {k: v.data_ptr() for k, v in into["master"].items()} == kept

@@ -210,3 +210,17 @@ def test_the_tag_lock_goes_while_the_save_dirs_lock_goes(s3: tuple[str, FsspecSt
     zckpt.save_checkpoint(url, _state(6), _spec(), tag="t", storage=st)
     assert overlapped == [True]
     assert not st.exists(f"{url}/.t.zckpt-lock") and not st.exists(f"{url}/.zckpt.lock")
+
+
+def test_retention_deletes_a_tags_manifest_before_its_blobs(s3: tuple[str, FsspecStorage]) -> None:
+    """keep_last on S3: the deleted tag is uncommitted (its manifest deleted) before any of its
+    blobs goes, so a load never finds a manifest whose blobs are gone."""
+    url, st = s3
+    run = url.removeprefix(f"s3://{BUCKET}/")
+    zckpt.save_checkpoint(url, _state(7), _spec(), tag="a", storage=st)
+    calls = record_requests(st)
+    zckpt.save_checkpoint(url, _state(8), _spec(), tag="b", keep_last=1, storage=st)
+    deletes = [k.removeprefix(f"{run}/") for m, k in calls if m == "delete_object"]
+    gone = [k for k in deletes if k.startswith("a/")]
+    assert gone[0] == "a/manifest.zckm" and len(gone) == 3, deletes
+    assert [c.tag for c in zckpt.list_tags(url, storage=st)] == ["b"]
