@@ -106,11 +106,20 @@ def _check_not_an_input(path: str, tag: str | None, out: str) -> None:
     Example:
         >>> _check_not_an_input("/nonexistent", None, "/nonexistent/model.safetensors")
     """
-    from zckpt.interop._detect import find_deepspeed
+    from zckpt.interop._detect import find_dcp, find_deepspeed
     from zckpt.interop._output import OutputPathError
     from zckpt.store._layout import LATEST, LATEST_UNIVERSAL
 
     if not os.path.lexists(out):
+        return
+    dcp = find_dcp(path)
+    if dcp is not None and os.path.realpath(os.path.dirname(out)) == os.path.realpath(dcp):
+        name = os.path.basename(out)
+        if name.startswith(".") or name.endswith(".distcp"):  # .metadata, its files
+            raise OutputPathError(
+                f"the output {out} is a file of the DCP checkpoint {dcp} being read: writing "
+                "it would replace the checkpoint with its export; choose a new name"
+            )
         return
     found = find_deepspeed(path, tag)
     if found is None:
@@ -138,9 +147,14 @@ def consolidate(args: argparse.Namespace) -> int:
         >>> main(["consolidate", "/nonexistent", "out.safetensors", "--quiet"])
         1
     """
-    from zckpt.interop._detect import find_deepspeed
+    from zckpt.interop._detect import find_dcp, find_deepspeed
 
     kind = _check(args)
+    if find_dcp(args.path) is not None:
+        from zckpt.cli._dcp import consolidate_dcp
+
+        gc.freeze()
+        return consolidate_dcp(args, kind)
     # What is in memory now (the imports, ~10^6 objects with torch) outlives the command: no
     # cyclic collection, during the export or at exit, need traverse it again (~0.3-0.5 s).
     gc.freeze()

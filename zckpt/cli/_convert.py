@@ -410,6 +410,12 @@ def convert(args: argparse.Namespace) -> int:
         1
     """
     _check_save_dir(args.path, args.out)
+    if args.source == "dcp":
+        from zckpt.cli._dcp import convert_dcp_command
+        from zckpt.interop._dcp_convert import default_tag
+
+        _check_run(args.out, args.tag or default_tag(args.path), args.overwrite)
+        return convert_dcp_command(args)
     found = find_deepspeed(args.path, args.tag)
     if found is None:
         raise DeepSpeedFormatError(f"{args.path}: not a DeepSpeed checkpoint directory")

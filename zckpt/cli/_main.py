@@ -257,7 +257,10 @@ def _parser() -> argparse.ArgumentParser:
     def codec(p: argparse.ArgumentParser, default: str) -> None:
         p.add_argument("--codec", choices=("raw", "zstd", "byteplane"), default=None, help=default)
 
-    readable = "a zckpt save_dir or tag directory, or a DeepSpeed checkpoint (detected)"
+    readable = (
+        "a zckpt save_dir or tag directory, a DeepSpeed checkpoint or a DCP checkpoint "
+        "directory (detected)"
+    )
 
     p = add(
         "inspect",
@@ -275,7 +278,11 @@ def _parser() -> argparse.ArgumentParser:
         "Check that every file of a checkpoint is present, whole (size, whole-file xxh3) and "
         "that every chunk's checksum matches; exit 1 when anything is wrong.",
     )
-    path(p, "a save_dir (every committed tag and 'latest'), a tag directory, or DeepSpeed's")
+    path(
+        p,
+        "a save_dir (every committed tag and 'latest'), a tag directory, DeepSpeed's or a "
+        "DCP checkpoint directory",
+    )
     p.add_argument("--tag", help="check only this tag (default: every tag of a save_dir)")
     json_flag(p)
 
@@ -368,11 +375,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from",
         dest="source",
-        choices=("deepspeed",),
+        choices=("deepspeed", "dcp"),
         required=True,
-        help="the format of PATH (required; deepspeed is the only one)",
+        help="the format of PATH (required): deepspeed, or dcp (a directory "
+        "torch.distributed.checkpoint's dcp.save wrote; its whole state dict, loadable at "
+        "any world size)",
     )
-    path(p, "a DeepSpeed save_dir or tag directory")
+    path(p, "a DeepSpeed save_dir or tag directory, or a DCP checkpoint directory")
     p.add_argument("out", metavar="OUT", help="the zckpt save_dir to write (may not overlap PATH)")
     tag(p)
     codec(p, "codec of the zckpt files (default: raw)")

@@ -42,9 +42,10 @@ from zckpt.interop._dcp_metadata import (
     DcpUnsafePickleError,
     read_metadata,
 )
+from zckpt.interop._detect import find_dcp
 from zckpt.interop._refs import TensorRef
 
-__all__ = ["DcpCheckpoint", "DcpMissingFileError", "find_dcp", "is_dcp_checkpoint", "open_dcp"]
+__all__ = ["DcpCheckpoint", "DcpMissingFileError", "open_dcp"]
 
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp")
 
@@ -56,29 +57,6 @@ class DcpMissingFileError(DcpFormatError, FileNotFoundError):
         >>> issubclass(DcpMissingFileError, FileNotFoundError)
         True
     """
-
-
-def find_dcp(path: str | os.PathLike[str]) -> str | None:
-    """The DCP checkpoint directory ``path`` is (it holds a ``.metadata`` file), else None.
-
-    Example:
-        >>> import tempfile
-        >>> find_dcp(tempfile.mkdtemp()) is None
-        True
-    """
-    d = os.fspath(path)
-    return d if os.path.isfile(os.path.join(d, METADATA)) else None
-
-
-def is_dcp_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a directory ``torch.distributed.checkpoint`` wrote (``.metadata``).
-
-    Example:
-        >>> import tempfile
-        >>> is_dcp_checkpoint(tempfile.mkdtemp())
-        False
-    """
-    return find_dcp(path) is not None
 
 
 @dataclass(frozen=True)

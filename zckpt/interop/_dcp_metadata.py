@@ -33,6 +33,7 @@ from typing import Any
 
 from zckpt.errors import FormatError
 from zckpt.format._dtypes import ITEMSIZE_OF_NAME
+from zckpt.interop._detect import DCP_METADATA as METADATA
 
 __all__ = [
     "METADATA",
@@ -46,8 +47,6 @@ __all__ = [
     "read_metadata",
 ]
 
-#: The metadata file's name in a DCP checkpoint directory.
-METADATA = ".metadata"
 #: Larger metadata than this is refused before it is read (a DCP ``.metadata`` of 10^5 tensors
 #: is a few tens of MiB).
 MAX_METADATA_BYTES = 1 << 30

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ChunkRun",
     "DcpLayout",
+    "checkpoint_state",
     "chunk_runs",
     "dcp_layout",
     "dcp_state_dict",
@@ -336,7 +337,16 @@ def dcp_state_dict(path: str | os.PathLike[str], *, lazy_mode: bool = False) -> 
         >>> torch.equal(sd["model"]["w"], w), sd["step"]
         (True, 5)
     """
-    ck = open_dcp(path)
+    return checkpoint_state(open_dcp(path), lazy_mode=lazy_mode)
+
+
+def checkpoint_state(ck: DcpCheckpoint, *, lazy_mode: bool = False) -> dict[str, Any]:
+    """:func:`dcp_state_dict` of a checkpoint already opened.
+
+    Example:
+        >>> checkpoint_state.__name__
+        'checkpoint_state'
+    """
     flat = _tensors(ck, lazy_mode)
     for name in ck.metadata.values:
         flat[name] = ck.value(name)

@@ -7,7 +7,8 @@ Example:
     >>> d = tempfile.mkdtemp()
     >>> with zipfile.ZipFile(d + "/z.zip", "w") as z:
     ...     z.writestr("a/x", b"hello")
-    >>> inner = open(d + "/z.zip", "rb").read()
+    >>> with open(d + "/z.zip", "rb") as f:
+    ...     inner = f.read()
     >>> with open(d + "/big", "wb") as f:
     ...     _ = f.write(b"junk" + inner + b"more")
     >>> fd = os.open(d + "/big", os.O_RDONLY)
