@@ -170,7 +170,7 @@ def _sharded(
         cuts.append(sorted({0, n, *inner}) if n else [0, 0])
     boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((), ())]
     for c in cuts:
-        boxes = [(o + (a,), s + (b - a,)) for o, s in boxes for a, b in zip(c, c[1:])]
+        boxes = [((*o, a), (*s, b - a)) for o, s in boxes for a, b in zip(c, c[1:])]
     ranks = draw(st.integers(1, 4))
     return t, [(draw(st.integers(0, ranks - 1)), o, s) for o, s in boxes]
 
