@@ -113,8 +113,9 @@ def _check_not_an_input(path: str, tag: str | None, out: str) -> None:
     if not os.path.lexists(out):
         return
     dcp = find_dcp(path)
-    if dcp is not None and os.path.realpath(os.path.dirname(out)) == os.path.realpath(dcp):
-        name = os.path.basename(out)
+    norm = os.path.normpath(out)  # "ck/__0_0.distcp/" names the file too
+    if dcp is not None and os.path.realpath(os.path.dirname(norm)) == os.path.realpath(dcp):
+        name = os.path.basename(norm)
         if name.startswith(".") or name.endswith(".distcp"):  # .metadata, its files
             raise OutputPathError(
                 f"the output {out} is a file of the DCP checkpoint {dcp} being read: writing "

@@ -73,12 +73,18 @@ def inspect_dcp(args: argparse.Namespace) -> dict[str, Any]:
         dtype=_training_dtype(dtypes),
         shared_files=1,  # .metadata
         fp32_state_dict=[  # consolidate's default --dtype fp32 upcasts 16-bit floats
-            {"path": n, "dtype": "fp32" if is_floating(t.dtype) else _dtype(t.dtype),
-             "shape": list(t.shape)}
+            {"path": n, "dtype": _fp32(t.dtype), "shape": list(t.shape)}
             for n, t in md.tensors.items()
-        ],  # fmt: skip
+        ],
         dcp_version=md.version,
     )
+
+
+def _fp32(dtype: str) -> str:
+    from zckpt.cli._inspect import _dtype
+    from zckpt.format._dtypes import is_floating
+
+    return "fp32" if is_floating(dtype) else _dtype(dtype)
 
 
 def verify_dcp(args: argparse.Namespace) -> int:

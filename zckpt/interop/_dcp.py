@@ -180,7 +180,7 @@ def _refusal(where: str, path: str, item: DcpItem) -> DcpFormatError:
     import pickletools
     import zipfile
 
-    from zckpt.interop._fastload import _globals
+    from zckpt.interop._fastload import _globals, _map_name
     from zckpt.interop._window import FileWindow
 
     names: list[str] = []
@@ -195,9 +195,9 @@ def _refusal(where: str, path: str, item: DcpItem) -> DcpFormatError:
         strings: list[str] = []
         for op, arg, _ in pickletools.genops(io.BytesIO(data)):
             if op.name == "GLOBAL":
-                names.append(str(arg).replace(" ", "."))
+                names.append(".".join(_map_name(*str(arg).split(" ", 1))))
             elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
+                names.append(".".join(_map_name(strings[-2], strings[-1])))
             elif isinstance(arg, str):
                 strings.append(arg)
     except Exception:
