@@ -8,7 +8,7 @@ exactly as DeepSpeed's ``zero_to_fp32`` does, for stages 1, 2 and 3 and fp16, bf
 training; ``zckpt.get_fp32_state_dict_from_zero_checkpoint`` hands DeepSpeed directories to it.
 Universal checkpoints (``ds_to_universal``'s output: ``latest_universal``, ``zero/<param>/``)
 open into the same :class:`DeepSpeedCheckpoint` and are read the same way.
-Checkpoints written by ``torch.distributed.checkpoint`` (:func:`is_dcp_checkpoint`) give their
+Checkpoints written by PyTorch's ``dcp.save`` (:func:`is_dcp_checkpoint`) give their
 whole state dict at any source world size (:func:`dcp_state_dict`) and convert to zckpt
 checkpoints (:func:`convert_dcp`).
 
@@ -157,7 +157,7 @@ def is_deepspeed_checkpoint(path: str | os.PathLike[str], tag: str | None = None
 
 
 def is_dcp_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a directory ``torch.distributed.checkpoint`` wrote (it holds the
+    """Whether ``path`` is a directory PyTorch's distributed checkpoint (DCP) wrote (it holds the
     ``.metadata`` file ``dcp.save`` writes last).
 
     Example:

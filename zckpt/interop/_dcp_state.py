@@ -382,12 +382,14 @@ def export_values(
     if check_records:
         require_intact(ck)
     lay = dcp_layout(ck)
-    built: list[Any] = []
 
-    def load(name: str) -> Any:
-        if not built:
-            built.append(_tensors(ck, lazy_mode=False))
-        return built[0][name]
+    def load(leaf: int, name: str) -> Any:
+        """Tensor ``name`` alone, assembled from its runs (one tensor in memory at a time)."""
+        from zckpt.assemble import Fp32Entry, assemble_fp32
+        from zckpt.format._dtypes import torch_dtype
+
+        dtype = torch_dtype(lay.skeleton.tensors[leaf].dtype_name)
+        return dict(assemble_fp32(lay.saved, [Fp32Entry(name, leaf, dtype, None)]))[name]
 
     out: dict[str, Any] = {}
     for leaf, name in enumerate(ck.metadata.tensors):
@@ -407,8 +409,8 @@ def export_values(
             else:
                 ranges.append(where)
 
-        def one(name: str = name) -> Any:
-            return load(name)
+        def one(leaf: int = leaf, name: str = name) -> Any:
+            return load(leaf, name)
 
         if ranges is None:
             from zckpt.format._dtypes import torch_dtype

@@ -88,7 +88,7 @@ def deepspeed_tags(save_dir: str | os.PathLike[str]) -> list[str]:
     return sorted(found, key=_natural)
 
 
-#: The metadata file's name in a DCP (``torch.distributed.checkpoint``) checkpoint directory.
+#: The metadata file's name in a DCP (PyTorch distributed checkpoint) directory.
 DCP_METADATA = ".metadata"
 
 
