@@ -246,3 +246,14 @@ def test_convert_loads_at_any_world_size(
     assert torch.equal(torch.cat([p.state["model"]["0.weight"] for p in parts])[: w.numel()], w)
     assert main(["convert", "--from", "dcp", str(d), str(tmp_path / "c"), "--tag", "s"]) == 0
     assert_same(zckpt.load_checkpoint(tmp_path / "c").state, want)
+
+
+def test_reshard_points_to_convert(
+    one: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: Any
+) -> None:
+    d, _ = one
+    assert main(["reshard", str(d), str(tmp_path / "r"), "--world-size", "2"]) == 1
+    assert (
+        "is a DCP checkpoint: import it with 'zckpt convert --from dcp" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "r").exists()

@@ -332,6 +332,13 @@ def reshard(args: argparse.Namespace) -> int:
     """
     positive("--world-size", args.world_size)
     _check_save_dir(args.path, args.out)
+    from zckpt.interop._detect import find_dcp
+
+    if find_dcp(args.path) is not None:
+        raise CommandLineError(
+            f"{args.path} is a DCP checkpoint: import it with 'zckpt convert --from dcp "
+            f"{args.path} OUT' (the result loads at any world size, and reshards)"
+        )
     found = find_deepspeed(args.path, args.tag)
     kept = args.codec is None
     if found is not None:
