@@ -141,7 +141,10 @@ def _check_zip(path: str) -> None:
                 if info.header_offset + info.compress_size > size:
                     raise zipfile.BadZipFile(f"entry {info.filename} lies past the end")
     except (OSError, zipfile.BadZipFile) as e:
-        raise DeepSpeedFormatError(f"{path}: not a readable torch.save file ({e})") from None
+        raise DeepSpeedFormatError(
+            f"{path}: not a readable torch.save file (its zip directory is missing or damaged: "
+            f"cut short or overwritten? {type(e).__name__}: {e})"
+        ) from None
 
 
 @dataclass(frozen=True, eq=False)

@@ -204,7 +204,7 @@ def load_pickle(path: str | os.PathLike[str], refs: bool = False) -> Any:
                 unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             except Exception as e:  # a torn zip, an unknown opcode: nothing was run
                 raise DeepSpeedFormatError(
-                    f"{path}: not a readable torch.save file ({e})"
+                    f"{path}: not a readable torch.save file ({_reason(e)})"
                 ) from None
             if unsafe:
                 raise UnsafePickleError(
@@ -216,11 +216,35 @@ def load_pickle(path: str | os.PathLike[str], refs: bool = False) -> Any:
             # record (a damaged file would give wrong values); its plain load does.
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise UnsafePickleError(f"{path}: refused to unpickle: {_first_line(e)}") from None
+            if _refused(e):
+                raise UnsafePickleError(f"{path}: refused to unpickle: {_first_line(e)}") from None
+            # Not a refusal: the pickle itself is damaged (cut short, a bad opcode).
+            raise DeepSpeedFormatError(
+                f"{path}: not a readable torch.save file (damaged pickle: {_first_line(e)})"
+            ) from None
         except Exception as e:  # e.g. a stand-in called with arguments: refused, nothing run
             raise DeepSpeedFormatError(
                 f"{path}: not a readable torch.save file ({type(e).__name__}: {e})"
             ) from None
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as ``Type: message`` (an ``EOFError`` often has no message: a file or a
+    record cut short)."""
+    text = str(e)
+    if isinstance(e, EOFError):
+        more = f": {text}" if text else ""
+        return f"EOFError: the data ends early, the file is cut short or damaged{more}"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _refused(e: BaseException) -> bool:
+    """Whether torch's weights-only unpickler refused a global or an operation (unsafe), as
+    opposed to failing on a damaged pickle (truncated, garbage)."""
+    text = str(e)
+    return any(
+        w in text for w in ("Unsupported global", "GLOBAL", "Unsupported operand", "Trying to")
+    )
 
 
 def _first_line(e: BaseException) -> str:
