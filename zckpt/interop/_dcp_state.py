@@ -84,6 +84,10 @@ def chunk_runs(shape: Sequence[int], chunk: DcpChunk) -> list[tuple[int, int, in
     return out
 
 
+#: Runs of at least this many bytes are copied window by window, their pages released as they go.
+_LONG_RUN = 1 << 20
+
+
 class _Reader:
     """torch tensors of one checkpoint's chunk references, built once each from one private
     mapping per file (``_refs.TorchBuilder``), and the mappings found for page release."""
@@ -93,6 +97,7 @@ class _Reader:
         self._builder: Any = None
         self._flat: dict[int, Any] = {}
         self._mappings: dict[str, tuple[Any, ...]] = {}
+        self._done: dict[int, int] = {}  # elements of a chunk copied since its last release
 
     def flat(self, ref: TensorRef) -> torch.Tensor:
         with self._lock:
@@ -114,6 +119,23 @@ class _Reader:
 
                 self._mappings[path] = file_mappings([path])
             return self._mappings[path]
+
+    def copied(self, ref: TensorRef, n: int) -> None:
+        """``n`` more elements of chunk ``ref`` were copied out in short runs: once all of them
+        were, hand its file pages back (short runs hold no whole page of their own, so they
+        are released chunk by chunk; a page touched again is read again from the file)."""
+        from zckpt.interop._pages import _mapping_of, release_pages
+
+        with self._lock:
+            done = self._done.get(id(ref), 0) + n
+            self._done[id(ref)] = 0 if done >= ref.numel() else done
+        if done < ref.numel():
+            return
+        t = self.flat(ref)
+        lo = t.data_ptr()
+        hi = lo + t.numel() * t.element_size()
+        if _mapping_of(self.mappings(ref.storage.path), lo, hi) is not None:
+            release_pages(lo, hi)  # only memory that maps the checkpoint's file
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,12 +168,17 @@ class ChunkRun:
         return self.reader.flat(self.ref)[self.local + start : self.local + stop]
 
     def read_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Copy elements ``[start, stop)`` into ``out``, handing back the file pages copied."""
-        from zckpt.interop._pages import PagedSource
-
+        """Copy elements ``[start, stop)`` into ``out``, handing back the file pages copied:
+        a long run window by window (``PagedSource``), short ones (a ``Shard(1)`` chunk's
+        rows) with one copy each and their chunk's pages once all its runs are copied."""
         data = self.read(start, stop)
-        mappings = self.reader.mappings(self.ref.storage.path)
-        PagedSource(self.fragment, data, mappings).read_into(0, stop - start, out)
+        if data.numel() * data.element_size() >= _LONG_RUN:
+            from zckpt.interop._pages import PagedSource
+
+            mappings = self.reader.mappings(self.ref.storage.path)
+            return PagedSource(self.fragment, data, mappings).read_into(0, stop - start, out)
+        out.copy_(data)
+        self.reader.copied(self.ref, stop - start)
         return out
 
 
