@@ -73,8 +73,18 @@ def output_kind(out: str, max_shard_size: str | None = None) -> str:
 def _check(args: argparse.Namespace) -> str:
     """Check the arguments and OUT before anything is read; the output kind."""
     from zckpt.interop._safetensors import is_directory_output, parse_size
+    from zckpt.store._resolve import is_url
 
     out: str = args.out
+    if is_url(out):
+        # The export is written as local files (fsync, then an atomic rename into place): a
+        # URL taken as a path would become a local directory named after its scheme.
+        raise CommandLineError(
+            f"OUT {out} is a URL: zckpt consolidate writes its output to a local path "
+            "(safetensors files are fsynced and renamed into place, which an object store "
+            "cannot do); write it locally and upload the files, or use zckpt convert to write "
+            "a zckpt checkpoint into the store"
+        )
     kind = output_kind(out, args.max_shard_size)
     if args.max_shard_size is not None:
         if kind == "torch":
