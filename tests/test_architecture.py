@@ -48,11 +48,31 @@ def test_pure_core_does_no_io(path: Path) -> None:
                 )
 
 
+#: Readers of DCP checkpoints (interop/, and the commands in cli/_dcp.py): they name DCP's
+#: pickled classes (an allow-list of qualified names) and their examples write checkpoints with
+#: torch's DCP, but they never import torch.distributed.
+NAMES_DCP = {"_dcp_metadata.py", "_dcp.py", "_dcp_state.py", "_dcp_convert.py", "_dcp_values.py"}
+
+
+def _imports_of(tree: ast.AST) -> list[str]:
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.append(node.module)
+    return out
+
+
 def test_only_zckpt_dist_imports_torch_distributed() -> None:
     for path in ROOT.rglob("*.py"):
         if path.parent.name == "dist":
             continue
         src = path.read_text()
+        if path.parent.name in ("interop", "cli") and path.name in NAMES_DCP:
+            imported = [m for m in _imports_of(ast.parse(src)) if m.startswith("torch.distributed")]
+            assert not imported, (path, imported)
+            continue
         assert "torch.distributed" not in src.replace("``torch.distributed``", ""), path
 
 

@@ -47,14 +47,11 @@ def test_consolidate_from_s3(s3_server: Any, tmp_path: Path) -> None:
     assert_states_equal(safetensors_torch.load_file(tmp_path / "m.safetensors"), want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="zckpt consolidate writes an s3:// OUT to a local directory named 's3:' and reports "
-    "'wrote s3://...' (zckpt/cli/_consolidate.py, zckpt/interop/_output.py take OUT as a path)",
-)
 def test_consolidate_to_s3_writes_the_object_or_refuses(
     s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Against the real server: OUT on S3 is written there or refused (it is refused, since
+    ec57a47: it used to be written to a local directory named 's3:' and reported done)."""
     from zckpt.cli import main
 
     monkeypatch.chdir(tmp_path)

@@ -73,8 +73,18 @@ def output_kind(out: str, max_shard_size: str | None = None) -> str:
 def _check(args: argparse.Namespace) -> str:
     """Check the arguments and OUT before anything is read; the output kind."""
     from zckpt.interop._safetensors import is_directory_output, parse_size
+    from zckpt.store._resolve import is_url
 
     out: str = args.out
+    if is_url(out):
+        # The export is written as local files (fsync, then an atomic rename into place): a
+        # URL taken as a path would become a local directory named after its scheme.
+        raise CommandLineError(
+            f"OUT {out} is a URL: zckpt consolidate writes its output to a local path "
+            "(safetensors files are fsynced and renamed into place, which an object store "
+            "cannot do); write it locally and upload the files, or use zckpt convert to write "
+            "a zckpt checkpoint into the store"
+        )
     kind = output_kind(out, args.max_shard_size)
     if args.max_shard_size is not None:
         if kind == "torch":
@@ -106,11 +116,21 @@ def _check_not_an_input(path: str, tag: str | None, out: str) -> None:
     Example:
         >>> _check_not_an_input("/nonexistent", None, "/nonexistent/model.safetensors")
     """
-    from zckpt.interop._detect import find_deepspeed
+    from zckpt.interop._detect import find_dcp, find_deepspeed
     from zckpt.interop._output import OutputPathError
     from zckpt.store._layout import LATEST, LATEST_UNIVERSAL
 
     if not os.path.lexists(out):
+        return
+    dcp = find_dcp(path)
+    norm = os.path.normpath(out)  # "ck/__0_0.distcp/" names the file too
+    if dcp is not None and os.path.realpath(os.path.dirname(norm)) == os.path.realpath(dcp):
+        name = os.path.basename(norm)
+        if name.startswith(".") or name.endswith(".distcp"):  # .metadata, its files
+            raise OutputPathError(
+                f"the output {out} is a file of the DCP checkpoint {dcp} being read: writing "
+                "it would replace the checkpoint with its export; choose a new name"
+            )
         return
     found = find_deepspeed(path, tag)
     if found is None:
@@ -138,9 +158,14 @@ def consolidate(args: argparse.Namespace) -> int:
         >>> main(["consolidate", "/nonexistent", "out.safetensors", "--quiet"])
         1
     """
-    from zckpt.interop._detect import find_deepspeed
+    from zckpt.interop._detect import find_dcp, find_deepspeed
 
     kind = _check(args)
+    if find_dcp(args.path) is not None:
+        from zckpt.cli._dcp import consolidate_dcp
+
+        gc.freeze()
+        return consolidate_dcp(args, kind)
     # What is in memory now (the imports, ~10^6 objects with torch) outlives the command: no
     # cyclic collection, during the export or at exit, need traverse it again (~0.3-0.5 s).
     gc.freeze()

@@ -332,6 +332,13 @@ def reshard(args: argparse.Namespace) -> int:
     """
     positive("--world-size", args.world_size)
     _check_save_dir(args.path, args.out)
+    from zckpt.interop._detect import find_dcp
+
+    if find_dcp(args.path) is not None:
+        raise CommandLineError(
+            f"{args.path} is a DCP checkpoint: import it with 'zckpt convert --from dcp "
+            f"{args.path} OUT' (the result loads at any world size, and reshards)"
+        )
     found = find_deepspeed(args.path, args.tag)
     kept = args.codec is None
     if found is not None:
@@ -410,6 +417,12 @@ def convert(args: argparse.Namespace) -> int:
         1
     """
     _check_save_dir(args.path, args.out)
+    if args.source == "dcp":
+        from zckpt.cli._dcp import convert_dcp_command
+        from zckpt.interop._dcp_convert import default_tag
+
+        _check_run(args.out, args.tag or default_tag(args.path), args.overwrite)
+        return convert_dcp_command(args)
     found = find_deepspeed(args.path, args.tag)
     if found is None:
         raise DeepSpeedFormatError(f"{args.path}: not a DeepSpeed checkpoint directory")

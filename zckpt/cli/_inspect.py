@@ -19,6 +19,7 @@ from zckpt.cli._main import progress
 from zckpt.format._dtypes import dtype_name, is_floating
 from zckpt.format._header import FORMAT_VERSION
 from zckpt.interop import is_deepspeed_checkpoint
+from zckpt.interop._detect import find_dcp
 from zckpt.store._fp32 import fp32_keys_of
 from zckpt.store._layout import LATEST, read_latest
 from zckpt.store._resolve import storage_for
@@ -111,6 +112,7 @@ INSPECT_SCHEMA: dict[str, tuple[type | None, ...]] = {
     "dtype": (str, None),
     "shared_files": (int,),
     "fp32_state_dict": (list,),
+    "dcp_version": (str, None),
 }
 #: The keys of each object of ``tensors`` and of ``fp32_state_dict``.
 TENSOR_KEYS = ("path", "dtype", "shape", "bytes", "stored", "ratio")
@@ -195,6 +197,7 @@ def _inspect_zckpt(args: argparse.Namespace) -> dict[str, Any]:
         client_state=describe_value(ck.client_state()),
         universal=False,
         deepspeed_version=None,
+        dcp_version=None,
         dtype=_training_dtype(dtypes),
         shared_files=0,
         fp32_state_dict=fp32,
@@ -249,6 +252,7 @@ def _inspect_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
         client_state=describe_value(client),
         universal=universal,
         deepspeed_version=str(version) if version is not None else None,
+        dcp_version=None,
         dtype="bf16" if bf16 else _training_dtype(dtypes),
         shared_files=files.shared,
         fp32_state_dict=_fp32_rows(sd),
@@ -340,7 +344,8 @@ _NOT_A_LINE = (
     "tied", "tensors", "client_state", "fp32_state_dict",
 )  # fmt: skip
 _ONLY = {"zckpt": ("blob_format_version", "zckpt_version"),
-         "deepspeed": ("universal", "deepspeed_version")}  # fmt: skip
+         "deepspeed": ("universal", "deepspeed_version"),
+         "dcp": ("dcp_version",)}  # fmt: skip
 
 
 def _files_line(info: dict[str, Any], noun: bool = False) -> str:
@@ -358,7 +363,7 @@ def _files_line(info: dict[str, Any], noun: bool = False) -> str:
 def inspect(args: argparse.Namespace) -> int:
     """``zckpt inspect PATH [--tag T] [--json]``.
 
-    zckpt and DeepSpeed checkpoints (regular and universal) give the same keys
+    zckpt, DeepSpeed (regular and universal) and DCP checkpoints give the same keys
     (:data:`INSPECT_SCHEMA`), and the text output the same lines.
 
     Example:
@@ -366,16 +371,22 @@ def inspect(args: argparse.Namespace) -> int:
         >>> main(["inspect", "/nonexistent"])
         1
     """
-    ds = is_deepspeed_checkpoint(args.path, args.tag)
-    info = _inspect_deepspeed(args) if ds else _inspect_zckpt(args)
+    if find_dcp(args.path) is not None:
+        from zckpt.cli._dcp import inspect_dcp
+
+        info = inspect_dcp(args)
+    elif is_deepspeed_checkpoint(args.path, args.tag):
+        info = _inspect_deepspeed(args)
+    else:
+        info = _inspect_zckpt(args)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    other = "deepspeed" if info["format"] == "zckpt" else "zckpt"
+    hidden = {k for f, keys in _ONLY.items() if f != info["format"] for k in keys}
     for k, v in info.items():
         if k == "files":
             v = _files_line(info)
-        if k not in _NOT_A_LINE and k not in _ONLY[other]:
+        if k not in _NOT_A_LINE and k not in hidden:
             print(f"{k}: {_text(v)}")
     print(f"tensors ({len(info['tensors'])}):")
     rows = [["path", "dtype", "shape", "bytes", "on disk", "ratio"]]
@@ -461,6 +472,10 @@ def verify(args: argparse.Namespace) -> int:
         >>> main(["verify", "/nonexistent", "--json"])
         1
     """
+    if find_dcp(args.path) is not None:
+        from zckpt.cli._dcp import verify_dcp
+
+        return verify_dcp(args)
     if is_deepspeed_checkpoint(args.path, args.tag):
         return _verify_deepspeed(args)
     with progress(args, None, "verify") as bar:

@@ -120,14 +120,14 @@ def _reword(e: BaseException) -> None:
 
 
 _DESCRIPTION = """\
-Inspect, verify, export and rewrite sharded ZeRO checkpoints (zckpt's, or DeepSpeed's).
+Inspect, verify, export and rewrite sharded checkpoints (zckpt's, DeepSpeed's or PyTorch DCP's).
 
 commands:
   inspect      show a checkpoint's tags, spec, files, tensors, tied weights and client_state
   verify       check that every file is present and every checksum matches (exit 1 if not)
   consolidate  write the fp32 weights as .safetensors (a file or shards), .pt or .bin
   reshard      rewrite a checkpoint for another world size and/or ZeRO stage
-  convert      import a DeepSpeed checkpoint (the whole training state) as a zckpt one
+  convert      import a DeepSpeed or DCP checkpoint (the whole state) as a zckpt one
   prune        delete all but the newest N committed tags of a save_dir
   clean        remove torn tags and files that no commit references
 
@@ -139,7 +139,8 @@ _EPILOGS = {
     "verify": "example:\n  zckpt verify ckpt          # every committed tag and 'latest'",
     "consolidate": "example:\n  zckpt consolidate ckpt hf/ --max-shard-size 5GB --dtype bf16",
     "reshard": "example:\n  zckpt reshard ckpt ckpt8 --world-size 8 --stage 3",
-    "convert": "example:\n  zckpt convert --from deepspeed ds_ckpt ckpt --codec zstd",
+    "convert": "example:\n  zckpt convert --from deepspeed ds_ckpt ckpt --codec zstd\n"
+    "  zckpt convert --from dcp dcp_ckpt/step100 ckpt",
     "prune": "example:\n  zckpt prune ckpt --keep-last 3",
     "clean": "example:\n  zckpt clean ckpt           # when no save is running",
 }
@@ -257,7 +258,10 @@ def _parser() -> argparse.ArgumentParser:
     def codec(p: argparse.ArgumentParser, default: str) -> None:
         p.add_argument("--codec", choices=("raw", "zstd", "byteplane"), default=None, help=default)
 
-    readable = "a zckpt save_dir or tag directory, or a DeepSpeed checkpoint (detected)"
+    readable = (
+        "a zckpt save_dir or tag directory, a DeepSpeed checkpoint or a DCP checkpoint "
+        "directory (detected)"
+    )
 
     p = add(
         "inspect",
@@ -275,7 +279,11 @@ def _parser() -> argparse.ArgumentParser:
         "Check that every file of a checkpoint is present, whole (size, whole-file xxh3) and "
         "that every chunk's checksum matches; exit 1 when anything is wrong.",
     )
-    path(p, "a save_dir (every committed tag and 'latest'), a tag directory, or DeepSpeed's")
+    path(
+        p,
+        "a save_dir (every committed tag and 'latest'), a tag directory, DeepSpeed's or a "
+        "DCP checkpoint directory",
+    )
     p.add_argument("--tag", help="check only this tag (default: every tag of a save_dir)")
     json_flag(p)
 
@@ -368,11 +376,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from",
         dest="source",
-        choices=("deepspeed",),
+        choices=("deepspeed", "dcp"),
         required=True,
-        help="the format of PATH (required; deepspeed is the only one)",
+        help="the format of PATH (required): deepspeed, or dcp (a directory "
+        "PyTorch's dcp.save wrote; its whole state dict, loadable at "
+        "any world size)",
     )
-    path(p, "a DeepSpeed save_dir or tag directory")
+    path(p, "a DeepSpeed save_dir or tag directory, or a DCP checkpoint directory")
     p.add_argument("out", metavar="OUT", help="the zckpt save_dir to write (may not overlap PATH)")
     tag(p)
     codec(p, "codec of the zckpt files (default: raw)")

@@ -62,7 +62,9 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     with _pools_lock:
         pool = _pools.get(threads)
         if pool is None:
-            pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="zckpt-codec")
+            pool = _pools[threads] = ThreadPoolExecutor(
+                max(threads, 1), thread_name_prefix="zckpt-codec" if threads > 0 else "zckpt-hash"
+            )
         return pool
 
 
@@ -140,6 +142,7 @@ def _read_raw_span(
     read_into: ReadInto,
     dst: U8,
     piece: int | None = None,
+    behind: bool = False,
 ) -> None:
     """Raw frames ``span`` (adjacent in the file and in ``dst``) read straight into their
     destination bytes, and each checked there against its own checksum.
@@ -158,6 +161,9 @@ def _read_raw_span(
     view = as_bytes_view(dst)
     total = view.nbytes
     base = frames[span[0]].offset
+    if behind:
+        _read_span_hashed_behind(h, fi, span, read_into, view, piece)
+        return
     k, frame_end = 0, frames[span[0]].length
     hasher = xxhash.xxh3_64()
     step = total if piece is None else piece
@@ -196,6 +202,100 @@ def _read_raw_span(
             if dst[at : at + n].max(initial=0) > 1:
                 raise FormatError(f"{h.describe(fi, ci)}: a bool byte is neither 0 nor 1")
             at += n
+
+
+class _Frames:
+    """The checks of a span's frames, fed the span's bytes in order as they arrive: each
+    frame's digest is compared once its last byte is in; the first mismatch is kept."""
+
+    def __init__(self, h: BlobHeader, fi: int, span: tuple[int, ...], view: memoryview) -> None:
+        self.h, self.fi, self.span, self.view = h, fi, span, view
+        self.frames = h.fragments[fi].chunks
+        self.k, self.frame_end = 0, self.frames[span[0]].length
+        self.hasher = xxhash.xxh3_64()
+        self.error: ChecksumError | None = None
+
+    def feed(self, pos: int, end: int, step: int) -> None:
+        """Hash bytes ``[pos, end)`` of the span (the next ones), ``step`` at a time."""
+        while pos < end and self.error is None:
+            stop = min(end, pos + step, self.frame_end)
+            self.hasher.update(self.view[pos:stop])
+            pos = stop
+            if pos == self.frame_end:
+                c = self.frames[self.span[self.k]]
+                digest = self.hasher.intdigest()
+                if digest != c.checksum:
+                    self.error = ChecksumError(
+                        f"{self.h.describe(self.fi, self.span[self.k])}: checksum mismatch "
+                        f"(stored {c.checksum:#018x}, computed {digest:#018x})"
+                    )
+                    return
+                self.hasher.reset()
+                self.k += 1
+                if self.k < len(self.span):
+                    self.frame_end += self.frames[self.span[self.k]].length
+
+
+def _read_span_hashed_behind(
+    h: BlobHeader,
+    fi: int,
+    span: tuple[int, ...],
+    read_into: ReadInto,
+    view: memoryview,
+    piece: int | None,
+) -> None:
+    """:func:`_read_raw_span`'s reads, with the hashing done on the hash thread behind them.
+
+    The reads go on while the bytes already read are hashed (about every
+    :data:`_BEHIND_STEP` bytes handed over at once). The hash thread is waited for before this
+    returns or raises; a checksum mismatch before the place a read failed is raised first, as
+    the inline checks would.
+    """
+    frames = h.fragments[fi].chunks
+    total = view.nbytes
+    base = frames[span[0]].offset
+    checks = _Frames(h, fi, span, view)
+    pool = _hash_pool()
+    last: Future[None] | None = None
+    pos = handed = 0
+    failure: BaseException | None = None
+    try:
+        while pos < total and checks.error is None:
+            got = read_into(base + pos, view[pos:])
+            if got <= 0 or (piece is None and got != total - pos):
+                at = pos + max(got, 0)
+                end, k = frames[span[0]].length, 0
+                while k < len(span) - 1 and at >= end:  # the frame the file ends in
+                    k += 1
+                    end += frames[span[k]].length
+                c = frames[span[k]]
+                raise TruncatedError(
+                    f"{h.describe(fi, span[k])}: read {at - (end - c.length)} of its "
+                    f"{c.length} bytes"
+                )
+            pos += got
+            if pos - handed >= _BEHIND_STEP or pos == total:
+                last = pool.submit(checks.feed, handed, pos, _BEHIND_STEP)
+                handed = pos
+    except BaseException as e:
+        failure = e
+    if last is not None:
+        last.result()  # the hash thread reads the caller's memory: done before returning
+    if failure is not None and handed < pos:
+        checks.feed(handed, pos, _BEHIND_STEP)  # the bytes read before the failure, checked
+    if checks.error is not None:
+        raise checks.error from None
+    if failure is not None:
+        raise failure
+
+
+# Bytes hashed at a time behind the reads (the bytes are in memory by then, not the cache).
+_BEHIND_STEP = 4 << 20
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """The one thread that hashes behind a disk reader: its tasks run in the order they come."""
+    return _pool(-1)
 
 
 def _spans(chunks: Any, direct: list[int], threads: int, most: int) -> list[tuple[int, ...]]:
@@ -317,6 +417,7 @@ def decode_fragment(
     read_into: ReadInto | None = None,
     piece_bytes: int | None = None,
     span_bytes: int | None = None,
+    hash_behind: bool = False,
 ) -> torch.Tensor:
     """Decode fragment ``index`` of a blob, or its elements ``[start, stop)``, reading only the
     chunks that overlap them.
@@ -351,6 +452,11 @@ def decode_fragment(
             at once (a local file's kernel read-ahead then sees one large sequential read per
             span, not one "random" read per chunk). Each chunk of a span is still checked
             against its own checksum. None: one ``read_into`` call per chunk.
+        hash_behind: hash the bytes of each span on a thread of their own, behind its reads,
+            instead of right after each read in the reading thread: for a reader that waits
+            on a disk, which then goes on to its next read at once (a disk stream kept busy
+            while the bytes just read are checked, on another core). Every chunk is still
+            checked before this returns, and a mismatch before a failed read is raised first.
 
     Returns:
         ``out``, or the new 1-D tensor.
@@ -435,7 +541,16 @@ def decode_fragment(
                 if span is not None and read_into is not None:
                     a, b = c.start_elem, chunks[span[-1]].stop_elem
                     part = dst[(a - lo) * size : (b - lo) * size]
-                    yield partial(_read_raw_span, header, index, span, read_into, part, piece_bytes)
+                    yield partial(
+                        _read_raw_span,
+                        header,
+                        index,
+                        span,
+                        read_into,
+                        part,
+                        piece_bytes,
+                        hash_behind,
+                    )
                 continue
             a, b = max(lo, c.start_elem), min(hi, c.stop_elem)
             part = dst[(a - lo) * size : (b - lo) * size]

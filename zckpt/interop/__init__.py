@@ -1,5 +1,5 @@
-"""Interoperability: reading DeepSpeed ZeRO checkpoints without DeepSpeed and without running
-their pickles' code.
+"""Interoperability: reading DeepSpeed ZeRO checkpoints and PyTorch DCP checkpoints without
+DeepSpeed and without running their pickles' code.
 
 DeepSpeed's files are ``torch.save`` pickles; :func:`load_pickle` loads them with
 ``weights_only=True`` and an allow-list of the four DeepSpeed types they hold (inert stand-ins;
@@ -8,6 +8,9 @@ exactly as DeepSpeed's ``zero_to_fp32`` does, for stages 1, 2 and 3 and fp16, bf
 training; ``zckpt.get_fp32_state_dict_from_zero_checkpoint`` hands DeepSpeed directories to it.
 Universal checkpoints (``ds_to_universal``'s output: ``latest_universal``, ``zero/<param>/``)
 open into the same :class:`DeepSpeedCheckpoint` and are read the same way.
+Checkpoints written by PyTorch's ``dcp.save`` (:func:`is_dcp_checkpoint`) give their
+whole state dict at any source world size (:func:`dcp_state_dict`) and convert to zckpt
+checkpoints (:func:`convert_dcp`).
 
 Example:
     >>> import tempfile, torch, zckpt
@@ -30,6 +33,10 @@ from zckpt._lazy import attach
 
 if TYPE_CHECKING:
     from zckpt.interop._convert import ENGINE_KEYS, convert_deepspeed, deepspeed_training_state
+    from zckpt.interop._dcp import DcpCheckpoint, DcpMissingFileError, open_dcp
+    from zckpt.interop._dcp_convert import convert_dcp
+    from zckpt.interop._dcp_metadata import DcpFormatError, DcpUnsafePickleError
+    from zckpt.interop._dcp_state import dcp_state_dict
     from zckpt.interop._deepspeed import GroupLayout, deepspeed_fp32_state_dict, group_layouts
     from zckpt.interop._detect import deepspeed_tags, find_deepspeed
     from zckpt.interop._files import DeepSpeedCheckpoint, ExpertFile, open_deepspeed
@@ -58,6 +65,10 @@ __getattr__, __dir__ = attach(
             "convert_deepspeed",
             "deepspeed_training_state",
         ),
+        "zckpt.interop._dcp": ("DcpCheckpoint", "DcpMissingFileError", "open_dcp"),
+        "zckpt.interop._dcp_convert": ("convert_dcp",),
+        "zckpt.interop._dcp_metadata": ("DcpFormatError", "DcpUnsafePickleError"),
+        "zckpt.interop._dcp_state": ("dcp_state_dict",),
         "zckpt.interop._deepspeed": (
             "GroupLayout",
             "deepspeed_fp32_state_dict",
@@ -98,6 +109,10 @@ __all__ = [
     "ALLOWED_GLOBALS",
     "ENGINE_KEYS",
     "LATEST_UNIVERSAL",
+    "DcpCheckpoint",
+    "DcpFormatError",
+    "DcpMissingFileError",
+    "DcpUnsafePickleError",
     "DeepSpeedCheckpoint",
     "DeepSpeedFormatError",
     "ExpertFile",
@@ -108,7 +123,9 @@ __all__ = [
     "UniversalFiles",
     "UnsafePickleError",
     "ZeroStage",
+    "convert_dcp",
     "convert_deepspeed",
+    "dcp_state_dict",
     "deepspeed_fp32_state_dict",
     "deepspeed_tags",
     "deepspeed_training_state",
@@ -116,8 +133,10 @@ __all__ = [
     "module_key_order",
     "find_deepspeed",
     "group_layouts",
+    "is_dcp_checkpoint",
     "is_deepspeed_checkpoint",
     "load_pickle",
+    "open_dcp",
     "open_deepspeed",
     "parse_size",
 ]
@@ -135,3 +154,17 @@ def is_deepspeed_checkpoint(path: str | os.PathLike[str], tag: str | None = None
     from zckpt.interop._detect import find_deepspeed
 
     return find_deepspeed(path, tag) is not None
+
+
+def is_dcp_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a directory PyTorch's distributed checkpoint (DCP) wrote (it holds the
+    ``.metadata`` file ``dcp.save`` writes last).
+
+    Example:
+        >>> import tempfile
+        >>> is_dcp_checkpoint(tempfile.mkdtemp())
+        False
+    """
+    from zckpt.interop._detect import find_dcp
+
+    return find_dcp(path) is not None

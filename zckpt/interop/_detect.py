@@ -1,4 +1,5 @@
-"""Whether a directory is a DeepSpeed checkpoint, and its tags: no more than file names.
+"""Whether a directory is a DeepSpeed checkpoint (and its tags) or a DCP one: no more than file
+names.
 
 Apart from :mod:`zckpt.interop._files` (which opens the files, and imports what reading them
 takes) so that the commands that only ask (``zckpt inspect`` and ``verify`` of a zckpt
@@ -14,7 +15,7 @@ from typing import Any
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, check_tag, read_latest
 from zckpt.store._storage import LocalStorage
 
-__all__ = ["deepspeed_tags", "find_deepspeed"]
+__all__ = ["deepspeed_tags", "find_dcp", "find_deepspeed"]
 
 _SUFFIX = "model_states.pt"
 
@@ -85,3 +86,20 @@ def deepspeed_tags(save_dir: str | os.PathLike[str]) -> list[str]:
         and _has_model_states(os.path.join(root, n))
     ]
     return sorted(found, key=_natural)
+
+
+#: The metadata file's name in a DCP (PyTorch distributed checkpoint) directory.
+DCP_METADATA = ".metadata"
+
+
+def find_dcp(path: str | os.PathLike[str]) -> str | None:
+    """The DCP checkpoint directory ``path`` is (it holds a regular ``.metadata`` file, which
+    ``dcp.save`` writes last), else None.
+
+    Example:
+        >>> import tempfile
+        >>> find_dcp(tempfile.mkdtemp()) is None
+        True
+    """
+    d = os.fspath(path)
+    return d if os.path.isfile(os.path.join(d, DCP_METADATA)) else None

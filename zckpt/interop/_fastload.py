@@ -65,6 +65,7 @@ from zckpt.interop._refs import (
     file_stamp,
     to_torch,
 )
+from zckpt.interop._window import FileWindow
 
 __all__ = [
     "FAST_GLOBALS",
@@ -373,8 +374,11 @@ _ZIP64_SIZE = 0xFFFFFFFF
 _DESC32, _DESC64 = struct.Struct("<III"), struct.Struct("<IQQ")
 
 
-def _record_offsets(fd: int, infos: list[zipfile.ZipInfo], start_dir: int) -> dict[str, int]:
-    """Where each record's bytes begin (after its local header), by name, the zip's layout
+def _record_offsets(
+    fd: int, infos: list[zipfile.ZipInfo], start_dir: int, base: int = 0
+) -> dict[str, int]:
+    """Where each record's bytes begin in the file (after its local header; the zip starts at
+    byte ``base`` of it, as a DCP item does inside its ``.distcp`` file), by name, the zip's layout
     checked first: one record per name; each record's local header where the central directory
     puts it, naming that record, and agreeing with it (CRC-32 and sizes, in the header or in
     the data descriptor after the bytes); the records, descriptors included, disjoint and before
@@ -389,11 +393,11 @@ def _record_offsets(fd: int, infos: list[zipfile.ZipInfo], start_dir: int) -> di
         name, at = info.filename, int(info.header_offset)
         if name in out:
             raise _DamagedError(f"two zip records are named {name} (which one is the file's?)")
-        head = os.pread(fd, _LOCAL.size, at)
+        head = os.pread(fd, _LOCAL.size, base + at)
         if len(head) != _LOCAL.size or head[:4] != b"PK\x03\x04":
             raise _DamagedError(f"record {name}: no zip local header at byte {at}")
         _sig, _v, flags, _method, _t, _d, crc, csize, usize, n, m = _LOCAL.unpack(head)
-        raw = os.pread(fd, n, at + _LOCAL.size)
+        raw = os.pread(fd, n, base + at + _LOCAL.size)
         local = raw.decode("utf-8" if flags & 0x800 else "cp437", errors="replace")
         if local != info.orig_filename:
             raise _DamagedError(f"record {name}: the local header at byte {at} names {local!r}")
@@ -401,7 +405,7 @@ def _record_offsets(fd: int, infos: list[zipfile.ZipInfo], start_dir: int) -> di
         end = data + int(info.compress_size)
         want = (info.CRC, info.compress_size, info.file_size)
         if flags & 0x08:  # CRC-32 and sizes in a data descriptor after the bytes (zip64: 8-byte)
-            desc = os.pread(fd, 24, end)
+            desc = os.pread(fd, 24, base + end)
             skip = 4 if desc[:4] == _DESCRIPTOR else 0
             for form in (_DESC32, _DESC64):
                 if len(desc) >= skip + form.size and form.unpack_from(desc, skip) == want:
@@ -417,7 +421,7 @@ def _record_offsets(fd: int, infos: list[zipfile.ZipInfo], start_dir: int) -> di
                 f"record {name}: the local header at byte {at} disagrees with the central "
                 "directory (CRC-32, sizes)"
             )
-        out[name] = data
+        out[name] = base + data
         spans.append((at, end, name))
     spans.sort()
     for (a, end, name), nxt in zip(spans, [*spans[1:], (start_dir, 0, "the central directory")]):
@@ -431,13 +435,18 @@ def _record_offsets(fd: int, infos: list[zipfile.ZipInfo], start_dir: int) -> di
 _CRC_PIECE = 1 << 20  # read into one buffer and hashed while in the CPU cache
 
 
-def record_problems(path: str, on_bytes: Callable[[int], None] | None = None) -> list[str]:
+def record_problems(
+    path: str,
+    on_bytes: Callable[[int], None] | None = None,
+    window: tuple[int, int] | None = None,
+) -> list[str]:
     """Every record of the ``torch.save`` zip ``path`` read whole and its CRC-32 compared with
     the one its central directory records (after the layout check of ``_record_offsets``): the
     only checksum a DeepSpeed checkpoint has, and one that torch's loads never check (a flipped
     bit in a tensor's bytes loads as a wrong value). Each problem names the file, the record and
     the byte range; ``[]`` when every record matches. A file that is not a zip (torch's legacy
     format) has no CRC to check: ``[]``. ``on_bytes`` is told each piece's size as it is read.
+    ``window``: ``(offset, length)``, the zip is those bytes of ``path`` (a DCP item).
 
     Example:
         >>> import tempfile, torch
@@ -456,16 +465,17 @@ def record_problems(path: str, on_bytes: Callable[[int], None] | None = None) ->
 
     try:
         with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
+            base = 0 if window is None else window[0]
+            if os.pread(f.fileno(), 4, base) != b"PK\x03\x04":
                 return []
             try:
-                z = zipfile.ZipFile(f)
+                z = zipfile.ZipFile(f if window is None else FileWindow(f.fileno(), *window))
             except zipfile.BadZipFile as e:
                 return [f"{path}: not a readable zip ({e})"]
             with z:
                 infos = z.infolist()
                 try:
-                    offsets = _record_offsets(f.fileno(), infos, int(z.start_dir))
+                    offsets = _record_offsets(f.fileno(), infos, int(z.start_dir), base)
                 except _DamagedError as e:
                     return [f"{path}: {e}"]
                 problems = []
@@ -552,12 +562,14 @@ def require_intact(paths: Sequence[str]) -> None:
         )
 
 
-def load_refs(path: str) -> Any:
+def load_refs(path: str, window: tuple[int, int] | None = None) -> Any:
     """``path`` (a ``torch.save`` zip) unpickled on the C unpickler with its tensors as
     :class:`~zckpt.interop._refs.TensorRef` and torch's other values as the inert stand-ins of
     ``_refs.py``: nothing is built in torch, nothing from the file is run, and torch is not
     imported. :data:`NOT_FAST` where the scan or the unpickler says no (see the module
     docstring); ``_refs.to_torch`` of the result is what :func:`fast_load` returns.
+    ``window``: ``(offset, length)``, the zip is those bytes of ``path`` (a DCP item); its
+    storages' offsets are the file's.
 
     Example:
         >>> import tempfile, torch
@@ -577,11 +589,16 @@ def load_refs(path: str) -> Any:
     except OSError:
         f.close()
         return NOT_FAST
-    size, stamp = st.st_size, file_stamp(st)
+    stamp = file_stamp(st)
+    base, size = (0, st.st_size) if window is None else window
+    if base < 0 or size < 0 or base + size > st.st_size:
+        f.close()
+        return NOT_FAST
     try:
-        with f, zipfile.ZipFile(f) as z:
+        inner = f if window is None else FileWindow(f.fileno(), base, size)
+        with f, zipfile.ZipFile(inner) as z:
             infos = z.infolist()
-            offsets = _record_offsets(f.fileno(), infos, int(z.start_dir))
+            offsets = _record_offsets(f.fileno(), infos, int(z.start_dir), base)
             prefix = infos[0].filename.split("/", 1)[0] + "/" if infos else ""
             records = {i.filename[len(prefix) :]: i for i in infos}
             if not prefix or any(not i.filename.startswith(prefix) for i in infos):
@@ -615,7 +632,7 @@ def load_refs(path: str) -> Any:
                         f"storage data/{key} is {numel} x {dtype} ({ref.nbytes} bytes) but its "
                         f"record holds {info.file_size} bytes"
                     )
-                if ref.offset + ref.nbytes > size:
+                if ref.offset + ref.nbytes > base + size:
                     raise pickle.UnpicklingError("a storage past the end of the file")
                 if seen.setdefault(key, ref) != ref:  # one key, two readings: torch decides
                     raise pickle.UnpicklingError("a storage key with two types")

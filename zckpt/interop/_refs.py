@@ -344,13 +344,15 @@ class TorchBuilder:
         self.torch = torch
         self.allowed = wou._get_allowed_globals()
         self.whole: dict[str, Any] = {}
-        self.loaded: dict[tuple[str, str], Any] = {}
+        self.loaded: dict[tuple[str, str, int], Any] = {}
         self.memo: dict[int, tuple[Any, Any]] = {}
 
     def storage(self, s: StorageRef) -> Any:
         torch = self.torch
-        if (s.path, s.key) in self.loaded:
-            return self.loaded[(s.path, s.key)]
+        # By offset too: a DCP .distcp file holds many torch.save zips, each with a storage "0"
+        key = (s.path, s.key, s.offset)
+        if key in self.loaded:
+            return self.loaded[key]
         if s.path not in self.whole:
             import os
 
@@ -362,7 +364,7 @@ class TorchBuilder:
             wrap_storage=untyped, dtype=getattr(torch, s.dtype), _internal=True
         )
         if typed._data_ptr() != 0:  # as torch's own load shares them
-            self.loaded[(s.path, s.key)] = typed
+            self.loaded[key] = typed
         return typed
 
     def value(self, x: Any) -> Any:

@@ -380,10 +380,12 @@ class FileSource:
         held, mine = self.checkpoint._open_for_reads(path) if chunks else (None, False)
         # Imported here: reading headers (zckpt inspect) needs none of the decoder.
         from zckpt.format import decode_fragment
+        from zckpt.format._decode import decode_threads
 
         try:
             span: int | None = None
             threads: int | None = None
+            behind = False
             if held is not None:
                 piece, span = READ_PIECE, READ_SPAN
                 first, last = chunks[0], chunks[-1]
@@ -392,8 +394,10 @@ class FileSource:
                 read_into = partial(_read_some, held, ask=hot is not True)
                 if hot is False:
                     # From the disk: one reader in file order (a second one would only split
-                    # the disk stream); it hashes each step while read-ahead runs.
+                    # the disk stream); with a core to spare, the hashing runs behind it on
+                    # that core, so the reader asks for the next bytes at once.
                     threads = 1
+                    behind = decode_threads() > 1
             else:
                 read_into, piece = self._reader_into(), None
                 will_need = getattr(storage, "will_need", None)
@@ -411,6 +415,7 @@ class FileSource:
                 piece_bytes=piece,
                 span_bytes=span,
                 threads=threads,
+                hash_behind=behind,
             )
         except FormatError as e:
             raise type(e)(f"{path}: {e}") from None
