@@ -386,14 +386,19 @@ def test_a_second_writer_of_the_same_tag_gets_a_clear_error(tmp_path: Path) -> N
 
 
 def test_clean_and_retention_leave_a_save_in_flight_alone(tmp_path: Path) -> None:
+    """A save paused after its first blob (before its commit step takes the save_dir's commit
+    lock): ``clean`` runs to the end at once, removing a torn tag but not the save's files, and
+    another job's save with retention commits beside it; the paused save then commits."""
     _save(tmp_path, 1, "old")
     gate, release = threading.Event(), threading.Event()
+    written: list[str] = []
 
     class Paused(zckpt.LocalStorage):
         def write_atomic(self, path: str, buffers: Any) -> tuple[int, int]:
-            if path.endswith("manifest.zckm"):
+            if os.path.basename(os.path.dirname(path)) == "new" and len(written) == 1:
                 gate.set()
                 release.wait(30)
+            written.append(os.path.basename(path))
             return super().write_atomic(path, buffers)
 
     result: list[Any] = []
@@ -401,13 +406,24 @@ def test_clean_and_retention_leave_a_save_in_flight_alone(tmp_path: Path) -> Non
         target=lambda: result.append(_save(tmp_path, 2, "new", storage=Paused())), daemon=True
     )
     t.start()
-    assert gate.wait(30)
-    # The save's blobs are durable, its manifest not yet written: an uncommitted tag to clean.
-    assert zckpt.clean(str(tmp_path)) == []
-    release.set()
-    t.join(30)
+    try:
+        assert gate.wait(30)
+        # One blob of the save is durable, its other files and its manifest are not written yet:
+        # an uncommitted tag to clean, held by the save's tag lock.
+        first = tmp_path / "new" / written[0]
+        assert first.is_file() and not (tmp_path / "new" / "manifest.zckm").exists()
+        (tmp_path / "torn").mkdir()  # a dead save's tag: clean must still remove it
+        assert zckpt.clean(str(tmp_path)) == ["torn"]
+        _save(tmp_path, 3, "other", keep_last=1)  # retention: "old" goes, not the save in flight
+        assert sorted(c.tag for c in zckpt.list_tags(str(tmp_path))) == ["other"]
+        assert first.is_file()
+        assert not result  # still paused: everything above ran beside it
+    finally:
+        release.set()
+        t.join(30)
     assert result and result[0].tag == "new"
     assert_states_equal(zckpt.load_checkpoint(tmp_path).state, _state(2))
+    assert_states_equal(zckpt.load_checkpoint(tmp_path, tag="other").state, _state(3))
 
 
 # ------------------------------------------------------------------------------ full disk
