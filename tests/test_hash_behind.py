@@ -109,3 +109,26 @@ def test_the_first_damaged_chunk_comes_before_a_later_cut() -> None:
     data = bytes(blob[: chunks[9].offset + 10])
     kind, text = _outcome(data, 50, True, piece_bytes=16, span_bytes=1 << 20)
     assert kind == "ChecksumError" and f"offset {chunks[2].offset}" in text
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_a_bool_byte_that_is_neither_0_nor_1_is_refused_hashed_behind_too(behind: bool) -> None:
+    """The bool check runs after the hashes, inline or behind (found in review: the hashing
+    behind returned before it, so a forged bool byte with a matching checksum loaded)."""
+    import xxhash
+    from test_format import _chunk, base_blob, reseal
+
+    from zckpt.errors import FormatError
+
+    blob = base_blob("raw")
+    flag = decode_header(blob).fragments[1].chunks[0]
+    forged = bytearray(blob)
+    forged[flag.offset : flag.offset + 5] = b"\x02\x01\x01\x01\x01"
+    digest = xxhash.xxh3_64_intdigest(b"\x02\x01\x01\x01\x01")
+    sealed = reseal(bytes(forged), lambda o: _chunk(o, 1).update(x=digest))
+    h = decode_header(sealed)
+    r = Reads(sealed, None)
+    with pytest.raises(FormatError, match="bool byte"):
+        decode_fragment(
+            h, 1, r.read, read_into=r.read_into, span_bytes=1 << 20, threads=1, hash_behind=behind
+        )

@@ -135,75 +135,6 @@ def _decode_one(
         raise FormatError(f"{where}: a bool byte is neither 0 nor 1")
 
 
-def _read_raw_span(
-    h: BlobHeader,
-    fi: int,
-    span: tuple[int, ...],
-    read_into: ReadInto,
-    dst: U8,
-    piece: int | None = None,
-    behind: bool = False,
-) -> None:
-    """Raw frames ``span`` (adjacent in the file and in ``dst``) read straight into their
-    destination bytes, and each checked there against its own checksum.
-
-    ``read_into`` is asked for the whole span at once: a local file not in the page cache is
-    then read in one request larger than the kernel's read-ahead window, which the kernel
-    serves with large folios and large disk requests and keeps reading ahead of (a frame at a
-    time, 8 MiB, is read as a "random" read of small pages: docs/benchmarks.md, issue 14 part
-    1, fourth session). With ``piece``, ``read_into`` may return fewer bytes than asked (what
-    the page cache holds) and is called again for the rest; the bytes of each call are hashed
-    right after it, by the same thread, ``piece`` at a time, while they are still in the
-    core's cache. Each frame's digest is compared as soon as its last byte is in: as before,
-    every byte is checked before this returns.
-    """
-    frames = h.fragments[fi].chunks
-    view = as_bytes_view(dst)
-    total = view.nbytes
-    base = frames[span[0]].offset
-    if behind:
-        _read_span_hashed_behind(h, fi, span, read_into, view, piece)
-        return
-    k, frame_end = 0, frames[span[0]].length
-    hasher = xxhash.xxh3_64()
-    step = total if piece is None else piece
-    pos = 0
-    while pos < total:
-        got = read_into(base + pos, view[pos:])
-        if got <= 0 or (piece is None and got != total - pos):
-            at = pos + max(got, 0)
-            while k < len(span) - 1 and at >= frame_end:  # the frame the file ends in
-                k += 1
-                frame_end += frames[span[k]].length
-            c = frames[span[k]]
-            done = at - (frame_end - c.length)
-            raise TruncatedError(f"{h.describe(fi, span[k])}: read {done} of its {c.length} bytes")
-        end = pos + got
-        while pos < end:
-            stop = min(end, pos + step, frame_end)
-            hasher.update(view[pos:stop])
-            pos = stop
-            if pos == frame_end:
-                c = frames[span[k]]
-                digest = hasher.intdigest()
-                if digest != c.checksum:
-                    raise ChecksumError(
-                        f"{h.describe(fi, span[k])}: checksum mismatch (stored "
-                        f"{c.checksum:#018x}, computed {digest:#018x})"
-                    )
-                hasher.reset()
-                k += 1
-                if k < len(span):
-                    frame_end += frames[span[k]].length
-    if h.meta(h.fragments[fi].fragment.leaf).dtype_name == "bool":
-        at = 0
-        for ci in span:
-            n = frames[ci].length
-            if dst[at : at + n].max(initial=0) > 1:
-                raise FormatError(f"{h.describe(fi, ci)}: a bool byte is neither 0 nor 1")
-            at += n
-
-
 class _Frames:
     """The checks of a span's frames, fed the span's bytes in order as they arrive: each
     frame's digest is compared once its last byte is in; the first mismatch is kept."""
@@ -236,28 +167,40 @@ class _Frames:
                     self.frame_end += self.frames[self.span[self.k]].length
 
 
-def _read_span_hashed_behind(
+def _read_raw_span(
     h: BlobHeader,
     fi: int,
     span: tuple[int, ...],
     read_into: ReadInto,
-    view: memoryview,
-    piece: int | None,
+    dst: U8,
+    piece: int | None = None,
+    behind: bool = False,
 ) -> None:
-    """:func:`_read_raw_span`'s reads, with the hashing done on the hash thread behind them.
+    """Raw frames ``span`` (adjacent in the file and in ``dst``) read straight into their
+    destination bytes, and each checked there against its own checksum.
 
-    The reads go on while the bytes already read are hashed (about every
-    :data:`_BEHIND_STEP` bytes handed over at once). The hash thread is waited for before this
-    returns or raises; a checksum mismatch before the place a read failed is raised first, as
-    the inline checks would.
+    ``read_into`` is asked for the whole span at once: a local file not in the page cache is
+    then read in one request larger than the kernel's read-ahead window, which the kernel
+    serves with large folios and large disk requests and keeps reading ahead of (a frame at a
+    time, 8 MiB, is read as a "random" read of small pages: docs/benchmarks.md, issue 14 part
+    1, fourth session). With ``piece``, ``read_into`` may return fewer bytes than asked (what
+    the page cache holds) and is called again for the rest; the bytes of each call are hashed
+    right after it, by the same thread, ``piece`` at a time, while they are still in the
+    core's cache. With ``behind``, they are hashed on the hash thread instead, behind the
+    reads (about every :data:`_BEHIND_STEP` bytes handed over at once), which is waited for
+    before this returns or raises. Each frame's digest is compared as soon as its last byte
+    is in, and a mismatch before the place a read failed is raised first: every byte is
+    checked before this returns.
     """
     frames = h.fragments[fi].chunks
+    view = as_bytes_view(dst)
     total = view.nbytes
     base = frames[span[0]].offset
     checks = _Frames(h, fi, span, view)
-    pool = _hash_pool()
+    step = _BEHIND_STEP if behind else total if piece is None else piece
+    pool = _hash_pool() if behind else None
     last: Future[None] | None = None
-    pos = handed = 0
+    pos = handed = 0  # bytes read; bytes handed to the checks
     failure: BaseException | None = None
     try:
         while pos < total and checks.error is None:
@@ -274,19 +217,29 @@ def _read_span_hashed_behind(
                     f"{c.length} bytes"
                 )
             pos += got
-            if pos - handed >= _BEHIND_STEP or pos == total:
-                last = pool.submit(checks.feed, handed, pos, _BEHIND_STEP)
+            if pool is None:
+                checks.feed(handed, pos, step)
+                handed = pos
+            elif pos - handed >= step or pos == total:
+                last = pool.submit(checks.feed, handed, pos, step)
                 handed = pos
     except BaseException as e:
         failure = e
     if last is not None:
         last.result()  # the hash thread reads the caller's memory: done before returning
     if failure is not None and handed < pos:
-        checks.feed(handed, pos, _BEHIND_STEP)  # the bytes read before the failure, checked
+        checks.feed(handed, pos, step)  # the bytes read before the failure, checked
     if checks.error is not None:
         raise checks.error from None
     if failure is not None:
         raise failure
+    if h.meta(h.fragments[fi].fragment.leaf).dtype_name == "bool":
+        at = 0
+        for ci in span:
+            n = frames[ci].length
+            if dst[at : at + n].max(initial=0) > 1:
+                raise FormatError(f"{h.describe(fi, ci)}: a bool byte is neither 0 nor 1")
+            at += n
 
 
 # Bytes hashed at a time behind the reads (the bytes are in memory by then, not the cache).
