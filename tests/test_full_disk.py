@@ -128,11 +128,12 @@ def loads_as(save_dir: Path, tag: str | None, value: int | None) -> str | None:
 
 
 def leftovers(save_dir: Path) -> list[str]:
-    """Temporary files anywhere, and the failed save's tag directory."""
+    """Temporary files and lock files anywhere, and the failed save's tag directory."""
     out = []
     for dirpath, dirnames, filenames in os.walk(save_dir):
         for n in filenames + dirnames:
-            if n.startswith(".") and ".tmp." in n:
+            # temporaries, and lock files: a lock is removed by its holder when released
+            if n.startswith(".") and (".tmp." in n or n.endswith((".zckpt-lock", ".zckpt.lock"))):
                 out.append(os.path.relpath(os.path.join(dirpath, n), save_dir))
     if (save_dir / "new").exists():
         out.append(f"new/ (holding {sorted(os.listdir(save_dir / 'new'))})")
