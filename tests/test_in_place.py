@@ -306,3 +306,16 @@ def test_every_path_of_a_shared_leaf_is_filled_or_skipped(
     for name, d in given_dests.items():
         assert torch.equal(d, values[int(name[1 : name.index("_")])]), name
         assert module[name].data_ptr() == d.data_ptr(), name  # the caller's own memory
+
+
+def test_a_tied_model_resumes_from_a_save_that_held_the_tie_apart(tmp_path: Path) -> None:
+    """Saved untied (two leaves of equal values), loaded into a model that ties them: the two
+    leaves are not read into the one memory (that is refused), the second is copied in."""
+    src = Net()
+    with torch.no_grad():
+        untied = {k: v.clone() for k, v in src.state_dict().items()}
+    zckpt.save_checkpoint(tmp_path, {"module": untied}, zckpt.ZeroSpec(1, 1), tag="t")
+    model = Net()
+    Checkpointer(model).load_checkpoint(tmp_path)
+    assert model.head.weight is model.embed.weight
+    assert torch.equal(model.embed.weight, src.embed.weight)
