@@ -70,8 +70,9 @@ def get_fp32_state_dict_from_zero_checkpoint(
     materialise, one tensor at a time.
 
     Also reads checkpoints DeepSpeed wrote (stages 1-3, detected by their files) and
-    directories ``torch.distributed.checkpoint`` wrote (DCP: the tensors under its ``model``
-    key, or all of them when it has none; 16-bit ones upcast; ``interop/_dcp_fp32.py``),
+    directories that PyTorch DCP wrote (:func:`~zckpt.interop.is_dcp_checkpoint`: the tensors
+    under its ``model`` key, or all of them when it has none; 16-bit ones upcast;
+    ``interop/_dcp_fp32.py``),
     neither running their pickles' code.
 
     Args:
