@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from zckpt.errors import (
         AllocationError,
         ArgumentError,
+        CastError,
         ChecksumError,
         CoverageError,
         FormatError,
@@ -86,6 +87,7 @@ __getattr__, __dir__ = attach(
         ),
         "zckpt.errors": (
             "AllocationError",
+            "CastError",
             "ArgumentError",
             "ChecksumError",
             "CoverageError",
@@ -151,6 +153,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ChecksumError",
     "AllocationError",
+    "CastError",
     "ArgumentError",
     "CoverageError",
     "FlatGroup",

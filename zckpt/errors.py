@@ -23,6 +23,7 @@ from __future__ import annotations
 __all__ = [
     "AllocationError",
     "ArgumentError",
+    "CastError",
     "ChecksumError",
     "CoverageError",
     "FormatError",
@@ -121,5 +122,16 @@ class AllocationError(ZckptError, MemoryError):
 
     Example:
         >>> issubclass(AllocationError, MemoryError)
+        True
+    """
+
+
+class CastError(ZckptError, ValueError):
+    """Values asked for in a narrower dtype do not fit it: a finite value would become
+    ``inf`` (``1e6`` as fp16), so the result would be silently wrong (names the tensor, how
+    many values and the largest magnitude).
+
+    Example:
+        >>> issubclass(CastError, ValueError)
         True
     """

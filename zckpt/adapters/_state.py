@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from zckpt.errors import StateError
+from zckpt.errors import CastError, StateError
+from zckpt.format._dtypes import cast_values
 from zckpt.spec import ZeroSpec
 from zckpt.store import LoadError
 
@@ -309,19 +310,10 @@ def _check_cast(name: str, saved: torch.Tensor, dest: torch.Tensor) -> None:
             f"{saved.dtype}; zckpt does not cast between integer, bool and float tensors "
             "(values would change silently): build the model with the saved dtype"
         )
-    if torch.finfo(dest.dtype).max >= torch.finfo(saved.dtype).max:
-        return
-    finite = torch.isfinite(saved)
-    over = finite & ~torch.isfinite(saved.to(dest.dtype))
-    n = int(over.sum())
-    if n:
-        worst = float(saved[finite].abs().max())
-        raise LoadError(
-            f"module/{name}: {n:,} finite value(s) of the checkpoint's {saved.dtype} tensor "
-            f"(largest magnitude {worst:.6g}) overflow the model's {dest.dtype} (max "
-            f"{torch.finfo(dest.dtype).max:.6g}) and would load as inf: build the model with "
-            f"the saved dtype"
-        )
+    try:
+        cast_values(saved, dest.dtype, f"module/{name}")
+    except CastError as e:
+        raise LoadError(f"{e}: build the model with the saved dtype") from None
 
 
 def prefer_masters(
@@ -358,9 +350,9 @@ def prefer_masters(
         >>> prefer_masters(model.half(), {"weight": torch.full((1, 2), 1e6)}, None)
         Traceback (most recent call last):
         ...
-        zckpt.store._load.LoadError: module/weight: 2 finite value(s) of the checkpoint's \
-torch.float32 tensor (largest magnitude 1e+06) overflow the model's torch.float16 (max 65504) \
-and would load as inf: build the model with the saved dtype
+        zckpt.store._load.LoadError: module/weight: 2 finite value(s) of its torch.float32 \
+values (largest magnitude 1e+06) overflow torch.float16 (max 65504) and would be inf: build \
+the model with the saved dtype
     """
     dest = unwrap(model).state_dict(keep_vars=True)
     # Frozen parameters have no master: their saved value is the one training used.

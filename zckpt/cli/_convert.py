@@ -23,6 +23,7 @@ from zckpt.cli._inspect import source_codec
 from zckpt.cli._main import CommandLineError, progress
 from zckpt.cli._manage import clean, positive, prune
 from zckpt.errors import SpecError
+from zckpt.format._dtypes import cast_values
 from zckpt.interop import (
     DeepSpeedFormatError,
     deepspeed_training_state,
@@ -68,7 +69,7 @@ def _save_torch(sd: dict[str, Any], out: str, dtype: torch.dtype, args: argparse
             for k, v in sd.items():
                 if id(v) not in done:
                     t = v if isinstance(v, torch.Tensor) else v.contiguous()
-                    done[id(v)] = t.to(dtype) if t.is_floating_point() else t
+                    done[id(v)] = cast_values(t, dtype, k) if t.is_floating_point() else t
                     bar.update(_nbytes(v))
                 full[k] = done[id(v)]
         with open(tmp, "xb") as f:

@@ -165,7 +165,7 @@ def consolidate_dcp(args: argparse.Namespace, kind: str) -> int:
     sd, left_out = export_values(args.path, check_records=True, keys=scope)
     want = DTYPE_NAMES[args.dtype]
     if want == "float32":  # export_to keeps dtypes for fp32: upcast 16-bit values here
-        sd = {k: _as(v, want) for k, v in sd.items()}
+        sd = {k: _as(v, want, k) for k, v in sd.items()}
     if left_out:
         shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5
                                            else "")  # fmt: skip
@@ -176,22 +176,24 @@ def consolidate_dcp(args: argparse.Namespace, kind: str) -> int:
     return code
 
 
-def _as(v: Any, dtype: str) -> Any:
-    """``v`` as a lazy ``dtype`` tensor when it is a floating one of another dtype."""
-    from zckpt.format._dtypes import dtype_name, is_floating, torch_dtype
+def _as(v: Any, dtype: str, name: str) -> Any:
+    """``v`` (tensor ``name``) as a lazy ``dtype`` tensor when it is a floating one of another
+    dtype."""
+    from zckpt.format._dtypes import cast_values, dtype_name, is_floating, torch_dtype
     from zckpt.store._fp32 import LazyTensor
 
     src = dtype_name(v.dtype)
     if src == dtype or not is_floating(src):
         return v
     to = torch_dtype(dtype)
-    return LazyTensor(tuple(v.shape), to, lambda: v.contiguous().to(to))
+    return LazyTensor(tuple(v.shape), to, lambda: cast_values(v.contiguous(), to, name))
 
 
 def _save_whole(args: argparse.Namespace) -> int:
     import torch
 
     from zckpt.cli._consolidate import DTYPE_NAMES, FLAG, end_process
+    from zckpt.format._dtypes import cast_values
     from zckpt.interop._dcp import open_dcp
     from zckpt.interop._dcp_state import checkpoint_state, require_intact
     from zckpt.interop._output import building_file
@@ -202,17 +204,17 @@ def _save_whole(args: argparse.Namespace) -> int:
     to = getattr(torch, DTYPE_NAMES[args.dtype])
     count = [0]
 
-    def cast(x: Any) -> Any:
+    def cast(x: Any, where: str) -> Any:
         if isinstance(x, torch.Tensor):
             count[0] += 1
-            return x.to(to) if x.is_floating_point() and x.dtype != to else x
+            return cast_values(x, to, where) if x.is_floating_point() else x
         if isinstance(x, dict):
-            return {k: cast(v) for k, v in x.items()}
+            return {k: cast(v, f"{where}.{k}" if where else str(k)) for k, v in x.items()}
         if isinstance(x, list):
-            return [cast(v) for v in x]
+            return [cast(v, f"{where}.{i}") for i, v in enumerate(x)]
         return x
 
-    state = cast(state)
+    state = cast(state, "")
     with building_file(args.out, overwrite=args.overwrite, flag=FLAG) as tmp, open(tmp, "xb") as f:
         torch.save(state, f)
     print(f"wrote {args.out}: {count[0]} tensors, {len(ck.metadata.values)} other values")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from zckpt.errors import FormatError, StateError
+from zckpt.errors import CastError, FormatError, StateError
 
 if TYPE_CHECKING:
     import torch
@@ -201,3 +201,40 @@ def is_planar(code: int) -> bool:
         (True, False, False)
     """
     return _PLANAR.get(code, False)
+
+
+def cast_values(t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``t`` as ``dtype`` (``t`` itself when it has that dtype): the one place an export or a
+    resume narrows floating values, refusing a cast that turns a finite value into ``inf``
+    (rounding to the nearest representable value is what a narrower dtype means; an
+    infinity is a wrong value).
+
+    Raises:
+        CastError: some finite value of ``t`` overflows ``dtype`` (``what`` names the tensor).
+
+    Example:
+        >>> import torch
+        >>> cast_values(torch.tensor([1.0, 3e38]), torch.bfloat16, "w").dtype
+        torch.bfloat16
+        >>> cast_values(torch.tensor([1.0, 1e6, -7e4]), torch.float16, "w")
+        Traceback (most recent call last):
+        ...
+        zckpt.errors.CastError: w: 2 finite value(s) of its torch.float32 values (largest \
+magnitude 1e+06) overflow torch.float16 (max 65504) and would be inf
+    """
+    import torch
+
+    out = t.to(dtype)
+    if out is t or not (t.is_floating_point() and out.is_floating_point()):
+        return out
+    if torch.finfo(dtype).max >= torch.finfo(t.dtype).max or not bool(out.isinf().any()):
+        return out
+    over = out.isinf() & t.isfinite()
+    n = int(over.sum())
+    if n:
+        worst = float(t[over].abs().max())
+        raise CastError(
+            f"{what}: {n:,} finite value(s) of its {t.dtype} values (largest magnitude "
+            f"{worst:.6g}) overflow {dtype} (max {torch.finfo(dtype).max:.6g}) and would be inf"
+        )
+    return out

@@ -53,9 +53,10 @@ import re
 import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from zckpt.format._dtypes import ITEMSIZE_OF_NAME, dtype_name, torch_dtype
+from zckpt.format._dtypes import ITEMSIZE_OF_NAME, cast_values, dtype_name, torch_dtype
 from zckpt.interop._files import find_deepspeed, recently_opened
 from zckpt.interop._output import (
     PYTHON_FLAG,
@@ -262,11 +263,11 @@ def _nbytes(v: Any, dtype: str) -> int:
     return _numel(v) * _itemsize(dtype)
 
 
-def _materialise(v: Any, dtype: str) -> torch.Tensor:
+def _materialise(v: Any, dtype: str, name: str = "") -> torch.Tensor:
     import torch
 
     t: torch.Tensor = v if isinstance(v, torch.Tensor) else v.contiguous()
-    t = t.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous()
+    t = cast_values(t.detach().to(device="cpu"), torch_dtype(dtype), name).contiguous()
     if t.numel() and t.untyped_storage().nbytes() != t.numel() * t.element_size():
         t = t.clone()  # a view into a larger buffer: safetensors refuses shared storage
     return t
@@ -370,7 +371,7 @@ def _write(
         if written != len(header):
             raise OSError(errno.EIO, f"{path}: short write of the header")
         for i in order:
-            n = write_value(fd, values[i], dtypes[i], _materialise)
+            n = write_value(fd, values[i], dtypes[i], partial(_materialise, name=names[i]))
             if n != sizes[i]:
                 raise OSError(
                     errno.EIO, f"{path}: {names[i]}: wrote {n} bytes, expected {sizes[i]}"
