@@ -73,8 +73,8 @@ def test_a_new_tags_save_lists_the_tag_once_and_asks_nothing_else_about_it(
     HEAD or LIST asking whether the tag's directory exists, and after the commit no listing
     of older generations (was: GET, HEAD, LIST before the blobs and a LIST after the
     manifest, 4 requests where there is now 1). The check that the save still holds its tag
-    lock (a GET) runs while the save_dir's lock is taken (a PUT). No HEAD follows a PUT (of a blob, the
-    manifest, ``latest``) whose answer's ETag is the MD5 of the bytes sent: that ETag is
+    lock (a GET) runs while the save_dir's lock is taken (a PUT). No HEAD follows a PUT (of
+    a blob, the manifest, ``latest``) whose answer's ETag is the MD5 of the bytes sent: it is
     the MD5 of what the store received, so it confirms every byte and their count (was: a
     HEAD after each, the size check; 3 round trips in series on the save's path)."""
     url, st = s3
