@@ -79,7 +79,12 @@ def _state(seed: int) -> dict[str, Any]:
 def _save(url: str, state: Any, opts: dict[str, Any], tag: str, **kw: Any) -> None:
     def rank(comm: Any) -> None:
         zckpt.save_checkpoint(
-            url, state, zckpt.ZeroSpec(2, 2), tag=tag, comm=comm, storage_options=opts or None,
+            url,
+            state,
+            zckpt.ZeroSpec(2, 2),
+            tag=tag,
+            comm=comm,
+            storage_options=opts or None,
             **kw,
         )
 
