@@ -494,7 +494,11 @@ def _run(argv: Sequence[str] | None) -> int:
         return e.code if isinstance(e.code, int) else 2
     args.as_command = argv is None  # the process is this command's (may end it when done)
     # Imported once the arguments parse: --help and --version need none of the store.
-    from zckpt.store._resolve import storage_options_scope
+    from zckpt.store._resolve import local_path, storage_options_scope
+
+    for name in ("path", "out"):  # file:// is a local path to every command, as to the API
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, local_path(getattr(args, name)))
 
     try:
         with storage_options_scope(storage_options(args)):

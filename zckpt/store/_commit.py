@@ -10,7 +10,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -483,6 +483,12 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
     with contextlib.ExitStack() as held:
         beside: list[threading.Thread] = []
         held.callback(_join, beside)  # runs last: after the dir lock's release
+        # On an object store the tag lock's check (a GET) goes while the save_dir's lock is
+        # taken (a PUT), not after it: its answer counts if that lock came within
+        # _CHECK_FRESH seconds, else (another job's commit was waited for) it is asked again.
+        remote = p.lock is not None and not isinstance(storage, LocalStorage)
+        check = _beside(p.lock.intact, beside) if remote and p.lock is not None else None
+        asked = time.monotonic()
         try:
             held.enter_context(dir_lock(storage, save_dir))
         except (ZckptError, OSError) as e:  # e.g. no room for the lock file on a full disk
@@ -497,7 +503,8 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
             # save_dir's does (runs first), not one after the other (an object store's release
             # is a read and a conditional delete, two round trips each).
             held.callback(_release_beside, p.lock, beside)
-        if p.lock is not None and not p.lock.intact():
+        fresh = check is not None and time.monotonic() - asked <= _CHECK_FRESH
+        if p.lock is not None and not (check() if check and fresh else p.lock.intact()):
             _discard(p)
             return {
                 "error": f"{tag_dir}: the save's lock on the tag was removed while it ran "
@@ -556,6 +563,29 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
 def _join(threads: list[threading.Thread]) -> None:
     for t in threads:
         t.join()
+
+
+_CHECK_FRESH = 1.0  # seconds: a tag lock's check this much older than the save_dir's lock
+
+
+def _beside(fn: Callable[[], bool], beside: list[threading.Thread]) -> Callable[[], bool]:
+    """Start ``fn`` in a thread of its own, added to ``beside``; return what waits for its
+    answer (False if it raised: a check that cannot tell says the lock is not intact)."""
+    got = [False]
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            got[0] = fn()
+
+    t = threading.Thread(target=run, name="zckpt-check-tag-lock", daemon=True)
+    t.start()
+    beside.append(t)
+
+    def answer() -> bool:
+        t.join()
+        return got[0]
+
+    return answer
 
 
 def _release_beside(lock: Lock, beside: list[threading.Thread]) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from zckpt.assemble._keys import Fp32Key, fp32_keys
 from zckpt.store._checkpoint import Checkpoint
-from zckpt.store._read import following_latest, open_checkpoint
+from zckpt.store._read import following_latest, locate, not_found, open_checkpoint
 from zckpt.store._resolve import storage_for
 from zckpt.store._storage import LocalStorage, Storage
 
@@ -110,10 +110,16 @@ def get_fp32_state_dict_from_zero_checkpoint(
 
             return dcp_fp32_state_dict(dcp, lazy_mode)
     if lazy_mode:
-        return _fp32(path, tag, exclude_frozen_parameters, True, storage)
-    return following_latest(
-        storage, path, tag, lambda: _fp32(path, tag, exclude_frozen_parameters, False, storage)
-    )
+        return _fp32(open_checkpoint(path, tag, storage=storage), exclude_frozen_parameters, True)
+    found = locate(storage, path, tag)  # latest is read here, once
+    if found is None:
+        raise not_found(path, tag, storage)
+
+    def attempt(ck: Checkpoint) -> dict[str, Any]:
+        ck.check_skeleton()
+        return _fp32(ck, exclude_frozen_parameters, False)
+
+    return following_latest(storage, path, tag, found=found, use=attempt)
 
 
 def fp32_keys_of(ck: Checkpoint, exclude_frozen_parameters: bool = False) -> list[Fp32Key]:
@@ -144,17 +150,10 @@ def fp32_keys_of(ck: Checkpoint, exclude_frozen_parameters: bool = False) -> lis
     return fp32_keys(m.skeleton, m.spec, exclude)
 
 
-def _fp32(
-    checkpoint_dir: str | os.PathLike[str],
-    tag: str | None,
-    exclude_frozen_parameters: bool,
-    lazy_mode: bool,
-    storage: Storage | None,
-) -> dict[str, Any]:
+def _fp32(ck: Checkpoint, exclude_frozen_parameters: bool, lazy_mode: bool) -> dict[str, Any]:
     from zckpt.assemble import Fp32Entry, assemble_fp32, index_sources
     from zckpt.format._dtypes import torch_dtype
 
-    ck = open_checkpoint(checkpoint_dir, tag, storage=storage)
     m = ck.manifest
     keys = fp32_keys_of(ck, exclude_frozen_parameters)
     entries = [Fp32Entry(k.name, k.source, torch_dtype(k.dtype_name), k.tied_to) for k in keys]

@@ -6,10 +6,11 @@ them differently from POSIX files:
 * **An atomic, durable write of a whole file.** An object store has no rename, but a single PUT
   (or a completed multipart upload) makes the whole object appear at once, and names are never
   reused for data: every blob carries a fresh generation. So a blob is uploaded under its final
-  name and counted only once the store has confirmed it (its size, and on S3 the ETags: the MD5
-  of what was sent). The manifest, a single small PUT written last by rank 0, is the commit;
-  ``latest`` is written after it. A failed upload leaves no object (an unfinished multipart
-  upload is aborted), and the save removes what it uploaded, as on local disk.
+  name and counted only once the store has confirmed it (on S3 its ETags: the MD5 of what was
+  sent, which confirms the size too; elsewhere its size). The manifest, a single small PUT
+  written last by rank 0, is the commit; ``latest`` is written after it. A failed upload
+  leaves no object (an unfinished multipart upload is aborted), and the save removes what it
+  uploaded, as on local disk.
 * **Only regular files.** Objects are the files; a "directory" is a name prefix that some
   object lies under. Reading a directory, or a name that is neither, is a ``StorageError``.
 * **Locks whose holder may die.** Lock objects with a lease, renewed by their holder and taken
@@ -228,7 +229,8 @@ class FsspecStorage(LeaseLocks):
 
     def write_atomic(self, path: str, buffers: Iterable[memoryview | bytes]) -> tuple[int, int]:
         """Upload ``buffers`` as the object ``path``; return (size, xxh3_64) once the store has
-        confirmed it (size; on S3 the ETags too). A failed upload leaves no new object."""
+        confirmed it (on S3 by its ETags, the MD5s of the bytes sent, or by a HEAD's size where
+        the answers cannot tell; elsewhere by its size). A failed upload leaves no new object."""
         try:
             result: tuple[int, int] = self._backend.put(self._key(path), buffers)
             return result

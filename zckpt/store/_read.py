@@ -133,21 +133,27 @@ def following_latest(
     found: Found | None = None,
     use: Callable[[Checkpoint], T] | None = None,
 ) -> T:
-    """Run a load; if it fails because the tag ``latest`` named was deleted meanwhile
-    (retention of a running job) and ``latest`` now names another tag, run it once more on that
-    one.
+    """Run a load; if it fails because what it read is gone (an overwrite's commit deleted the
+    old generation's blobs, or retention the tag ``latest`` named), find the checkpoint again
+    once and, if it is another one, run the load once more on that.
 
-    Either ``load`` (which opens the checkpoint itself), or ``found`` (what :func:`locate`
-    found) and ``use``, which is given the checkpoint ``found`` names, opened here without
-    resolving ``latest`` again (and, if it must run again, the one ``latest`` names now). A
-    load thus reads one checkpoint whole, from the one manifest it read: never a mix of two.
+    Either ``found`` (what :func:`locate` found) and ``use``, which is given the checkpoint
+    ``found`` names, opened here without resolving ``latest`` again; or ``load``, which opens
+    the checkpoint itself. On a :class:`CheckpointNotFoundError` or a ``StorageError`` (a blob
+    that is not there), ``latest`` (when the load followed it) and the tag's manifest are read
+    again: a tag ``latest`` moved to, or the same tag committed anew (another generation: it
+    was overwritten meanwhile, and the old generation's blobs deleted), is loaded once more,
+    whole, from its own manifest, so a load reads one checkpoint, never a mix of two. The same
+    generation means the checkpoint itself lost a file: the error is raised. A second failure
+    is raised as it is, its message saying the tag was overwritten while being loaded when it
+    was. With ``load``, only a tag ``latest`` moved to is followed (``load``'s own loads follow
+    generations).
 
     Example:
         >>> from zckpt.store import LocalStorage
         >>> following_latest(LocalStorage(), "/nonexistent", "t", lambda: 3)
         3
     """
-    run: Callable[[Found], T]
     if use is None:
         if load is None:
             raise TypeError("following_latest: pass load, or found and use")
@@ -156,27 +162,62 @@ def following_latest(
                 found = locate(storage, path, None)
         if found is None:  # a tag named, or nothing there (load says what): nothing to follow
             return load()
-        again = load
-        run = lambda _: again()  # noqa: E731
-    else:
-        if found is None:
-            raise TypeError("following_latest: use needs found")
-        with_ck = use
-        run = lambda f: with_ck(opened(storage, path, tag, f))  # noqa: E731
-
-    before = found.tag if found.via_latest else None
-    try:
-        return run(found)
-    except (CheckpointNotFoundError, StorageError):
-        if before is None:
-            raise
         try:
-            now = locate(storage, path, None)
-        except (ZckptError, OSError):
-            now = None
-        if now is None or now.tag == before:
-            raise
-        return run(now)
+            return load()
+        except (CheckpointNotFoundError, StorageError):
+            now = _found_again(storage, path, None)
+            if not found.via_latest or now is None or now.tag == found.tag:
+                raise
+            return load()
+    if found is None:
+        raise TypeError("following_latest: use needs found")
+    tried: list[str] = []  # the generation of each checkpoint opened
+    try:
+        ck = opened(storage, path, tag, found)
+        tried.append(ck.manifest.generation)
+        return use(ck)
+    except (CheckpointNotFoundError, StorageError) as e:
+        first = e
+    now = _found_again(storage, path, tag)
+    if now is None or (now.tag == found.tag and not tried):
+        raise first
+    try:
+        ck = opened(storage, path, tag, now)
+    except (ZckptError, OSError):
+        raise first from None
+    if now.tag == found.tag and ck.manifest.generation == tried[0]:
+        raise first  # the same checkpoint: one of its own files is gone
+    try:
+        return use(ck)
+    except StorageError as e:
+        tried.append(ck.manifest.generation)
+        last = _generation_now(storage, path, tag, now.tag)
+        if last is not None and last not in tried:  # moved on again: say so, and what to do
+            e.strerror = (
+                f"{e.strerror} (tag {now.tag!r} was overwritten while it was being loaded, "
+                f"twice: generations {' -> '.join([*tried, last])}; load again)"
+            )
+        raise
+
+
+def _generation_now(storage: Storage, path: str, tag: str | None, name: str) -> str | None:
+    """The generation committed now under the tag ``name`` that ``path`` and ``tag`` lead to
+    (None when they lead elsewhere, or nowhere)."""
+    now = _found_again(storage, path, tag)
+    if now is None or now.tag != name:
+        return None
+    try:
+        return opened(storage, path, tag, now).manifest.generation
+    except (ZckptError, OSError):
+        return None
+
+
+def _found_again(storage: Storage, path: str, tag: str | None) -> Found | None:
+    """:func:`locate` once more after a failed load; None when that fails too."""
+    try:
+        return locate(storage, path, tag)
+    except (ZckptError, OSError):
+        return None
 
 
 def opened(storage: Storage, path: str, tag: str | None, found: Found) -> Checkpoint:
@@ -194,7 +235,7 @@ def opened(storage: Storage, path: str, tag: str | None, found: Found) -> Checkp
         else:
             manifest = read_manifest(storage, found.tag_dir)
     except CheckpointNotFoundError:
-        raise _not_found(path, tag, storage) from None
+        raise not_found(path, tag, storage) from None
     except StorageError as e:
         raise CheckpointNotFoundError(errno.ENOENT, e.strerror or str(e)) from None
     _check_tag_link(storage, path, found.tag_dir)
@@ -227,13 +268,13 @@ def open_checkpoint(
     storage, path = storage_for(path, storage, storage_options)
     found = locate(storage, path, tag)
     if found is None:
-        raise _not_found(path, tag, storage)
+        raise not_found(path, tag, storage)
     ck = opened(storage, path, tag, found)
     ck.check_skeleton()
     return ck
 
 
-def _not_found(path: str, tag: str | None, storage: Storage) -> CheckpointNotFoundError:
+def not_found(path: str, tag: str | None, storage: Storage) -> CheckpointNotFoundError:
     """What is missing at ``path``, as :func:`~zckpt.store._explain.explain` says it."""
     from zckpt.store._explain import explain  # here: opening a checkpoint that is there needs none
 

@@ -18,7 +18,15 @@ from typing import Any
 from zckpt.errors import ArgumentError
 from zckpt.store._storage import LocalStorage, Storage
 
-__all__ = ["is_url", "isdir", "lexists", "listdir", "storage_for", "storage_options_scope"]
+__all__ = [
+    "is_url",
+    "isdir",
+    "lexists",
+    "listdir",
+    "local_path",
+    "storage_for",
+    "storage_options_scope",
+]
 
 _LOCAL = ("file://", "local://")
 # FsspecStorage per filesystem instance (fsspec caches instances per options), so repeated
@@ -38,6 +46,22 @@ def is_url(path: object) -> bool:
         (True, False, True)
     """
     return isinstance(path, str) and "://" in path
+
+
+def local_path(path: str) -> str:
+    """The local path a ``file://`` (or ``local://``) URL names; any other path or URL as it is.
+
+    Local URLs are local files: :class:`~zckpt.store.LocalStorage`, with its real renames,
+    fsyncs and ``flock`` locks (never fsspec's ``LocalFileSystem``, which has none of them),
+    and the code that reads DeepSpeed or DCP checkpoints or writes exports, which takes paths.
+
+    Example:
+        >>> local_path("file:///data/run1/"), local_path("s3://b/run1"), local_path("run1")
+        ('/data/run1/', 's3://b/run1', 'run1')
+    """
+    if isinstance(path, str) and path.startswith(_LOCAL):
+        return path.split("://", 1)[1] or "/"
+    return path
 
 
 def _is_filesystem(obj: object) -> bool:
@@ -75,7 +99,9 @@ def storage_for(
     """The storage that holds ``path``, and the path to give it.
 
     * ``storage`` given (a :class:`~zckpt.store.Storage`, or an fsspec filesystem, wrapped in
-      :class:`~zckpt.store.FsspecStorage`): used as it is, with ``path`` as given.
+      :class:`~zckpt.store.FsspecStorage`): used as it is, with ``path`` as given (a
+      :class:`~zckpt.store.LocalStorage` takes a ``file://`` URL's local path, and refuses
+      any other URL: it would become a local directory named after the scheme).
     * a plain path or ``file://`` URL: :class:`~zckpt.store.LocalStorage` and the local path.
     * any other URL (``s3://``, ``memory://``, ``gs://``, ...): the fsspec filesystem for it,
       built with ``storage_options`` (credentials, ``endpoint_url``, ...) as ``fsspec.open``
@@ -95,6 +121,9 @@ def storage_for(
         '/data/run1'
         >>> storage_for("memory://run1/")
         (FsspecStorage(MemoryFileSystem), 'memory://run1')
+        >>> storage_for("file:///data/run1", LocalStorage())[1]
+        '/data/run1'
+
     """
     if isinstance(path, os.PathLike) or not is_url(path):
         if storage_options:
@@ -107,9 +136,16 @@ def storage_for(
     if explicit is not None:
         if storage_options:
             raise ArgumentError("pass storage_options or storage=, not both")
+        if isinstance(explicit, LocalStorage):  # a URL taken as a path: ./s3:/bucket/...
+            if not text.startswith(_LOCAL):
+                raise ArgumentError(
+                    f"{text} is a URL, and the storage given is local files ({explicit!r}): "
+                    "pass a path, or the URL without storage="
+                )
+            return explicit, local_path(text)
         return explicit, _url_path(text)
     if text.startswith(_LOCAL):
-        return LocalStorage(), text.split("://", 1)[1] or "/"
+        return LocalStorage(), local_path(text)
     options = dict(_scoped.get() or {}) if storage_options is None else dict(storage_options)
     try:
         import fsspec

@@ -7,7 +7,9 @@ bytes, else a multipart upload whose parts (``part_size`` bytes, ``max_concurren
 are file-like views of those buffers, so nothing is copied into one big object and memory stays
 bounded by the parts in flight. Every upload is counted only once the server has confirmed it:
 each part's ETag (and a single PUT's) is the MD5 of the bytes sent, checked; the completed
-object's ETag is the MD5 of the parts' MD5s, checked; its size is read back with a HEAD. A
+object's ETag is the MD5 of the parts' MD5s, checked (S3 computes it from the MD5s of the parts
+it stored, so it confirms every byte, and so the size: no HEAD follows; where an answer has no
+ETag, or the bucket's ETags are no MD5s, a HEAD checks the size and ETag). A
 compressed :class:`~zckpt.format.BlobStream` is streamed too: its frames fill parts 2, 3, ...
 (of at most :data:`STREAM_PART` bytes, at most :data:`STREAM_FLIGHT` of them in flight) as they
 are encoded, and part 1 (the head, known last, plus the first frames) is uploaded last; S3
@@ -401,7 +403,11 @@ class S3Backend:
                     parts = iter(windows(views, self._part_for(size), max_buffers=sys.maxsize))
                     etag = self._multipart(path, parts, None, hasher)
             digest = hasher.intdigest()
-        self._confirm(path, size, etag)
+        if not etag or self.checksums:
+            # An ETag that is the MD5 of the bytes sent (of the parts' MD5s) confirmed them all,
+            # so their count too. With no ETag, or on a bucket whose ETags are no MD5s (a
+            # 32-bit CRC32 checked instead), the HEAD checks the size and the ETag as well.
+            self._confirm(path, size, etag)
         return size, digest
 
     def _put_hashing(self, path: str, views: list[memoryview], hasher: Any) -> str:
