@@ -5,6 +5,9 @@
 optimizer state dicts (DTensors, ``Shard(0)``) are saved with ``zckpt.save_checkpoint`` (each rank
 its own shards), then two more steps run; rank 0 writes ``WORK/expected.pt`` (the saved global
 values, gathered here by the test, never by zckpt) and ``WORK/losses_train.pt``.
+``MODE`` ``grid`` (4 ranks): DTensors of every supported placement on a (2, 2) mesh, saved;
+a ``Partial()`` one refused. ``MODE`` ``row`` (3 ranks): those tensors loaded into DTensors
+sharded otherwise on a 1-D mesh, each rank's local tensor checked against the same full values.
 ``MODE`` ``resume``: a fresh FSDP2 model and AdamW at this world size, their state dicts made
 as a real resume makes them (``get_model_state_dict``/``get_optimizer_state_dict``), loaded in
 place with ``zckpt.load_checkpoint(into=...)``, handed back with ``set_optimizer_state_dict``;
@@ -20,6 +23,7 @@ import os
 import sys
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
@@ -28,7 +32,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, init_device_mesh
+from torch.distributed.tensor import (
+    DTensor,
+    Partial,
+    Replicate,
+    Shard,
+    distribute_tensor,
+    init_device_mesh,
+)
 
 import zckpt
 from zckpt.dist import TorchComm
@@ -73,10 +84,82 @@ def full(state: Any) -> Any:
     return state
 
 
+def grid_values() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return {
+        "a": torch.randn(7, 5, generator=g),
+        "b": torch.randn(4, 6, generator=g).bfloat16(),
+        "c": torch.randint(-9, 9, (5, 3), generator=g),
+        "d": torch.randn(3, generator=g),
+        "e": torch.randn(2, 9, generator=g).half(),
+        "f": torch.randn(1, 4, generator=g),
+        "s": torch.tensor(2.5),
+    }
+
+
+GRID: dict[str, Any] = {
+    "a": (Shard(0), Shard(1)),
+    "b": (Replicate(), Shard(1)),
+    "c": (Shard(0), Replicate()),
+    "d": (Replicate(), Replicate()),
+    "e": (Shard(1), Shard(1)),  # one tensor dimension split by both mesh dimensions
+    "f": (Shard(0), Shard(0)),  # one row over four ranks: three hold nothing
+    "s": (Replicate(), Replicate()),
+}
+
+
+def grid(work: str, ws: int) -> None:
+    mesh = init_device_mesh("cpu", (2, ws // 2), mesh_dim_names=("dp", "tp"))
+    full = grid_values()
+    state = {
+        "model": {k: distribute_tensor(v, mesh, list(GRID[k])) for k, v in full.items()},
+        "plain": torch.arange(4),
+        "epoch": 3,
+    }
+    zckpt.save_checkpoint(os.path.join(work, "grid"), state, comm=TorchComm(), tag="g")
+    partial = DTensor.from_local(torch.ones(2), mesh, [Partial(), Replicate()])
+    # Refused on every rank, before anything is written.
+    with pytest.raises(zckpt.StateError, match=r"^p: placement P\(sum\) .*Partial"):
+        zckpt.save_checkpoint(os.path.join(work, "bad"), {"p": partial}, comm=TorchComm(), tag="p")
+    assert not os.path.exists(os.path.join(work, "bad", "p", "manifest.zckm"))
+
+
+def row(work: str, ws: int) -> None:
+    mesh = init_device_mesh("cpu", (ws,))
+    full = grid_values()
+    into = {
+        "model": {
+            k: distribute_tensor(
+                torch.zeros_like(v), mesh, [Shard(v.dim() - 1) if v.dim() else Replicate()]
+            )
+            for k, v in full.items()
+        }
+    }
+    got = zckpt.load_checkpoint(os.path.join(work, "grid"), into=into)
+    for k, v in full.items():
+        dt = into["model"][k]
+        assert got.state["model"][k] is dt
+        want = distribute_tensor(v, mesh, list(dt.placements)).to_local()
+        assert torch.equal(dt.to_local(), want), (k, dt.to_local(), want)
+    assert got.state["epoch"] == 3 and torch.equal(got.state["plain"], torch.arange(4))
+    # A destination of another global shape or dtype is refused, naming the tensor.
+    wrong = {"model": {"a": distribute_tensor(torch.zeros(7, 6), mesh, [Shard(0)])}}
+    with pytest.raises(zckpt.LoadError, match=r"into=model/a: .*\[7, 6\] tensor"):
+        zckpt.load_checkpoint(os.path.join(work, "grid"), into=wrong)
+    with open(os.path.join(work, f"row_ok_{dist.get_rank()}"), "w") as f:
+        f.write("ok")
+
+
 def main() -> None:
     rank, ws, work, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method=f"file://{work}/rdv-{mode}", rank=rank, world_size=ws)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{work}/rdv-{mode}", rank=rank, world_size=ws
+    )
     try:
+        if mode in ("grid", "row"):
+            (grid if mode == "grid" else row)(work, ws)
+            dist.barrier()
+            return
         model, opt = build(ws)
         ckpt = os.path.join(work, "ckpt")
         if mode == "train":

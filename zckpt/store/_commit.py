@@ -16,9 +16,9 @@ from typing import Any
 
 import zckpt
 from zckpt.dist import Comm, SingleProcess
+from zckpt.dist._dtensor import local_boxes
 from zckpt.errors import ArgumentError, FormatError, SpecError, ZckptError
 from zckpt.format import _encode
-from zckpt.dist._dtensor import local_boxes
 from zckpt.shard import LocalBox, Shard, shard_state
 from zckpt.spec import ZeroSpec
 from zckpt.store._blobs import (

@@ -160,7 +160,13 @@ def load_checkpoint(
             and of the tensor's element count (or, for a partitioned tensor, of this rank's
             range's): anything else is a :class:`LoadError` naming the path. A leaf set to
             :data:`SKIP` is not read at all (and is absent from the result); paths ``into``
-            does not name get new tensors.
+            does not name get new tensors. A DTensor (FSDP2, tensor parallelism; placements
+            ``Shard(d)`` and ``Replicate()`` on a mesh of any shape) or a
+            :class:`~zckpt.LocalBox` receives only its own block of the saved global tensor,
+            whatever world size, mesh and placements saved it: each run of the block is read
+            straight into the local tensor (staged through host memory when it is on a GPU),
+            and the result holds the DTensor itself; ``rank`` and the spec play no part for
+            it. Its global shape and dtype must be the saved tensor's (else a LoadError).
         storage: the filesystem (default: local files, or the fsspec filesystem of a URL such
             as ``s3://bucket/run1``: see :func:`~zckpt.store.storage_for`).
         storage_options: options for a URL's fsspec filesystem (``endpoint_url``, ...).
@@ -272,7 +278,7 @@ class _Routes:
             box = d if isinstance(d, LocalBox) else None
             if d is not SKIP and box is None and not isinstance(d, torch.Tensor):
                 raise LoadError(
-                    f"into={format_path(path)}: expected a tensor, a LocalBox or SKIP, got "
+                    f"into={format_path(path)}: expected a tensor or SKIP (or a LocalBox), got "
                     f"{type(d).__name__}"
                 )
             if box is None and d is not SKIP:
@@ -447,13 +453,13 @@ def _load(
     staged: list[tuple[int, torch.Tensor]] = []
     for leaf, b in boxes.items():
         if outs is None:
-            outs = []
-        for f, view in _box_views(skel, leaf, b):
-            if view.device.type != "cpu":
-                staged.append((len(held), view))
-                view = None
+            outs = [None] * len(held)
+        for f, run in _box_views(skel, leaf, b):
+            on_host = run.device.type == "cpu"
+            if not on_host:
+                staged.append((len(held), run))
             held.append(f)
-            outs.append(view)
+            outs.append(run if on_host else None)
     # Checked before anything is read: the other destinations of a leaf, for its copies.
     extra: dict[int, list[torch.Tensor]] = {}
     for leaf, d in copies:
@@ -473,8 +479,8 @@ def _load(
     ck.check_skeleton()  # no read when this rank read a header (the first one checked it)
     for i, view in copy_into:
         view.copy_(parts[i])
-    for i, view in staged:
-        view.copy_(parts[i])
+    for i, run in staged:
+        run.copy_(parts[i])
     leaves: list[Any] = [None] * len(skel.tensors)
     for leaf in keep:
         meta = skel.tensors[leaf]
