@@ -116,7 +116,15 @@ def grid(work: str, ws: int) -> None:
         "plain": torch.arange(4),
         "epoch": 3,
     }
-    zckpt.save_checkpoint(os.path.join(work, "grid"), state, comm=TorchComm(), tag="g")
+    comm = TorchComm()
+    zckpt.save_checkpoint(os.path.join(work, "grid"), state, comm=comm, tag="g")
+    # An asynchronous save snapshots the local blocks: training may change them at once.
+    pending = zckpt.save_checkpoint(
+        os.path.join(work, "grid"), state, comm=comm, tag="g2", save_latest=False, async_=True
+    )
+    for v in state["model"].values():
+        v.to_local().zero_()
+    pending.wait()
     partial = DTensor.from_local(torch.ones(2), mesh, [Partial(), Replicate()])
     # Refused on every rank, before anything is written.
     with pytest.raises(zckpt.StateError, match=r"^p: placement P\(sum\) .*Partial"):

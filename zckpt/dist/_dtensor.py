@@ -126,7 +126,8 @@ def local_boxes(skel: Skeleton, leaves: Sequence[Any], world_size: int) -> dict[
         if n != world_size:
             raise StateError(
                 f"{skel.name(leaf)}: its DTensor's mesh has {n} ranks, the save {world_size}: "
-                "zckpt saves DTensors whose mesh spans every saving rank"
+                "zckpt saves DTensors whose mesh spans every saving rank (every rank calls "
+                "save_checkpoint with comm=zckpt.dist.TorchComm())"
             )
         out[leaf] = b
     return out
