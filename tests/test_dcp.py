@@ -215,16 +215,25 @@ def test_cli_consolidate_safetensors_and_pt(
 
     d, full = three
     out = tmp_path / "m.safetensors"
+    # By default the module's tensors (under "model"), by their names in it: a model file.
     assert main(["consolidate", str(d), str(out), "--quiet"]) == 0
-    assert "left out 3 non-tensor value(s)" in capsys.readouterr().out
+    assert "left out" not in capsys.readouterr().out  # the values are not the module's
     got = load_file(out)
+    assert set(got) == set(full)
     for k, v in full.items():
         want = v.float() if v.is_floating_point() else v  # --dtype fp32, the default
-        assert_same(got[f"model.{k}"], want, k)
+        assert_same(got[k], want, k)
+    every = tmp_path / "all.safetensors"
+    assert main(["consolidate", str(d), str(every), "--all-tensors", "--quiet"]) == 0
+    assert "left out 3 non-tensor value(s)" in capsys.readouterr().out
+    got = load_file(every)
+    assert set(got) == {f"model.{k}" for k in full} | {"plain"}
+    for k, v in full.items():
+        assert_same(got[f"model.{k}"], v.float() if v.is_floating_point() else v, k)
     shards = tmp_path / "hf"
     assert main(["consolidate", str(d), f"{shards}/", "--dtype", "bf16", "--quiet"]) == 0
     got = {k: v for f in shards.glob("*.safetensors") for k, v in load_file(f).items()}
-    assert_same(got["model.rows"], full["rows"].bfloat16())
+    assert_same(got["rows"], full["rows"].bfloat16())
     pt = tmp_path / "all.pt"
     assert main(["consolidate", str(d), str(pt), "--dtype", "fp32", "--quiet"]) == 0
     ref = torch_reads(d)
@@ -257,3 +266,51 @@ def test_reshard_points_to_convert(
         "is a DCP checkpoint: import it with 'zckpt convert --from dcp" in capsys.readouterr().err
     )
     assert not (tmp_path / "r").exists()
+
+
+# -- get_fp32_state_dict_from_zero_checkpoint of a DCP checkpoint ---------------------------
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    narrow = t.is_floating_point() and t.element_size() < 4
+    return t.float() if narrow else t
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_fp32_state_dict_is_the_model_upcast(one: tuple[Path, dict[str, Any]], lazy: bool) -> None:
+    d, _ = one
+    want = torch_reads(d)["model"]
+    got = zckpt.get_fp32_state_dict_from_zero_checkpoint(d, lazy_mode=lazy)
+    assert list(got) == list(want)  # the model's keys, without DCP's "model." prefix
+    for k, v in want.items():
+        g = got[k].contiguous() if lazy else got[k]
+        assert_same(g, _upcast(v), k)
+    assert got["b"].dtype == torch.float32 and got["m"].dtype == torch.bool
+
+
+def test_fp32_state_dict_of_fsdp2_loads_into_the_model(
+    fsdp: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    d, full = fsdp
+    got = zckpt.get_fp32_state_dict_from_zero_checkpoint(d)
+    assert set(got) == set(full)  # no optimizer state
+    want = torch_reads(d)["model"]
+    for k in full:
+        assert_same(got[k], _upcast(want[k]), k)
+
+
+def test_fp32_state_dict_bare_model_and_tag(tmp_path: Path) -> None:
+    # dcp.save(model.state_dict()): no "model" key, so every tensor is the module's, by its
+    # own name (an HF module's "model." prefix is its own, kept); fp64 is not narrowed.
+    g = torch.Generator().manual_seed(3)
+    sd = {
+        "model.embed.weight": torch.randn(5, 3, generator=g).half(),
+        "lm_head.weight": torch.randn(2, 3, generator=g, dtype=torch.float64),
+        "count": torch.tensor([4], dtype=torch.int64),
+    }
+    dcp_save(sd, tmp_path / "run" / "step-3")
+    got = zckpt.get_fp32_state_dict_from_zero_checkpoint(tmp_path / "run", tag="step-3")
+    assert list(got) == list(sd)
+    for k, v in sd.items():
+        assert_same(got[k], _upcast(v), k)
+    assert got["lm_head.weight"].dtype == torch.float64

@@ -140,8 +140,11 @@ def verify_dcp(args: argparse.Namespace) -> int:
 
 
 def consolidate_dcp(args: argparse.Namespace, kind: str) -> int:
-    """``zckpt consolidate DCP_DIR OUT`` (OUT already checked): every tensor by its DCP name as
-    safetensors, streamed file to file (``interop/_dcp_state.py: export_values``), or, for a
+    """``zckpt consolidate DCP_DIR OUT`` (OUT already checked): the module's tensors (those
+    under the state dict's ``model`` key, by their names in it, or every tensor when there is
+    no such key: ``interop/_dcp_fp32.py``), or with ``--all-tensors`` every tensor by its DCP
+    name (optimizer state included), as safetensors, streamed file to file
+    (``interop/_dcp_state.py: export_values``), or, for a
     ``.pt``/``.bin`` OUT, the whole state dict as ``dcp_to_torch_save`` writes it (non-tensor
     values included). ``--dtype`` casts floating tensors (fp32, the default, upcasts 16-bit
     ones). Every item is checked against its CRC-32 first.
@@ -156,7 +159,10 @@ def consolidate_dcp(args: argparse.Namespace, kind: str) -> int:
 
     if kind == "torch":
         return _save_whole(args)
-    sd, left_out = export_values(args.path, check_records=True)
+    from zckpt.interop._dcp_fp32 import module_scope
+
+    scope = None if getattr(args, "all_tensors", False) else module_scope
+    sd, left_out = export_values(args.path, check_records=True, keys=scope)
     want = DTYPE_NAMES[args.dtype]
     if want == "float32":  # export_to keeps dtypes for fp32: upcast 16-bit values here
         sd = {k: _as(v, want) for k, v in sd.items()}

@@ -326,6 +326,13 @@ def _parser() -> argparse.ArgumentParser:
         "(default: read all first)",
     )
     p.add_argument(
+        "--all-tensors",
+        action="store_true",
+        help="DCP checkpoints, safetensors OUT: every tensor under its DCP name, optimizer "
+        "state included (default: the module's, those under the 'model' key, by their names "
+        "in it)",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an existing OUT, atomically: readers see the old export or the new one "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -294,16 +294,39 @@ def nest(md: DcpMetadata, flat: dict[str, Any]) -> dict[str, Any]:
     return root
 
 
-def _tensors(ck: DcpCheckpoint, lazy_mode: bool) -> dict[str, Any]:
+def dcp_tensors(
+    ck: DcpCheckpoint,
+    lazy_mode: bool,
+    keys: dict[str, str] | None = None,
+    *,
+    upcast: bool = False,
+) -> dict[str, Any]:
+    """Tensors of an open DCP checkpoint, assembled from their runs: every one by its DCP name,
+    or (``keys``: DCP name -> output key) the ones named, under their output keys. ``upcast``:
+    floating tensors narrower than fp32 (fp16, bf16, fp8) are built as fp32, upcast as they
+    are copied (no narrow copy first); other dtypes, fp64 included, are kept.
+    ``lazy_mode``: :class:`zckpt.LazyTensor` values.
+
+    Example:
+        >>> dcp_tensors.__name__
+        'dcp_tensors'
+    """
     from zckpt.assemble import Fp32Entry, assemble_fp32, fp32_tensors
     from zckpt.format._decode import decode_threads
-    from zckpt.format._dtypes import torch_dtype
+    from zckpt.format._dtypes import ITEMSIZE_OF_NAME, is_floating, torch_dtype
     from zckpt.store._fp32 import LazyTensor
 
     lay = dcp_layout(ck)
+
+    def dtype(i: int) -> Any:
+        name = lay.skeleton.tensors[i].dtype_name
+        narrow = is_floating(name) and ITEMSIZE_OF_NAME.get(name, 4) < 4
+        return torch_dtype("float32" if upcast and narrow else name)
+
     entries = [
-        Fp32Entry(n, i, torch_dtype(lay.skeleton.tensors[i].dtype_name), None)
+        Fp32Entry(n if keys is None else keys[n], i, dtype(i), None)
         for i, n in enumerate(ck.metadata.tensors)
+        if keys is None or n in keys
     ]
     if not lazy_mode:
         return fp32_tensors(lay.saved, entries, decode_threads())
@@ -353,17 +376,22 @@ def checkpoint_state(ck: DcpCheckpoint, *, lazy_mode: bool = False) -> dict[str,
         >>> checkpoint_state.__name__
         'checkpoint_state'
     """
-    flat = _tensors(ck, lazy_mode)
+    flat = dcp_tensors(ck, lazy_mode)
     for name in ck.metadata.values:
         flat[name] = ck.value(name)
     return nest(ck.metadata, flat)
 
 
 def export_values(
-    path: str | os.PathLike[str], *, check_records: bool = False
+    path: str | os.PathLike[str],
+    *,
+    check_records: bool = False,
+    keys: Callable[[DcpMetadata], tuple[dict[str, str], list[str]]] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """The tensors of a DCP checkpoint for an export (``zckpt consolidate``), by DCP name, and
-    the names of the non-tensor values left out.
+    the names of the non-tensor values left out. ``keys``: given the metadata, which tensors
+    (DCP name -> output key) and which values are in the export's scope (default: all, by
+    DCP name; ``zckpt consolidate`` passes :func:`~zckpt.interop._dcp_fp32.module_scope`).
 
     A tensor whose chunks were saved contiguous is a :class:`~zckpt.interop._stream.FileRanges`
     (its runs' byte ranges of the ``.distcp`` files, in the tensor's order: an export copies
@@ -398,7 +426,14 @@ def export_values(
         return dict(assemble_fp32(lay.saved, [Fp32Entry(name, leaf, dtype, None)]))[name]
 
     out: dict[str, Any] = {}
-    for leaf, name in enumerate(ck.metadata.tensors):
+    if keys is None:
+        names, values = {n: n for n in ck.metadata.tensors}, list(ck.metadata.values)
+    else:
+        names, values = keys(ck.metadata)
+    for leaf, dcp_name in enumerate(ck.metadata.tensors):
+        if dcp_name not in names:
+            continue
+        name = names[dcp_name]
         meta = lay.skeleton.tensors[leaf]
         ranges: list[tuple[str, int, int]] | None = []
         stamps: dict[str, tuple[int, ...]] = {}
@@ -425,7 +460,7 @@ def export_values(
         else:
             out[name] = FileRanges(meta.shape, meta.dtype_name, tuple(ranges), one,
                                    tuple(stamps.items()))  # fmt: skip
-    return out, list(ck.metadata.values)
+    return out, values
 
 
 def item_problems(ck: DcpCheckpoint) -> list[str]:

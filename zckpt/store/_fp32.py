@@ -69,6 +69,12 @@ def get_fp32_state_dict_from_zero_checkpoint(
     the output plus at most one tensor's read buffer; with ``lazy_mode`` only what you
     materialise, one tensor at a time.
 
+    Also reads checkpoints DeepSpeed wrote (stages 1-3, detected by their files) and
+    directories that PyTorch DCP wrote (:func:`~zckpt.interop.is_dcp_checkpoint`: the tensors
+    under its ``model`` key, or all of them when it has none; 16-bit ones upcast;
+    ``interop/_dcp_fp32.py``),
+    neither running their pickles' code.
+
     Args:
         checkpoint_dir: a ``save_dir`` (tag from ``tag`` or ``latest``) or a tag directory.
         tag: which tag.
@@ -96,6 +102,13 @@ def get_fp32_state_dict_from_zero_checkpoint(
             return deepspeed_fp32_state_dict(
                 checkpoint_dir, tag, exclude_frozen_parameters, lazy_mode
             )
+        from zckpt.interop._detect import find_dcp
+
+        dcp = find_dcp(checkpoint_dir if tag is None else os.path.join(checkpoint_dir, tag))
+        if dcp is not None:  # a DCP checkpoint (or a save_dir's tag that is one)
+            from zckpt.interop._dcp_fp32 import dcp_fp32_state_dict
+
+            return dcp_fp32_state_dict(dcp, lazy_mode)
     if lazy_mode:
         return _fp32(path, tag, exclude_frozen_parameters, True, storage)
     return following_latest(
