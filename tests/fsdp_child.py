@@ -3,15 +3,17 @@
 
 ``MODE`` ``train``: an FSDP2 (``fully_shard``) model and AdamW take one step, the model and
 optimizer state dicts (DTensors, ``Shard(0)``) are saved with ``zckpt.save_checkpoint`` (each rank
-its own shards), then two more steps run; rank 0 writes ``WORK/expected.pt`` (the saved global
+its own shards), then two more steps run; rank 0 writes ``WORK/values_train.pt`` (the saved global
 values, gathered here by the test, never by zckpt) and ``WORK/losses_train.pt``.
-``MODE`` ``grid`` (4 ranks): DTensors of every supported placement on a (2, 2) mesh, saved;
-a ``Partial()`` one refused. ``MODE`` ``row`` (3 ranks): those tensors loaded into DTensors
+``MODE`` ``grid`` (4 ranks): DTensors of every supported placement on a (2, 2) mesh, saved
+(synchronously, and asynchronously as ``g2``); ``Partial()`` and strided ones refused.
+``MODE`` ``row`` (3 ranks): those tensors loaded into DTensors
 sharded otherwise on a 1-D mesh, each rank's local tensor checked against the same full values.
 ``MODE`` ``resume``: a fresh FSDP2 model and AdamW at this world size, their state dicts made
 as a real resume makes them (``get_model_state_dict``/``get_optimizer_state_dict``), loaded in
 place with ``zckpt.load_checkpoint(into=...)``, handed back with ``set_optimizer_state_dict``;
-rank 0 writes the loaded global values and the next two steps' losses (``losses_resume.pt``).
+rank 0 writes the loaded global values (``values_resume.pt``) and the next two steps'
+losses (``losses_resume.pt``).
 
 Gradients are made identical at any world size: only rank 0's loss has a gradient, and the
 reduce-scatter sums (divide factor 1), so the sum is rank 0's gradient exactly.
@@ -129,7 +131,16 @@ def grid(work: str, ws: int) -> None:
     # Refused on every rank, before anything is written.
     with pytest.raises(zckpt.StateError, match=r"^p: placement P\(sum\) .*Partial"):
         zckpt.save_checkpoint(os.path.join(work, "bad"), {"p": partial}, comm=TorchComm(), tag="p")
+    # FSDP2 over a tensor-parallel dimension: an interleaved layout, refused the same way.
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    strided = DTensor.from_local(
+        torch.ones(2, 2), mesh, [_StridedShard(0, split_factor=2), Shard(0)]
+    )
+    with pytest.raises(zckpt.StateError, match=r"^q: placement _S\(0, 2\) .*\(strided sharding"):
+        zckpt.save_checkpoint(os.path.join(work, "bad"), {"q": strided}, comm=comm, tag="q")
     assert not os.path.exists(os.path.join(work, "bad", "p", "manifest.zckm"))
+    assert not os.path.exists(os.path.join(work, "bad", "q", "manifest.zckm"))
 
 
 def row(work: str, ws: int) -> None:
