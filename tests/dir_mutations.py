@@ -584,6 +584,8 @@ def craft_manifest(s: Scratch, kind: str, tag: str, i: int) -> str:
     elif kind == "name_int":
         rec["name"] = 12345
     elif kind.startswith("size_"):
+        if not isinstance(rec["size"], int) or isinstance(rec["size"], bool):
+            return f"{tag}: {what}'s size is already mutated, {kind} skipped"
         rec["size"] = {
             "size_0": 0,
             "size_neg": -1,

@@ -128,11 +128,12 @@ def loads_as(save_dir: Path, tag: str | None, value: int | None) -> str | None:
 
 
 def leftovers(save_dir: Path) -> list[str]:
-    """Temporary files anywhere, and the failed save's tag directory."""
+    """Temporary files and lock files anywhere, and the failed save's tag directory."""
     out = []
     for dirpath, dirnames, filenames in os.walk(save_dir):
         for n in filenames + dirnames:
-            if n.startswith(".") and ".tmp." in n:
+            # temporaries, and lock files: a lock is removed by its holder when released
+            if n.startswith(".") and (".tmp." in n or n.endswith((".zckpt-lock", ".zckpt.lock"))):
                 out.append(os.path.relpath(os.path.join(dirpath, n), save_dir))
     if (save_dir / "new").exists():
         out.append(f"new/ (holding {sorted(os.listdir(save_dir / 'new'))})")
@@ -206,3 +207,106 @@ def test_saves_into_a_full_disk(tmpfs: Path, codec: str) -> None:
         problems += [f"{where}: {b}" for b in bad]
     print(f"\nfull-disk sweep ({codec}):\n" + "\n".join(table))
     assert not problems, "\n".join(problems) + "\nsweep:\n" + "\n".join(table)
+
+
+# --- exports into a full disk -------------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepspeed"
+
+
+def _tree(path: Path) -> dict[str, bytes] | None:
+    if not os.path.lexists(path):
+        return None
+    if not path.is_dir():
+        return {"": path.read_bytes()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from zckpt.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main([*argv, "--quiet"])
+    return code, err.getvalue()
+
+
+#: command -> (source, other source, argv for (source, OUT)); OUT's contents are compared as
+#: files, except for the save_dirs of reshard and convert, compared by what loads.
+EXPORTS: dict[str, tuple[str, str, Any]] = {
+    "consolidate-dir": ("A", "B", lambda s, o: ["consolidate", s, o, "--max-shard-size", "100KB"]),
+    "consolidate-pt": ("A", "B", lambda s, o: ["consolidate", s, o + ".pt"]),
+    "consolidate-ds": ("z2_ws2_bf16", "z2_ws2_fp32", lambda s, o: ["consolidate", s, o + "/"]),
+    "reshard": ("A", "B", lambda s, o: ["reshard", s, o, "--world-size", "3"]),
+    "convert": (
+        "z2_ws2_bf16",
+        "z3_ws2_bf16",
+        lambda s, o: ["convert", "--from", "deepspeed", s, o],
+    ),
+}
+
+
+@pytest.mark.parametrize("command", sorted(EXPORTS))
+def test_exports_into_a_full_disk(tmpfs: Path, tmp_path: Path, command: str) -> None:
+    """For each amount of free space (swept up to what the export needs), overwriting an
+    earlier export: exit 0 and the new export, or exit 1 with a zckpt error and the earlier
+    export untouched; never a temporary or lock file left behind."""
+    first, second, argv = EXPORTS[command]
+    srcs = {}
+    for name in (first, second):
+        if name in ("A", "B"):
+            srcs[name] = str(tmp_path / name)
+            zckpt.save_checkpoint(srcs[name], state_for(ord(name)), SPEC, tag="t")
+        else:
+            srcs[name] = str(FIXTURES / name / "checkpoint")
+            if not os.path.isdir(srcs[name]):
+                pytest.skip(f"no DeepSpeed fixture {srcs[name]}")
+    out = str(tmpfs / "out")
+
+    def content() -> Any:
+        if command in ("reshard", "convert"):
+            if not os.path.isdir(out) or "latest" not in os.listdir(out):
+                return None
+            got = zckpt.load_checkpoint(out).state
+            return repr(zckpt.tree.flatten(got)[0]), [
+                v.view(-1).view(torch.uint8).tolist() if isinstance(v, torch.Tensor) else v
+                for v in zckpt.tree.flatten(got)[1]
+            ]
+        return _tree(Path(out + (".pt" if command == "consolidate-pt" else "")))
+
+    refs = {}
+    for name in (first, second):
+        empty(tmpfs)
+        assert _run(argv(srcs[name], out)) == (0, "")
+        refs[name] = content()
+    assert refs[first] != refs[second]
+    # the new export's size (what the overwrite needs at its peak, the old one kept till then)
+    empty(tmpfs)
+    before = free_bytes(tmpfs)
+    assert _run(argv(srcs[second], out))[0] == 0
+    need = -(-(before - free_bytes(tmpfs)) // PAGE) + 2
+    problems = []
+    for k in sorted({0, 1, 2, need - 1, need} | {need * i // 8 for i in range(1, 8)}):
+        empty(tmpfs)
+        assert _run(argv(srcs[first], out))[0] == 0
+        fill(tmpfs, k * PAGE)
+        code, err = _run([*argv(srcs[second], out), "--overwrite"])
+        got = content()
+        stray = [
+            str(p.relative_to(tmpfs))
+            for p in tmpfs.rglob(".*")
+            if ".tmp." in p.name or p.name.endswith(("zckpt-tmp", "zckpt-lock", ".zckpt.lock"))
+        ]
+        where = f"{command}, {k} pages free (it needs ~{need})"
+        if code == 0 and got != refs[second]:
+            problems.append(f"{where}: exit 0, but OUT is not the new export")
+        elif code != 0 and (got != refs[first] or "zckpt: error:" not in err):
+            problems.append(f"{where}: exit {code}, OUT changed or no zckpt error: {err[-300:]}")
+        if stray:
+            problems.append(f"{where}: left {stray}")
+    assert not problems, "\n".join(problems)

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import zckpt
 from zckpt.adapters import Checkpointer
@@ -74,6 +76,9 @@ def test_partitioned_ranges_are_read_into_this_ranks_holdings(tmp_path: Path) ->
         (torch.zeros(300, 7, dtype=torch.float16), "float16, the checkpoint holds torch.float32"),
         (torch.zeros(299, 7), "2093 elements, the checkpoint 2100"),
         (torch.zeros(7, 300).t(), "contiguous"),
+        # as many elements in another shape: it was filled row by row, silently
+        (torch.zeros(7, 300), r"shape is \[7, 300\], the checkpoint's \[300, 7\]"),
+        (torch.zeros(30, 7, 10), r"shape is \[30, 7, 10\], the checkpoint's \[300, 7\]"),
         ("not a tensor", "expected a tensor or SKIP"),
     ],
 )
@@ -82,6 +87,54 @@ def test_a_mismatched_destination_is_named(tmp_path: Path, dest: Any, match: str
     with pytest.raises(zckpt.LoadError, match=match) as info:
         zckpt.load_checkpoint(tmp_path, into={"master": {"w": dest}})
     assert "master/w" in str(info.value)
+
+
+def test_a_flat_destination_of_the_element_count_is_filled(tmp_path: Path) -> None:
+    state = _state()
+    zckpt.save_checkpoint(tmp_path, state, zckpt.ZeroSpec(1, 1), tag="t")
+    flat = torch.zeros(2100)
+    got = zckpt.load_checkpoint(tmp_path, into={"master": {"w": flat}})
+    assert torch.equal(flat, state["master"]["w"].view(-1))
+    assert got.state["master"]["w"].shape == (300, 7)
+
+
+@st.composite
+def _sharing(draw: st.DrawFn) -> tuple[int, int, int, int]:
+    """Two windows of one buffer (start and length each), overlapping."""
+    a0 = draw(st.integers(0, 40))
+    a1 = draw(st.integers(1, 40))
+    b0 = draw(st.integers(max(0, a0 - 39), a0 + a1 - 1))
+    b1 = draw(st.integers(max(1, a0 - b0 + 1), 40))
+    return a0, a1, b0, b1
+
+
+@settings(deadline=None, max_examples=40)
+@given(windows=_sharing(), ws=st.sampled_from([1, 2]), stage=st.sampled_from([1, 3]))
+@example(windows=(0, 12, 0, 12), ws=1, stage=3)  # the same tensor for both: b's values in a
+@example(windows=(0, 12, 8, 12), ws=1, stage=3)  # overlapping views: a's tail was b's head
+def test_destinations_sharing_memory_are_refused_before_reading(
+    tmp_path_factory: pytest.TempPathFactory,
+    windows: tuple[int, int, int, int],
+    ws: int,
+    stage: int,
+) -> None:
+    """Two saved tensors read into memory they share: the load returned, one of them holding
+    the other's values. Now a LoadError names both, and nothing is written into them."""
+    a0, a1, b0, b1 = windows
+    d = tmp_path_factory.mktemp("share")
+    state = {"a": torch.arange(1.0, a1 + 1), "b": -torch.arange(1.0, b1 + 1)}
+    zckpt.save_checkpoint(d, state, zckpt.ZeroSpec(ws, stage), tag="t")
+    buf = torch.zeros(100)
+    into = {"a": buf[a0 : a0 + a1], "b": buf[b0 : b0 + b1]}
+    with pytest.raises(zckpt.LoadError, match=r"into=a and into=b: the destinations share"):
+        zckpt.load_checkpoint(d, into=into)
+    assert not buf.any()
+    # tied paths of one saved tensor may share memory: they receive the same values
+    w = torch.arange(6.0)
+    zckpt.save_checkpoint(d / "tied", {"x": w, "y": w}, zckpt.ZeroSpec(ws, stage), tag="t")
+    same = torch.zeros(6)
+    zckpt.load_checkpoint(d / "tied", into={"x": same, "y": same})
+    assert torch.equal(same, w)
 
 
 def test_skip_reads_nothing_of_a_leaf(tmp_path: Path) -> None:
@@ -253,3 +306,16 @@ def test_every_path_of_a_shared_leaf_is_filled_or_skipped(
     for name, d in given_dests.items():
         assert torch.equal(d, values[int(name[1 : name.index("_")])]), name
         assert module[name].data_ptr() == d.data_ptr(), name  # the caller's own memory
+
+
+def test_a_tied_model_resumes_from_a_save_that_held_the_tie_apart(tmp_path: Path) -> None:
+    """Saved untied (two leaves of equal values), loaded into a model that ties them: the two
+    leaves are not read into the one memory (that is refused), the second is copied in."""
+    src = Net()
+    with torch.no_grad():
+        untied = {k: v.clone() for k, v in src.state_dict().items()}
+    zckpt.save_checkpoint(tmp_path, {"module": untied}, zckpt.ZeroSpec(1, 1), tag="t")
+    model = Net()
+    Checkpointer(model).load_checkpoint(tmp_path)
+    assert model.head.weight is model.embed.weight
+    assert torch.equal(model.embed.weight, src.embed.weight)

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import zckpt
@@ -150,3 +152,113 @@ def test_converted_exclude_frozen_checkpoint_loads_strictly(tmp_path: Path) -> N
     other = torch.nn.Linear(2, 2)  # a parameter that is not frozen stays required
     with pytest.raises(zckpt.LoadError, match="missing"):
         Checkpointer(other).load_checkpoint(tmp_path / "z")
+
+
+# --- casts the resume would make silently (issue 15 audit) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"), [("z2_ws2_bf16", torch.float16), ("z1_ws2_fp16", torch.bfloat16)]
+)
+def test_a_16_bit_run_resumed_in_the_other_16_bit_dtype_says_so_and_rounds_the_masters(
+    tmp_path: Path, case: str, dtype: torch.dtype
+) -> None:
+    """It was silent, and each weight was the saved 16-bit one rounded again (two roundings)."""
+    src = FIXTURES / case
+    if not src.is_dir():
+        pytest.skip(f"no DeepSpeed fixture {src}")
+    zckpt.interop.convert_deepspeed(src / "checkpoint", tmp_path / "z")
+    expected = load_file(src / "expected_optimizer.safetensors")
+    saved_dtype = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    for load in ("checkpointer", "restore"):
+        model = Model(dtype)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if load == "checkpointer":
+                Checkpointer(model, _adamw(model)).load_checkpoint(tmp_path / "z")
+            else:
+                state = zckpt.load_checkpoint(tmp_path / "z").state
+                zckpt.restore_training_state(state, model, _adamw(model))
+        said = [str(w.message) for w in caught if "trained in another precision" in str(w.message)]
+        assert said and f"{saved_dtype} -> {dtype}" in said[0], [str(w.message) for w in caught]
+        for name, p in model.named_parameters():
+            if name != "frozen_proj.weight":  # trainable: the master, rounded once
+                assert torch.equal(p, expected[f"fp32/{name}"].to(dtype)), (load, name)
+
+
+_DTYPES = [
+    torch.bool,
+    torch.int8,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+]
+
+
+class _One(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("t", torch.zeros(4, dtype=dtype))
+
+
+_values = st.lists(
+    st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True, width=64),
+        st.sampled_from([1e6, -7e4, 65504.0, 65520.0, 2.0**24 + 1, 1.7, -3.9, 0.5, 3e38]),
+    ),
+    min_size=4,
+    max_size=4,
+)
+
+
+@settings(deadline=None)
+@given(src=st.sampled_from(_DTYPES), dst=st.sampled_from(_DTYPES), values=_values)
+@example(src=torch.bfloat16, dst=torch.float16, values=[1e6, 0.0, 1.0, 2.0])  # was inf
+@example(src=torch.float32, dst=torch.int32, values=[1.7, 2.5, -3.9, 0.0])  # was truncated
+@example(src=torch.float32, dst=torch.bool, values=[0.2, 0.0, 3.0, 1.0])  # was True/False
+@example(src=torch.int64, dst=torch.float32, values=[2.0**24 + 1, 1, 2, 3])  # was 2**24
+def test_a_resume_never_casts_a_value_silently_wrong(
+    src: torch.dtype, dst: torch.dtype, values: list[float]
+) -> None:
+    """A module tensor saved in one dtype and restored into another either loads with every
+    finite value finite (exactly, or with a warning when the destination is less precise) or
+    is refused with a LoadError naming it: never inf from a finite value, never a float
+    truncated into an integer, never an integer rounded, without a word."""
+    if src.is_floating_point:
+        finfo = torch.finfo(src)
+        saved = torch.tensor(values, dtype=torch.float64).clamp(finfo.min, finfo.max).to(src)
+    else:
+        lo, hi = (0, 1) if src == torch.bool else (torch.iinfo(src).min, torch.iinfo(src).max)
+        ints = [
+            int(min(max(v, lo), hi)) if v == v and abs(v) != float("inf") else 0 for v in values
+        ]
+        saved = torch.tensor(ints, dtype=torch.int64).to(src)
+    model = _One(dst)
+    refused: zckpt.LoadError | None = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            zckpt.restore_training_state({"module": {"t": saved}}, model)
+        except zckpt.LoadError as e:
+            refused = e
+    if refused is not None:
+        assert "module/t" in str(refused) and src != dst, refused
+        assert torch.equal(model.t, torch.zeros(4, dtype=dst))  # nothing loaded
+        return
+    got = model.t
+    assert src == dst or (src.is_floating_point and dst.is_floating_point), (src, dst)
+    if src.is_floating_point:
+        assert torch.equal(torch.isfinite(saved), torch.isfinite(got)), (saved, got)
+    exact = src == dst or (
+        src.is_floating_point
+        and dst.is_floating_point
+        and torch.finfo(dst).bits > torch.finfo(src).bits
+        and torch.finfo(dst).max >= torch.finfo(src).max
+    )
+    if exact:
+        assert torch.equal(got.to(src), saved) and not caught, (saved, got, caught)
+    else:
+        assert caught, (src, dst)  # less precise: it says so

@@ -327,9 +327,12 @@ class Checkpointer:
                 continue
             first = by_memory.setdefault(t.data_ptr(), name)
             if first != name:  # tied in the model: filled with the first name's memory
-                if first in done:
+                one_leaf = leaf_of.get((spec.module, name)) == leaf_of.get((spec.module, first))
+                if first in done and (one_leaf or module.get(first) is SKIP):
                     module[name] = SKIP if module.get(first) is SKIP else t
                     done.add(name)
+                # else saved apart (two leaves): read fresh and copied in, as load_state_dict
+                # does; two leaves are never read into one memory
                 continue
             saved = metas.get((spec.module, name))
             exact = metas.get((spec.master, name)) if masters else None

@@ -286,6 +286,44 @@ def matched_groups(
     return groups, index
 
 
+def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Every ``src`` value is a ``dst`` value (fp16/bf16 -> fp32 -> fp64)."""
+    return src == dst or (
+        src.is_floating_point
+        and dst.is_floating_point
+        and torch.finfo(dst).bits > torch.finfo(src).bits
+        and torch.finfo(dst).max >= torch.finfo(src).max
+    )
+
+
+def _check_cast(name: str, saved: torch.Tensor, dest: torch.Tensor) -> None:
+    """Refuse a cast ``load_state_dict`` would make silently and wrongly: between kinds or
+    integer widths (``1.7`` into an int buffer is ``1``, ``2**24 + 1`` into fp32 another
+    number), or a finite float that overflows the destination's range (``1e6`` as fp16 is
+    ``inf``)."""
+    if saved.dtype == dest.dtype:
+        return
+    if not (saved.is_floating_point() and dest.is_floating_point()):
+        raise LoadError(
+            f"module/{name}: the model's tensor is {dest.dtype}, the checkpoint holds "
+            f"{saved.dtype}; zckpt does not cast between integer, bool and float tensors "
+            "(values would change silently): build the model with the saved dtype"
+        )
+    if torch.finfo(dest.dtype).max >= torch.finfo(saved.dtype).max:
+        return
+    finite = torch.isfinite(saved)
+    over = finite & ~torch.isfinite(saved.to(dest.dtype))
+    n = int(over.sum())
+    if n:
+        worst = float(saved[finite].abs().max())
+        raise LoadError(
+            f"module/{name}: {n:,} finite value(s) of the checkpoint's {saved.dtype} tensor "
+            f"(largest magnitude {worst:.6g}) overflow the model's {dest.dtype} (max "
+            f"{torch.finfo(dest.dtype).max:.6g}) and would load as inf: build the model with "
+            f"the saved dtype"
+        )
+
+
 def prefer_masters(
     model: torch.nn.Module,
     module_state: Mapping[str, Any],
@@ -297,10 +335,18 @@ def prefer_masters(
 
     A destination parameter in fp32 gets its fp32 master when the checkpoint has one (a
     mixed-precision run resumed into an fp32 model keeps its masters bit for bit), under every
-    name it is tied to; otherwise the saved module value. A lossy choice warns (``warn``): a
-    trainable fp32 destination filled from 16-bit weights (no master saved), or a 16-bit
-    destination filled from fp32 values (rounded). Frozen parameters have no master; their
-    saved value is the one training used, so filling them from it loses nothing.
+    name it is tied to; so does a 16-bit destination of the other 16-bit dtype (a bf16 run
+    resumed in fp16: the master rounded once, not the bf16 weight rounded again); otherwise the
+    saved module value. A lossy choice warns (``warn``): a trainable fp32 destination filled
+    from 16-bit weights (no master saved), a float destination less precise than the saved
+    value (fp32 values in a 16-bit model: rounded), a bf16 checkpoint's values in an fp16
+    destination or the reverse. Frozen parameters have no master; their saved value is the one
+    training used, so filling them from it loses nothing.
+
+    Raises:
+        LoadError: a value the cast would change silently: an integer or bool tensor of
+            another dtype than the model's (or a float one where the model's is not), or a
+            finite float that overflows the destination's dtype (``inf``).
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
@@ -309,6 +355,12 @@ def prefer_masters(
         >>> out = prefer_masters(model, sd, {"weight": master})
         >>> torch.equal(out["weight"], master), out["bias"].dtype
         (True, torch.float32)
+        >>> prefer_masters(model.half(), {"weight": torch.full((1, 2), 1e6)}, None)
+        Traceback (most recent call last):
+        ...
+        zckpt.store._load.LoadError: module/weight: 2 finite value(s) of the checkpoint's \
+torch.float32 tensor (largest magnitude 1e+06) overflow the model's torch.float16 (max 65504) \
+and would load as inf: build the model with the saved dtype
     """
     dest = unwrap(model).state_dict(keep_vars=True)
     # Frozen parameters have no master: their saved value is the one training used.
@@ -319,17 +371,24 @@ def prefer_masters(
         if isinstance(m, torch.Tensor) and m.dtype == torch.float32 and m.shape == t.shape:
             exact.setdefault(id(t), m)
     out = dict(module_state)
-    from_half, rounded = [], []
+    from_half, rounded, retyped = [], [], []
     for name, t in dest.items():
         saved = out.get(name)
-        if not isinstance(saved, torch.Tensor) or not t.is_floating_point():
+        if not isinstance(saved, torch.Tensor) or not isinstance(t, torch.Tensor):
             continue
+        if tuple(saved.shape) != tuple(t.shape):
+            continue  # load_state_dict refuses it, naming both shapes
         if t.dtype == torch.float32 and id(t) in exact:
             out[name] = exact[id(t)]
+        elif t.dtype in _HALF and saved.dtype in _HALF and saved.dtype != t.dtype:
+            retyped.append(f"{name} ({saved.dtype} -> {t.dtype})")
+            if id(t) in exact:  # rounded once, from the master
+                out[name] = exact[id(t)]
         elif t.dtype == torch.float32 and saved.dtype in _HALF and id(t) in params:
             from_half.append(name)
-        elif t.dtype in _HALF and saved.dtype == torch.float32:
+        elif t.is_floating_point() and not _exact_cast(saved.dtype, t.dtype):
             rounded.append(name)
+        _check_cast(name, out[name], t)
     if warn and from_half:
         warnings.warn(
             f"zckpt: {len(from_half)} fp32 parameter(s) restored from 16-bit weights, since the "
@@ -339,8 +398,16 @@ def prefer_masters(
         )
     if warn and rounded:
         warnings.warn(
-            f"zckpt: {len(rounded)} 16-bit tensor(s) rounded from the checkpoint's fp32 values "
+            f"zckpt: {len(rounded)} tensor(s) rounded from the checkpoint's more precise values "
             f"(e.g. {rounded[:3]})",
+            stacklevel=3,
+        )
+    if warn and retyped:
+        warnings.warn(
+            f"zckpt: {len(retyped)} tensor(s) saved in one 16-bit dtype are loaded into the "
+            f"other (e.g. {retyped[:3]}): the checkpoint was trained in another precision "
+            "than this model's; each value is rounded from its fp32 master where the "
+            "checkpoint has one, else cast from the saved 16-bit value",
             stacklevel=3,
         )
     return out

@@ -157,8 +157,9 @@ def load_checkpoint(
             this rank's holdings), whose tensor leaves receive the values where they live (raw
             chunks are read straight into their memory, compressed ones decoded into it; no
             fresh memory, no copy). A destination must be a contiguous tensor of the saved dtype
-            and of the tensor's element count (or, for a partitioned tensor, of this rank's
-            range's): anything else is a :class:`LoadError` naming the path. A leaf set to
+            and shape (or flat: 1-D of the tensor's element count, or, for a partitioned
+            tensor, of this rank's range's), sharing no memory with another saved tensor's
+            destination: anything else is a :class:`LoadError` naming the path. A leaf set to
             :data:`SKIP` is not read at all (and is absent from the result); paths ``into``
             does not name get new tensors. A DTensor (FSDP2, tensor parallelism; placements
             ``Shard(d)`` and ``Replicate()`` on a mesh of any shape) or a
@@ -361,6 +362,12 @@ def _destination(skel: Skeleton, f: Fragment, d: torch.Tensor | None) -> torch.T
             f"{where}: the destination has {d.numel()} elements, the checkpoint {what} "
             f"([{f.start}, {f.stop}) of {list(meta.shape)})"
         )
+    if whole and d.dim() != 1 and tuple(d.shape) != tuple(meta.shape):
+        # As many elements in another shape: a transposed weight would be filled row by row.
+        raise LoadError(
+            f"{where}: the destination's shape is {list(d.shape)}, the checkpoint's "
+            f"{list(meta.shape)}; pass a tensor of the saved shape (or a flat 1-D one)"
+        )
     if not d.is_contiguous() or d.device.type != "cpu":
         raise LoadError(f"{where}: the destination must be a contiguous CPU tensor")
     return d.detach().view(-1)
@@ -384,6 +391,34 @@ def _box_views(skel: Skeleton, leaf: int, b: LocalBox) -> list[tuple[Fragment, t
         raise LoadError(f"{where}: the destination's local tensor must be contiguous")
     flat = b.data.detach().view(-1)
     return [(f, flat[at : at + f.numel]) for f, at in b.runs(leaf)]
+
+
+def _check_disjoint(skel: Skeleton, dests: list[tuple[int, torch.Tensor]]) -> None:
+    """Refuse destinations of different saved tensors that share memory (the same tensor
+    passed twice, overlapping views of one buffer): whichever is read last would overwrite
+    the other, and the load would return as if both held their values. Paths of one leaf
+    (tied weights) may share memory: they receive the same values."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), leaf)
+        for leaf, t in dests
+        if t.numel()
+    )
+    best = other = (0, -1)  # the furthest end so far (end, leaf); the furthest of other leaves
+    for start, end, leaf in spans:
+        hit = other if leaf == best[1] else best
+        if start < hit[0]:
+            x, y = sorted((leaf, hit[1]))
+            raise LoadError(
+                f"into={skel.name(x)} and into={skel.name(y)}: the destinations share memory, "
+                "but the checkpoint holds two different tensors there; pass a tensor of its "
+                "own to each"
+            )
+        if leaf == best[1]:
+            best = max(best, (end, leaf))
+        elif end > best[0]:
+            best, other = (end, leaf), best
+        elif end > other[0]:
+            other = (end, leaf)
 
 
 def _check_target(world_size: int | None, stage: int | None, rank: int) -> None:
@@ -470,6 +505,11 @@ def _load(
         for d in extra.get(f.leaf, ())
         if (view := _destination(skel, f, d)) is not None
     ]
+    _check_disjoint(
+        skel,
+        [(f.leaf, v) for f, v in zip(held, outs or ()) if v is not None]
+        + [(held[i].leaf, v) for i, v in copy_into],
+    )
     index = ck.source_index()
     try:
         with ck.reading():  # each blob opened once for the load (one disk stream per blob)

@@ -525,8 +525,16 @@ class LocalStorage:
                 if not lock.intact():  # removed by its last holder while we waited: again
                     os.close(fd)
                     continue
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, owner.encode("utf-8", "replace"), 0)
+                try:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, owner.encode("utf-8", "replace"), 0)
+                except OSError:
+                    # A full disk: the lock file goes too (as a release removes it); the
+                    # descriptor is closed below, once.
+                    if lock.intact():
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
+                    raise
                 return lock
             except OSError as e:
                 with contextlib.suppress(OSError):
