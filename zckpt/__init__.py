@@ -44,7 +44,7 @@ if TYPE_CHECKING:
         encode_shard_parts,
         verify_blob,
     )
-    from zckpt.shard import Shard, shard_from_local, shard_state
+    from zckpt.shard import LocalBox, Shard, shard_from_local, shard_state
     from zckpt.spec import FlatGroup, Fragment, Placement, ShardPlan, ZeroSpec, plan_shards
     from zckpt.store import (
         AsyncSaver,
@@ -107,6 +107,7 @@ __getattr__, __dir__ = attach(
             "verify_blob",
         ),
         "zckpt.shard": (
+            "LocalBox",
             "Shard",
             "shard_from_local",
             "shard_state",
@@ -161,6 +162,7 @@ __all__ = [
     "Fragment",
     "LazyTensor",
     "LoadError",
+    "LocalBox",
     "Loaded",
     "PendingSave",
     "Placement",

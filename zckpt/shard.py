@@ -5,6 +5,9 @@ one and meet in the same record: :func:`shard_state` slices a full (replicated) 
 and :func:`shard_from_local` wraps the already-partitioned flat buffers a ZeRO optimizer holds
 (its fp32 master and optimizer-state partitions), without materialising the full state on any
 rank. Either way the fragment data are views of the caller's tensors: nothing is copied.
+A distributed tensor (a DTensor of FSDP2 or tensor parallelism) is a :class:`LocalBox`: the
+rank's block of the global tensor, saved as the block's runs contiguous in the flat tensor
+(``shard_state(..., boxes=...)``), whatever the plan says of that leaf.
 
 Example:
     >>> import torch, zckpt
@@ -22,14 +25,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zckpt.errors import SpecError, StateError
-from zckpt.spec import Fragment, ShardPlan, ZeroSpec
+from zckpt.spec import Box, Fragment, ShardPlan, ZeroSpec, box_runs, box_writer, mesh_box
 from zckpt.spec._plan import FLAT, REPLICATED
 from zckpt.tree import Skeleton, flatten
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Shard", "shard_from_local", "shard_state"]
+__all__ = ["LocalBox", "Shard", "shard_from_local", "shard_state"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,20 +85,92 @@ class Shard:
         return sum(d.numel() * d.element_size() for d in self.data)
 
 
+@dataclass(frozen=True, eq=False)
+class LocalBox:
+    """A rank's block (:class:`~zckpt.spec.Box`) of a global tensor of ``shape``, held in
+    ``data`` (a tensor of shape ``box.sizes``, on any device): what a DTensor's local tensor is.
+
+    ``writes`` says whether this rank saves the box; False for a replica that another rank of
+    a replicated mesh dimension saves. As an ``into=`` destination of
+    :func:`zckpt.load_checkpoint`, the box's elements are read straight into ``data``.
+
+    Raises:
+        StateError: the box is not inside ``shape`` or ``data`` is not of the box's shape.
+
+    Example:
+        >>> import torch
+        >>> full = torch.arange(12.0).reshape(3, 4)
+        >>> b = LocalBox.of(full, mesh_shape=(2,), coordinate=(1,), shard_dims=(1,))
+        >>> b.box, b.data.tolist()
+        (Box(offsets=(0, 2), sizes=(3, 2)), [[2.0, 3.0], [6.0, 7.0], [10.0, 11.0]])
+        >>> [(f.start, f.stop, at) for f, at in b.runs(leaf=0)]
+        [(2, 4, 0), (6, 8, 2), (10, 12, 4)]
+    """
+
+    shape: tuple[int, ...]
+    box: Box
+    data: torch.Tensor
+    writes: bool = True
+
+    def __post_init__(self) -> None:
+        shape, (offsets, sizes) = self.shape, self.box
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            raise StateError(f"box {self.box} does not have the {len(shape)} dims of {shape}")
+        for d, (o, n, m) in enumerate(zip(offsets, sizes, shape)):
+            if n < 0 or o < 0 or o + n > m:
+                raise StateError(f"box {self.box}: dim {d} is outside the tensor's {shape}")
+        if tuple(self.data.shape) != sizes:
+            raise StateError(
+                f"box {self.box} of {shape}: the local tensor has shape "
+                f"{tuple(self.data.shape)}, not the box's {sizes}"
+            )
+
+    def runs(self, leaf: int) -> list[tuple[Fragment, int]]:
+        """Each run of the box contiguous in the flat tensor, as a fragment of ``leaf``, with
+        where it starts in the box's own (row-major, flat) elements."""
+        return [(Fragment(leaf, g, g + n), at) for g, at, n in box_runs(self.shape, self.box)]
+
+    @staticmethod
+    def of(
+        full: torch.Tensor,
+        mesh_shape: tuple[int, ...],
+        coordinate: tuple[int, ...],
+        shard_dims: tuple[int | None, ...],
+    ) -> LocalBox:
+        """The box a mesh coordinate holds of ``full`` (:func:`~zckpt.spec.mesh_box`), its data
+        copied out: what DTensor's ``distribute_tensor`` gives that rank, without a process
+        group (tests and harnesses)."""
+        shape = tuple(int(s) for s in full.shape)
+        box = mesh_box(shape, mesh_shape, coordinate, shard_dims)
+        data = full
+        for d, (o, n) in enumerate(zip(*box)):
+            data = data.narrow(d, o, n)
+        import torch
+
+        copy = data.clone(memory_format=torch.contiguous_format)
+        return LocalBox(shape, box, copy, box_writer(coordinate, shard_dims))
+
+
 def _flat_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
 
 
-def shard_state(state: Any, plan: ShardPlan, rank: int) -> Shard:
+def shard_state(
+    state: Any, plan: ShardPlan, rank: int, boxes: Mapping[int, LocalBox] | None = None
+) -> Shard:
     """The shard ``rank`` writes, cut from a full state (views, no copies for contiguous leaves).
 
     Args:
         state: the full state, with the skeleton the plan was made for.
         plan: from :func:`zckpt.plan_shards`.
         rank: ``0 <= rank < plan.world_size``.
+        boxes: tensor leaves this rank holds as a block of a distributed tensor (leaf index ->
+            :class:`LocalBox`): such a leaf is written as the runs of its box (none when the
+            box is a replica another rank writes), not as the plan cuts it; its entry in
+            ``state`` is not read.
 
     Raises:
-        SpecError: the rank is out of range or the state does not match the plan.
+        SpecError: the rank is out of range, or the state (or a box) does not match the plan.
 
     Example:
         >>> import torch, zckpt
@@ -108,13 +183,45 @@ def shard_state(state: Any, plan: ShardPlan, rank: int) -> Shard:
     skel, leaves = flatten(state)
     if skel.tensors != plan.skeleton.tensors or skel.paths != plan.skeleton.paths:
         raise SpecError(_mismatch(skel, plan.skeleton))
-    flat: dict[int, torch.Tensor] = {}
-    data = []
+    if not boxes:
+        flat: dict[int, torch.Tensor] = {}
+        data = []
+        for f in plan.writes[rank]:
+            if f.leaf not in flat:
+                flat[f.leaf] = _flat_view(_plain(leaves[f.leaf], skel, f.leaf))
+            data.append(flat[f.leaf][f.start : f.stop])
+        return Shard(rank, plan.spec, skel, plan.writes[rank], tuple(data))
+    pieces: list[tuple[Fragment, torch.Tensor]] = []
+    views: dict[int, torch.Tensor] = {}
     for f in plan.writes[rank]:
-        if f.leaf not in flat:
-            flat[f.leaf] = _flat_view(leaves[f.leaf])
-        data.append(flat[f.leaf][f.start : f.stop])
-    return Shard(rank, plan.spec, skel, plan.writes[rank], tuple(data))
+        if f.leaf not in boxes:
+            if f.leaf not in views:
+                views[f.leaf] = _flat_view(_plain(leaves[f.leaf], skel, f.leaf))
+            pieces.append((f, views[f.leaf][f.start : f.stop]))
+    for leaf, b in boxes.items():
+        meta = skel.tensors[leaf] if 0 <= leaf < len(skel.tensors) else None
+        if meta is None or meta.shape != b.shape or meta.dtype != b.data.dtype:
+            got = "no such leaf" if meta is None else f"{meta.dtype} {list(meta.shape)}"
+            raise SpecError(
+                f"box of leaf {leaf}: a {b.data.dtype} block of {list(b.shape)}, the state "
+                f"has {got}"
+            )
+        if b.writes:
+            local = _flat_view(b.data)
+            pieces += [(f, local[at : at + f.numel]) for f, at in b.runs(leaf)]
+    pieces.sort(key=lambda p: (p[0].leaf, p[0].start))
+    frags = tuple(f for f, _ in pieces)
+    return Shard(rank, plan.spec, skel, frags, tuple(d for _, d in pieces))
+
+
+def _plain(t: torch.Tensor, skel: Skeleton, leaf: int) -> torch.Tensor:
+    """``t``, refused if it is a distributed tensor (whose flat view is not its memory)."""
+    if hasattr(t, "device_mesh") and hasattr(t, "placements"):
+        raise SpecError(
+            f"{skel.name(leaf)}: a distributed tensor (DTensor) must be given as a LocalBox "
+            "(save_checkpoint does this for each rank's DTensors)"
+        )
+    return t
 
 
 def _mismatch(got: Skeleton, want: Skeleton) -> str:

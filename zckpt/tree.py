@@ -333,7 +333,10 @@ def flatten(state: Any) -> tuple[Skeleton, list[torch.Tensor]]:
     def walk(x: Any, path: Path) -> Any:
         if isinstance(x, torch.Tensor):
             t = _check_tensor(x, path)
-            alias = _alias_key(t)
+            # A distributed tensor (DTensor) has no storage of its own, and its local memory
+            # differs by rank (empty on some): only the same object is the same leaf, so that
+            # every rank flattens the state to the same skeleton.
+            alias = ("box", id(x)) if hasattr(x, "placements") else _alias_key(t)
             if alias is not None:
                 if alias in seen:  # a tied tensor: stored once, both paths point at one leaf
                     return (TENSOR, seen[alias])

@@ -18,7 +18,6 @@ in their saved dtypes, non-tensor values as a ``weights_only`` load builds them.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from zckpt.errors import CoverageError
 from zckpt.interop._dcp import DcpCheckpoint, open_dcp
 from zckpt.interop._dcp_metadata import DcpChunk, DcpFormatError, DcpMetadata
 from zckpt.interop._refs import TensorRef
-from zckpt.spec import Fragment
+from zckpt.spec import Box, Fragment, box_runs
 from zckpt.tree import DICT, TENSOR, Skeleton, TensorMeta
 
 if TYPE_CHECKING:
@@ -61,27 +60,7 @@ def chunk_runs(shape: Sequence[int], chunk: DcpChunk) -> list[tuple[int, int, in
         >>> chunk_runs((), DcpChunk((), ())), chunk_runs((0, 3), DcpChunk((0, 0), (0, 3)))
         ([(0, 0, 1)], [])
     """
-    sizes, offsets = chunk.sizes, chunk.offsets
-    if math.prod(sizes) == 0:
-        return []
-    j = len(shape)
-    while j > 0 and sizes[j - 1] == shape[j - 1]:
-        j -= 1  # dims j.. are whole: the chunk is contiguous from dim j-1 on
-    if j == 0:
-        return [(0, 0, math.prod(shape))]
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    run = sizes[j - 1] * strides[j - 1]
-    base = sum(o * s for o, s in zip(offsets, strides))
-    out = []
-    outer = sizes[: j - 1]
-    count = math.prod(outer)
-    for k in range(count):
-        at, rest = base, k
-        for d in range(j - 2, -1, -1):  # the k-th outer index, row-major
-            rest, i = divmod(rest, outer[d])
-            at += i * strides[d]
-        out.append((at, k * run, run))
-    return out
+    return box_runs(shape, Box(tuple(chunk.offsets), tuple(chunk.sizes)))
 
 
 #: Runs of at least this many bytes are copied window by window, their pages released as they go.

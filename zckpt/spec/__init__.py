@@ -7,7 +7,19 @@ Example:
     ([4], [1])
 """
 
+from zckpt.spec._boxes import Box, box_runs, box_writer, mesh_box
 from zckpt.spec._plan import FlatGroup, Fragment, Placement, ShardPlan, plan_shards
 from zckpt.spec._spec import ZeroSpec
 
-__all__ = ["FlatGroup", "Fragment", "Placement", "ShardPlan", "ZeroSpec", "plan_shards"]
+__all__ = [
+    "Box",
+    "FlatGroup",
+    "Fragment",
+    "Placement",
+    "ShardPlan",
+    "ZeroSpec",
+    "box_runs",
+    "box_writer",
+    "mesh_box",
+    "plan_shards",
+]

@@ -16,9 +16,10 @@ from typing import Any
 
 import zckpt
 from zckpt.dist import Comm, SingleProcess
-from zckpt.errors import ArgumentError, SpecError, ZckptError
+from zckpt.dist._dtensor import local_boxes
+from zckpt.errors import ArgumentError, FormatError, SpecError, ZckptError
 from zckpt.format import _encode
-from zckpt.shard import Shard, shard_state
+from zckpt.shard import LocalBox, Shard, shard_state
 from zckpt.spec import ZeroSpec
 from zckpt.store._blobs import (
     check_client_state,
@@ -43,12 +44,19 @@ from zckpt.store._layout import (
     wait_tag_lock,
     write_latest,
 )
-from zckpt.store._manifest import FileRecord, Manifest, encode_manifest, file_report, writes_v2
+from zckpt.store._manifest import (
+    FileRecord,
+    Manifest,
+    check_tiling,
+    encode_manifest,
+    file_report,
+    writes_v2,
+)
 from zckpt.store._read import read_manifest
 from zckpt.store._resolve import storage_for
 from zckpt.store._retention import apply_retention
 from zckpt.store._storage import LocalStorage, Lock, Storage
-from zckpt.tree import Skeleton, skeleton_of
+from zckpt.tree import Skeleton, flatten
 
 __all__ = [
     "ConcurrentSaveError",
@@ -224,23 +232,35 @@ def prepare_save(
         # Every argument is checked before anything touches the disk.
         _check_options(tag_validation, save_latest, overwrite, keep_last, codec, level, chunk_bytes)
         local_shard = state if isinstance(state, Shard) else None
+        boxes: dict[int, LocalBox] = {}
         if local_shard is not None:
             spec = local_shard.spec if spec is None else spec
+        else:
+            kept = drop_frozen(state, frozen) if exclude_frozen_parameters else state
+            skel, leaves = flatten(kept)
+            # DTensor leaves (FSDP2, tensor parallelism): each rank writes its own blocks.
+            boxes = local_boxes(skel, leaves, comm.size)
+            if boxes and spec is None:
+                spec = ZeroSpec(comm.size, 3)
         if spec is None:
             raise SpecError("save_checkpoint needs a spec (or a Shard, which carries one)")
         if comm.size > 1 and comm.size != spec.world_size:
             raise SpecError(
                 f"the process group has {comm.size} ranks but the spec {spec.world_size}"
             )
+        if boxes and comm.size != spec.world_size:
+            raise SpecError(
+                f"a state of DTensors is saved by every rank of its mesh (comm=TorchComm()): "
+                f"one process cannot write the {spec.world_size} ranks of the spec"
+            )
         my_tag = check_tag(tag if tag is not None else _default_tag(state, global_step))
         client = check_client_state(client_state)
         if local_shard is not None:
             shards = [local_shard]
         else:
-            kept = drop_frozen(state, frozen) if exclude_frozen_parameters else state
-            plan = plan_for(skeleton_of(kept), spec)
+            plan = plan_for(skel, spec)
             ranks = range(spec.world_size) if comm.size == 1 else [comm.rank]
-            shards = [shard_state(kept, plan, r) for r in ranks]
+            shards = [shard_state(kept, plan, r, boxes) for r in ranks]
         if comm.rank == 0:
             storage.makedirs(save_dir)
             lock = tag_lock(storage, save_dir, my_tag)
@@ -480,6 +500,14 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
         excluded_frozen=p.excluded_frozen,
         zckpt_version=zckpt.__version__,
     )
+    if not manifest.derived:
+        # Files laid out otherwise than the plan (DTensor blocks): every element written once,
+        # or nothing is committed (a load would refuse the manifest).
+        try:
+            check_tiling(manifest, tag_dir)
+        except FormatError as e:
+            _discard(p)
+            return {"error": f"{e}; nothing was committed", "committed": False}
     with contextlib.ExitStack() as held:
         beside: list[threading.Thread] = []
         held.callback(_join, beside)  # runs last: after the dir lock's release

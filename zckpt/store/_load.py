@@ -12,7 +12,9 @@ from typing import Any, NamedTuple
 import torch
 
 from zckpt.assemble import assemble
-from zckpt.errors import ArgumentError, CoverageError, SpecError, ZckptError
+from zckpt.dist._dtensor import local_box
+from zckpt.errors import ArgumentError, CoverageError, SpecError, StateError, ZckptError
+from zckpt.shard import LocalBox
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
 from zckpt.store._checkpoint import Checkpoint
 from zckpt.store._explain import DEEPSPEED, explain
@@ -159,7 +161,13 @@ def load_checkpoint(
             tensor, of this rank's range's), sharing no memory with another saved tensor's
             destination: anything else is a :class:`LoadError` naming the path. A leaf set to
             :data:`SKIP` is not read at all (and is absent from the result); paths ``into``
-            does not name get new tensors.
+            does not name get new tensors. A DTensor (FSDP2, tensor parallelism; placements
+            ``Shard(d)`` and ``Replicate()`` on a mesh of any shape) or a
+            :class:`~zckpt.LocalBox` receives only its own block of the saved global tensor,
+            whatever world size, mesh and placements saved it: each run of the block is read
+            straight into the local tensor (staged through host memory when it is on a GPU),
+            and the result holds the DTensor itself; ``rank`` and the spec play no part for
+            it. Its global shape and dtype must be the saved tensor's (else a LoadError).
         storage: the filesystem (default: local files, or the fsspec filesystem of a URL such
             as ``s3://bucket/run1``: see :func:`~zckpt.store.storage_for`).
         storage_options: options for a URL's fsspec filesystem (``endpoint_url``, ...).
@@ -258,6 +266,8 @@ class _Routes:
     def __init__(self, skel: Skeleton, into: Any, keep: list[int]) -> None:
         self.paths: dict[tuple[Any, ...], Any] = {}
         self.read: dict[int, Any] = {}
+        # Leaves read as a block of a distributed tensor: a LocalBox, or a DTensor's.
+        self.boxes: dict[int, LocalBox] = {}
         wanted, fresh = set(keep), set()
         for path, n in iter_nodes(skel.node):
             if n[0] != TENSOR or n[1] not in wanted:
@@ -266,12 +276,29 @@ class _Routes:
             if d is None:
                 fresh.add(n[1])
                 continue
-            if d is not SKIP and not isinstance(d, torch.Tensor):
+            box = d if isinstance(d, LocalBox) else None
+            if d is not SKIP and box is None and not isinstance(d, torch.Tensor):
                 raise LoadError(
-                    f"into={format_path(path)}: expected a tensor or SKIP, got {type(d).__name__}"
+                    f"into={format_path(path)}: expected a tensor or SKIP (or a LocalBox), got "
+                    f"{type(d).__name__}"
                 )
+            if box is None and d is not SKIP:
+                try:
+                    box = local_box(d, f"into={format_path(path)}")
+                except StateError as e:
+                    raise LoadError(str(e)) from None
             self.paths[path] = d
-            if self.read.get(n[1], SKIP) is SKIP:
+            prior = self.read.get(n[1], SKIP)
+            if box is not None or n[1] in self.boxes:
+                if prior is not SKIP and prior is not d:
+                    raise LoadError(
+                        f"into={format_path(path)}: {skel.name(n[1])} is tied to another path "
+                        "with another destination; a distributed tensor's paths must name the "
+                        "same one"
+                    )
+                if box is not None:
+                    self.boxes[n[1]] = box
+            if prior is SKIP:
                 self.read[n[1]] = d
         for leaf in fresh:
             if self.read.get(leaf) is SKIP:
@@ -287,6 +314,8 @@ class _Routes:
         out = []
         for path, n in iter_nodes(node):
             d = self.paths.get(path) if n[0] == TENSOR else None
+            if n[0] == TENSOR and n[1] in self.boxes:
+                continue  # one destination (checked above)
             if isinstance(d, torch.Tensor) and not _same_memory(d, self.read[n[1]]):
                 out.append((n[1], d))
         return out
@@ -342,6 +371,26 @@ def _destination(skel: Skeleton, f: Fragment, d: torch.Tensor | None) -> torch.T
     if not d.is_contiguous() or d.device.type != "cpu":
         raise LoadError(f"{where}: the destination must be a contiguous CPU tensor")
     return d.detach().view(-1)
+
+
+def _box_views(skel: Skeleton, leaf: int, b: LocalBox) -> list[tuple[Fragment, torch.Tensor]]:
+    """Each run of box ``b`` of ``leaf`` and the 1-D view of the box's memory it is read into;
+    a box of another global shape or dtype than the saved tensor is a LoadError."""
+    meta = skel.tensors[leaf]
+    where = f"into={skel.name(leaf)}"
+    if b.shape != meta.shape:
+        raise LoadError(
+            f"{where}: the destination is a block of a {list(b.shape)} tensor, the checkpoint "
+            f"holds {list(meta.shape)}"
+        )
+    if b.data.dtype != meta.dtype:
+        raise LoadError(
+            f"{where}: the destination is {b.data.dtype}, the checkpoint holds {meta.dtype}"
+        )
+    if not b.data.is_contiguous():
+        raise LoadError(f"{where}: the destination's local tensor must be contiguous")
+    flat = b.data.detach().view(-1)
+    return [(f, flat[at : at + f.numel]) for f, at in b.runs(leaf)]
 
 
 def _check_disjoint(skel: Skeleton, dests: list[tuple[int, torch.Tensor]]) -> None:
@@ -431,9 +480,21 @@ def _load(
         copies = routes.copies(node)
         node = routes.route(node)
     kept = set(keep)
+    boxes = {} if routes is None else {k: b for k, b in routes.boxes.items() if k in kept}
 
-    held = [f for f in plan.holds(rank) if f.leaf in kept]
+    held = [f for f in plan.holds(rank) if f.leaf in kept and f.leaf not in boxes]
     outs = [_destination(skel, f, dests.get(f.leaf)) for f in held] if dests else None
+    # A box's runs are read into the box's own memory (staged when it is not on the CPU).
+    staged: list[tuple[int, torch.Tensor]] = []
+    for leaf, b in boxes.items():
+        if outs is None:
+            outs = [None] * len(held)
+        for f, run in _box_views(skel, leaf, b):
+            on_host = run.device.type == "cpu"
+            if not on_host:
+                staged.append((len(held), run))
+            held.append(f)
+            outs.append(run if on_host else None)
     # Checked before anything is read: the other destinations of a leaf, for its copies.
     extra: dict[int, list[torch.Tensor]] = {}
     for leaf, d in copies:
@@ -458,6 +519,8 @@ def _load(
     ck.check_skeleton()  # no read when this rank read a header (the first one checked it)
     for i, view in copy_into:
         view.copy_(parts[i])
+    for i, run in staged:
+        run.copy_(parts[i])
     leaves: list[Any] = [None] * len(skel.tensors)
     for leaf in keep:
         meta = skel.tensors[leaf]
@@ -465,9 +528,13 @@ def _load(
         # this rank holds nothing (more ranks than elements) is an empty 1-D range.
         leaves[leaf] = torch.empty(meta.shape if meta.numel == 0 else (0,), dtype=meta.dtype)
     for f, t in zip(held, parts):
+        if f.leaf in boxes:
+            continue
         meta = skel.tensors[f.leaf]
         whole = f.start == 0 and f.stop == meta.numel
         leaves[f.leaf] = t.view(meta.shape) if whole else t
+    for leaf in boxes:
+        leaves[leaf] = dests[leaf]  # the DTensor (or LocalBox) itself, now holding its block
     state = unflatten(Skeleton(node, skel.tensors, skel.paths), leaves)
 
     missing: tuple[str, ...] = ()

@@ -57,6 +57,7 @@ __all__ = [
     "DerivedFragments",
     "FileRecord",
     "Manifest",
+    "check_tiling",
     "decode_manifest",
     "derived_fragments",
     "encode_manifest",
@@ -270,7 +271,7 @@ def _check_fragments(rec: FileRecord, skel: Skeleton, where: str) -> int:
     return nbytes
 
 
-def _check_tiling(m: Manifest, where: str) -> None:
+def check_tiling(m: Manifest, where: str) -> None:
     """Every tensor's saved fragments tile its elements exactly once (a zckpt save writes each
     element once; excluded frozen parameters are not in the skeleton)."""
     by_leaf: dict[int, list[tuple[int, int, str]]] = {}
@@ -398,7 +399,7 @@ def _decode_manifest(data: bytes, where: str, check: bool) -> Manifest:
         if m.client.fragments and m.client.size < PREAMBLE_SIZE + 1:
             raise FormatError(f"{where}: client file of {m.client.size} bytes")
     if check and not m.derived:
-        _check_tiling(m, where)  # explicit lists (all, or mixed with derived ones): O(fragments)
+        check_tiling(m, where)  # explicit lists (all, or mixed with derived ones): O(fragments)
     return m
 
 

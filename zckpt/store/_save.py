@@ -121,8 +121,14 @@ def save_checkpoint(
     Args:
         save_dir: the checkpoint directory (created if needed).
         state: the full state (each rank's shard is cut from it with ``spec``), or this rank's
-            :class:`~zckpt.Shard` (e.g. from :func:`zckpt.shard_from_local`).
-        spec: the partition spec (taken from the shard when ``state`` is a shard).
+            :class:`~zckpt.Shard` (e.g. from :func:`zckpt.shard_from_local`). DTensor leaves
+            (an FSDP2 model's ``state_dict()``, ``get_optimizer_state_dict``) are saved by every
+            rank of their mesh, each writing only its own local block (a replicated block once,
+            by the replica at mesh coordinate 0), no gather; the manifest records the global
+            shapes and dtypes. Placements ``Shard(d)`` and ``Replicate()``; ``Partial()`` and
+            FSDP2-over-TP's strided sharding are refused (a ``StateError``).
+        spec: the partition spec (taken from the shard when ``state`` is a shard); for a
+            state of DTensors default ``ZeroSpec(comm.size, 3)`` (what its plain tensors follow).
         tag: the checkpoint's name; default ``global_step{N}``, N from ``global_step`` or the
             state's ``global_steps``.
         client_state: your own values (msgpack-able values and tensors), kept in their own
