@@ -127,13 +127,16 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
 CHILD = Path(__file__).with_name("dcp_child.py")
 
 
-def spawn_dcp(work: Path, world_size: int, kind: str, deadline_s: float = 180.0) -> Path:
-    """Run ``dcp_child.py`` as ``world_size`` real ranks (gloo); the checkpoint's directory."""
+def spawn_ranks(
+    child: Path, work: Path, world_size: int, mode: str, deadline_s: float = 180.0
+) -> None:
+    """Run the script ``child`` as ``world_size`` real ranks (gloo), each given its rank, the
+    world size, ``work`` and ``mode``; an error with the output of any rank that fails."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *sys.path]), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(CHILD), str(r), str(world_size), str(work), kind],
+            [sys.executable, str(child), str(r), str(world_size), str(work), mode],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -153,5 +156,10 @@ def spawn_dcp(work: Path, world_size: int, kind: str, deadline_s: float = 180.0)
                 p.wait()
     for r, (p, text) in enumerate(zip(procs, outs)):
         if p.returncode != 0:
-            raise AssertionError(f"{kind} rank {r} exited with {p.returncode}:\n{text[-4000:]}")
+            raise AssertionError(f"{mode} rank {r} exited with {p.returncode}:\n{text[-4000:]}")
+
+
+def spawn_dcp(work: Path, world_size: int, kind: str, deadline_s: float = 180.0) -> Path:
+    """Run ``dcp_child.py`` as ``world_size`` real ranks (gloo); the checkpoint's directory."""
+    spawn_ranks(CHILD, work, world_size, kind, deadline_s)
     return work / "ckpt"

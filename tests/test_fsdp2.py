@@ -7,14 +7,11 @@ ranks and loaded at 3 into other placements; ``Partial()`` refused."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from dcp_support import spawn_ranks
 
 import zckpt
 from zckpt.cli import main
@@ -25,31 +22,7 @@ CHILD = Path(__file__).with_name("fsdp_child.py")
 
 def spawn(work: Path, world_size: int, mode: str, deadline_s: float = 240.0) -> None:
     """Run ``fsdp_child.py`` as ``world_size`` real ranks (gloo, a fresh rendezvous file)."""
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *sys.path]), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(CHILD), str(r), str(world_size), str(work), mode],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        for r in range(world_size)
-    ]
-    end = time.monotonic() + deadline_s
-    outs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(0.1, end - time.monotonic()))
-            outs.append(out.decode(errors="replace"))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, text) in enumerate(zip(procs, outs)):
-        if p.returncode != 0:
-            raise AssertionError(f"{mode} rank {r} exited with {p.returncode}:\n{text[-4000:]}")
+    spawn_ranks(CHILD, work, world_size, mode, deadline_s)
 
 
 @pytest.fixture(scope="module")
