@@ -838,7 +838,7 @@ def test_spans_cut_runs_at_gaps_and_at_the_cap() -> None:
     """A span holds consecutive chunks whose frames follow each other in the file."""
     from types import SimpleNamespace
 
-    from zckpt.format._decode import _spans
+    from zckpt.format._span import spans_of as _spans
 
     cs = [SimpleNamespace(offset=o, length=10) for o in (0, 10, 20, 40, 50, 60, 70)]
     assert _spans(cs, [0, 1, 2, 3, 4, 5, 6], 1, 1000) == [(0, 1, 2), (3, 4, 5, 6)]

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import zckpt
 from zckpt.errors import ZckptError
-from zckpt.format import _decode as dec
+from zckpt.format import _span as span_module
 from zckpt.format import decode_fragment, decode_header, encode_shard
 
 
@@ -55,7 +55,7 @@ def _outcome(blob: bytes, most: int | None, behind: bool, **kw: Any) -> tuple[st
 
 @pytest.fixture(autouse=True)
 def _small_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dec, "_BEHIND_STEP", 96)  # hand over often: many hash tasks a span
+    monkeypatch.setattr(span_module, "BEHIND_STEP", 96)  # hand over often: many hash tasks a span
 
 
 @settings(
