@@ -291,3 +291,29 @@ def test_readers_in_threads_and_a_process_during_overwrites_see_whole_states(
     assert int(child_lost) < 100, err
     assert {w for w, _ in seen} == {"latest", "tag", "fp32"}
     assert len({k for _, k in seen}) > 1  # the readers saw the tag change under them
+
+
+def test_a_manifest_replaced_as_it_is_read_is_read_as_one_file(tmp_path: Path) -> None:
+    """The manifest of a local checkpoint is read in one open and one read: before, its size
+    was asked first, so a commit replacing it in between (an overwrite with another state, so
+    another manifest length) was read to the old length, and the load failed on a torn
+    manifest ("body is 416 bytes, the preamble says 542", found by the stress test above)."""
+
+    d = tmp_path / "run"
+    old = {"w": torch.arange(4.0)}
+    new = {"w": torch.arange(40.0), "x": {"y": torch.ones(3), "z": torch.zeros(2)}}
+    zckpt.save_checkpoint(d, old, zckpt.ZeroSpec(1, 1), tag="t")
+
+    class CommitsAsItReads(LocalStorage):
+        fired = False
+
+        def read(self, path: str, offset: int, length: int) -> bytes:
+            if path.endswith("manifest.zckm") and not self.fired:
+                self.fired = True
+                zckpt.save_checkpoint(d, new, zckpt.ZeroSpec(1, 1), tag="t", overwrite=True)
+            return super().read(path, offset, length)
+
+    reader = CommitsAsItReads()
+    got = zckpt.load_checkpoint(d, tag="t", storage=reader).state
+    assert reader.fired
+    assert_states_equal(got, new)
