@@ -1599,3 +1599,14 @@ def summary(results: list[dict[str, Any]]) -> str:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
         serve()
+
+
+def file_tree(path: Path) -> dict[str, bytes] | None:
+    """Every file under ``path`` (relative name -> bytes); None when ``path`` does not exist."""
+    if not os.path.lexists(path):
+        return None
+    if not path.is_dir():
+        return {"": path.read_bytes()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }

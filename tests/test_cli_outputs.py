@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from dir_mutations import file_tree as _tree
 from safetensors.torch import load_file
 
 import zckpt
@@ -68,17 +69,6 @@ KINDS: dict[str, tuple[str, list[str]]] = {
 
 def _argv(kind: str, ck: Path, out: Path, *extra: str) -> list[str]:
     return ["consolidate", str(ck), str(out), *KINDS[kind][1], "--quiet", *extra]
-
-
-def _tree(path: Path) -> dict[str, bytes] | None:
-    """Every file under ``path`` (relative name -> bytes); None when ``path`` does not exist."""
-    if not os.path.lexists(path):
-        return None
-    if not path.is_dir():
-        return {"": path.read_bytes()}
-    return {
-        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
-    }
 
 
 def _content(path: Path) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from dir_mutations import file_tree as _tree
 
 import zckpt
 from zckpt.testing import assert_states_equal
@@ -212,16 +213,6 @@ def test_saves_into_a_full_disk(tmpfs: Path, codec: str) -> None:
 # --- exports into a full disk -------------------------------------------------------------------
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepspeed"
-
-
-def _tree(path: Path) -> dict[str, bytes] | None:
-    if not os.path.lexists(path):
-        return None
-    if not path.is_dir():
-        return {"": path.read_bytes()}
-    return {
-        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
-    }
 
 
 def _run(argv: list[str]) -> tuple[int, str]:
