@@ -258,8 +258,9 @@ def test_a_tag_lock_removed_before_the_commit_fails_the_save(
 
     url, st = s3
     zckpt.save_checkpoint(url, _state(10), _spec(), tag="t", storage=st)
-    if not fresh:
-        monkeypatch.setattr(commit, "_CHECK_FRESH", -1.0)  # every first answer is too old
+    # Pinned either way: with the real 1 s a loaded machine (CI on 2 cores, pytest -n 2) can
+    # take longer than that over the save_dir lock's PUT and ask again, a third GET.
+    monkeypatch.setattr(commit, "_CHECK_FRESH", 1e9 if fresh else -1.0)
     real = st.write_atomic
     other = FsspecStorage(st.fs, lease=30)
 
