@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
+import io
 import json
 import os
 import re
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
 
 import zckpt
 from zckpt.errors import ZckptError
@@ -486,6 +488,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+#: The commands that read DeepSpeed and DCP checkpoints as well as zckpt's.
+_READ_FOREIGN = frozenset({"inspect", "verify", "consolidate", "reshard", "convert"})
+
+
+class _Reworded(io.TextIOBase):
+    """A text stream that writes to ``out`` with ``reword`` applied to each piece."""
+
+    def __init__(self, out: TextIO, reword: Callable[[str], str]) -> None:
+        self.out, self.reword = out, reword
+
+    def write(self, text: str) -> int:
+        self.out.write(self.reword(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def fileno(self) -> int:
+        return self.out.fileno()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()
+
+
+@contextlib.contextmanager
+def _staged_input(args: argparse.Namespace) -> Iterator[None]:
+    """A DeepSpeed or DCP checkpoint at a URL, for the commands that read one: copied to a
+    private local directory for the command (``interop/_staged.py``), which then reads it as a
+    local one; what the command prints, and its errors, name the URL. Anything else (a local
+    path, a zckpt checkpoint at a URL, which is read in place) is left as it is."""
+    from zckpt.store._resolve import is_url
+
+    path = getattr(args, "path", None)
+    if args.command not in _READ_FOREIGN or not isinstance(path, str) or not is_url(path):
+        yield
+        return
+    from zckpt.interop._staged import staged
+    from zckpt.store._resolve import storage_for
+
+    storage, p = storage_for(path)
+    with staged(storage, p, getattr(args, "tag", None)) as copy:
+        if copy is None:
+            yield
+            return
+        args.path = copy.local
+        out = sys.stdout
+        sys.stdout = _Reworded(out, copy.reword)
+        try:
+            yield
+        finally:
+            sys.stdout = out
+
+
 def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
@@ -501,7 +556,7 @@ def _run(argv: Sequence[str] | None) -> int:
             setattr(args, name, local_path(getattr(args, name)))
 
     try:
-        with storage_options_scope(storage_options(args)):
+        with storage_options_scope(storage_options(args)), _staged_input(args):
             code: int = args.func(args)
         return code
     except KeyboardInterrupt:

@@ -34,7 +34,8 @@ from zckpt.format._decode import decode_threads
 from zckpt.interop._deepspeed import fp32_sources, gather, group_layouts, partitions
 from zckpt.interop._fastload import require_intact
 from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
-from zckpt.interop._output import check_disjoint
+from zckpt.interop._output import check_disjoint, url_options
+from zckpt.interop._staged import foreign_source
 from zckpt.interop._unpickle import DeepSpeedFormatError, LossScaler
 from zckpt.spec import ZeroSpec
 from zckpt.store._commit import Saved
@@ -197,6 +198,7 @@ def convert_deepspeed(
     *,
     codec: str = "raw",
     overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Saved:
     """Import a DeepSpeed ZeRO checkpoint (the whole training state) as a zckpt checkpoint.
 
@@ -209,6 +211,9 @@ def convert_deepspeed(
         tag: the DeepSpeed tag.
         codec: zckpt codec (``"raw"``, ``"zstd"``, ``"byteplane"``).
         overwrite: replace an existing tag in ``dst_dir``.
+        storage_options: options for the fsspec filesystem of whichever of ``src_dir`` and
+            ``dst_dir`` is a URL. A DeepSpeed checkpoint at a URL is copied to a private local
+            directory first (``interop/_staged.py``), removed when the call returns.
 
     Raises:
         zckpt.interop._output.OutputPathError: ``dst_dir`` is ``src_dir``, lies inside it or
@@ -230,12 +235,15 @@ def convert_deepspeed(
         (True, {'epoch': 1})
     """
     check_disjoint(src_dir, dst_dir)
-    ck = open_deepspeed(src_dir, tag)
-    require_intact(ck.files)  # converted, a flipped bit would get a checksum of its own
-    state, spec, frozen, client = deepspeed_training_state(ck)
+    src_options, dst_options = url_options(src_dir, dst_dir, storage_options)
+    with foreign_source(src_dir, tag, src_options) as local:
+        ck = open_deepspeed(local, tag)
+        require_intact(ck.files)  # converted, a flipped bit would get a checksum of its own
+        state, spec, frozen, client = deepspeed_training_state(ck)
     return save_checkpoint(
         dst_dir, state, spec, tag=ck.tag, client_state=client, frozen=frozen, codec=codec,
         overwrite=overwrite, exclude_frozen_parameters=excluded_frozen(ck),
+        storage_options=dst_options,
     )  # fmt: skip
 
 

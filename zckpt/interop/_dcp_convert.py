@@ -9,10 +9,13 @@ by a stage-3 spec over the ranks that saved it (every tensor cut on its own), so
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from zckpt.interop._dcp import open_dcp
 from zckpt.interop._dcp_state import checkpoint_state, require_intact
-from zckpt.interop._output import check_disjoint
+from zckpt.interop._output import check_disjoint, url_options
+from zckpt.interop._staged import foreign_source
 from zckpt.spec import ZeroSpec
 from zckpt.store._commit import Saved
 
@@ -43,6 +46,7 @@ def convert_dcp(
     *,
     codec: str = "raw",
     overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Saved:
     """Import the DCP checkpoint ``src_dir`` (the whole state dict) as a zckpt checkpoint.
 
@@ -52,6 +56,9 @@ def convert_dcp(
         tag: the zckpt tag (default :func:`default_tag`).
         codec: zckpt codec (``"raw"``, ``"zstd"``, ``"byteplane"``).
         overwrite: replace an existing tag in ``dst_dir``.
+        storage_options: options for the fsspec filesystem of whichever of ``src_dir`` and
+            ``dst_dir`` is a URL. A DCP checkpoint at a URL is copied to a private local
+            directory first (``interop/_staged.py``), removed when the call returns.
 
     Raises:
         zckpt.interop._output.OutputPathError: ``dst_dir`` is ``src_dir``, lies inside it or
@@ -76,9 +83,11 @@ def convert_dcp(
     from zckpt.store._save import save_checkpoint
 
     check_disjoint(src_dir, dst_dir)
-    ck = open_dcp(src_dir)
-    require_intact(ck)  # converted, a flipped bit would get a checksum of its own
-    state = checkpoint_state(ck)
+    src_options, dst_options = url_options(src_dir, dst_dir, storage_options)
+    with foreign_source(src_dir, None, src_options) as local:
+        ck = open_dcp(local)
+        require_intact(ck)  # converted, a flipped bit would get a checksum of its own
+        state = checkpoint_state(ck)
     spec = ZeroSpec(ck.ranks or 1, 3)
     return save_checkpoint(
         dst_dir,
@@ -87,4 +96,5 @@ def convert_dcp(
         tag=default_tag(src_dir) if tag is None else tag,
         codec=codec,
         overwrite=overwrite,
+        storage_options=dst_options,
     )

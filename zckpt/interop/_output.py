@@ -31,11 +31,12 @@ import contextlib
 import ctypes
 import errno
 import os
+import posixpath
 import re
 import secrets
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from zckpt.errors import ZckptError
@@ -54,6 +55,7 @@ __all__ = [
     "new_dir_mode",
     "new_file_mode",
     "read_umask",
+    "url_options",
 ]
 
 TEMP_SUFFIX = ".zckpt-tmp"
@@ -229,6 +231,12 @@ def check_dir_output(
         raise OutputExistsError(_exists_message(path, flag))
 
 
+def _as_path(url: str) -> str:
+    """A URL as a path that compares like it: ``s3://b/run/`` is ``/s3/b/run``."""
+    scheme, rest = url.split("://", 1)
+    return posixpath.join("/", scheme.lower(), posixpath.normpath("/" + rest).lstrip("/"))
+
+
 def check_disjoint(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -237,7 +245,8 @@ def check_disjoint(
     allow_inside: bool = False,
 ) -> None:
     """Refuse an output that is its input, contains it, or (unless ``allow_inside``) lies
-    inside it; paths are compared after resolving symlinks.
+    inside it; paths are compared after resolving symlinks, URLs as names (``file://`` ones
+    as the local paths they are; an object store's are never local files).
 
     ``allow_inside`` suits outputs that only add a new name under the input (a consolidated
     file written into the checkpoint's directory, as DeepSpeed's ``zero_to_fp32.py`` does).
@@ -248,12 +257,21 @@ def check_disjoint(
     Example:
         >>> check_disjoint("/data/ckpt", "/data/export")
         >>> check_disjoint("/data/ckpt", "/data/ckpt/model.pt", allow_inside=True)
+        >>> check_disjoint("s3://b/ckpt", "/data/ckpt/out")
         >>> check_disjoint("/data/ckpt", "/data/ckpt/out")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         zckpt.interop._output.OutputPathError: the output /data/ckpt/out is inside the input ...
     """
-    s, o = os.path.realpath(os.fspath(src)), os.path.realpath(os.fspath(out))
+    from zckpt.store._resolve import is_url, local_path
+
+    s, o = local_path(os.fspath(src)), local_path(os.fspath(out))
+    if is_url(s) != is_url(o):
+        return  # an object store's and local files: never the same
+    if is_url(s):  # two URLs: compared as names (an object store has no links)
+        s, o = _as_path(s), _as_path(o)
+    else:
+        s, o = os.path.realpath(s), os.path.realpath(o)
     common = os.path.commonpath([s, o])
     if s == o:
         how = "is"
@@ -267,6 +285,25 @@ def check_disjoint(
         f"the {what} {os.fspath(out)} {how} the input {os.fspath(src)}: writing it would change "
         f"or delete the files being read; choose an {what} outside the input"
     )
+
+
+def url_options(
+    src: str | os.PathLike[str], out: str | os.PathLike[str], options: Mapping[str, Any] | None
+) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
+    """``options`` (one ``storage_options`` for a conversion) split into the input's and the
+    output's: each gets them only when it is an fsspec URL (a path or a ``file://`` URL takes
+    none).
+
+    Example:
+        >>> url_options("ds_ckpt", "s3://b/run", {"anon": True})
+        (None, {'anon': True})
+    """
+    from zckpt.store._resolve import is_url, local_path
+
+    def remote(p: str | os.PathLike[str]) -> bool:
+        return is_url(local_path(os.fspath(p)))
+
+    return (options if remote(src) else None), (options if remote(out) else None)
 
 
 def _fsync_path(path: str, *, directory: bool) -> None:

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from zckpt.assemble._keys import Fp32Key, fp32_keys
 from zckpt.store._checkpoint import Checkpoint
-from zckpt.store._read import following_latest, locate, not_found, open_checkpoint
+from zckpt.store._read import (
+    CheckpointNotFoundError,
+    following_latest,
+    locate,
+    not_found,
+    opened,
+)
 from zckpt.store._resolve import storage_for
 from zckpt.store._storage import LocalStorage, Storage
 
@@ -73,7 +79,9 @@ def get_fp32_state_dict_from_zero_checkpoint(
     directories that PyTorch DCP wrote (:func:`~zckpt.interop.is_dcp_checkpoint`: the tensors
     under its ``model`` key, or all of them when it has none; 16-bit ones upcast;
     ``interop/_dcp_fp32.py``),
-    neither running their pickles' code.
+    neither running their pickles' code. Those two at a URL are copied to a private local
+    directory first, removed when the call returns (with ``lazy_mode``, when the last
+    :class:`LazyTensor` is gone): see ``interop/_staged.py``.
 
     Args:
         checkpoint_dir: a ``save_dir`` (tag from ``tag`` or ``latest``) or a tag directory.
@@ -93,33 +101,62 @@ def get_fp32_state_dict_from_zero_checkpoint(
         True
     """
     storage, path = storage_for(checkpoint_dir, storage, storage_options)
-    if isinstance(storage, LocalStorage):  # DeepSpeed folders are local files
-        checkpoint_dir = path
-        # Imported here: zckpt.interop imports this module (LazyTensor).
-        from zckpt.interop import deepspeed_fp32_state_dict, is_deepspeed_checkpoint
+    if isinstance(storage, LocalStorage):  # DeepSpeed and DCP folders are read as local files
+        foreign = _local_foreign(path, tag, exclude_frozen_parameters, lazy_mode)
+        if foreign is not None:
+            return foreign
+    try:
+        return _zckpt_fp32(storage, path, tag, exclude_frozen_parameters, lazy_mode)
+    except CheckpointNotFoundError:
+        if isinstance(storage, LocalStorage):
+            raise
+        from zckpt.interop._staged import staged  # a DeepSpeed or DCP one there? Copied here
 
-        if is_deepspeed_checkpoint(checkpoint_dir, tag):
-            return deepspeed_fp32_state_dict(
-                checkpoint_dir, tag, exclude_frozen_parameters, lazy_mode
+        with staged(storage, path, tag) as copy:
+            if copy is None:
+                raise
+            got = get_fp32_state_dict_from_zero_checkpoint(
+                copy.local, tag, exclude_frozen_parameters, lazy_mode
             )
-        from zckpt.interop._detect import find_dcp
+            return copy.keep_for(got) if lazy_mode else got
 
-        dcp = find_dcp(checkpoint_dir if tag is None else os.path.join(checkpoint_dir, tag))
-        if dcp is not None:  # a DCP checkpoint (or a save_dir's tag that is one)
-            from zckpt.interop._dcp_fp32 import dcp_fp32_state_dict
 
-            return dcp_fp32_state_dict(dcp, lazy_mode)
-    if lazy_mode:
-        return _fp32(open_checkpoint(path, tag, storage=storage), exclude_frozen_parameters, True)
+def _zckpt_fp32(
+    storage: Storage, path: str, tag: str | None, exclude_frozen_parameters: bool, lazy: bool
+) -> dict[str, Any]:
     found = locate(storage, path, tag)  # latest is read here, once
     if found is None:
         raise not_found(path, tag, storage)
+    if lazy:
+        ck = opened(storage, path, tag, found)
+        ck.check_skeleton()
+        return _fp32(ck, exclude_frozen_parameters, True)
 
     def attempt(ck: Checkpoint) -> dict[str, Any]:
         ck.check_skeleton()
         return _fp32(ck, exclude_frozen_parameters, False)
 
     return following_latest(storage, path, tag, found=found, use=attempt)
+
+
+def _local_foreign(
+    path: str, tag: str | None, exclude_frozen_parameters: bool, lazy_mode: bool
+) -> dict[str, Any] | None:
+    """The fp32 state dict of the DeepSpeed or DCP checkpoint at the local ``path``; None when
+    there is none."""
+    # Imported here: zckpt.interop imports this module (LazyTensor).
+    from zckpt.interop import deepspeed_fp32_state_dict, is_deepspeed_checkpoint
+
+    if is_deepspeed_checkpoint(path, tag):
+        return deepspeed_fp32_state_dict(path, tag, exclude_frozen_parameters, lazy_mode)
+    from zckpt.interop._detect import find_dcp
+
+    dcp = find_dcp(path if tag is None else os.path.join(path, tag))
+    if dcp is None:
+        return None
+    from zckpt.interop._dcp_fp32 import dcp_fp32_state_dict  # a DCP checkpoint, or a tag
+
+    return dcp_fp32_state_dict(dcp, lazy_mode)
 
 
 def fp32_keys_of(ck: Checkpoint, exclude_frozen_parameters: bool = False) -> list[Fp32Key]:

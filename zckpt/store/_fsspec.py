@@ -408,6 +408,27 @@ class FsspecStorage(LeaseLocks):
             raise self._not_a_file(path)
         return int(head.size)
 
+    def fingerprint(self, path: str) -> tuple[int, str]:
+        """The object's size and ETag ("" where the store keeps none), asked of the store each
+        time: what changes when the object is replaced. Optional in
+        :class:`~zckpt.store._storage.Storage`: a staged copy of a foreign checkpoint
+        (``interop/_staged.py``) checks with it that no object changed while it was copied.
+
+        Example:
+            >>> import fsspec
+            >>> st = FsspecStorage(fsspec.filesystem("memory"))
+            >>> _ = st.write_atomic("memory://fp/a", [b"abc"])
+            >>> st.fingerprint("memory://fp/a")[0]
+            3
+        """
+        try:
+            head = self._backend.head(self._key(path))
+        except Exception as e:
+            raise self._fail("looking up", path, e) from e
+        if head is None:
+            raise self._not_a_file(path)
+        return int(head.size), str(head.etag)
+
     def exists(self, path: str) -> bool:
         """Whether an object, or a directory (a prefix some object lies under), is at ``path``."""
         key = self._key(path)

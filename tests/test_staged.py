@@ -1,0 +1,322 @@
+"""DeepSpeed and DCP checkpoints at URLs (issue 15: every API and subcommand takes URLs):
+``get_fp32_state_dict_from_zero_checkpoint``, ``convert_deepspeed``, ``convert_dcp`` and the
+commands read them through a staged local copy (``zckpt/interop/_staged.py``), and give what
+the same checkpoint gives from local files; the copy is removed afterwards, an object replaced
+during the copy is an error, and messages name the URL, never the private copy."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import zckpt
+from zckpt.cli import main
+from zckpt.interop import _staged, convert_dcp, convert_deepspeed
+from zckpt.interop._output import OutputPathError
+from zckpt.interop._synthetic import write_zero_checkpoint
+from zckpt.store import StorageError, storage_for
+from zckpt.testing import assert_states_equal
+
+fsspec = pytest.importorskip("fsspec", reason="needs fsspec: pip install 'zckpt[s3]'")
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepspeed"
+fp32 = zckpt.get_fp32_state_dict_from_zero_checkpoint
+
+
+@pytest.fixture
+def staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Staged copies go under a directory of the test's own, checked empty afterwards."""
+    import tempfile
+
+    d = tmp_path / "staging"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    yield d
+    gc.collect()
+    assert os.listdir(d) == [], "a staged copy was left behind"
+
+
+def _upload(local: Path, url: str) -> None:
+    """Every file under ``local`` to the same names under ``url`` (as a sync would)."""
+    storage, base = storage_for(url)
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            storage.write_atomic(f"{base}/{f.relative_to(local).as_posix()}", [f.read_bytes()])
+
+
+def _url() -> str:
+    return f"memory://staged-{uuid.uuid4().hex[:12]}"
+
+
+def _cases() -> list[Path]:
+    found = sorted(p for p in FIXTURES.glob("z*") if (p / "checkpoint").is_dir())
+    if not found:
+        pytest.skip("DeepSpeed fixtures not found")
+    return found
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "universal"])
+def test_deepspeed_fixtures_at_a_url_give_what_the_local_files_give(
+    kind: str, staging: Path
+) -> None:
+    for case in _cases():
+        if not (case / kind).is_dir():
+            continue
+        url = _url()
+        _upload(case / kind, url)
+        _same(fp32(url), fp32(case / kind))
+        tag = case / kind / ("latest" if kind == "checkpoint" else "latest_universal")
+        name = tag.read_text().strip()
+        _same(fp32(f"{url}/{name}"), fp32(case / kind / name))  # the tag directory itself
+        _same(fp32(url, tag=name, exclude_frozen_parameters=True),
+              fp32(case / kind, tag=name, exclude_frozen_parameters=True))  # fmt: skip
+
+
+def test_lazy_results_keep_the_copy_until_the_last_tensor_is_gone(staging: Path) -> None:
+    case = _cases()[0] / "checkpoint"
+    url = _url()
+    _upload(case, url)
+    lazy = fp32(url, lazy_mode=True)
+    assert len(os.listdir(staging)) == 1  # held by the lazy tensors
+    want = fp32(case)
+    first = next(iter(lazy))
+    del want[first]
+    one = lazy.pop(first)
+    for k, v in lazy.items():
+        assert torch.equal(v.contiguous(), want[k]), k
+    del lazy
+    gc.collect()
+    assert len(os.listdir(staging)) == 1  # ``one`` still reads from it
+    assert one.contiguous().shape == one.shape
+    del one
+    gc.collect()  # the fixture checks it is gone
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    world_size=st.integers(1, 4),
+    stage=st.integers(1, 3),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_synthetic_deepspeed_checkpoints_round_trip_through_a_url(
+    tmp_path_factory: pytest.TempPathFactory,
+    world_size: int,
+    stage: int,
+    sizes: list[int],
+    seed: int,
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    params = {f"p{i}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
+    src = tmp_path_factory.mktemp("ds")
+    write_zero_checkpoint(src, params, world_size=world_size, stage=stage, tag="step7")
+    url = _url()
+    _upload(src, url)
+    _same(fp32(url), fp32(src))
+    dst = tmp_path_factory.mktemp("z")
+    convert_deepspeed(url, dst / "from-url")
+    convert_deepspeed(src, dst / "from-disk")
+    for ws in (1, world_size + 1):
+        a = zckpt.load_checkpoint(dst / "from-url", world_size=ws, rank=0).state
+        b = zckpt.load_checkpoint(dst / "from-disk", world_size=ws, rank=0).state
+        assert_states_equal(a, b)
+
+
+def _dcp(root: Path, seed: int) -> dict[str, Any]:
+    from torch.distributed.checkpoint.format_utils import torch_save_to_dcp
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {"model": {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5).half()}, "ep": 3}
+    torch.save(sd, root / "sd.pt")
+    torch_save_to_dcp(str(root / "sd.pt"), str(root / "step4"))
+    (root / "sd.pt").unlink()
+    return sd
+
+
+def test_dcp_checkpoints_at_a_url(tmp_path: Path, staging: Path) -> None:
+    sd = _dcp(tmp_path, 1)
+    url = _url()
+    _upload(tmp_path / "step4", f"{url}/step4")
+    got = fp32(f"{url}/step4")
+    assert torch.equal(got["w"], sd["model"]["w"])
+    assert torch.equal(got["b"], sd["model"]["b"].float())
+    _same(fp32(url, tag="step4"), got)
+    saved = convert_dcp(f"{url}/step4", tmp_path / "z")
+    assert saved.tag == "step4"  # the URL's name, as for a local directory
+    state = zckpt.load_checkpoint(tmp_path / "z").state
+    assert torch.equal(state["model"]["w"], sd["model"]["w"]) and state["ep"] == 3
+
+
+def test_file_urls_are_local_paths_to_the_converters(tmp_path: Path, staging: Path) -> None:
+    """Found here: ``convert_deepspeed("file:///.../checkpoint", dst)`` said "not a DeepSpeed
+    checkpoint directory" (the URL taken as a relative path); so did ``convert_dcp``."""
+    case = _cases()[0] / "checkpoint"
+    assert convert_deepspeed(f"file://{case}", f"file://{tmp_path}/a").tag == "step3"
+    assert convert_deepspeed(case, tmp_path / "b").tag == "step3"
+    assert_states_equal(zckpt.load_checkpoint(tmp_path / "a").state,
+                        zckpt.load_checkpoint(tmp_path / "b").state)  # fmt: skip
+    _dcp(tmp_path, 2)
+    assert convert_dcp(f"file://{tmp_path}/step4", tmp_path / "c").tag == "step4"
+    with pytest.raises(OutputPathError):
+        convert_deepspeed(f"file://{case}", case / "inside")
+
+
+def test_errors_name_the_url_never_the_copy(tmp_path: Path, staging: Path) -> None:
+    case = _cases()[0] / "checkpoint"
+    url = _url()
+    _upload(case, url)
+    storage, base = storage_for(url)
+    tag = (case / "latest").read_text().strip()
+    optim = sorted(n for n in storage.listdir(f"{base}/{tag}") if "optim" in n)
+    storage.remove(f"{base}/{tag}/{optim[-1]}")
+    for call in (lambda: fp32(url), lambda: convert_deepspeed(url, tmp_path / "z")):
+        with pytest.raises(zckpt.ZckptError) as e:
+            call()
+        assert url in str(e.value) and str(staging) not in str(e.value), str(e.value)
+    assert not (tmp_path / "z").exists()
+    with pytest.raises(zckpt.ZckptError, match="not a DeepSpeed checkpoint") as e:
+        convert_deepspeed(f"{url}-nothing", tmp_path / "z")
+    assert f"{url}-nothing" in str(e.value)
+    with pytest.raises(zckpt.ZckptError) as e:
+        fp32(f"{url}-nothing")
+    assert f"{url}-nothing" in str(e.value)
+    with pytest.raises(OutputPathError):
+        convert_deepspeed(url, f"{url}/inside")
+
+
+class _Replacing:
+    """A storage that replaces ``victim`` (with bytes of the same size) after the first piece
+    of it is read: a sync overwriting the checkpoint while it is copied."""
+
+    def __init__(self, inner: Any, victim: str) -> None:
+        self.inner, self.victim, self.done = inner, victim, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        data: bytes = self.inner.read(path, offset, length)
+        if path == self.victim and not self.done:
+            self.done = True
+            size = self.inner.size(path)
+            self.inner.write_atomic(path, [bytes(size)])
+        return data
+
+
+def test_an_object_replaced_while_it_is_copied_is_an_error(
+    tmp_path: Path, staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    case = _cases()[0] / "checkpoint"
+    url = _url()
+    _upload(case, url)
+    tag = (case / "latest").read_text().strip()
+    inner, base = storage_for(url)
+    victim = sorted(inner.listdir(f"{base}/{tag}"))[0]
+    monkeypatch.setattr(_staged, "PIECE", 4096)
+    monkeypatch.setattr(
+        type(inner),
+        "fingerprint",
+        lambda self, p: (self.size(p), str(hash(self.read(p, 0, self.size(p))))),
+    )  # memory:// keeps no ETags: the bytes' hash
+    storage = _Replacing(inner, f"{base}/{tag}/{victim}")
+    with pytest.raises(StorageError, match="replaced while it was copied") as e:
+        fp32(url, storage=storage)
+    assert e.value.errno == errno.ESTALE and victim in str(e.value)
+
+
+def test_no_room_for_the_copy_is_an_error_before_anything_is_copied(
+    staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    case = _cases()[0] / "checkpoint"
+    url = _url()
+    _upload(case, url)
+    real = shutil.disk_usage
+    monkeypatch.setattr(_staged.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(StorageError, match="set TMPDIR") as e:
+        fp32(url)
+    assert e.value.errno == errno.ENOSPC and url in str(e.value)
+
+
+def test_a_zckpt_checkpoint_at_a_url_is_read_in_place(
+    staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*a: Any) -> None:
+        raise AssertionError("a zckpt checkpoint was staged")
+
+    monkeypatch.setattr(_staged, "stage", refuse)
+    url = _url()
+    w = torch.randn(5, 2)
+    zckpt.save_checkpoint(url, {"module": {"w": w}}, zckpt.ZeroSpec(2, 1), tag="t")
+    assert torch.equal(fp32(url)["w"], w)
+    assert main(["inspect", url, "-q"]) == 0 and main(["verify", url]) == 0
+
+
+def test_commands_read_foreign_checkpoints_at_urls(
+    tmp_path: Path, staging: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    case = _cases()[0] / "checkpoint"
+    url = _url()
+    _upload(case, url)
+    capsys.readouterr()
+    for argv in (["inspect", url], ["inspect", url, "--json"], ["verify", url]):
+        assert main(argv) == 0, argv
+        out = capsys.readouterr().out
+        assert url in out and str(staging) not in out, out
+    local = tmp_path / "local.safetensors"
+    remote = tmp_path / "remote.safetensors"
+    assert main(["consolidate", str(case), str(local), "-q"]) == 0
+    assert main(["consolidate", url, str(remote), "-q"]) == 0
+    assert local.read_bytes() == remote.read_bytes()
+    assert main(["convert", "--from", "deepspeed", url, f"{url}-z", "-q"]) == 0
+    assert main(["reshard", url, str(tmp_path / "r"), "--world-size", "3", "-q"]) == 0
+    converted = zckpt.load_checkpoint(f"{url}-z", world_size=3, rank=1).state
+    assert_states_equal(
+        converted, zckpt.load_checkpoint(tmp_path / "r", world_size=3, rank=1).state
+    )
+    capsys.readouterr()
+    assert main(["inspect", url, "--tag", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert f"{url}/nope" in err and str(staging) not in err
+
+
+def test_s3_deepspeed_checkpoint(s3_server: Any, tmp_path: Path, staging: Path) -> None:
+    from s3_support import BUCKET, KEY, SECRET
+
+    case = _cases()[0] / "checkpoint"
+    so = {"endpoint_url": s3_server.endpoint, "key": KEY, "secret": SECRET}
+    url = f"s3://{BUCKET}/ds-{uuid.uuid4().hex[:12]}"
+    storage, base = storage_for(url, storage_options=so)
+    for f in sorted(case.rglob("*")):
+        if f.is_file():
+            storage.write_atomic(f"{base}/{f.relative_to(case).as_posix()}", [f.read_bytes()])
+    _same(fp32(url, storage_options=so), fp32(case))
+    saved = convert_deepspeed(url, f"{url}-z", storage_options=so)
+    assert saved.tag == "step3"
+    convert_deepspeed(case, tmp_path / "z")
+    assert_states_equal(
+        zckpt.load_checkpoint(f"{url}-z", world_size=2, rank=0, storage_options=so).state,
+        zckpt.load_checkpoint(tmp_path / "z", world_size=2, rank=0).state,
+    )
+    opts = [f"--storage-option={k}={v}" for k, v in so.items()]
+    out = tmp_path / "s3.safetensors"
+    assert main(["consolidate", url, str(out), "-q", *opts]) == 0
+    assert main(["consolidate", str(case), str(tmp_path / "l.safetensors"), "-q"]) == 0
+    assert out.read_bytes() == (tmp_path / "l.safetensors").read_bytes()

@@ -1,0 +1,362 @@
+"""DeepSpeed and DCP checkpoints in an object store: found there, then copied to a private
+local directory, where the readers (which map and unzip local files) read them.
+
+zckpt's own checkpoints are read from a store in ranged GETs (``store/_read.py``); DeepSpeed's
+``torch.save`` zips and DCP's ``.distcp`` files are read through ``mmap`` and zip offsets, which
+need files. So a foreign checkpoint at a URL (``get_fp32_state_dict_from_zero_checkpoint``,
+``convert_deepspeed``, ``convert_dcp``, and ``zckpt inspect/verify/consolidate/convert/reshard``)
+is *staged*: :func:`find_foreign` says what is there, asking the store only for listings and
+the ``latest`` pointer, and :func:`stage` copies that one checkpoint, and nothing else, into
+``tempfile.mkdtemp()`` (``$TMPDIR`` picks the place):
+
+* in ranged GETs of :data:`PIECE` bytes, :data:`IN_FLIGHT` at a time, each written at its offset
+  (memory: ``IN_FLIGHT * PIECE``, whatever the checkpoint's size);
+* after checking that the local disk has room for it (else a ``StorageError`` naming both);
+* with every object's size and ETag asked before and after its copy: an object replaced
+  meanwhile (a sync still running) is an error, never a file made of two versions.
+
+The copy mirrors the URL's layout (``latest`` and the one tag directory), so a reader given the
+local path and the caller's ``tag`` finds what it would have found at the URL; messages that
+name a local path name the URL instead (:meth:`Staged.reworded`). The directory is removed when
+the call returns, or, for ``lazy_mode`` results, when the last :class:`LazyTensor` that reads
+from it is gone (:meth:`Staged.keep_for`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, check_tag, read_latest
+from zckpt.store._storage import Storage, StorageError
+
+__all__ = [
+    "IN_FLIGHT",
+    "PIECE",
+    "Foreign",
+    "Staged",
+    "find_foreign",
+    "foreign_source",
+    "stage",
+    "staged",
+]
+
+#: Bytes per ranged GET of a staged copy.
+PIECE = 16 << 20
+#: Ranged GETs in flight during a staged copy.
+IN_FLIGHT = 8
+_MODEL_STATES = "model_states.pt"
+_DCP_METADATA = ".metadata"
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """A foreign checkpoint found at a URL: ``kind`` (``"deepspeed"`` or ``"dcp"``), ``root``
+    (the directory whose files are the checkpoint: a DeepSpeed tag directory or a DCP one) and
+    ``pointer`` (the ``latest`` file that named it, when one did).
+
+    Example:
+        >>> Foreign("dcp", "memory://run/step3", None).kind
+        'dcp'
+    """
+
+    kind: str
+    root: str
+    pointer: str | None
+
+
+def _kind(storage: Storage, d: str) -> str | None:
+    names = storage.listdir(d)
+    if any(n.endswith(_MODEL_STATES) for n in names):
+        return "deepspeed"
+    return "dcp" if _DCP_METADATA in names else None
+
+
+def find_foreign(storage: Storage, path: str, tag: str | None = None) -> Foreign | None:
+    """The DeepSpeed or DCP checkpoint ``path`` (a save_dir, a tag directory or a DCP
+    directory) holds in ``storage``, found as :func:`~zckpt.interop._detect.find_deepspeed`
+    and :func:`~zckpt.interop._detect.find_dcp` find a local one; None when it holds neither.
+
+    Example:
+        >>> import fsspec
+        >>> from zckpt.store._fsspec import FsspecStorage
+        >>> st = FsspecStorage(fsspec.filesystem("memory"))
+        >>> _ = st.write_atomic("memory://ff/run/step3/.metadata", [b"x"])
+        >>> _ = st.write_atomic("memory://ff/run/latest", [b"step3"])
+        >>> find_foreign(st, "memory://ff/run")
+        Foreign(kind='dcp', root='memory://ff/run/step3', pointer='latest')
+        >>> find_foreign(st, "memory://ff/elsewhere") is None
+        True
+    """
+    if tag is not None:
+        d = posixpath.join(path, check_tag(tag))
+        kind = _kind(storage, d)
+        return None if kind is None else Foreign(kind, d, None)
+    kind = _kind(storage, path)
+    if kind is not None:
+        return Foreign(kind, path, None)
+    for pointer in (LATEST, LATEST_UNIVERSAL):  # the first one present decides
+        latest = read_latest(storage, path, pointer)
+        if latest is None:
+            continue
+        d = posixpath.join(path, latest)
+        kind = _kind(storage, d)
+        return None if kind is None else Foreign(kind, d, pointer)
+    return None
+
+
+def _version(storage: Storage, path: str) -> tuple[int, str]:
+    """What changes when the object ``path`` is replaced: its size, and its ETag where the
+    storage can say (:meth:`~zckpt.store.FsspecStorage.fingerprint`)."""
+    fingerprint = getattr(storage, "fingerprint", None)
+    if fingerprint is not None:
+        got: tuple[int, str] = fingerprint(path)
+        return got
+    return storage.size(path), ""
+
+
+def _files(storage: Storage, d: str, rel: str = "") -> Iterator[tuple[str, tuple[int, str]]]:
+    """``(relative path, version)`` of every object under ``d``."""
+    for name in storage.listdir(d):
+        if name in (".", "..") or "/" in name:
+            continue
+        p, r = posixpath.join(d, name), posixpath.join(rel, name) if rel else name
+        try:
+            version = _version(storage, p)
+        except StorageError as e:
+            if e.errno != errno.EISDIR and not storage.is_dir(p):
+                raise
+            yield from _files(storage, p, r)
+            continue
+        yield r, version
+
+
+class Staged:
+    """A local copy of a foreign checkpoint at ``url``: ``local`` is where ``url`` is mirrored
+    (pass it, with the caller's tag, to the local readers). Removed by :meth:`close`, or when
+    the object is collected.
+
+    Example:
+        >>> import fsspec
+        >>> from zckpt.store._fsspec import FsspecStorage
+        >>> st = FsspecStorage(fsspec.filesystem("memory"))
+        >>> _ = st.write_atomic("memory://sd/ck/.metadata", [b"meta"])
+        >>> with staged(st, "memory://sd/ck") as s:
+        ...     with open(os.path.join(s.local, ".metadata"), "rb") as f:
+        ...         f.read()
+        b'meta'
+        >>> os.path.exists(s.local)
+        False
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/") or url
+        self.top = tempfile.mkdtemp(prefix="zckpt-staged-")
+        name = posixpath.basename(self.url.rstrip("/")) or "checkpoint"
+        self.local = os.path.join(self.top, name)
+        self.kept = False  # handed to a lazy result (keep_for)
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.top, True)
+
+    def close(self) -> None:
+        """Remove the local copy (again: nothing)."""
+        self._cleanup()
+
+    def reword(self, text: str) -> str:
+        """``text`` with the local copy's paths named by their URLs."""
+        return text.replace(self.local, self.url).replace(self.top, self.url)
+
+    @contextlib.contextmanager
+    def reworded(self) -> Iterator[None]:
+        """Errors raised in this block name the URL, not the local copy (in place: the
+        exception's type and other arguments stay)."""
+        try:
+            yield
+        except BaseException as e:
+            if isinstance(e, OSError):
+                if isinstance(e.strerror, str):
+                    e.strerror = self.reword(e.strerror)
+                if isinstance(e.filename, str):
+                    e.filename = self.reword(e.filename)
+            if e.args and isinstance(e.args[0], str):
+                e.args = (self.reword(e.args[0]), *e.args[1:])
+            raise
+
+    def keep_for(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` (a lazy_mode result) with every :class:`~zckpt.store._fp32.LazyTensor`
+        holding this copy: it is removed once none of them is left, not when the call ends."""
+        from zckpt.store._fp32 import LazyTensor
+
+        self.kept = True
+        out: dict[str, Any] = {}
+        done: dict[int, Any] = {}  # tied entries stay one object
+        for k, v in state.items():
+            if isinstance(v, LazyTensor):
+                if id(v) not in done:
+                    done[id(v)] = replace(v, _load=self._holding(v._load))
+                v = done[id(v)]
+            out[k] = v
+        return out
+
+    def _holding(self, load: Any) -> Any:
+        def read() -> Any:
+            with self.reworded():  # ``self`` lives as long as this closure
+                return load()
+
+        return read
+
+
+def _room(staged: Staged, url: str, total: int) -> None:
+    free = shutil.disk_usage(staged.top).free
+    if total > free:
+        raise StorageError(
+            errno.ENOSPC,
+            f"{url}: reading this checkpoint copies its {total} bytes to {staged.top}, whose "
+            f"disk has {free} bytes free; set TMPDIR to a larger local disk",
+        )
+
+
+def _copy(storage: Storage, src: str, dst: str, size: int, pool: ThreadPoolExecutor) -> None:
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+
+        def piece(offset: int) -> None:
+            n = min(PIECE, size - offset)
+            data = storage.read(src, offset, n)
+            if len(data) != n:
+                raise StorageError(
+                    errno.EIO,
+                    f"{src}: {len(data)} bytes at offset {offset}, where its size says "
+                    f"{n}: it changed while it was copied; try again once its writer is done",
+                )
+            view = memoryview(data)
+            while view:
+                view = view[os.pwrite(fd, view, offset + (len(data) - len(view))) :]
+
+        for f in [pool.submit(piece, o) for o in range(0, size, PIECE)]:
+            f.result()
+    finally:
+        os.close(fd)
+
+
+def stage(storage: Storage, path: str, found: Foreign | None) -> Staged:
+    """Copy the checkpoint ``found`` at ``path`` (a URL of ``storage``) to a local directory
+    (None: nothing to copy; the directory mirroring ``path`` is not there).
+
+    Raises:
+        StorageError: the local disk has no room for it (naming both), an object changed
+            while it was copied, or the store failed (naming the object).
+
+    Example:
+        >>> import fsspec
+        >>> from zckpt.store._fsspec import FsspecStorage
+        >>> st = FsspecStorage(fsspec.filesystem("memory"))
+        >>> _ = st.write_atomic("memory://sg/run/s1/mp_rank_00_model_states.pt", [b"zip"])
+        >>> _ = st.write_atomic("memory://sg/run/latest", [b"s1"])
+        >>> s = stage(st, "memory://sg/run", find_foreign(st, "memory://sg/run"))
+        >>> sorted(os.listdir(s.local)), os.listdir(os.path.join(s.local, "s1"))
+        (['latest', 's1'], ['mp_rank_00_model_states.pt'])
+        >>> s.close()
+    """
+    s = Staged(path)
+    if found is None:
+        return s
+    base = path.rstrip("/") or path
+    rel_root = posixpath.relpath(found.root, base) if found.root != base else ""
+    try:
+        with s.reworded():
+            files = list(_files(storage, found.root))
+    except BaseException:
+        s.close()
+        raise
+    try:
+        with s.reworded():
+            _room(s, path, sum(v[0] for _, v in files))
+            root = os.path.join(s.local, *rel_root.split("/")) if rel_root else s.local
+            os.makedirs(root)
+            if found.pointer is not None:
+                tag = posixpath.basename(found.root)
+                with open(os.path.join(s.local, found.pointer), "w", encoding="utf-8") as f:
+                    f.write(tag)
+            with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="zckpt-stage") as pool:
+                for rel, before in files:
+                    src = posixpath.join(found.root, rel)
+                    dst = os.path.join(root, *rel.split("/"))
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    _copy(storage, src, dst, before[0], pool)
+                    if _version(storage, src) != before:
+                        raise StorageError(
+                            errno.ESTALE,
+                            f"{src} was replaced while it was copied (size and ETag before: "
+                            f"{before}); try again once its writer is done",
+                        )
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+@contextlib.contextmanager
+def staged(storage: Storage, path: str, tag: str | None = None) -> Iterator[Staged | None]:
+    """The foreign checkpoint at ``path`` staged for this block (None when there is none);
+    errors in the block name the URL. Removed when the block ends, unless it handed the copy
+    on (:meth:`Staged.keep_for`).
+
+    Example:
+        >>> import fsspec
+        >>> from zckpt.store._fsspec import FsspecStorage
+        >>> with staged(FsspecStorage(fsspec.filesystem("memory")), "memory://none") as s:
+        ...     s is None
+        True
+    """
+    found = find_foreign(storage, path, tag)
+    if found is None:
+        yield None
+        return
+    s = stage(storage, path, found)
+    try:
+        with s.reworded():
+            yield s
+    finally:
+        if not s.kept:  # a lazy result holds the copy: its last holder removes it
+            s.close()
+
+
+@contextlib.contextmanager
+def foreign_source(
+    path: str | os.PathLike[str],
+    tag: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Iterator[str]:
+    """The local path to read the DeepSpeed or DCP checkpoint at ``path`` from, for this block:
+    a path or a ``file://`` URL's path as it is; at any other URL, its checkpoint staged (an
+    empty place when there is none there, so that the reader's own error says what is missing,
+    naming the URL). Errors in the block name the URL.
+
+    Example:
+        >>> with foreign_source("file:///data/ds") as local:
+        ...     local
+        '/data/ds'
+    """
+    from zckpt.store._resolve import storage_for
+    from zckpt.store._storage import LocalStorage
+
+    storage, p = storage_for(path, None, storage_options)
+    if isinstance(storage, LocalStorage):
+        yield p
+        return
+    s = stage(storage, p, find_foreign(storage, p, tag))
+    try:
+        with s.reworded():
+            yield s.local
+    finally:
+        s.close()
