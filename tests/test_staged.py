@@ -320,3 +320,22 @@ def test_s3_deepspeed_checkpoint(s3_server: Any, tmp_path: Path, staging: Path) 
     assert main(["consolidate", url, str(out), "-q", *opts]) == 0
     assert main(["consolidate", str(case), str(tmp_path / "l.safetensors"), "-q"]) == 0
     assert out.read_bytes() == (tmp_path / "l.safetensors").read_bytes()
+
+
+def test_the_format_predicates_take_urls(tmp_path: Path) -> None:
+    """Found here: ``is_deepspeed_checkpoint`` and ``is_dcp_checkpoint`` said False of any URL
+    (a ``file://`` one too), where the readers now take them."""
+    from zckpt.interop import is_dcp_checkpoint, is_deepspeed_checkpoint
+
+    case = _cases()[0] / "checkpoint"
+    url = _url()
+    _upload(case, url)
+    tag = (case / "latest").read_text().strip()
+    assert is_deepspeed_checkpoint(url) and is_deepspeed_checkpoint(f"{url}/{tag}")
+    assert is_deepspeed_checkpoint(url, tag) and not is_deepspeed_checkpoint(url, "nope")
+    assert is_deepspeed_checkpoint(f"file://{case}") and not is_dcp_checkpoint(url)
+    _dcp(tmp_path, 3)
+    _upload(tmp_path / "step4", f"{url}-dcp/step4")
+    assert is_dcp_checkpoint(f"{url}-dcp/step4") and not is_dcp_checkpoint(f"{url}-dcp")
+    assert is_dcp_checkpoint(f"file://{tmp_path}/step4")
+    assert not is_deepspeed_checkpoint(f"{url}-dcp/step4") and not is_dcp_checkpoint(_url())

@@ -144,16 +144,20 @@ __all__ = [
 
 def is_deepspeed_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> bool:
     """Whether ``path`` (with ``tag``, or ``latest``/``latest_universal``) is a directory
-    DeepSpeed wrote (a regular or a universal checkpoint).
+    DeepSpeed wrote (a regular or a universal checkpoint); ``path`` may be a URL (its store is
+    asked for listings and ``latest`` only).
 
     Example:
         >>> import tempfile
-        >>> is_deepspeed_checkpoint(tempfile.mkdtemp())
-        False
+        >>> is_deepspeed_checkpoint(tempfile.mkdtemp()), is_deepspeed_checkpoint("memory://no")
+        (False, False)
     """
+    found = _remote(path, tag)
+    if found is not None:
+        return found[0] == "deepspeed"
     from zckpt.interop._detect import find_deepspeed
 
-    return find_deepspeed(path, tag) is not None
+    return find_deepspeed(_local(path), tag) is not None
 
 
 def is_dcp_checkpoint(path: str | os.PathLike[str]) -> bool:
@@ -162,9 +166,33 @@ def is_dcp_checkpoint(path: str | os.PathLike[str]) -> bool:
 
     Example:
         >>> import tempfile
-        >>> is_dcp_checkpoint(tempfile.mkdtemp())
-        False
+        >>> is_dcp_checkpoint(tempfile.mkdtemp()), is_dcp_checkpoint("memory://no")
+        (False, False)
     """
+    found = _remote(path, None)
+    if found is not None:
+        return found[0] == "dcp" and found[1]
     from zckpt.interop._detect import find_dcp
 
-    return find_dcp(path) is not None
+    return find_dcp(_local(path)) is not None
+
+
+def _local(path: str | os.PathLike[str]) -> str:
+    from zckpt.store._resolve import local_path
+
+    return local_path(os.fspath(path))
+
+
+def _remote(path: str | os.PathLike[str], tag: str | None) -> tuple[str | None, bool] | None:
+    """For a URL of an object store (not ``file://``): the kind of foreign checkpoint there
+    (None: neither) and whether ``path`` is its directory itself; None for a local path."""
+    from zckpt.store._resolve import is_url
+
+    if not is_url(_local(path)):
+        return None
+    from zckpt.interop._staged import find_foreign
+    from zckpt.store._resolve import storage_for
+
+    storage, p = storage_for(path)
+    found = find_foreign(storage, p, tag)
+    return (None, False) if found is None else (found.kind, found.root == p)
