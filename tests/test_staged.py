@@ -339,3 +339,25 @@ def test_the_format_predicates_take_urls(tmp_path: Path) -> None:
     assert is_dcp_checkpoint(f"{url}-dcp/step4") and not is_dcp_checkpoint(f"{url}-dcp")
     assert is_dcp_checkpoint(f"file://{tmp_path}/step4")
     assert not is_deepspeed_checkpoint(f"{url}-dcp/step4") and not is_dcp_checkpoint(_url())
+
+
+def test_prune_and_clean_refuse_a_deepspeed_save_dir_at_a_url(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Found here: at a URL they said "kept 0" and "removed 0 item(s)" of a DeepSpeed save_dir
+    with no ``latest`` (``deepspeed_tags`` listed local directories only), where a local one
+    is refused; nothing was deleted either way."""
+    case = _cases()[0] / "checkpoint"
+    tag = (case / "latest").read_text().strip()
+    url = _url()
+    for t in ("global_step10", "global_step9"):
+        _upload(case / tag, f"{url}/{t}")
+    storage, base = storage_for(url)
+    before = sorted(storage.listdir(f"{base}/global_step9"))
+    from zckpt.interop import deepspeed_tags
+
+    assert deepspeed_tags(url) == ["global_step9", "global_step10"]
+    for argv in (["clean", url], ["prune", url, "--keep-last", "1"]):
+        assert main(argv) == 1
+        assert "is a DeepSpeed checkpoint" in capsys.readouterr().err
+    assert sorted(storage.listdir(f"{base}/global_step9")) == before

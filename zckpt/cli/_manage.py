@@ -31,8 +31,9 @@ def _zckpt_save_dir(path: str, command: str) -> None:
     directory, or a save_dir holding DeepSpeed tags and no committed zckpt tag) is refused."""
     if not isdir(path):
         raise zckpt.CheckpointNotFoundError(f"{path}: no such directory")
-    deepspeed = is_deepspeed_checkpoint(path) or bool(deepspeed_tags(path))
-    if deepspeed and not zckpt.list_tags(path):
+    if zckpt.list_tags(path):
+        return  # (asked first: on an object store the DeepSpeed check lists every tag)
+    if is_deepspeed_checkpoint(path) or deepspeed_tags(path):
         raise CommandLineError(
             f"{path} is a DeepSpeed checkpoint: zckpt {command} only manages zckpt "
             "checkpoints and leaves DeepSpeed's files alone (nothing was changed)"

@@ -60,8 +60,9 @@ def _natural(name: str) -> list[Any]:
 
 
 def deepspeed_tags(save_dir: str | os.PathLike[str]) -> list[str]:
-    """The DeepSpeed tag directories (regular and universal) in ``save_dir``, in natural order
-    (``global_step9`` before ``global_step10``): DeepSpeed records no commit order.
+    """The DeepSpeed tag directories (regular and universal) in ``save_dir`` (a path or a URL),
+    in natural order (``global_step9`` before ``global_step10``): DeepSpeed records no commit
+    order.
 
     Example:
         >>> import tempfile, torch
@@ -72,7 +73,14 @@ def deepspeed_tags(save_dir: str | os.PathLike[str]) -> list[str]:
         >>> deepspeed_tags(d)
         ['step9', 'step10']
     """
-    root = os.fspath(save_dir)
+    from zckpt.store._resolve import is_url, local_path
+
+    root = local_path(os.fspath(save_dir))
+    if is_url(root):  # an object store: its listings
+        from zckpt.interop._staged import foreign_tags
+        from zckpt.store._resolve import storage_for
+
+        return sorted(foreign_tags(*storage_for(root)), key=_natural)
     try:
         names = os.listdir(root)
     except OSError:

@@ -45,6 +45,7 @@ __all__ = [
     "Foreign",
     "Staged",
     "find_foreign",
+    "foreign_tags",
     "foreign_source",
     "stage",
     "staged",
@@ -112,6 +113,25 @@ def find_foreign(storage: Storage, path: str, tag: str | None = None) -> Foreign
         kind = _kind(storage, d)
         return None if kind is None else Foreign(kind, d, pointer)
     return None
+
+
+def foreign_tags(storage: Storage, path: str) -> list[str]:
+    """The names of the DeepSpeed tag directories right under ``path`` (unordered).
+
+    Example:
+        >>> import fsspec
+        >>> from zckpt.store._fsspec import FsspecStorage
+        >>> st = FsspecStorage(fsspec.filesystem("memory"))
+        >>> _ = st.write_atomic("memory://ft/run/s1/mp_rank_00_model_states.pt", [b"zip"])
+        >>> _ = st.write_atomic("memory://ft/run/other/x", [b""])
+        >>> foreign_tags(st, "memory://ft/run")
+        ['s1']
+    """
+    return [
+        n
+        for n in storage.listdir(path)
+        if not n.startswith(".") and _kind(storage, posixpath.join(path, n)) == "deepspeed"
+    ]
 
 
 def _version(storage: Storage, path: str) -> tuple[int, str]:
