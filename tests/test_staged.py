@@ -361,3 +361,31 @@ def test_prune_and_clean_refuse_a_deepspeed_save_dir_at_a_url(
         assert main(argv) == 1
         assert "is a DeepSpeed checkpoint" in capsys.readouterr().err
     assert sorted(storage.listdir(f"{base}/global_step9")) == before
+
+
+def test_the_interop_readers_take_urls_or_say_which_calls_do(tmp_path: Path, staging: Path) -> None:
+    """Found here: ``deepspeed_fp32_state_dict``, ``dcp_state_dict``, ``open_deepspeed`` and
+    ``open_dcp`` said "not a DeepSpeed checkpoint directory" / "not a DCP checkpoint" of a URL
+    where there was one."""
+    from zckpt.interop import dcp_state_dict, deepspeed_fp32_state_dict, open_dcp, open_deepspeed
+
+    case = _cases()[0] / "checkpoint"
+    url = _url()
+    _upload(case, url)
+    _same(deepspeed_fp32_state_dict(url), deepspeed_fp32_state_dict(case))
+    lazy = deepspeed_fp32_state_dict(url, lazy_mode=True)
+    assert {k: v.contiguous().shape for k, v in lazy.items()} == {
+        k: v.shape for k, v in deepspeed_fp32_state_dict(case).items()
+    }
+    sd = _dcp(tmp_path, 4)
+    _upload(tmp_path / "step4", f"{url}-dcp/step4")
+    got = dcp_state_dict(f"{url}-dcp/step4")
+    assert torch.equal(got["model"]["w"], sd["model"]["w"]) and got["ep"] == 3
+    nested = dcp_state_dict(f"{url}-dcp/step4", lazy_mode=True)
+    assert torch.equal(nested["model"]["b"].contiguous(), sd["model"]["b"])
+    for reader, target in ((open_deepspeed, url), (open_dcp, f"{url}-dcp/step4")):
+        with pytest.raises(zckpt.errors.ArgumentError, match="reads local files"):
+            reader(target)
+    assert open_deepspeed(f"file://{case}").world_size >= 1
+    assert open_dcp(f"file://{tmp_path}/step4").ranks >= 1
+    del lazy, nested

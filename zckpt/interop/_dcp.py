@@ -232,9 +232,10 @@ def open_dcp(path: str | os.PathLike[str]) -> DcpCheckpoint:
         zckpt.interop._dcp.DcpMissingFileError: /tmp/...: not a DCP checkpoint (no .metadata)
     """
     from zckpt.interop._refs import file_stamp
+    from zckpt.interop._staged import local_only
     from zckpt.store._storage import StorageError, open_regular
 
-    root = os.fspath(path)
+    root = local_only(path, "open_dcp")
     if find_dcp(root) is None:
         raise DcpMissingFileError(f"{root}: not a DCP checkpoint (no {METADATA})")
     md = read_metadata(os.path.join(root, METADATA))

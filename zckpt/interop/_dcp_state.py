@@ -347,7 +347,8 @@ def dcp_state_dict(path: str | os.PathLike[str], *, lazy_mode: bool = False) -> 
     ``weights_only`` load builds them), read without running any of its pickles' code.
 
     Args:
-        path: the directory ``dcp.save`` wrote (``.metadata`` and ``.distcp`` files).
+        path: the directory ``dcp.save`` wrote (``.metadata`` and ``.distcp`` files); at a
+            URL, copied to a private local directory first (``interop/_staged.py``).
         lazy_mode: tensors as :class:`zckpt.LazyTensor`, assembled on ``.contiguous()``.
 
     Raises:
@@ -366,6 +367,10 @@ def dcp_state_dict(path: str | os.PathLike[str], *, lazy_mode: bool = False) -> 
         >>> torch.equal(sd["model"]["w"], w), sd["step"]
         (True, 5)
     """
+    from zckpt.interop._staged import is_remote, read_foreign
+
+    if is_remote(path):  # copied to a local directory, read there
+        return read_foreign(path, None, lambda d: dcp_state_dict(d, lazy_mode=lazy_mode), lazy_mode)
     return checkpoint_state(open_dcp(path), lazy_mode=lazy_mode)
 
 

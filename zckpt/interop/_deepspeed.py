@@ -431,7 +431,8 @@ def deepspeed_fp32_state_dict(
     change with them.
 
     Args:
-        checkpoint_dir: a DeepSpeed save_dir (tag from ``tag`` or ``latest``) or tag directory.
+        checkpoint_dir: a DeepSpeed save_dir (tag from ``tag`` or ``latest``) or tag directory;
+            at a URL, copied to a private local directory first (``interop/_staged.py``).
         tag: the tag.
         exclude_frozen_parameters: leave out frozen parameters.
         lazy_mode: return :class:`zckpt.LazyTensor` values, read on ``.contiguous()``.
@@ -456,6 +457,17 @@ def deepspeed_fp32_state_dict(
         >>> deepspeed_fp32_state_dict(d, lazy_mode=True)["w"].contiguous().shape
         torch.Size([4, 3])
     """
+    from zckpt.interop._staged import is_remote, read_foreign
+
+    if is_remote(checkpoint_dir):  # copied to a local directory, read there
+        return read_foreign(
+            checkpoint_dir, tag,
+            lambda local: deepspeed_fp32_state_dict(
+                local, tag, exclude_frozen_parameters, lazy_mode,
+                zero_to_fp32_compat=zero_to_fp32_compat, map_files=map_files,
+            ),
+            lazy_mode,
+        )  # fmt: skip
     from zckpt.assemble import assemble_fp32, fp32_tensors, index_sources
     from zckpt.format._decode import decode_threads
     from zckpt.interop._mapped import mapping_enabled

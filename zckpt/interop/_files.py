@@ -267,7 +267,9 @@ def open_deepspeed(
         >>> open_deepspeed(d).world_size
         3
     """
-    found = find_deepspeed(path, tag)
+    from zckpt.interop._staged import local_only
+
+    found = find_deepspeed(local_only(path, "open_deepspeed"), tag)
     if found is None:
         raise DeepSpeedFormatError(f"{os.fspath(path)}: not a DeepSpeed checkpoint directory")
     d, tag = found

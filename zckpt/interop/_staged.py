@@ -31,7 +31,7 @@ import posixpath
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,6 +46,9 @@ __all__ = [
     "Staged",
     "find_foreign",
     "foreign_tags",
+    "is_remote",
+    "local_only",
+    "read_foreign",
     "foreign_source",
     "stage",
     "staged",
@@ -211,19 +214,26 @@ class Staged:
             raise
 
     def keep_for(self, state: dict[str, Any]) -> dict[str, Any]:
-        """``state`` (a lazy_mode result) with every :class:`~zckpt.store._fp32.LazyTensor`
-        holding this copy: it is removed once none of them is left, not when the call ends."""
+        """``state`` (a lazy_mode result, nested or not) with every
+        :class:`~zckpt.store._fp32.LazyTensor` holding this copy: it is removed once none of
+        them is left, not when the call ends. Tied entries stay one object."""
         from zckpt.store._fp32 import LazyTensor
 
         self.kept = True
-        out: dict[str, Any] = {}
-        done: dict[int, Any] = {}  # tied entries stay one object
-        for k, v in state.items():
+        done: dict[int, Any] = {}
+
+        def hold(v: Any) -> Any:
             if isinstance(v, LazyTensor):
                 if id(v) not in done:
                     done[id(v)] = replace(v, _load=self._holding(v._load))
-                v = done[id(v)]
-            out[k] = v
+                return done[id(v)]
+            if isinstance(v, dict):
+                return {k: hold(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [hold(x) for x in v]
+            return v
+
+        out: dict[str, Any] = hold(state)
         return out
 
     def _holding(self, load: Any) -> Any:
@@ -380,3 +390,66 @@ def foreign_source(
             yield s.local
     finally:
         s.close()
+
+
+def is_remote(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a URL of an object store or other fsspec filesystem (not a path,
+    not a ``file://`` URL).
+
+    Example:
+        >>> is_remote("s3://b/run"), is_remote("file:///data/run"), is_remote("run")
+        (True, False, False)
+    """
+    from zckpt.store._resolve import is_url, local_path
+
+    return is_url(local_path(os.fspath(path)))
+
+
+def local_only(path: str | os.PathLike[str], reader: str) -> str:
+    """``path`` for a reader of local files only (a ``file://`` URL's path; a path as it is).
+
+    Raises:
+        ArgumentError: ``path`` is any other URL, naming the calls that take one.
+
+    Example:
+        >>> local_only("file:///data/ds", "open_deepspeed")
+        '/data/ds'
+    """
+    from zckpt.errors import ArgumentError
+    from zckpt.store._resolve import local_path
+
+    if is_remote(path):
+        raise ArgumentError(
+            f"{os.fspath(path)}: {reader} reads local files; for a checkpoint at a URL use "
+            "get_fp32_state_dict_from_zero_checkpoint, convert_deepspeed, convert_dcp, "
+            "dcp_state_dict or the zckpt commands, which copy it to a local directory first"
+        )
+    return local_path(os.fspath(path))
+
+
+def read_foreign(
+    path: str | os.PathLike[str],
+    tag: str | None,
+    read: Callable[[str], dict[str, Any]],
+    lazy_mode: bool,
+) -> dict[str, Any]:
+    """``read`` (a reader of a local DeepSpeed or DCP checkpoint) of the one at the URL
+    ``path``, staged for it (lazy results hold the copy: :meth:`Staged.keep_for`).
+
+    Example:
+        >>> import fsspec
+        >>> _ = fsspec.filesystem("memory").pipe("/rf/ck/.metadata", b"m")
+        >>> read_foreign("memory://rf/ck", None, lambda d: {"n": os.listdir(d)}, False)
+        {'n': ['.metadata']}
+    """
+    from zckpt.store._resolve import storage_for
+
+    storage, p = storage_for(path)
+    s = stage(storage, p, find_foreign(storage, p, tag))
+    try:
+        with s.reworded():
+            got = read(s.local)
+        return s.keep_for(got) if lazy_mode else got
+    finally:
+        if not s.kept:
+            s.close()
