@@ -389,3 +389,45 @@ def test_the_interop_readers_take_urls_or_say_which_calls_do(tmp_path: Path, sta
     assert open_deepspeed(f"file://{case}").world_size >= 1
     assert open_dcp(f"file://{tmp_path}/step4").ranks >= 1
     del lazy, nested
+
+
+def test_commands_refuse_before_copying_anything(
+    tmp_path: Path, staging: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A command that would refuse its arguments refuses before the checkpoint at a URL is
+    downloaded (found here: ``consolidate URL s3://out`` copied the checkpoint, then refused
+    the URL OUT that its own check refuses "before anything is read")."""
+    case = _cases()[0] / "checkpoint"
+    url = _url()
+    _upload(case, url)
+    _dcp(tmp_path, 5)
+    _upload(tmp_path / "step4", f"{url}-dcp/step4")
+    run = tmp_path / "run"
+    zckpt.save_checkpoint(run, {"w": torch.ones(2)}, zckpt.ZeroSpec(1, 1), tag="t")
+    real = _staged.stage
+    copies: list[str] = []
+
+    def counting(storage: Any, path: str, found: Any) -> Any:
+        copies.append(path)
+        return real(storage, path, found)
+
+    monkeypatch.setattr(_staged, "stage", counting)
+    out, dcp = str(tmp_path / "o"), f"{url}-dcp/step4"
+    refused = {
+        "is a URL": ["consolidate", url, "memory://out/m.safetensors"],
+        "unknown suffix": ["consolidate", url, str(tmp_path / "m.safetensor")],
+        "is a DCP checkpoint": ["reshard", dcp, out, "--world-size", "2"],
+        "already holds a training run": ["convert", "--from", "deepspeed", url, str(run)],
+        "not a DCP checkpoint": ["convert", "--from", "dcp", url, out],
+        "not a DeepSpeed checkpoint": ["convert", "--from", "deepspeed", dcp, out],
+        "--world-size must be": ["reshard", url, out, "--world-size", "0"],
+    }
+    for message, argv in refused.items():
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+    assert copies == [] and not (tmp_path / "o").exists()
+    argv = ["convert", "--from", "dcp", f"{url}-dcp/step4", str(tmp_path / "o"), "--tag", "x9"]
+    assert main([*argv, "-q"]) == 0  # --tag is the tag written, not one looked for
+    assert [c.tag for c in zckpt.list_tags(tmp_path / "o")] == ["x9"] and len(copies) == 1

@@ -104,6 +104,21 @@ def _check(args: argparse.Namespace) -> str:
     return kind
 
 
+def before_staging(args: argparse.Namespace, kind: str, root: str) -> None:
+    """``consolidate``'s checks of its arguments and OUT, made before a foreign checkpoint at
+    a URL is copied here (``cli/_main.py: _staged_input``), and again on the copy.
+
+    Example:
+        >>> import argparse
+        >>> a = argparse.Namespace(out="s3://b/out", max_shard_size=None, path="s3://b/ds")
+        >>> before_staging(a, "deepspeed", "s3://b/ds/step3")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        zckpt.cli._main.CommandLineError: OUT s3://b/out is a URL: ...
+    """
+    _check(args)
+
+
 def _check_not_an_input(path: str, tag: str | None, out: str) -> None:
     """Refuse an OUT inside the input that is one of the DeepSpeed checkpoint's own files (an
     entry of its tag directory, or the save_dir's ``latest``): ``--overwrite`` would replace

@@ -336,10 +336,7 @@ def reshard(args: argparse.Namespace) -> int:
     from zckpt.interop._detect import find_dcp
 
     if find_dcp(args.path) is not None:
-        raise CommandLineError(
-            f"{args.path} is a DCP checkpoint: import it with 'zckpt convert --from dcp "
-            f"{args.path} OUT' (the result loads at any world size, and reshards)"
-        )
+        raise _dcp_refused(args.path)
     found = find_deepspeed(args.path, args.tag)
     kept = args.codec is None
     if found is not None:
@@ -390,6 +387,48 @@ def reshard(args: argparse.Namespace) -> int:
         f"stage {spec.stage} -> {new.stage}, codec {codec}{how}"
     )
     return 0
+
+
+def _dcp_refused(path: str) -> CommandLineError:
+    return CommandLineError(
+        f"{path} is a DCP checkpoint: import it with 'zckpt convert --from dcp "
+        f"{path} OUT' (the result loads at any world size, and reshards)"
+    )
+
+
+def before_staging(args: argparse.Namespace, kind: str, root: str) -> None:
+    """The checks ``reshard`` and ``convert`` make before reading a checkpoint, made before a
+    foreign one at a URL is copied here (``cli/_main.py: _staged_input``): ``kind`` is what
+    PATH holds (``"deepspeed"`` or ``"dcp"``), ``root`` its tag or DCP directory's URL. The
+    commands make them again on the copy.
+
+    Example:
+        >>> import argparse
+        >>> a = argparse.Namespace(command="reshard", world_size=2, path="memory://r/ds",
+        ...                        out="/tmp/zckpt-bs-out", overwrite=False, tag=None)
+        >>> before_staging(a, "dcp", "memory://r/ds")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        zckpt.cli._main.CommandLineError: memory://r/ds is a DCP checkpoint: import it with ...
+    """
+    import posixpath
+
+    if args.command == "reshard":
+        positive("--world-size", args.world_size)
+    _check_save_dir(args.path, args.out)
+    if args.command == "reshard" and kind == "dcp":
+        raise _dcp_refused(args.path)
+    if args.command == "convert" and args.source == "dcp":
+        from zckpt.interop._dcp import DcpMissingFileError
+        from zckpt.interop._dcp_convert import default_tag
+
+        if kind != "dcp" or root != args.path:
+            raise DcpMissingFileError(f"{args.path}: not a DCP checkpoint (no .metadata)")
+        _check_run(args.out, args.tag or default_tag(args.path), args.overwrite)
+        return
+    if kind != "deepspeed":
+        raise DeepSpeedFormatError(f"{args.path}: not a DeepSpeed checkpoint directory")
+    _check_run(args.out, posixpath.basename(root), args.overwrite)
 
 
 def _spec_error(args: argparse.Namespace, e: SpecError) -> SpecError:

@@ -488,8 +488,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-#: The commands that read DeepSpeed and DCP checkpoints as well as zckpt's.
-_READ_FOREIGN = frozenset({"inspect", "verify", "consolidate", "reshard", "convert"})
+#: The commands that read DeepSpeed and DCP checkpoints as well as zckpt's, and the module of
+#: those that check their arguments before one at a URL is copied (``before_staging``).
+_READ_FOREIGN = {
+    "inspect": None,
+    "verify": None,
+    "consolidate": "_consolidate",
+    "reshard": "_convert",
+    "convert": "_convert",
+}
 
 
 class _Reworded(io.TextIOBase):
@@ -524,14 +531,21 @@ def _staged_input(args: argparse.Namespace) -> Iterator[None]:
     if args.command not in _READ_FOREIGN or not isinstance(path, str) or not is_url(path):
         yield
         return
-    from zckpt.interop._staged import staged
+    from zckpt.interop._staged import find_foreign, staged
     from zckpt.store._resolve import storage_for
 
     storage, p = storage_for(path)
-    with staged(storage, p, getattr(args, "tag", None)) as copy:
-        if copy is None:
-            yield
-            return
+    # convert --from dcp's --tag is the tag to write, not one to read
+    dcp_in = args.command == "convert" and args.source == "dcp"
+    found = find_foreign(storage, p, None if dcp_in else getattr(args, "tag", None))
+    if found is None:
+        yield
+        return
+    checks = _READ_FOREIGN[args.command]
+    if checks is not None:  # nothing is copied for a command that would refuse
+        importlib.import_module(f"zckpt.cli.{checks}").before_staging(args, found.kind, found.root)
+    with staged(storage, p, found=found) as copy:
+        assert copy is not None
         args.path = copy.local
         out = sys.stdout
         sys.stdout = _Reworded(out, copy.reword)
