@@ -201,11 +201,11 @@ def test_errors_name_the_url_never_the_copy(tmp_path: Path, staging: Path) -> No
 
 
 class _Replacing:
-    """A storage that replaces ``victim`` (with bytes of the same size) after the first piece
-    of it is read: a sync overwriting the checkpoint while it is copied."""
+    """A storage that replaces ``victim`` with ``make(old bytes)`` after the first piece of it
+    is read: a sync overwriting the checkpoint while it is copied."""
 
-    def __init__(self, inner: Any, victim: str) -> None:
-        self.inner, self.victim, self.done = inner, victim, False
+    def __init__(self, inner: Any, victim: str, make: Any) -> None:
+        self.inner, self.victim, self.make, self.done = inner, victim, make, False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -214,30 +214,50 @@ class _Replacing:
         data: bytes = self.inner.read(path, offset, length)
         if path == self.victim and not self.done:
             self.done = True
-            size = self.inner.size(path)
-            self.inner.write_atomic(path, [bytes(size)])
+            old = self.inner.read(path, 0, self.inner.size(path))
+            self.inner.write_atomic(path, [self.make(old)])
         return data
 
 
-def test_an_object_replaced_while_it_is_copied_is_an_error(
-    tmp_path: Path, staging: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _flip_last(b: bytes) -> bytes:
+    return b[:-1] + bytes([b[-1] ^ 1])
+
+
+def _replaced_mid_copy(url: str, storage: Any, make: Any, monkeypatch: Any) -> StorageError:
     case = _cases()[0] / "checkpoint"
-    url = _url()
-    _upload(case, url)
     tag = (case / "latest").read_text().strip()
-    inner, base = storage_for(url)
-    victim = sorted(inner.listdir(f"{base}/{tag}"))[0]
+    base = storage_for(url, storage)[1]
+    for f in sorted(case.rglob("*")):
+        if f.is_file():
+            storage.write_atomic(f"{base}/{f.relative_to(case).as_posix()}", [f.read_bytes()])
+    victim = sorted(n for n in storage.listdir(f"{base}/{tag}") if "optim" in n)[0]
     monkeypatch.setattr(_staged, "PIECE", 4096)
-    monkeypatch.setattr(
-        type(inner),
-        "fingerprint",
-        lambda self, p: (self.size(p), str(hash(self.read(p, 0, self.size(p))))),
-    )  # memory:// keeps no ETags: the bytes' hash
-    storage = _Replacing(inner, f"{base}/{tag}/{victim}")
-    with pytest.raises(StorageError, match="replaced while it was copied") as e:
-        fp32(url, storage=storage)
-    assert e.value.errno == errno.ESTALE and victim in str(e.value)
+    monkeypatch.setattr(_staged, "IN_FLIGHT", 1)  # the victim's first piece read, then the rest
+    with pytest.raises(StorageError) as e:
+        fp32(url, storage=_Replacing(storage, f"{base}/{tag}/{victim}", make))
+    assert victim in str(e.value) and e.value.errno == errno.ESTALE, str(e.value)
+    return e.value
+
+
+def test_an_object_replaced_while_it_is_copied_is_an_error(
+    staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """memory:// keeps no ETags: a replacement of another size is what it can tell."""
+    url = _url()
+    err = _replaced_mid_copy(url, storage_for(url)[0], lambda b: b + b"x", monkeypatch)
+    assert "changed while it was copied" in str(err) or "replaced" in str(err)
+
+
+def test_an_s3_object_replaced_by_one_of_its_size_is_an_error(
+    s3_server: Any, staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same bytes count, one bit flipped near the end: only the ETag tells."""
+    from s3_support import BUCKET, KEY, SECRET
+
+    so = {"endpoint_url": s3_server.endpoint, "key": KEY, "secret": SECRET}
+    url = f"s3://{BUCKET}/replaced-{uuid.uuid4().hex[:12]}"
+    err = _replaced_mid_copy(url, storage_for(url, storage_options=so)[0], _flip_last, monkeypatch)
+    assert "replaced while it was copied" in str(err)
 
 
 def test_no_room_for_the_copy_is_an_error_before_anything_is_copied(
@@ -431,3 +451,28 @@ def test_commands_refuse_before_copying_anything(
     argv = ["convert", "--from", "dcp", f"{url}-dcp/step4", str(tmp_path / "o"), "--tag", "x9"]
     assert main([*argv, "-q"]) == 0  # --tag is the tag written, not one looked for
     assert [c.tag for c in zckpt.list_tags(tmp_path / "o")] == ["x9"] and len(copies) == 1
+
+
+def test_folder_markers_are_skipped_and_dot_dot_names_refused(staging: Path) -> None:
+    """S3 consoles make empty ``dir/`` objects ("Create folder"); a key with a ``..`` part
+    would be copied outside the private directory."""
+    case = _cases()[0] / "checkpoint"
+    url = _url()
+    _upload(case, url)
+    storage, base = storage_for(url)
+    tag = (case / "latest").read_text().strip()
+    listing = _staged._listing(storage, f"{base}/{tag}")
+    assert sorted(listing) == sorted(p.name for p in (case / tag).iterdir())
+
+    class Listed:
+        def __init__(self, names: list[tuple[str, int, str]]) -> None:
+            self.names = names
+
+        def files_under(self, path: str) -> list[tuple[str, int, str]]:
+            return self.names
+
+    got = _staged._listing(Listed([("a.pt", 3, "e"), ("zero/", 0, "")]), "s3://b/ck")  # type: ignore[arg-type]
+    assert got == {"a.pt": (3, "e")}
+    for bad in ("../x.pt", "zero/./x.pt", "zero//x.pt"):
+        with pytest.raises(StorageError, match="cannot be copied as a file"):
+            _staged._listing(Listed([(bad, 3, "")]), "s3://b/ck")  # type: ignore[arg-type]

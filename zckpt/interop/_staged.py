@@ -147,20 +147,45 @@ def _version(storage: Storage, path: str) -> tuple[int, str]:
     return storage.size(path), ""
 
 
-def _files(storage: Storage, d: str, rel: str = "") -> Iterator[tuple[str, tuple[int, str]]]:
-    """``(relative path, version)`` of every object under ``d``."""
+def _walk(storage: Storage, d: str, rel: str = "") -> Iterator[tuple[str, tuple[int, str]]]:
+    """``(relative path, version)`` of every object under ``d``, by listings and a HEAD each
+    (for storages without ``files_under``)."""
     for name in storage.listdir(d):
-        if name in (".", "..") or "/" in name:
-            continue
         p, r = posixpath.join(d, name), posixpath.join(rel, name) if rel else name
         try:
             version = _version(storage, p)
         except StorageError as e:
             if e.errno != errno.EISDIR and not storage.is_dir(p):
                 raise
-            yield from _files(storage, p, r)
+            yield from _walk(storage, p, r)
             continue
         yield r, version
+
+
+def _listing(storage: Storage, root: str) -> dict[str, tuple[int, str]]:
+    """Every object under ``root``: relative name -> (size, ETag or ""). One listing where the
+    storage offers it (:meth:`~zckpt.store.FsspecStorage.files_under`). An S3 "folder" marker
+    (an empty object named ``dir/``) is no file; a name with a ``..`` or ``.`` part is refused
+    (it would be copied outside the copy's directory)."""
+    under = getattr(storage, "files_under", None)
+    found = (
+        [(n, (size, etag)) for n, size, etag in under(root)]
+        if under is not None
+        else list(_walk(storage, root))
+    )
+    out: dict[str, tuple[int, str]] = {}
+    for name, version in found:
+        parts = name.split("/")
+        if parts[-1] == "" and version[0] == 0:
+            continue  # a folder marker
+        if any(x in ("", ".", "..") for x in parts):
+            raise StorageError(
+                errno.EINVAL,
+                f"{posixpath.join(root, name)}: an object name with an empty, '.' or '..' "
+                "part; it cannot be copied as a file (rename or remove it)",
+            )
+        out[name] = version
+    return out
 
 
 class Staged:
@@ -254,28 +279,33 @@ def _room(staged: Staged, url: str, total: int) -> None:
         )
 
 
-def _copy(storage: Storage, src: str, dst: str, size: int, pool: ThreadPoolExecutor) -> None:
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _piece(storage: Storage, src: str, dst: str, offset: int, n: int) -> None:
+    """Bytes ``[offset, offset + n)`` of the object ``src`` written at ``offset`` of ``dst``."""
+    data = storage.read(src, offset, n)
+    if len(data) != n:
+        raise StorageError(
+            errno.ESTALE,
+            f"{src}: {len(data)} bytes at offset {offset}, where its size says {n}: it "
+            "changed while it was copied; try again once its writer is done",
+        )
+    fd = os.open(dst, os.O_WRONLY)
     try:
-        os.ftruncate(fd, size)
-
-        def piece(offset: int) -> None:
-            n = min(PIECE, size - offset)
-            data = storage.read(src, offset, n)
-            if len(data) != n:
-                raise StorageError(
-                    errno.EIO,
-                    f"{src}: {len(data)} bytes at offset {offset}, where its size says "
-                    f"{n}: it changed while it was copied; try again once its writer is done",
-                )
-            view = memoryview(data)
-            while view:
-                view = view[os.pwrite(fd, view, offset + (len(data) - len(view))) :]
-
-        for f in [pool.submit(piece, o) for o in range(0, size, PIECE)]:
-            f.result()
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(fd, view, offset + n - len(view)) :]
     finally:
         os.close(fd)
+
+
+def _copy_all(storage: Storage, pieces: list[tuple[str, str, int, int]]) -> None:
+    """Every piece, :data:`IN_FLIGHT` at a time, across files (a checkpoint of many small
+    files is not copied one round trip per file); the first failure cancels the rest."""
+    pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="zckpt-stage")
+    try:
+        for f in [pool.submit(_piece, storage, *p) for p in pieces]:
+            f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def stage(storage: Storage, path: str, found: Foreign | None) -> Staged:
@@ -304,31 +334,37 @@ def stage(storage: Storage, path: str, found: Foreign | None) -> Staged:
     rel_root = posixpath.relpath(found.root, base) if found.root != base else ""
     try:
         with s.reworded():
-            files = list(_files(storage, found.root))
-    except BaseException:
-        s.close()
-        raise
-    try:
-        with s.reworded():
-            _room(s, path, sum(v[0] for _, v in files))
+            before = _listing(storage, found.root)
+            _room(s, path, sum(size for size, _ in before.values()))
             root = os.path.join(s.local, *rel_root.split("/")) if rel_root else s.local
             os.makedirs(root)
             if found.pointer is not None:
                 tag = posixpath.basename(found.root)
                 with open(os.path.join(s.local, found.pointer), "w", encoding="utf-8") as f:
                     f.write(tag)
-            with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="zckpt-stage") as pool:
-                for rel, before in files:
-                    src = posixpath.join(found.root, rel)
-                    dst = os.path.join(root, *rel.split("/"))
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
-                    _copy(storage, src, dst, before[0], pool)
-                    if _version(storage, src) != before:
-                        raise StorageError(
-                            errno.ESTALE,
-                            f"{src} was replaced while it was copied (size and ETag before: "
-                            f"{before}); try again once its writer is done",
-                        )
+            pieces: list[tuple[str, str, int, int]] = []
+            for rel, (size, _) in sorted(before.items()):
+                dst = os.path.join(root, *rel.split("/"))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+                src = posixpath.join(found.root, rel)
+                pieces += [(src, dst, o, min(PIECE, size - o)) for o in range(0, size, PIECE)]
+            _copy_all(storage, pieces)
+            after = _listing(storage, found.root)
+            changed = sorted(rel for rel, v in before.items() if after.get(rel) != v)
+            if changed:
+                first = posixpath.join(found.root, changed[0])
+                raise StorageError(
+                    errno.ESTALE,
+                    f"{first} was replaced while it was copied (size and ETag before: "
+                    f"{before[changed[0]]}, after: {after.get(changed[0], 'gone')}"
+                    f"{f'; and {len(changed) - 1} more' if len(changed) > 1 else ''}); "
+                    "try again once its writer is done",
+                )
     except BaseException:
         s.close()
         raise

@@ -37,6 +37,11 @@ class UnsupportedError(OSError):
     """The store does not implement conditional requests."""
 
 
+def _head(info: dict[str, Any]) -> Head:
+    """An fsspec ``info`` entry's size and ETag ("" where the filesystem keeps none)."""
+    return Head(int(info["size"]), str(info.get("ETag") or info.get("etag") or ""), None)
+
+
 class FsBackend:
     """Objects through the plain fsspec API: any filesystem fsspec knows (``memory://``, ...)."""
 
@@ -52,7 +57,7 @@ class FsBackend:
             return None
         if info.get("type") != "file":
             return None
-        return Head(int(info["size"]), str(info.get("ETag") or info.get("etag") or ""), None)
+        return _head(info)
 
     def is_prefix(self, path: str) -> bool:
         return bool(self.retry.call(lambda: self.fs.isdir(path)))
@@ -69,6 +74,18 @@ class FsBackend:
         except (IsADirectoryError, NotADirectoryError):
             return None
         return data, Head(len(data), hashlib.md5(data, usedforsecurity=False).hexdigest(), None)
+
+    def files_under(self, path: str) -> list[tuple[str, Head]]:
+        if not self.is_prefix(path):
+            return []
+        self.fs.invalidate_cache(path)
+        found = self.retry.call(lambda: self.fs.find(path, detail=True))
+        base = self.fs._strip_protocol(path).rstrip("/") + "/"
+        return [
+            (name[len(base) :], _head(info))
+            for name, info in found.items()
+            if name.startswith(base) and info.get("type") == "file"
+        ]
 
     def listdir(self, path: str) -> list[str]:
         if not self.is_prefix(path):

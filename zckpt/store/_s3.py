@@ -278,6 +278,18 @@ class S3Backend:
 
         return self._run(go())
 
+    def files_under(self, path: str) -> list[tuple[str, Head]]:
+        """Every object under ``path/`` (its name relative to ``path``, size and ETag), from
+        one listing: a thousand objects per request."""
+        _, key = self._split(path)
+        skip = len(key.rstrip("/") + "/") if key else 0
+        return [
+            (o["Key"][skip:], Head(int(o["Size"]), etag_of(o.get("ETag", "")), None))
+            for page in self._list(path, delimiter=False)
+            for o in page.get("Contents", [])
+            if len(o["Key"]) > skip
+        ]
+
     def listdir(self, path: str) -> list[str]:
         """Names of the objects and "directories" right under ``path``."""
         _, key = self._split(path)
