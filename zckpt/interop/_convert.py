@@ -38,8 +38,8 @@ from zckpt.interop._staged import foreign_source
 from zckpt.interop._unpickle import DeepSpeedFormatError, LossScaler
 from zckpt.interop._zipcheck import require_intact
 from zckpt.spec import ZeroSpec
-from zckpt.store._commit import Saved
 from zckpt.store._save import save_checkpoint
+from zckpt.store._save_result import Saved
 
 __all__ = ["ENGINE_KEYS", "convert_deepspeed", "deepspeed_training_state"]
 
