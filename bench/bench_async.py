@@ -42,7 +42,7 @@ import zckpt
 from zckpt.kernels import copy_ranges
 from zckpt.store import AsyncSaver
 from zckpt.store._async import _snapshot
-from zckpt.store._commit import prepare_save
+from zckpt.store._prepare import prepare_save
 
 
 def nbytes(state: Any) -> int:

@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 import zckpt.interop as zi
 from zckpt.cli import main
 from zckpt.interop._deepspeed import deepspeed_fp32_state_dict, export_values
-from zckpt.interop._fastload import FAST_GLOBALS, NOT_FAST, _globals, load_refs
+from zckpt.interop._fastload import NOT_FAST, load_refs
+from zckpt.interop._pickle_scan import FAST_GLOBALS, _globals
 from zckpt.interop._refs import TensorRef, to_torch
 from zckpt.interop._safetensors import export_safetensors, module_key_order
 from zckpt.interop._stream import FileRanges

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 import zckpt
 from zckpt.cli import main
 from zckpt.interop import convert_deepspeed
-from zckpt.interop._fastload import record_problems, records_problems
 from zckpt.interop._synthetic import write_zero_checkpoint
 from zckpt.interop._unpickle import DeepSpeedFormatError
+from zckpt.interop._zipcheck import record_problems, records_problems
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "deepspeed"
 if not FIXTURES.is_dir():

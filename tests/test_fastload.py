@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 
 import zckpt
 import zckpt.interop as zi
-from zckpt.interop._fastload import NOT_FAST, fast_load, load_refs, scan
+from zckpt.interop._fastload import NOT_FAST, fast_load, load_refs
 from zckpt.interop._mapped import ENV, mapped_tensor
+from zckpt.interop._pickle_scan import scan
 from zckpt.interop._synthetic import write_zero_checkpoint
 from zckpt.interop._unpickle import ALLOWED_GLOBALS
 

@@ -341,7 +341,9 @@ def test_second_writer_of_a_tag_is_refused(where: Where) -> None:
     held = other.try_lock(f"{where.url}/.t.zckpt-lock", "pid 4242 on elsewhere since then")
     assert held is not None
     try:
-        with pytest.raises(zckpt.store._commit.ConcurrentSaveError, match="pid 4242 on elsewhere"):
+        with pytest.raises(
+            zckpt.store._save_result.ConcurrentSaveError, match="pid 4242 on elsewhere"
+        ):
             zckpt.save_checkpoint(
                 where.url, state_of(2), spec(2, 1), tag="t", overwrite=True, storage=where.storage
             )
@@ -417,7 +419,8 @@ def test_waiters_for_a_dead_holders_tag_lock_one_wins(s3: Where) -> None:
     stale lock's ETag, so exactly one gets it; the others see it renewed by its new holder and
     are refused as concurrent. A live holder (renewing a lease shorter than the wait) keeps its
     lock against all of them."""
-    from zckpt.store._commit import ConcurrentSaveError, tag_lock
+    from zckpt.store._prepare import tag_lock
+    from zckpt.store._save_result import ConcurrentSaveError
 
     lease = 3.0
     dead = FsspecStorage(s3.storage.fs, lease=lease)

@@ -33,9 +33,11 @@ from zckpt.interop import (
 from zckpt.interop._output import OutputExistsError, building_file, check_disjoint
 from zckpt.interop._safetensors import module_key_order
 from zckpt.spec._plan import EXPERT, REPLICATED, TENSOR
-from zckpt.store._commit import Saved, prepare_save, write_and_commit
+from zckpt.store._commit import write_and_commit
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, MANIFEST, TagError, generation_of
+from zckpt.store._prepare import prepare_save
 from zckpt.store._resolve import isdir, lexists, listdir
+from zckpt.store._save_result import Saved
 
 __all__ = [
     "WrittenShards",

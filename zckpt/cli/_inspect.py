@@ -422,7 +422,7 @@ def _verify_deepspeed(args: argparse.Namespace) -> int:
     checksum DeepSpeed's files carry; torch's loads never check it)."""
     from zckpt.cli._describe import deepspeed_files
     from zckpt.interop import open_deepspeed
-    from zckpt.interop._fastload import records_problems
+    from zckpt.interop._zipcheck import records_problems
 
     ck = open_deepspeed(args.path, args.tag)  # loads every file with the pickle allow-list
     zckpt.get_fp32_state_dict_from_zero_checkpoint(args.path, args.tag, lazy_mode=True)

@@ -32,14 +32,14 @@ import torch
 from zckpt.assemble import fp32_tensors, index_sources
 from zckpt.format._decode import decode_threads
 from zckpt.interop._deepspeed import fp32_sources, gather, group_layouts, partitions
-from zckpt.interop._fastload import require_intact
 from zckpt.interop._files import DeepSpeedCheckpoint, get, open_deepspeed
 from zckpt.interop._output import check_disjoint, url_options
 from zckpt.interop._staged import foreign_source
 from zckpt.interop._unpickle import DeepSpeedFormatError, LossScaler
+from zckpt.interop._zipcheck import require_intact
 from zckpt.spec import ZeroSpec
-from zckpt.store._commit import Saved
 from zckpt.store._save import save_checkpoint
+from zckpt.store._save_result import Saved
 
 __all__ = ["ENGINE_KEYS", "convert_deepspeed", "deepspeed_training_state"]
 

@@ -180,7 +180,7 @@ def _refusal(where: str, path: str, item: DcpItem) -> DcpFormatError:
     import pickletools
     import zipfile
 
-    from zckpt.interop._fastload import _globals, _map_name
+    from zckpt.interop._pickle_scan import _globals, _map_name
     from zckpt.interop._window import FileWindow
 
     names: list[str] = []

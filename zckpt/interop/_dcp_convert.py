@@ -17,7 +17,7 @@ from zckpt.interop._dcp_state import checkpoint_state, require_intact
 from zckpt.interop._output import check_disjoint, url_options
 from zckpt.interop._staged import foreign_source
 from zckpt.spec import ZeroSpec
-from zckpt.store._commit import Saved
+from zckpt.store._save_result import Saved
 
 __all__ = ["convert_dcp", "default_tag"]
 

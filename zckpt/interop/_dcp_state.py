@@ -482,7 +482,7 @@ def item_problems(ck: DcpCheckpoint) -> list[str]:
         >>> item_problems(open_dcp(d + "/ck"))
         []
     """
-    from zckpt.interop._fastload import record_problems
+    from zckpt.interop._zipcheck import record_problems
 
     problems = []
     for (name, offsets), item in ck.metadata.items.items():

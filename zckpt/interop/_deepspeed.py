@@ -588,7 +588,7 @@ def export_values(
     """The fp32 state dict for an export (``zckpt consolidate``), torch imported only if needed.
 
     ``check_records``: first read every record of the checkpoint's files against its zip
-    CRC-32 (:func:`~zckpt.interop._fastload.require_intact`), the only checksum DeepSpeed's
+    CRC-32 (:func:`~zckpt.interop._zipcheck.require_intact`), the only checksum DeepSpeed's
     files carry, so that a flipped bit is an error rather than a wrong value in the export.
 
     The checkpoint is opened as references (``open_deepspeed(refs=True)``): each value stored
@@ -611,7 +611,7 @@ def export_values(
     """
     ck = open_deepspeed(checkpoint_dir, tag, refs=True)
     if check_records:
-        from zckpt.interop._fastload import require_intact
+        from zckpt.interop._zipcheck import require_intact
 
         require_intact(ck.files)
     b = _build(ck, exclude_frozen_parameters, False)

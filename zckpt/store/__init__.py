@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from zckpt.store._async import AsyncSaver, PendingSave, default_saver
     from zckpt.store._blobs import drop_frozen
     from zckpt.store._checkpoint import Checkpoint, FileSource
-    from zckpt.store._commit import Saved, SaveError
     from zckpt.store._fp32 import LazyTensor, get_fp32_state_dict_from_zero_checkpoint
     from zckpt.store._fsspec import FsspecStorage
     from zckpt.store._layout import TagError, check_tag
@@ -27,6 +26,7 @@ if TYPE_CHECKING:
     from zckpt.store._resolve import storage_for
     from zckpt.store._retention import CommittedTag, apply_retention, clean, list_tags
     from zckpt.store._save import save_checkpoint
+    from zckpt.store._save_result import Saved, SaveError
     from zckpt.store._storage import LocalStorage, Storage, StorageError
     from zckpt.store._verify import TagReport, verify_checkpoint
 
@@ -42,10 +42,6 @@ __getattr__, __dir__ = attach(
         "zckpt.store._checkpoint": (
             "Checkpoint",
             "FileSource",
-        ),
-        "zckpt.store._commit": (
-            "Saved",
-            "SaveError",
         ),
         "zckpt.store._fp32": (
             "LazyTensor",
@@ -74,6 +70,10 @@ __getattr__, __dir__ = attach(
             "list_tags",
         ),
         "zckpt.store._save": ("save_checkpoint",),
+        "zckpt.store._save_result": (
+            "Saved",
+            "SaveError",
+        ),
         "zckpt.store._storage": (
             "LocalStorage",
             "Storage",

@@ -1,11 +1,11 @@
 """Asynchronous saves: snapshot into reused staging memory, write and commit in the background.
 
-A save is two steps (:mod:`zckpt.store._commit`): :func:`prepare_save` validates and agrees on the
-tag across ranks, :func:`write_and_commit` writes every file and commits. An asynchronous save
-runs the first step on the caller's thread, copies every fragment the rank writes (and the client
-state's tensors) into a staging arena, and hands the second step to a background thread. Training
-is blocked for the agreement round and one memory copy of the rank's shard; it may mutate its
-tensors as soon as the call returns.
+A save is two steps: :func:`prepare_save` (:mod:`zckpt.store._prepare`) validates and agrees on
+the tag across ranks, :func:`write_and_commit` (:mod:`zckpt.store._commit`) writes every file and
+commits. An asynchronous save runs the first step on the caller's thread, copies every fragment
+the rank writes (and the client state's tensors) into a staging arena, and hands the second step
+to a background thread. Training is blocked for the agreement round and one memory copy of the
+rank's shard; it may mutate its tensors as soon as the call returns.
 
 Why the pieces are as they are:
 
@@ -55,7 +55,9 @@ import torch
 
 from zckpt.shard import Shard
 from zckpt.spec import ZeroSpec
-from zckpt.store._commit import PreparedSave, Saved, SaveError, prepare_save, write_and_commit
+from zckpt.store._commit import write_and_commit
+from zckpt.store._prepare import PreparedSave, prepare_save
+from zckpt.store._save_result import Saved, SaveError
 from zckpt.store._storage import Lock, Storage
 from zckpt.tree import flatten, unflatten
 

@@ -1,7 +1,7 @@
 """What each rank of a save writes: its shards (frozen parameters dropped, MoE experts split
 into blobs of their own), the client state's shard, each blob file written durably, and the
 :class:`~zckpt.store._records.FileRecord` the manifest is made of. The protocol that orders
-these writes and commits them is :mod:`zckpt.store._commit`."""
+these writes and commits them is :mod:`zckpt.store._prepare` then :mod:`zckpt.store._commit`."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from typing import Any, Literal, overload
 from zckpt.dist import Comm
 from zckpt.spec import ZeroSpec
 from zckpt.store._async import AsyncSaver, PendingSave, dispatch
-from zckpt.store._commit import Saved, SaveError
+from zckpt.store._save_result import Saved, SaveError
 from zckpt.store._storage import Storage
 
 __all__ = ["SaveError", "Saved", "save_checkpoint"]
