@@ -476,3 +476,34 @@ def test_folder_markers_are_skipped_and_dot_dot_names_refused(staging: Path) -> 
     for bad in ("../x.pt", "zero/./x.pt", "zero//x.pt"):
         with pytest.raises(StorageError, match="cannot be copied as a file"):
             _staged._listing(Listed([(bad, 3, "")]), "s3://b/ck")  # type: ignore[arg-type]
+
+
+def test_a_copy_left_by_a_killed_process_is_removed_by_the_next_one(staging: Path) -> None:
+    """A process SIGKILLed while it holds a copy (an interrupted ``zckpt consolidate``) runs
+    no cleanup; the next copy made on the host removes it, and never a live process's."""
+    import signal
+    import subprocess
+    import sys
+
+    case = _cases()[0] / "checkpoint"
+    url = _url()
+    _upload(case, url)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.stdin.read(); time.sleep(60)"],
+        stdin=subprocess.PIPE,
+    )
+    dead = staging / f"{_staged._prefix(child.pid)}abc"
+    live = staging / f"{_staged._prefix(os.getppid())}def"  # the test runner's parent
+    other = staging / f"{_staged._STAGED}otherhost-{child.pid}-ghi"
+    for d in (dead, live, other):
+        (d / "step3").mkdir(parents=True)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.stdin is not None
+    child.stdin.close()
+    _same(fp32(url), fp32(case))  # stages (and removes) a copy of its own
+    assert not dead.exists() and live.exists() and other.exists()
+    for d in (live, other):
+        import shutil
+
+        shutil.rmtree(d)

@@ -19,7 +19,8 @@ The copy mirrors the URL's layout (``latest`` and the one tag directory), so a r
 local path and the caller's ``tag`` finds what it would have found at the URL; messages that
 name a local path name the URL instead (:meth:`Staged.reworded`). The directory is removed when
 the call returns, or, for ``lazy_mode`` results, when the last :class:`LazyTensor` that reads
-from it is gone (:meth:`Staged.keep_for`).
+from it is gone (:meth:`Staged.keep_for`). A copy left by a process killed meanwhile (its name
+carries host and pid) is removed by the next one made there (:func:`sweep`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import contextlib
 import errno
 import os
 import posixpath
+import re
 import shutil
+import socket
+import stat
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -52,6 +56,7 @@ __all__ = [
     "foreign_source",
     "stage",
     "staged",
+    "sweep",
 ]
 
 #: Bytes per ranged GET of a staged copy.
@@ -188,6 +193,59 @@ def _listing(storage: Storage, root: str) -> dict[str, tuple[int, str]]:
     return out
 
 
+_STAGED = "zckpt-staged-"
+
+
+def _host() -> str:
+    """This machine's name as it may appear in a file name."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+
+
+def _prefix(pid: int) -> str:
+    return f"{_STAGED}{_host()}-{pid}-"
+
+
+def sweep(tmp: str) -> list[str]:
+    """Remove the copies that processes killed while they held one left in ``tmp`` (their
+    names carry the host and pid: a copy is removed only when it is this user's, was made on
+    this host, and its process is gone); return their paths.
+
+    Example:
+        >>> import tempfile
+        >>> sweep(tempfile.mkdtemp())
+        []
+    """
+    pattern = re.compile(re.escape(_STAGED + _host()) + r"-(\d+)-[^/]+")
+    removed: list[str] = []
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or int(m[1]) == os.getpid() or _alive(int(m[1])):
+            continue
+        p = os.path.join(tmp, name)
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
+
+
 class Staged:
     """A local copy of a foreign checkpoint at ``url``: ``local`` is where ``url`` is mirrored
     (pass it, with the caller's tag, to the local readers). Removed by :meth:`close`, or when
@@ -208,7 +266,8 @@ class Staged:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/") or url
-        self.top = tempfile.mkdtemp(prefix="zckpt-staged-")
+        sweep(tempfile.gettempdir())
+        self.top = tempfile.mkdtemp(prefix=_prefix(os.getpid()))
         name = posixpath.basename(self.url.rstrip("/")) or "checkpoint"
         self.local = os.path.join(self.top, name)
         self.kept = False  # handed to a lazy result (keep_for)
