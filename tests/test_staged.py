@@ -507,3 +507,74 @@ def test_a_copy_left_by_a_killed_process_is_removed_by_the_next_one(staging: Pat
         import shutil
 
         shutil.rmtree(d)
+
+
+def _outcome(call: Any, root: str) -> tuple[str, Any]:
+    """What ``call()`` gives: ("ok", its tensors as bytes) or (error type, message with
+    ``root`` spelled ``<root>``)."""
+    try:
+        got = call()
+    except Exception as e:
+        return type(e).__name__, str(e).replace(root, "<root>")
+    return "ok", {k: (v.dtype, v.shape, v.numpy().tobytes()) for k, v in got.items()}
+
+
+_MUTATIONS = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 99), st.floats(0, 1, exclude_max=True)),
+    st.tuples(st.just("truncate"), st.integers(0, 99), st.floats(0, 1, exclude_max=True)),
+    st.tuples(st.just("delete"), st.integers(0, 99), st.just(0.0)),
+    st.tuples(st.just("latest"), st.sampled_from(["step7", "nope", "../x", ""]), st.just(0.0)),
+    st.tuples(st.just("none"), st.just(0), st.just(0.0)),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    world_size=st.integers(1, 3),
+    stage=st.integers(1, 3),
+    mutation=_MUTATIONS,
+    seed=st.integers(0, 2**16),
+)
+def test_a_damaged_deepspeed_checkpoint_reads_the_same_at_a_url_as_on_disk(
+    tmp_path_factory: pytest.TempPathFactory,
+    world_size: int,
+    stage: int,
+    mutation: tuple[str, Any, float],
+    seed: int,
+) -> None:
+    """Whatever is wrong with it, a checkpoint at a URL gives what the same files give on disk:
+    the same tensors, or the same error naming the URL where the local one names the path."""
+    g = torch.Generator().manual_seed(seed)
+    params = {"a": torch.randn(7, 3, generator=g), "b": torch.randn(5, generator=g)}
+    src = tmp_path_factory.mktemp("ds")
+    write_zero_checkpoint(src, params, world_size=world_size, stage=stage, tag="step7")
+    kind, which, where = mutation
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != "latest")
+    victim = files[int(which) % len(files)] if kind in ("flip", "truncate", "delete") else None
+    if victim is not None:
+        data = victim.read_bytes()
+        at = int(where * len(data))
+        if kind == "flip":
+            victim.write_bytes(data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1 :])
+        elif kind == "truncate":
+            victim.write_bytes(data[:at])
+        else:
+            victim.unlink()
+    elif kind == "latest":
+        (src / "latest").write_text(str(which))
+    url = _url()
+    _upload(src, url)
+    for call in (
+        lambda root: fp32(root),
+        lambda root: fp32(root, lazy_mode=True),
+        lambda root: convert_deepspeed(root, tmp_path_factory.mktemp("z") / "out").tag,
+    ):
+        local = _outcome(lambda call=call: _tensors(call(str(src))), str(src))  # type: ignore[misc]
+        remote = _outcome(lambda call=call: _tensors(call(url)), url)  # type: ignore[misc]
+        assert local == remote, (mutation, local[:1], remote[:1])
+
+
+def _tensors(got: Any) -> dict[str, torch.Tensor]:
+    if isinstance(got, str):
+        return {"tag": torch.tensor(list(got.encode()))}
+    return {k: v.contiguous() if not isinstance(v, torch.Tensor) else v for k, v in got.items()}
