@@ -548,30 +548,80 @@ def test_a_damaged_deepspeed_checkpoint_reads_the_same_at_a_url_as_on_disk(
     params = {"a": torch.randn(7, 3, generator=g), "b": torch.randn(5, generator=g)}
     src = tmp_path_factory.mktemp("ds")
     write_zero_checkpoint(src, params, world_size=world_size, stage=stage, tag="step7")
+    _mutate(src, mutation)
+    url = _url()
+    _upload(src, url)
+    _same_outcomes(
+        str(src),
+        url,
+        (
+            lambda root: fp32(root),
+            lambda root: fp32(root, lazy_mode=True),
+            lambda root: convert_deepspeed(root, tmp_path_factory.mktemp("z") / "out").tag,
+        ),
+        mutation,
+    )
+
+
+def _mutate(src: Path, mutation: tuple[str, Any, float]) -> None:
     kind, which, where = mutation
     files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != "latest")
     victim = files[int(which) % len(files)] if kind in ("flip", "truncate", "delete") else None
     if victim is not None:
         data = victim.read_bytes()
         at = int(where * len(data))
-        if kind == "flip":
+        if kind == "flip" and data:
             victim.write_bytes(data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1 :])
         elif kind == "truncate":
             victim.write_bytes(data[:at])
-        else:
+        elif kind == "delete":
             victim.unlink()
     elif kind == "latest":
         (src / "latest").write_text(str(which))
-    url = _url()
-    _upload(src, url)
-    for call in (
-        lambda root: fp32(root),
-        lambda root: fp32(root, lazy_mode=True),
-        lambda root: convert_deepspeed(root, tmp_path_factory.mktemp("z") / "out").tag,
-    ):
-        local = _outcome(lambda call=call: _tensors(call(str(src))), str(src))  # type: ignore[misc]
+
+
+def _same_outcomes(src: str, url: str, calls: Any, mutation: Any) -> None:
+    for call in calls:
+        local = _outcome(lambda call=call: _tensors(call(src)), src)  # type: ignore[misc]
         remote = _outcome(lambda call=call: _tensors(call(url)), url)  # type: ignore[misc]
         assert local == remote, (mutation, local[:1], remote[:1])
+
+
+@settings(max_examples=20, deadline=None)
+@given(mutation=_MUTATIONS, seed=st.integers(0, 2**16))
+def test_a_damaged_dcp_checkpoint_reads_the_same_at_a_url_as_on_disk(
+    tmp_path_factory: pytest.TempPathFactory, mutation: tuple[str, Any, float], seed: int
+) -> None:
+    from zckpt.interop import dcp_state_dict
+
+    root = tmp_path_factory.mktemp("dcp")
+    _dcp(root, seed)
+    _mutate(root / "step4", mutation)
+    url = _url()
+    _upload(root, url)
+    _same_outcomes(
+        str(root),
+        url,
+        (
+            lambda r: fp32(f"{r}/step4"),
+            lambda r: fp32(r, tag="step4", lazy_mode=True),
+            lambda r: _flat(dcp_state_dict(f"{r}/step4")),
+            lambda r: convert_dcp(f"{r}/step4", tmp_path_factory.mktemp("z") / "out").tag,
+        ),
+        mutation,
+    )
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, torch.Tensor) or hasattr(v, "contiguous"):
+            out[prefix + k] = v
+        else:
+            out[prefix + k] = torch.tensor(list(repr(v).encode()))
+    return out
 
 
 def _tensors(got: Any) -> dict[str, torch.Tensor]:
