@@ -43,7 +43,8 @@ def staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setattr(tempfile, "tempdir", str(d))
     yield d
     gc.collect()
-    assert os.listdir(d) == [], "a staged copy was left behind"
+    left = [n for n in os.listdir(d) if n.startswith("zckpt-staged-")]
+    assert left == [], "a staged copy was left behind"
 
 
 def _upload(local: Path, url: str) -> None:
@@ -314,7 +315,12 @@ def test_commands_read_foreign_checkpoints_at_urls(
     capsys.readouterr()
     assert main(["inspect", url, "--tag", "nope"]) == 1
     err = capsys.readouterr().err
-    assert f"{url}/nope" in err and str(staging) not in err
+    assert f"{url} is a DeepSpeed checkpoint directory with no tag 'nope'" in err, err
+    assert str(staging) not in err
+    assert main(["inspect", str(case), "--tag", "nope"]) == 1  # as on disk
+    assert (
+        f"{case} is a DeepSpeed checkpoint directory with no tag 'nope'" in capsys.readouterr().err
+    )
 
 
 def test_s3_deepspeed_checkpoint(s3_server: Any, tmp_path: Path, staging: Path) -> None:
@@ -628,3 +634,41 @@ def _tensors(got: Any) -> dict[str, torch.Tensor]:
     if isinstance(got, str):
         return {"tag": torch.tensor(list(got.encode()))}
     return {k: v.contiguous() if not isinstance(v, torch.Tensor) else v for k, v in got.items()}
+
+
+def test_loading_a_foreign_checkpoint_as_zckpt_raises_naming_its_kind(
+    tmp_path: Path, staging: Path
+) -> None:
+    """Found here: ``load_checkpoint`` of a DCP directory warned "nothing loaded" and returned
+    an empty state (a resume that quietly starts from step 0), and of a DeepSpeed or DCP
+    checkpoint at a URL explained it in terms of zckpt's manifest."""
+    import warnings
+
+    from zckpt.adapters import Checkpointer
+
+    _dcp(tmp_path, 6)
+    case = _cases()[0] / "checkpoint"
+    url = _url()
+    _upload(case, url)
+    _upload(tmp_path / "step4", f"{url}-dcp/step4")
+    _upload(case, f"{url}-nest/run1")
+    cases = {
+        str(tmp_path / "step4"): "is a PyTorch DCP checkpoint",
+        f"{url}-dcp/step4": "is a PyTorch DCP checkpoint",
+        url: "is a DeepSpeed checkpoint",
+        f"{url}-nest": "its subdirectory 'run1' is a DeepSpeed checkpoint",
+    }
+    model = torch.nn.Linear(2, 2)
+    ckpt = Checkpointer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # never a "nothing loaded" warning
+        for where, message in cases.items():
+            for load in (
+                lambda w=where: zckpt.load_checkpoint(w, world_size=1, rank=0),
+                lambda w=where: zckpt.open_checkpoint(w),
+                lambda w=where: ckpt.load_checkpoint(w),
+            ):
+                with pytest.raises(zckpt.CheckpointNotFoundError, match=message):
+                    load()
+    with pytest.raises(zckpt.CheckpointNotFoundError, match="convert it once"):
+        zckpt.load_checkpoint(url, tag="step3", world_size=1, rank=0)

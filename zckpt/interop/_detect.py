@@ -15,7 +15,7 @@ from typing import Any
 from zckpt.store._layout import LATEST, LATEST_UNIVERSAL, check_tag, read_latest
 from zckpt.store._storage import LocalStorage
 
-__all__ = ["deepspeed_tags", "find_dcp", "find_deepspeed"]
+__all__ = ["deepspeed_tags", "find_dcp", "find_deepspeed", "natural_order"]
 
 _SUFFIX = "model_states.pt"
 
@@ -59,6 +59,16 @@ def _natural(name: str) -> list[Any]:
     return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"(\d+)", name)]
 
 
+def natural_order(names: list[str]) -> list[str]:
+    """``names`` sorted as people count: ``global_step9`` before ``global_step10``.
+
+    Example:
+        >>> natural_order(["step10", "step9", "step1"])
+        ['step1', 'step9', 'step10']
+    """
+    return sorted(names, key=_natural)
+
+
 def deepspeed_tags(save_dir: str | os.PathLike[str]) -> list[str]:
     """The DeepSpeed tag directories (regular and universal) in ``save_dir`` (a path or a URL),
     in natural order (``global_step9`` before ``global_step10``): DeepSpeed records no commit
@@ -80,7 +90,7 @@ def deepspeed_tags(save_dir: str | os.PathLike[str]) -> list[str]:
         from zckpt.interop._staged import foreign_tags
         from zckpt.store._resolve import storage_for
 
-        return sorted(foreign_tags(*storage_for(root)), key=_natural)
+        return natural_order(foreign_tags(*storage_for(root)))
     try:
         names = os.listdir(root)
     except OSError:

@@ -1,7 +1,8 @@
 """Why nothing loads from a path: one precise reason per case, for errors and warnings.
 
 A typo in a resume path must not read like "nothing to load" (which quietly restarts training
-from step 0), and a DeepSpeed folder must not be described in terms of zckpt's manifest. Every
+from step 0), and a DeepSpeed or DCP folder (local or at a URL) must not be described in terms
+of zckpt's manifest. Every
 entry point that finds no checkpoint (``open_checkpoint``, ``load_checkpoint``, ``Checkpointer``,
 ``zckpt inspect``/``verify``) words its message from :func:`explain`.
 """
@@ -26,6 +27,7 @@ _SHOWN = 5
 MISSING = "missing"
 NOT_A_DIRECTORY = "not_a_directory"
 DEEPSPEED = "deepspeed"
+DCP = "dcp"
 EMPTY = "empty"
 NOT_A_CHECKPOINT = "not_a_checkpoint"
 NESTED = "nested"
@@ -95,21 +97,35 @@ def _file_kind(path: str) -> str:
     return "a file, not a checkpoint directory"
 
 
-def _is_deepspeed(path: str, tag: str | None) -> bool:
-    from zckpt.interop import is_deepspeed_checkpoint
-
+def _foreign(storage: Storage, path: str, tag: str | None) -> str | None:
+    """``"deepspeed"`` or ``"dcp"`` when ``path`` (with ``tag``) is such a checkpoint."""
     try:
-        return is_deepspeed_checkpoint(path, tag)
+        if isinstance(storage, LocalStorage):
+            from zckpt.interop import is_deepspeed_checkpoint
+            from zckpt.interop._detect import find_dcp
+
+            if is_deepspeed_checkpoint(path, tag):
+                return "deepspeed"
+            return "dcp" if find_dcp(path if tag is None else os.path.join(path, tag)) else None
+        from zckpt.interop._staged import find_foreign
+
+        found = find_foreign(storage, path, tag)
+        return None if found is None else found.kind
     except (ZckptError, OSError):
-        return False
+        return None
 
 
-def _deepspeed_tags(path: str) -> list[str]:
+def _deepspeed_tags(storage: Storage, path: str) -> list[str]:
     """The tags of ``path`` when it is a DeepSpeed save_dir (tag folders of model states)."""
     from zckpt.interop import deepspeed_tags
 
     try:
-        return deepspeed_tags(path)
+        if isinstance(storage, LocalStorage):
+            return deepspeed_tags(path)
+        from zckpt.interop._detect import natural_order
+        from zckpt.interop._staged import foreign_tags
+
+        return natural_order(foreign_tags(storage, path))
     except (ZckptError, OSError):
         return []
 
@@ -138,7 +154,8 @@ def explain(
         return Reason(MISSING, f"{path}: no such file or directory{hint}")
     if local and not os.path.isdir(path):
         return Reason(NOT_A_DIRECTORY, f"{path} is {_file_kind(path)}")
-    if local and _is_deepspeed(path, tag):
+    foreign = _foreign(storage, path, tag)
+    if foreign == "deepspeed":
         return Reason(
             DEEPSPEED,
             f"{path} is a DeepSpeed checkpoint, not a zckpt one: convert it once with "
@@ -146,7 +163,17 @@ def explain(
             "then load OUT at any world size; its fp32 weights load directly with "
             "zckpt.get_fp32_state_dict_from_zero_checkpoint",
         )
-    ds_tags = _deepspeed_tags(path) if local else []
+    if foreign == "dcp":
+        where = path if tag is None else os.path.join(path, tag)
+        return Reason(
+            DCP,
+            f"{where} is a PyTorch DCP checkpoint, not a zckpt one: convert it once with "
+            f"`zckpt convert --from dcp {where} OUT` (zckpt.interop.convert_dcp), then load OUT "
+            "at any world size; its module weights load directly with "
+            "zckpt.get_fp32_state_dict_from_zero_checkpoint, its whole state with "
+            "zckpt.interop.dcp_state_dict",
+        )
+    ds_tags = _deepspeed_tags(storage, path)
     if tag is not None and ds_tags:
         return Reason(
             DEEPSPEED,
@@ -197,8 +224,9 @@ def explain(
             f"`zckpt convert --from deepspeed {path} OUT --tag {ds_tags[-1]}`)",
         )
     nested = [
-        n for n in sorted(names) if local and os.path.isdir(os.path.join(path, n))
-        and _is_deepspeed(os.path.join(path, n), None)
+        n for n in sorted(names)
+        if (os.path.isdir(os.path.join(path, n)) if local else True)
+        and _foreign(storage, os.path.join(path, n), None) == "deepspeed"
     ]  # fmt: skip
     if nested:
         many = len(nested) > 1

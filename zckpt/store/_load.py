@@ -17,7 +17,7 @@ from zckpt.errors import ArgumentError, CoverageError, SpecError, StateError, Zc
 from zckpt.shard import LocalBox
 from zckpt.spec import Fragment, ShardPlan, ZeroSpec, plan_shards
 from zckpt.store._checkpoint import Checkpoint
-from zckpt.store._explain import DEEPSPEED, explain
+from zckpt.store._explain import DCP, DEEPSPEED, explain
 from zckpt.store._read import CheckpointNotFoundError, following_latest, locate
 from zckpt.store._resolve import storage_for
 from zckpt.store._storage import Storage
@@ -200,7 +200,7 @@ def load_checkpoint(
     found = locate(storage, load_dir, tag)  # latest is read here, once
     if found is None:
         reason = explain(load_dir, tag, storage=storage)
-        if reason.kind == DEEPSPEED:
+        if reason.kind in (DEEPSPEED, DCP):  # a checkpoint, of another kind: never "nothing"
             raise CheckpointNotFoundError(errno.ENOENT, reason.message)
         if reason.fresh:  # a directory meant for checkpoints, none saved yet: DeepSpeed's None
             log.warning("zckpt: nothing loaded: %s", reason.message)
