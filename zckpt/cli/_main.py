@@ -531,7 +531,7 @@ def _staged_input(args: argparse.Namespace) -> Iterator[None]:
     if args.command not in _READ_FOREIGN or not isinstance(path, str) or not is_url(path):
         yield
         return
-    from zckpt.interop._staged import find_foreign, staged
+    from zckpt.interop._staged import find_foreign, stage
     from zckpt.store._resolve import storage_for
 
     storage, p = storage_for(path)
@@ -544,15 +544,15 @@ def _staged_input(args: argparse.Namespace) -> Iterator[None]:
     checks = _READ_FOREIGN[args.command]
     if checks is not None:  # nothing is copied for a command that would refuse
         importlib.import_module(f"zckpt.cli.{checks}").before_staging(args, found.kind, found.root)
-    with staged(storage, p, found=found) as copy:
-        assert copy is not None
-        args.path = copy.local
-        out = sys.stdout
-        sys.stdout = _Reworded(out, copy.reword)
-        try:
+    copy = stage(storage, p, found)
+    args.path, out = copy.local, sys.stdout
+    sys.stdout = _Reworded(out, copy.reword)
+    try:
+        with copy.reworded():
             yield
-        finally:
-            sys.stdout = out
+    finally:
+        sys.stdout = out
+        copy.close()
 
 
 def _run(argv: Sequence[str] | None) -> int:

@@ -431,12 +431,10 @@ def stage(storage: Storage, path: str, found: Foreign | None) -> Staged:
 
 
 @contextlib.contextmanager
-def staged(
-    storage: Storage, path: str, tag: str | None = None, *, found: Foreign | None = None
-) -> Iterator[Staged | None]:
-    """The foreign checkpoint at ``path`` (``found``, else looked for) staged for this block
-    (None when there is none); errors in the block name the URL. Removed when the block ends,
-    unless it handed the copy on (:meth:`Staged.keep_for`).
+def staged(storage: Storage, path: str, tag: str | None = None) -> Iterator[Staged | None]:
+    """The foreign checkpoint at ``path`` staged for this block (None when there is none);
+    errors in the block name the URL. Removed when the block ends, unless it handed the copy
+    on (:meth:`Staged.keep_for`).
 
     Example:
         >>> import fsspec
@@ -445,8 +443,7 @@ def staged(
         ...     s is None
         True
     """
-    if found is None:
-        found = find_foreign(storage, path, tag)
+    found = find_foreign(storage, path, tag)
     if found is None:
         yield None
         return
