@@ -14,14 +14,15 @@ namespaces. Each node runs in a private scratch directory of its own (working di
 The training script is ``examples/multinode_train.py`` (ZeroAdamW, Checkpointer, saves every
 ``--save-every`` steps); its losses do not depend on the world size, bit for bit.
 
-1. **crash**: 4 ranks on the 2 nodes train and save. A watcher in the store's namespace polls
-   the store; once a save is caught in flight (a rank's blob uploaded, not all of them, no
-   manifest) every process of node1 is frozen (SIGSTOP, from ``ip netns pids``), the store is
-   looked at again, and if the save still cannot have committed, node1 is SIGKILLed: a machine
-   gone in the middle of a save. (If the save got through first, node1 is thawed and the next
-   save is watched.) node0's ranks then fail, or are killed after ``--grace`` seconds. The store
-   must show the killed tag uncommitted, ``latest`` naming the save before it, and every
-   committed tag verified (``zckpt.verify_checkpoint``).
+1. **crash**: 4 ranks on the 2 nodes train and save. From the first commit on, node1 runs only
+   in slices of a few milliseconds (every process of it frozen with SIGSTOP, found in /proc
+   as ``ip netns pids`` does, the store looked at by a watcher in the store's namespace, then
+   thawed); node0 runs freely. Once a save is caught in flight (a rank's blob uploaded, not all
+   of them, no manifest) and half a second later still cannot have committed, node1 is
+   SIGKILLed: a machine gone in the middle of a save. (A save that gets through first is let
+   go, and the next one stepped in thinner slices.) node0's ranks then fail, or are killed
+   after ``--grace`` seconds. The store must show the killed tag uncommitted, ``latest``
+   naming the save before it, and every committed tag verified (``zckpt.verify_checkpoint``).
 2. **resume**: 3 ranks on node0 alone resume from ``latest`` in the store (each reads only the
    byte ranges of its new partitions) and train to the end; meanwhile an uninterrupted
    **reference** run trains the same steps (one rank on node0, or 2 nodes x 2 ranks before the
@@ -46,7 +47,6 @@ import json
 import os
 import re
 import secrets
-import selectors
 import shutil
 import signal
 import subprocess
@@ -125,34 +125,30 @@ def _rank_blobs(names: set[str]) -> tuple[list[str], int]:
 
 
 def store_watch(argv: Sequence[str]) -> int:
-    """Watch the saves of the tags given, in order, for the orchestrator on stdin/stdout.
+    """Answer the orchestrator's questions about the store, on stdin/stdout.
 
-    A tag whose manifest appears is reported ``committed TAG`` and the next is watched. One
-    caught in flight (its lock taken, or a blob of it stored, and no manifest) is reported
-    ``inflight TAG``; then each ``check`` line read is answered with ``state TAG {"blobs":
-    [...], "world_size": N, "committed": bool}``, until ``next`` (watch the next tag) or
-    ``done``. ``missed`` when every tag got through."""
-    endpoint, prefix, *tags = argv
+    Each ``check TAG`` line read is answered with ``state TAG {"blobs": [...], "world_size": N,
+    "committed": bool, "locked": bool, "latest": bool}`` (one listing of the prefix); ``done``
+    or the end of stdin ends it. Run in the store's namespace, so a look costs one request on
+    the bridge and no process start."""
+    endpoint, prefix = argv
     client = _client(endpoint)
-    for tag in tags:
-        while True:
-            root, names = _listing(client, prefix)
-            mine = names.get(tag, set())
-            if MANIFEST in mine:
-                print("committed", tag, flush=True)
-                break
-            if _rank_blobs(mine)[0] or f".{tag}.zckpt-lock" in root:
-                print("inflight", tag, flush=True)
-                while (line := sys.stdin.readline().strip()) == "check":
-                    mine = _listing(client, prefix)[1].get(tag, set())
-                    blobs, ws = _rank_blobs(mine)
-                    state = {"blobs": blobs, "world_size": ws, "committed": MANIFEST in mine}
-                    print("state", tag, json.dumps(state), flush=True)
-                if line != "next":
-                    return 0
-                break
-            time.sleep(0.002)
-    print("missed", flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if words[:1] != ["check"] or len(words) != 2:
+            return 0
+        tag = words[1]
+        root, names = _listing(client, prefix)
+        mine = names.get(tag, set())
+        blobs, ws = _rank_blobs(mine)
+        state = {
+            "blobs": blobs,
+            "world_size": ws,
+            "committed": MANIFEST in mine,
+            "locked": f".{tag}.zckpt-lock" in root,
+            "latest": "latest" in root,
+        }
+        print("state", tag, json.dumps(state), flush=True)
     return 0
 
 
@@ -275,12 +271,24 @@ class Cluster:
         return r.stdout
 
     def pids(self, ns: str) -> list[int]:
-        r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-        return [int(p) for p in r.stdout.split() if int(p) != os.getpid()]
+        """The processes in namespace ``ns`` (what ``ip netns pids`` prints, read from /proc
+        directly: the orchestrator asks this every few milliseconds while it steps a node)."""
+        try:
+            want = os.stat(f"/run/netns/{ns}").st_ino
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry.name}/ns/net").st_ino == want:
+                    found.append(int(entry.name))
+        return found
 
-    def signal(self, ns: str, sig: int) -> list[int]:
-        """Send ``sig`` to every process in namespace ``ns``."""
-        pids = self.pids(ns)
+    def signal(self, ns: str, sig: int, pids: Sequence[int] | None = None) -> list[int]:
+        """Send ``sig`` to every process in namespace ``ns`` (or to ``pids``)."""
+        pids = self.pids(ns) if pids is None else list(pids)
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, sig)
@@ -386,19 +394,27 @@ def _log(*words: object) -> None:
 
 
 def _catch_and_kill(
-    c: Cluster, watch: subprocess.Popen[bytes], nodes: Sequence[subprocess.Popen[bytes]]
+    c: Cluster,
+    watch: subprocess.Popen[bytes],
+    nodes: Sequence[subprocess.Popen[bytes]],
+    tags: Sequence[str],
 ) -> tuple[str, dict[str, Any]]:
-    """Follow the watcher. When it catches a save in flight, step node1 through the save (freeze
-    it, look at the store, thaw it for a few milliseconds) until some rank blobs are stored but
-    not all of them; then, if after half a second frozen the save has still not committed (it
-    cannot, without node1's ranks), SIGKILL node1. A save that commits first is let go, and the
-    next one watched."""
+    """Step node1 through the run until a save of one of ``tags`` is caught with some rank
+    blobs stored but not all of them; then, if after half a second frozen the save has still
+    not committed (it cannot, without node1's ranks), SIGKILL node1.
+
+    From the first commit on (``latest`` in the store: a save to fall back to), node1 only runs
+    in slices: frozen, the store looked at, thawed for ``thaw`` seconds, frozen again. node0
+    runs freely, so when a save starts its ranks' blobs arrive while node1's wait for a thaw.
+    Starting at the save's own lock is too late: under load one listing of the store outlasts
+    a small save (CI saw every blob already stored at the first look). A save that commits while
+    stepped halves the slice for the next."""
     assert watch.stdout is not None and watch.stdin is not None
     out, into = watch.stdout, watch.stdin
     seen: list[str] = []
 
-    def ask(what: str) -> dict[str, Any]:
-        into.write(what.encode() + b"\n")
+    def ask(tag: str) -> dict[str, Any]:
+        into.write(f"check {tag}\n".encode())
         into.flush()
         answer = out.readline().decode()
         if not answer.startswith("state "):
@@ -406,40 +422,42 @@ def _catch_and_kill(
         state: dict[str, Any] = json.loads(answer.split(" ", 2)[2])
         return state
 
-    with selectors.DefaultSelector() as sel:
-        sel.register(out, selectors.EVENT_READ)
-        while all(p.poll() is None for p in nodes):
-            if not sel.select(timeout=0.5):
-                continue
-            line = out.readline().decode()
-            if not line:
-                break
-            seen.append(line.strip())
-            if not line.startswith("inflight"):
-                continue
-            tag = line.split()[1]
-            for cycle in range(1000):
-                frozen = c.signal(c.nodes[1], signal.SIGSTOP)
-                state = ask("check")
-                blobs, ws = state["blobs"], state["world_size"]
-                if not state["committed"] and blobs and len(blobs) < ws:
+    def caught(state: dict[str, Any]) -> bool:
+        return not state["committed"] and 0 < len(state["blobs"]) < state["world_size"]
+
+    thaw, stepping, cycles = 0.02, False, 0
+    try:
+        for tag in tags:
+            while all(p.poll() is None for p in nodes):
+                frozen = c.signal(c.nodes[1], signal.SIGSTOP) if stepping else []
+                state = ask(tag)
+                if stepping and caught(state):
                     time.sleep(0.5)  # a commit that did not need node1 would show by now
-                    state = ask("check")
-                    if not state["committed"] and len(state["blobs"]) < ws:
+                    state = ask(tag)
+                    if caught(state):
                         killed = c.kill(c.nodes[1])
-                        into.write(b"done\n")
-                        into.flush()
-                        info = dict(state, frozen=len(frozen), killed=len(killed), cycles=cycle)
+                        info = dict(state, frozen=len(frozen), killed=len(killed), cycles=cycles)
                         return tag, info
-                c.signal(c.nodes[1], signal.SIGCONT)
-                if state["committed"] or any(p.poll() is not None for p in nodes):
-                    seen.append(f"{tag} committed while stepped")
-                    into.write(b"next\n")
-                    into.flush()
+                if stepping:
+                    c.signal(c.nodes[1], signal.SIGCONT, frozen)
+                    cycles += 1
+                if state["committed"]:
+                    how = f" (slices of {thaw * 1e3:g} ms)" if stepping else ""
+                    seen.append(f"{tag} committed{how}")
+                    thaw = max(thaw / 2, 0.001) if stepping else thaw
                     break
-                time.sleep(0.02)
+                if not stepping and state["latest"]:
+                    stepping = True
+                    seen.append(f"stepping node1 from before {tag}")
+                time.sleep(thaw if stepping else 0.005)
+    finally:
+        c.signal(c.nodes[1], signal.SIGCONT)  # never leave node1 frozen on the way out
+        with contextlib.suppress(OSError):
+            into.write(b"done\n")
+            into.flush()
     raise RuntimeError(
-        f"no save was caught in flight (watcher: {seen}); node exits {[p.poll() for p in nodes]}"
+        f"no save was caught in flight (watcher: {seen}, {cycles} slices); node exits "
+        f"{[p.poll() for p in nodes]}"
     )
 
 
@@ -485,15 +503,15 @@ def orchestrate(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, A
         saves = list(range(args.save_every, args.steps, args.save_every))
         tags = [f"global_step{s}" for s in saves[1:]]  # a committed save to fall back to
         watch = c.spawn(
-            c.store, [sys.executable, str(HERE), "store-watch", c.endpoint, "crash", *tags], None
+            c.store, [sys.executable, str(HERE), "store-watch", c.endpoint, "crash"], None
         )
         nodes = [
             c.torchrun(ns, 2, 2, 29401, [*url("crash"), *train], "crash.log") for ns in c.nodes
         ]
-        tag, caught = _catch_and_kill(c, watch, nodes)
+        tag, caught = _catch_and_kill(c, watch, nodes, tags)
         _log(
             f"crash: {tag} in flight, {len(caught['blobs'])} of {caught['world_size']} rank "
-            f"blobs stored (after {caught['cycles']} freeze/thaw steps of node1): SIGKILLed "
+            f"blobs stored (after {caught['cycles']} freeze/thaw slices of node1): SIGKILLed "
             f"node1's {caught['killed']} processes"
         )
         try:
