@@ -459,6 +459,28 @@ def test_commands_refuse_before_copying_anything(
     assert [c.tag for c in zckpt.list_tags(tmp_path / "o")] == ["x9"] and len(copies) == 1
 
 
+def test_an_object_named_like_a_folder_of_others_is_refused_before_copying(
+    s3_server: Any, staging: Path
+) -> None:
+    """S3 holds ``extra`` beside ``extra/x``; a file system cannot. Staging said FileExistsError
+    from os.makedirs half-way through the copy; now a StorageError names the object first."""
+    from s3_support import BUCKET, KEY, SECRET
+
+    case = _cases()[0] / "checkpoint"
+    so = {"endpoint_url": s3_server.endpoint, "key": KEY, "secret": SECRET}
+    url = f"s3://{BUCKET}/clash-{uuid.uuid4().hex[:12]}"
+    storage, base = storage_for(url, storage_options=so)
+    for f in sorted(case.rglob("*")):
+        if f.is_file():
+            storage.write_atomic(f"{base}/{f.relative_to(case).as_posix()}", [f.read_bytes()])
+    tag = (case / "latest").read_text().strip()
+    storage.write_atomic(f"{base}/{tag}/extra/x", [b"inner"])
+    storage.write_atomic(f"{base}/{tag}/extra", [b"outer"])
+    with pytest.raises(StorageError, match=rf"{tag}/extra: an object with the name of a folder"):
+        fp32(url, storage_options=so)
+    assert not [p for p in staging.iterdir() if p.name.startswith("zckpt-staged-")]
+
+
 def test_folder_markers_are_skipped_and_dot_dot_names_refused(staging: Path) -> None:
     """S3 consoles make empty ``dir/`` objects ("Create folder"); a key with a ``..`` part
     would be copied outside the private directory."""
@@ -482,6 +504,10 @@ def test_folder_markers_are_skipped_and_dot_dot_names_refused(staging: Path) -> 
     for bad in ("../x.pt", "zero/./x.pt", "zero//x.pt"):
         with pytest.raises(StorageError, match="cannot be copied as a file"):
             _staged._listing(Listed([(bad, 3, "")]), "s3://b/ck")  # type: ignore[arg-type]
+    for clash in (["a/b/c", "a/b"], ["a", "a/b/c"]):
+        with pytest.raises(StorageError, match=r"ck/a.*: an object with the name of a folder"):
+            _staged._listing(Listed([(n, 1, "") for n in clash]), "s3://b/ck")  # type: ignore[arg-type]
+    assert len(_staged._listing(Listed([("ab", 1, ""), ("a/b", 1, "")]), "s3://b/ck")) == 2  # type: ignore[arg-type]
 
 
 def test_a_copy_left_by_a_killed_process_is_removed_by_the_next_one(staging: Path) -> None:

@@ -171,7 +171,8 @@ def _listing(storage: Storage, root: str) -> dict[str, tuple[int, str]]:
     """Every object under ``root``: relative name -> (size, ETag or ""). One listing where the
     storage offers it (:meth:`~zckpt.store.FsspecStorage.files_under`). An S3 "folder" marker
     (an empty object named ``dir/``) is no file; a name with a ``..`` or ``.`` part is refused
-    (it would be copied outside the copy's directory)."""
+    (it would be copied outside the copy's directory), and so is an object named like a folder
+    of others (``a`` beside ``a/b``: S3 allows both, a file system not)."""
     under = getattr(storage, "files_under", None)
     found = (
         [(n, (size, etag)) for n, size, etag in under(root)]
@@ -190,6 +191,14 @@ def _listing(storage: Storage, root: str) -> dict[str, tuple[int, str]]:
                 "part; it cannot be copied as a file (rename or remove it)",
             )
         out[name] = version
+    dirs = {"/".join(n.split("/")[:i]) for n in out for i in range(1, n.count("/") + 1)}
+    clash = sorted(dirs & out.keys())
+    if clash:
+        raise StorageError(
+            errno.EINVAL,
+            f"{posixpath.join(root, clash[0])}: an object with the name of a folder of other "
+            "objects under it; a local copy cannot hold both (rename or remove one)",
+        )
     return out
 
 
