@@ -478,3 +478,33 @@ def test_blob_names_and_their_patterns_agree_at_every_world_size(ws: int) -> Non
     for rank in {0, ws // 2, ws - 1}:
         assert generation_of(blob_name(gen, rank, ws)) == gen
     assert generation_of(expert_name(gen, ws)) == gen
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+@pytest.mark.parametrize(
+    "pointer",
+    [b"../other", b"/etc", b"", b"  \n", b".hidden", b"a\x01b", b"x" * 300, b"\xff\xfe", b"latest"],
+)
+def test_a_hostile_latest_pointer_is_an_error_naming_the_file(
+    tmp_path: Path, where: str, pointer: bytes
+) -> None:
+    """``latest`` naming no safe tag was a TagError about "tag '../other'" with no file in it:
+    the user could not tell it came from the pointer, not from an argument they passed."""
+    root = (
+        str(tmp_path / "ckpt")
+        if where == "local"
+        else f"memory://hostile-{os.getpid()}-{id(pointer)}/ckpt"
+    )
+    zckpt.save_checkpoint(root, _state(0), zckpt.ZeroSpec(1, 2), tag="step1")
+    storage, base = zckpt.store.storage_for(root)
+    storage.write_atomic(f"{base}/latest", [pointer])
+    latest = f"{root}/latest"
+    readers = {
+        "load_checkpoint": lambda: zckpt.load_checkpoint(root, world_size=1, rank=0),
+        "fp32": lambda: zckpt.get_fp32_state_dict_from_zero_checkpoint(root),
+    }
+    for what, read in readers.items():
+        with pytest.raises(zckpt.ZckptError) as e:
+            read()
+        assert latest in str(e.value), (what, str(e.value))
+    assert str(zckpt.load_checkpoint(root, tag="step1", world_size=1).load_path).endswith("step1")

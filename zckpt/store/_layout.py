@@ -362,7 +362,10 @@ def read_latest(storage: Storage, save_dir: str, name: str = LATEST) -> str | No
         tag = data.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise TagError(f"{path}: not a UTF-8 tag name") from None
-    return check_tag(tag)
+    try:
+        return check_tag(tag)
+    except TagError as e:  # name the file: a hostile or damaged pointer, not the caller's tag
+        raise TagError(f"{path}: {e}") from None
 
 
 def write_latest(storage: Storage, save_dir: str, tag: str, name: str = LATEST) -> None:
