@@ -698,3 +698,28 @@ def test_loading_a_foreign_checkpoint_as_zckpt_raises_naming_its_kind(
                     load()
     with pytest.raises(zckpt.CheckpointNotFoundError, match="convert it once"):
         zckpt.load_checkpoint(url, tag="step3", world_size=1, rank=0)
+
+
+def test_inspect_at_a_url_lists_the_save_dirs_tags_as_on_disk(
+    tmp_path: Path, staging: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only the tag being read is copied; ``inspect`` said ``tags: step3`` of a save_dir at a
+    URL holding two, and no ``latest`` for a tag directory given by its URL."""
+    import json
+    import shutil
+
+    case = tmp_path / "ds"
+    shutil.copytree(_cases()[0] / "checkpoint", case)
+    tag = (case / "latest").read_text().strip()
+    shutil.copytree(case / tag, case / "global_step1")
+    url = _url()
+    _upload(case, url)
+    for where, extra in (("", []), ("", ["--tag", "global_step1"]), (f"/{tag}", [])):
+        capsys.readouterr()
+        assert main(["inspect", f"{case}{where}", "--json", *extra]) == 0
+        local = json.loads(capsys.readouterr().out)
+        assert main(["inspect", f"{url}{where}", "--json", *extra]) == 0
+        remote = json.loads(capsys.readouterr().out.replace(url, str(case)))
+        assert remote["tags"] == local["tags"] == ["global_step1", tag], (where, extra)
+        assert remote["latest"] == local["latest"] == tag
+        assert remote == local, (where, extra)

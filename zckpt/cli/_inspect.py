@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
 import sys
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -222,7 +223,8 @@ def _inspect_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
     if ck.universal is not None:  # its optimizer file is zero/optimizer_state.pt: no prefix
         bf16 = bool((m0.get("ds_config") or {}).get("bf16", {}).get("enabled"))
     sd = zckpt.get_fp32_state_dict_from_zero_checkpoint(args.path, args.tag, lazy_mode=True)
-    root = os.path.dirname(os.path.normpath(ck.path))
+    staged = getattr(args, "staged_root", None)  # the tag directory at its URL, when copied
+    root = posixpath.dirname(staged) if staged else os.path.dirname(os.path.normpath(ck.path))
     universal = ck.universal is not None
     files = deepspeed_files(ck)
     held = deepspeed_tensors(ck)

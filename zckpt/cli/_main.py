@@ -545,7 +545,8 @@ def _staged_input(args: argparse.Namespace) -> Iterator[None]:
     if checks is not None:  # nothing is copied for a command that would refuse
         importlib.import_module(f"zckpt.cli.{checks}").before_staging(args, found.kind, found.root)
     copy = stage(storage, p, found)
-    args.path, out = copy.local, sys.stdout
+    # the copy holds one tag; what the save_dir around it holds (tags, latest) is asked at the URL
+    args.path, args.staged_root, out = copy.local, found.root, sys.stdout
     sys.stdout = _Reworded(out, copy.reword)
     try:
         with copy.reworded():
