@@ -32,6 +32,7 @@ import torch
 import zckpt
 from zckpt.format import read_header_size
 from zckpt.shard import LocalBox
+from zckpt.spec import mesh_coordinate
 from zckpt.testing import run_ranks
 
 LAYOUTS = {
@@ -45,14 +46,6 @@ def _mesh(ranks: int, two_d: bool) -> tuple[int, ...]:
     return (2, ranks // 2) if two_d else (ranks,)
 
 
-def _coord(mesh: tuple[int, ...], rank: int) -> tuple[int, ...]:
-    out = []
-    for n in reversed(mesh):
-        rank, c = divmod(rank, n)
-        out.append(c)
-    return tuple(reversed(out))
-
-
 def _one(root: str, layout: str, ranks: int, rows: int, tensors: int) -> dict[str, Any]:
     dims, two_d = LAYOUTS[layout]
     mesh = _mesh(ranks, two_d)
@@ -64,7 +57,7 @@ def _one(root: str, layout: str, ranks: int, rows: int, tensors: int) -> dict[st
     plan = zckpt.plan_shards(skel, zckpt.ZeroSpec(ranks, 3))
     blocks = [
         {
-            i: LocalBox.of(state["model"][f"t{i}"], mesh, _coord(mesh, r), dims)
+            i: LocalBox.of(state["model"][f"t{i}"], mesh, mesh_coordinate(mesh, r), dims)
             for i in range(tensors)
         }
         for r in range(ranks)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import zckpt
 from zckpt.errors import FormatError, SpecError
 from zckpt.shard import LocalBox
-from zckpt.spec import Box, box_runs, box_writer, mesh_box
+from zckpt.spec import Box, box_runs, box_writer, mesh_box, mesh_coordinate
 from zckpt.store._manifest import decode_manifest, encode_manifest
 from zckpt.testing import assert_states_equal
 from zckpt.testing._threads import run_ranks
@@ -114,14 +114,6 @@ def state_layouts(draw: st.DrawFn, ws: int) -> dict[str, Layout]:
     return out
 
 
-def _coord(mesh: tuple[int, ...], rank: int) -> tuple[int, ...]:
-    out = []
-    for n in reversed(mesh):
-        rank, c = divmod(rank, n)
-        out.append(c)
-    return tuple(reversed(out))
-
-
 def _save(d: Path, state: dict[str, Any], lay: dict[str, Layout], ws: int) -> None:
     skel, _ = zckpt.tree.flatten(state)
     leaf = {p[-1]: i for i, p in enumerate(skel.paths) if p[0] == "model"}
@@ -130,7 +122,9 @@ def _save(d: Path, state: dict[str, Any], lay: dict[str, Layout], ws: int) -> No
         boxes = {}
         for k in BOXED:
             mesh, dims = lay[k]
-            boxes[leaf[k]] = LocalBox.of(state["model"][k], mesh, _coord(mesh, comm.rank), dims)
+            boxes[leaf[k]] = LocalBox.of(
+                state["model"][k], mesh, mesh_coordinate(mesh, comm.rank), dims
+            )
         plan = zckpt.plan_shards(skel, zckpt.ZeroSpec(ws, 3))
         shard = zckpt.shard_state(state, plan, comm.rank, boxes)
         return zckpt.save_checkpoint(d, shard, comm=comm, tag="t").tag
@@ -144,7 +138,7 @@ def _load(d: Path, state: dict[str, Any], lay: dict[str, Layout], ws: int) -> No
         want: dict[str, torch.Tensor] = {}
         for k in BOXED:
             mesh, dims = lay[k]
-            c = _coord(mesh, comm.rank)
+            c = mesh_coordinate(mesh, comm.rank)
             into[k] = LocalBox.of(torch.full_like(state["model"][k], 7), mesh, c, dims)
             want[k] = LocalBox.of(state["model"][k], mesh, c, dims).data
         got = zckpt.load_checkpoint(d, into={"model": into})
@@ -305,3 +299,16 @@ def test_blocks_in_a_version_2_checkpoint(tmp_path: Path, monkeypatch: pytest.Mo
     }
     _load(tmp_path, state, other, 3)
     assert_states_equal(zckpt.load_checkpoint(tmp_path).state, state)
+
+
+@settings(max_examples=50, deadline=None)
+@given(mesh=st.lists(st.integers(1, 5), min_size=1, max_size=3), data=st.data())
+def test_mesh_coordinate_is_where_the_rank_sits_in_the_row_major_mesh(
+    mesh: list[int], data: st.DataObject
+) -> None:
+    ranks = torch.arange(int(torch.tensor(mesh).prod())).reshape(mesh)  # init_device_mesh's
+    rank = data.draw(st.integers(0, ranks.numel() - 1))
+    want = tuple(int(i) for i in (ranks == rank).nonzero()[0])
+    assert mesh_coordinate(mesh, rank) == want
+    with pytest.raises(SpecError, match="outside a mesh"):
+        mesh_coordinate(mesh, ranks.numel())

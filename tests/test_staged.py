@@ -323,16 +323,23 @@ def test_commands_read_foreign_checkpoints_at_urls(
     )
 
 
-def test_s3_deepspeed_checkpoint(s3_server: Any, tmp_path: Path, staging: Path) -> None:
+def _s3_case(s3_server: Any, name: str) -> tuple[Path, str, dict[str, str], Any, str]:
+    """The first DeepSpeed fixture uploaded under a fresh S3 prefix: (its local directory, the
+    URL, the storage options, the storage and its base path)."""
     from s3_support import BUCKET, KEY, SECRET
 
     case = _cases()[0] / "checkpoint"
     so = {"endpoint_url": s3_server.endpoint, "key": KEY, "secret": SECRET}
-    url = f"s3://{BUCKET}/ds-{uuid.uuid4().hex[:12]}"
+    url = f"s3://{BUCKET}/{name}-{uuid.uuid4().hex[:12]}"
     storage, base = storage_for(url, storage_options=so)
     for f in sorted(case.rglob("*")):
         if f.is_file():
             storage.write_atomic(f"{base}/{f.relative_to(case).as_posix()}", [f.read_bytes()])
+    return case, url, so, storage, base
+
+
+def test_s3_deepspeed_checkpoint(s3_server: Any, tmp_path: Path, staging: Path) -> None:
+    case, url, so, _, _ = _s3_case(s3_server, "ds")
     _same(fp32(url, storage_options=so), fp32(case))
     saved = convert_deepspeed(url, f"{url}-z", storage_options=so)
     assert saved.tag == "step3"
@@ -464,15 +471,7 @@ def test_an_object_named_like_a_folder_of_others_is_refused_before_copying(
 ) -> None:
     """S3 holds ``extra`` beside ``extra/x``; a file system cannot. Staging said FileExistsError
     from os.makedirs half-way through the copy; now a StorageError names the object first."""
-    from s3_support import BUCKET, KEY, SECRET
-
-    case = _cases()[0] / "checkpoint"
-    so = {"endpoint_url": s3_server.endpoint, "key": KEY, "secret": SECRET}
-    url = f"s3://{BUCKET}/clash-{uuid.uuid4().hex[:12]}"
-    storage, base = storage_for(url, storage_options=so)
-    for f in sorted(case.rglob("*")):
-        if f.is_file():
-            storage.write_atomic(f"{base}/{f.relative_to(case).as_posix()}", [f.read_bytes()])
+    case, url, so, storage, base = _s3_case(s3_server, "clash")
     tag = (case / "latest").read_text().strip()
     storage.write_atomic(f"{base}/{tag}/extra/x", [b"inner"])
     storage.write_atomic(f"{base}/{tag}/extra", [b"outer"])

@@ -7,7 +7,7 @@ Example:
     ([4], [1])
 """
 
-from zckpt.spec._boxes import Box, box_runs, box_writer, mesh_box
+from zckpt.spec._boxes import Box, box_runs, box_writer, mesh_box, mesh_coordinate
 from zckpt.spec._plan import FlatGroup, Fragment, Placement, ShardPlan, plan_shards
 from zckpt.spec._spec import ZeroSpec
 
@@ -21,5 +21,6 @@ __all__ = [
     "box_runs",
     "box_writer",
     "mesh_box",
+    "mesh_coordinate",
     "plan_shards",
 ]

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from zckpt.errors import SpecError
 
-__all__ = ["Box", "box_runs", "box_writer", "mesh_box"]
+__all__ = ["Box", "box_runs", "box_writer", "mesh_box", "mesh_coordinate"]
 
 
 class Box(NamedTuple):
@@ -102,6 +102,28 @@ def _check_mesh(
             raise SpecError(
                 f"mesh dimension {m} shards tensor dimension {d} of a {len(shape)}-d tensor"
             )
+
+
+def mesh_coordinate(mesh_shape: Sequence[int], rank: int) -> tuple[int, ...]:
+    """The coordinate of ``rank`` in a device mesh of ``mesh_shape`` laid out row-major over
+    the ranks, as ``init_device_mesh`` lays out ``torch.arange(world_size)``.
+
+    Raises:
+        SpecError: ``rank`` is outside the mesh.
+
+    Example:
+        >>> mesh_coordinate((2, 3), 4)
+        (1, 1)
+        >>> mesh_coordinate((4,), 3)
+        (3,)
+    """
+    if not 0 <= rank < math.prod(mesh_shape):
+        raise SpecError(f"rank {rank} is outside a mesh of shape {tuple(mesh_shape)}")
+    out = []
+    for n in reversed(mesh_shape):
+        rank, c = divmod(rank, n)
+        out.append(c)
+    return tuple(reversed(out))
 
 
 def mesh_box(
