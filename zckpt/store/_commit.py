@@ -17,6 +17,7 @@ from typing import Any
 
 import zckpt
 from zckpt.errors import FormatError, ZckptError
+from zckpt.store._agreement import first_difference, structure, structure_digest
 from zckpt.store._blobs import client_shard, plan_for, split_experts, write_blob
 from zckpt.store._layout import (
     MANIFEST,
@@ -85,10 +86,29 @@ def _write_and_commit(p: PreparedSave) -> Saved:
             records.append(rec.to_obj())
     except Exception as e:  # reported to every rank below, then raised as a SaveError
         errors[failing_rank], first_error = _failure_text(e), e
+    digest = None if p.skeleton is None else structure_digest(p.skeleton)
     reports = comm.all_gather(
-        {"records": records, "errors": {str(k): v for k, v in errors.items()}}
+        {"records": records, "errors": {str(k): v for k, v in errors.items()}, "tensors": digest}
     )
     failed = {int(k): v for r in reports for k, v in r["errors"].items()}
+    digests = [r["tensors"] for r in reports]
+    if not failed and len(set(digests) - {None}) > 1:
+        # Every rank sees the digests, so every rank takes this branch: one more exchange
+        # names the first tensor that differs (an error path; its cost does not matter).
+        mine = None if p.skeleton is None else structure(p.skeleton)
+        differ = first_difference(comm.all_gather(mine)) or "their tensors differ"
+        if comm.rank == 0:
+            _discard(p)
+        base = next(d for d in digests if d is not None)
+        odd = [r for r, d in enumerate(digests) if d not in (None, base)]
+        ranks = ", ".join(map(str, odd[:8])) + (f" and {len(odd) - 8} more" if len(odd) > 8 else "")
+        who = f"ranks {ranks} differ" if len(odd) > 1 else f"rank {ranks} differs"
+        raise SaveError(
+            f"saving {tag_dir} failed, nothing was committed: the ranks were given states with "
+            f"different tensors ({who} from rank {digests.index(base)}): {differ}; "
+            "every rank must save the same state structure (its own shard of it)",
+            {r: differ for r in odd},
+        )
     if failed:
         if comm.rank == 0:
             _discard(p)

@@ -1,0 +1,124 @@
+"""Ranks given states with different tensors: the save fails on every rank, before the commit.
+
+Rank 0 writes the manifest from its own skeleton. A rank whose state had a tensor more or less,
+another shape or another dtype wrote a blob the manifest does not describe, and the save
+committed anyway: ``latest`` named a checkpoint no load could read ("its fragments differ from
+the manifest's record"), and ``keep_last`` deleted the good ones before it. Each test here fails
+without ``store/_agreement.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import zckpt
+from zckpt.store._agreement import first_difference, structure
+from zckpt.testing import assert_states_equal, run_ranks
+from zckpt.tree import flatten
+
+MUTATIONS = ("extra", "missing", "shape", "dtype", "renamed", "tied")
+
+
+def _state(seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 4, generator=g)
+    return {
+        "module": {
+            "w": w,
+            "b": torch.randn(4, generator=g),
+            "head": torch.randn(6, 4, generator=g),
+        },
+        "optimizer": {"exp_avg": torch.randn(6, 4, generator=g)},
+        "step": seed,
+    }
+
+
+def _mutate(state: dict[str, Any], how: str) -> dict[str, Any]:
+    m = dict(state["module"])
+    if how == "extra":
+        m["extra"] = torch.zeros(3)
+    elif how == "missing":
+        del m["b"]
+    elif how == "shape":
+        m["b"] = torch.zeros(5)
+    elif how == "dtype":
+        m["b"] = m["b"].double()
+    elif how == "renamed":
+        m["bias"] = m.pop("b")
+    elif how == "tied":  # head tied to w on this rank only: one leaf fewer
+        m["head"] = m["w"]
+    return {**state, "module": m}
+
+
+def _save_all(d: str, states: list[dict[str, Any]], tag: str) -> list[Any]:
+    """Every rank's outcome (its result or the exception it raised)."""
+
+    def rank(comm: Any) -> Any:
+        try:
+            spec = zckpt.ZeroSpec(len(states), 3)
+            return zckpt.save_checkpoint(
+                d, states[comm.rank], spec, comm=comm, tag=tag, keep_last=1
+            )
+        except zckpt.ZckptError as e:
+            return e
+
+    return run_ranks(rank, len(states))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    ws=st.integers(2, 4),
+    how=st.sampled_from(MUTATIONS),
+    odd=st.sets(st.integers(0, 3), min_size=1),
+    where=st.sampled_from(["local", "memory"]),
+)
+@example(ws=2, how="extra", odd={1}, where="local")
+@example(ws=3, how="tied", odd={0}, where="memory")
+def test_ranks_with_other_tensors_fail_the_save_and_keep_what_was_there(
+    tmp_path_factory: pytest.TempPathFactory, ws: int, how: str, odd: set[int], where: str
+) -> None:
+    odd = {r for r in odd if r < ws}
+    if not odd or len(odd) == ws:
+        odd = {ws - 1}
+    base = str(tmp_path_factory.mktemp("agree"))
+    d = base if where == "local" else f"memory://agree-{os.path.basename(base)}"
+    good = _state(1)
+    assert all(not isinstance(r, Exception) for r in _save_all(d, [good] * ws, "good"))
+    states = [_mutate(_state(2), how) if r in odd else _state(2) for r in range(ws)]
+    outcomes = _save_all(d, states, "bad")
+    assert all(isinstance(o, zckpt.SaveError) for o in outcomes), outcomes
+    for o in outcomes:
+        assert "nothing was committed" in str(o) and "different tensors" in str(o), str(o)
+        assert not o.committed
+        assert "module/" in str(o), str(o)  # names the tensor
+    assert set(outcomes[0].errors) <= set(range(ws))
+    assert zckpt.list_tags(d) and [c.tag for c in zckpt.list_tags(d)] == ["good"]
+    assert_states_equal(zckpt.load_checkpoint(d, world_size=1).state, good)
+    storage, root = zckpt.store.storage_for(d)
+    leftovers = storage.listdir(f"{root}/bad") if storage.is_dir(f"{root}/bad") else []
+    assert leftovers == [], leftovers
+
+
+def test_plain_values_may_differ_and_rank_0s_are_kept(tmp_path: Path) -> None:
+    """As DeepSpeed keeps rank 0's client state: a per-rank counter is no structure."""
+    states = [{**_state(3), "step": r, "name": f"rank{r}"} for r in range(3)]
+    assert all(not isinstance(o, Exception) for o in _save_all(str(tmp_path), states, "t"))
+    got = zckpt.load_checkpoint(tmp_path, world_size=1).state
+    assert got["step"] == 0 and got["name"] == "rank0"
+
+
+def test_first_difference_names_the_first_tensor_and_both_ranks() -> None:
+    a = structure(flatten(_state(0))[0])
+    b = structure(flatten(_mutate(_state(0), "shape"))[0])
+    assert first_difference([a, a, b]) == (
+        "tensor 'module/b' is float32 (4,) on rank 0 but float32 (5,) on rank 2"
+    )
+    assert first_difference([None, a, a]) is None
+    assert first_difference([None, a, b]) is not None and "rank 1" in first_difference([None, a, b])  # type: ignore[operator]
