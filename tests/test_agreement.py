@@ -122,3 +122,33 @@ def test_first_difference_names_the_first_tensor_and_both_ranks() -> None:
     )
     assert first_difference([None, a, a]) is None
     assert first_difference([None, a, b]) is not None and "rank 1" in first_difference([None, a, b])  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("field", "other"),
+    [("stage", zckpt.ZeroSpec(2, 2)), ("alignment", zckpt.ZeroSpec(2, 3, alignment=8))],
+)
+def test_ranks_with_another_spec_fail_the_save(
+    tmp_path: Path, field: str, other: zckpt.ZeroSpec
+) -> None:
+    """Rank 1 cut its shard by another stage (or alignment): its fragments were not the
+    manifest's plan, and the committed checkpoint did not load."""
+    zckpt.save_checkpoint(tmp_path, _state(1), zckpt.ZeroSpec(1, 3), tag="good")
+    specs = [zckpt.ZeroSpec(2, 3), other]
+
+    def rank(comm: Any) -> Any:
+        try:
+            return zckpt.save_checkpoint(
+                tmp_path, _state(2), specs[comm.rank], comm=comm, tag="bad"
+            )
+        except zckpt.ZckptError as e:
+            return e
+
+    outcomes = run_ranks(rank, 2)
+    assert all(isinstance(o, zckpt.SaveError) for o in outcomes), outcomes
+    want = f"rank 0 saved with {field}={getattr(specs[0], field)!r}, rank 1 with {field}="
+    assert all(want in str(o) and "nothing was committed" in str(o) for o in outcomes), outcomes
+    assert outcomes[0].errors.keys() == {1}
+    assert [c.tag for c in zckpt.list_tags(tmp_path)] == ["good"]
+    assert not (tmp_path / "bad").exists() or not os.listdir(tmp_path / "bad")
+    assert_states_equal(zckpt.load_checkpoint(tmp_path, world_size=1).state, _state(1))

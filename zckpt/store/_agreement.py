@@ -1,4 +1,4 @@
-"""What every rank of a save must agree on before rank 0 commits: the state's tensors.
+"""What every rank of a save must agree on before rank 0 commits: the spec and the tensors.
 
 Rank 0 writes the manifest from its own skeleton, and each rank's blob is bound to it (its
 fragments and, in format version 2, the skeleton's digest). A rank whose state has other
@@ -8,7 +8,9 @@ manifest does not describe: the save would commit, ``latest`` would name it, ret
 delete older checkpoints, and every load of it would fail. So each rank's report carries
 :func:`structure_digest`; when they differ, every rank exchanges :func:`structure` and raises,
 naming the first tensor that differs (:func:`first_difference`). Plain values (ints, strings)
-may differ: the manifest keeps rank 0's, as DeepSpeed keeps rank 0's client state.
+may differ: the manifest keeps rank 0's, as DeepSpeed keeps rank 0's client state. The same
+holds for the :class:`~zckpt.ZeroSpec` (a rank that cut its shard by another stage, world size
+or alignment wrote fragments the manifest's plan does not have): :func:`spec_difference`.
 
 Example:
     >>> import torch
@@ -22,13 +24,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 import xxhash
 
 from zckpt.tree import Skeleton
 
-__all__ = ["first_difference", "structure", "structure_digest"]
+__all__ = ["first_difference", "spec_difference", "structure", "structure_digest"]
 
 Structure = list[tuple[str, str, tuple[int, ...]]]
 
@@ -99,4 +102,25 @@ def first_difference(structures: Sequence[Structure | None]) -> str | None:
                 return f"rank {r} has tensor {n!r} ({_show((n, d, s))}), which rank {r0} does not"
         if [n for n, _, _ in other] != [n for n, _, _ in base]:
             return f"ranks {r0} and {r} list the same tensors in another order (or tied otherwise)"
+    return None
+
+
+def spec_difference(specs: Sequence[dict[str, Any] | None]) -> str | None:
+    """The first field in which a rank's spec (``ZeroSpec.to_dict()``, None for a rank that
+    wrote nothing) differs from the lowest rank's; None when all agree.
+
+    Example:
+        >>> a, b = {"world_size": 2, "stage": 3}, {"world_size": 2, "stage": 2}
+        >>> spec_difference([a, b])
+        'rank 0 saved with stage=3, rank 1 with stage=2'
+        >>> spec_difference([a, None, a]) is None
+        True
+    """
+    given = [(r, s) for r, s in enumerate(specs) if s is not None]
+    for r, s in given[1:]:
+        r0, base = given[0]
+        for key in sorted(set(base) | set(s)):
+            a, b = base.get(key), s.get(key)
+            if a != b:
+                return f"rank {r0} saved with {key}={a!r}, rank {r} with {key}={b!r}"
     return None

@@ -17,7 +17,12 @@ from typing import Any
 
 import zckpt
 from zckpt.errors import FormatError, ZckptError
-from zckpt.store._agreement import first_difference, structure, structure_digest
+from zckpt.store._agreement import (
+    first_difference,
+    spec_difference,
+    structure,
+    structure_digest,
+)
 from zckpt.store._blobs import client_shard, plan_for, split_experts, write_blob
 from zckpt.store._layout import (
     MANIFEST,
@@ -88,27 +93,16 @@ def _write_and_commit(p: PreparedSave) -> Saved:
         errors[failing_rank], first_error = _failure_text(e), e
     digest = None if p.skeleton is None else structure_digest(p.skeleton)
     reports = comm.all_gather(
-        {"records": records, "errors": {str(k): v for k, v in errors.items()}, "tensors": digest}
+        {
+            "records": records,
+            "errors": {str(k): v for k, v in errors.items()},
+            "tensors": digest,
+            "spec": None if p.skeleton is None else p.spec.to_dict(),
+        }
     )
     failed = {int(k): v for r in reports for k, v in r["errors"].items()}
-    digests = [r["tensors"] for r in reports]
-    if not failed and len(set(digests) - {None}) > 1:
-        # Every rank sees the digests, so every rank takes this branch: one more exchange
-        # names the first tensor that differs (an error path; its cost does not matter).
-        mine = None if p.skeleton is None else structure(p.skeleton)
-        differ = first_difference(comm.all_gather(mine)) or "their tensors differ"
-        if comm.rank == 0:
-            _discard(p)
-        base = next(d for d in digests if d is not None)
-        odd = [r for r, d in enumerate(digests) if d not in (None, base)]
-        ranks = ", ".join(map(str, odd[:8])) + (f" and {len(odd) - 8} more" if len(odd) > 8 else "")
-        who = f"ranks {ranks} differ" if len(odd) > 1 else f"rank {ranks} differs"
-        raise SaveError(
-            f"saving {tag_dir} failed, nothing was committed: the ranks were given states with "
-            f"different tensors ({who} from rank {digests.index(base)}): {differ}; "
-            "every rank must save the same state structure (its own shard of it)",
-            {r: differ for r in odd},
-        )
+    if not failed:
+        _check_agreement(p, reports)
     if failed:
         if comm.rank == 0:
             _discard(p)
@@ -126,6 +120,44 @@ def _write_and_commit(p: PreparedSave) -> Saved:
     if told["error"] is not None:
         raise SaveError(told["error"], {0: told["error"]}, bool(told["committed"])) from first_error
     return Saved(tag_dir, p.tag)
+
+
+def _check_agreement(p: PreparedSave, reports: list[dict[str, Any]]) -> None:
+    """Raise a SaveError on every rank (rank 0 discarding the generation's files) when the
+    ranks' specs or tensors differ (``_agreement.py``). Every rank sees every report, so every
+    rank takes the same branch; naming the tensor that differs takes one more exchange."""
+    specs = [r["spec"] for r in reports]
+    digests = [r["tensors"] for r in reports]
+    what = spec_difference(specs)
+    if what is not None:
+        why = (
+            f"the ranks were given different specs: {what}; every rank must pass the same ZeroSpec"
+        )
+        odd = _odd(specs)
+    elif len(set(digests) - {None}) > 1:
+        mine = None if p.skeleton is None else structure(p.skeleton)
+        what = first_difference(p.comm.all_gather(mine)) or "their tensors differ"
+        odd = _odd(digests)
+        ranks = ", ".join(map(str, odd[:8])) + (f" and {len(odd) - 8} more" if len(odd) > 8 else "")
+        who = f"ranks {ranks} differ" if len(odd) > 1 else f"rank {ranks} differs"
+        base = next(r for r, d in enumerate(digests) if d is not None)
+        why = (
+            f"the ranks were given states with different tensors ({who} from rank {base}): "
+            f"{what}; every rank must save the same state structure (its own shard of it)"
+        )
+    else:
+        return
+    if p.comm.rank == 0:
+        _discard(p)
+    raise SaveError(
+        f"saving {p.tag_dir} failed, nothing was committed: {why}", dict.fromkeys(odd, what)
+    )
+
+
+def _odd(values: list[Any]) -> list[int]:
+    """The ranks whose value is not the lowest given rank's (None: a rank that wrote nothing)."""
+    base = next(v for v in values if v is not None)
+    return [r for r, v in enumerate(values) if v is not None and v != base]
 
 
 def _discard(p: PreparedSave) -> None:
