@@ -10,6 +10,7 @@ without ``store/_agreement.py``.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,78 @@ def test_ranks_with_another_spec_fail_the_save(
     assert [c.tag for c in zckpt.list_tags(tmp_path)] == ["good"]
     assert not (tmp_path / "bad").exists() or not os.listdir(tmp_path / "bad")
     assert_states_equal(zckpt.load_checkpoint(tmp_path, world_size=1).state, _state(1))
+
+
+class _FlippingLatest(zckpt.store.LocalStorage):
+    """``latest`` names ``t1`` and ``t2`` in turn at each read: another job saving to the
+    directory while the ranks of this one resume from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.lock = threading.Lock()
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        if os.path.basename(path) == "latest":
+            with self.lock:
+                self.reads += 1
+                return (b"t1", b"t2")[self.reads % 2][offset : offset + length]
+        return super().read(path, offset, length)
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(3, 2)
+
+
+def test_every_rank_resumes_from_the_tag_latest_named_for_rank_0(tmp_path: Path) -> None:
+    """Each rank read ``latest`` itself: with it rewritten between two ranks' reads, rank 0
+    resumed from t2 and rank 1 from t1, and both trained on, silently apart."""
+    from zckpt.adapters import Checkpointer
+
+    for i, tag in enumerate(("t1", "t2")):
+        Checkpointer(_model(i), existing="keep").save_checkpoint(tmp_path, tag=tag)
+    storage = _FlippingLatest()
+
+    def rank(comm: Any) -> Any:
+        model = _model(7)
+        path, _ = Checkpointer(model, comm=comm, storage=storage).load_checkpoint(tmp_path)
+        return os.path.basename(str(path)), model.weight.detach().clone()
+
+    got = run_ranks(rank, 3)
+    assert len({t for t, _ in got}) == 1, [t for t, _ in got]
+    assert all(torch.equal(w, got[0][1]) for _, w in got)
+    assert storage.reads == 1  # rank 0's read; the others load the tag it named
+
+
+def test_ranks_that_loaded_different_checkpoints_all_raise(tmp_path: Path) -> None:
+    from zckpt.adapters import Checkpointer
+
+    def rank(comm: Any) -> Any:
+        ck = Checkpointer(_model(0), comm=comm)
+        views = [("/d/t1", None, "g1"), ("/d/t1", None, "g1"), ("/d/t1", None, "g2")]
+        try:
+            return ck._agreed(lambda: views[comm.rank])
+        except zckpt.ZckptError as e:
+            return e
+
+    got = run_ranks(rank, 3)
+    assert all(isinstance(e, zckpt.LoadError) for e in got), got
+    assert all("rank 2: /d/t1 (generation g2)" in str(e) for e in got)
+
+    def failing(comm: Any) -> Any:
+        ck = Checkpointer(_model(0), comm=comm)
+
+        def load() -> Any:
+            if comm.rank == 1:
+                raise zckpt.LoadError("rank 1's disk")
+            return ("/d/t1", None, "g1")
+
+        try:
+            return ck._agreed(load)
+        except zckpt.ZckptError as e:
+            return e
+
+    got = run_ranks(failing, 3)  # no rank waits for the one that failed
+    assert all(isinstance(e, zckpt.LoadError) for e in got), got
+    assert "rank 1: LoadError: rank 1's disk" in str(got[0]) and str(got[1]) == "rank 1's disk"

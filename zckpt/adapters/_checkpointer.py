@@ -43,11 +43,25 @@ from zckpt.store import (
     save_checkpoint,
 )
 from zckpt.store._explain import explain
-from zckpt.store._read import following_latest
+from zckpt.store._read import following_latest, locate
 from zckpt.store._resolve import is_url, storage_for
 from zckpt.tree import Skeleton
 
 __all__ = ["Checkpointer"]
+
+
+#: What one load read: the tag directory, the client state, the manifest's generation.
+_Loaded = tuple[str | None, dict[str, Any] | None, str | None]
+
+
+def _latest_tag(storage: Storage, where: str) -> str | None:
+    """The tag ``latest`` names under ``where`` (None: none, ``where`` is a tag directory, or
+    it cannot be read: then each rank finds out for itself, and the load says why)."""
+    try:
+        found = locate(storage, where, None)
+    except (ZckptError, OSError):
+        return None
+    return found.tag if found is not None and found.via_latest else None
 
 
 class _OverwrittenError(LoadError):
@@ -399,8 +413,14 @@ class Checkpointer:
             (None, None)
         """
         storage, where = storage_for(load_dir, self.storage, None)
+        if self.comm.size > 1 and tag is None:
+            # Every rank loads the tag ``latest`` named when rank 0 read it: ranks reading it
+            # themselves could each see another one while another job saves to the directory.
+            tag = self.comm.all_gather(
+                _latest_tag(storage, where) if self.comm.rank == 0 else None
+            )[0]
 
-        def attempt() -> tuple[str | None, dict[str, Any] | None]:
+        def attempt() -> _Loaded:
             once = functools.partial(
                 self._load_once,
                 load_dir,
@@ -418,7 +438,36 @@ class Checkpointer:
                 return once()  # a second overwrite meanwhile is the LoadError itself
 
         # A tag deleted by retention meanwhile: once more from the new ``latest``.
-        return following_latest(storage, where, tag, attempt)
+        if self.comm.size == 1:
+            return following_latest(storage, where, tag, attempt)[:2]
+        return self._agreed(lambda: following_latest(storage, where, tag, attempt))
+
+    def _agreed(self, load: Callable[[], _Loaded]) -> tuple[str | None, dict[str, Any] | None]:
+        """Run a load on every rank, then check that every rank loaded the same checkpoint (tag
+        directory and generation): a rank that failed, or ranks that read different ones (the
+        directory changed under the load), make every rank raise, so that no rank trains on
+        from a step the others are not at, and none waits for a rank that gave up."""
+        error: BaseException | None = None
+        got: _Loaded = (None, None, None)
+        try:
+            got = load()
+            seen: Any = [got[0], got[2]]
+        except Exception as e:  # every rank must learn it; raised below
+            error, seen = e, {"error": f"{type(e).__name__}: {e}"}
+        views = self.comm.all_gather(seen)
+        if error is not None:
+            raise error
+        failed = {r: v["error"] for r, v in enumerate(views) if isinstance(v, dict)}
+        if failed:
+            detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items())[:4])
+            raise LoadError(f"the load failed on other ranks, so this rank's is void: {detail}")
+        if len({tuple(v) for v in views}) > 1:
+            shown = "; ".join(f"rank {r}: {v[0]} (generation {v[1]})" for r, v in enumerate(views))
+            raise LoadError(
+                f"the ranks loaded different checkpoints ({shown[:600]}): the directory changed "
+                "while they read it (another job saving or pruning there?); load again"
+            )
+        return got[0], got[1]
 
     def _pinned(self, load_dir: str | os.PathLike[str], tag: str | None) -> Checkpoint | None:
         """The one checkpoint this load reads (``latest`` resolved once), or None when there is
@@ -438,7 +487,7 @@ class Checkpointer:
         load_module_only: bool,
         custom_load_fn: Callable[..., Any] | None,
         require: bool,
-    ) -> tuple[str | None, dict[str, Any] | None]:
+    ) -> _Loaded:
         """:meth:`load_checkpoint` from one checkpoint: ``latest`` is resolved once, and the
         destinations, the load and the partitions all come from that tag and generation."""
         opt = self.optimizer
@@ -473,7 +522,7 @@ class Checkpointer:
                 raise CheckpointNotFoundError(
                     errno.ENOENT, f"require=True and nothing to load: {reason.message}"
                 )
-            return None, None
+            return None, None, None
         ck = open_checkpoint(loaded.load_path, storage=self.storage)
         if pinned is not None and ck.manifest.generation != pinned.manifest.generation:
             # Generations are never reused: the same one before and after means the load read it.
@@ -523,4 +572,4 @@ class Checkpointer:
         steps = state.get(GLOBAL_STEPS)
         if isinstance(steps, int) and not isinstance(steps, bool):
             self.global_steps = steps
-        return loaded.load_path, loaded.client_state
+        return loaded.load_path, loaded.client_state, ck.manifest.generation
