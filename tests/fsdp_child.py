@@ -9,6 +9,8 @@ values, gathered here by the test, never by zckpt) and ``WORK/losses_train.pt``.
 (synchronously, and asynchronously as ``g2``); ``Partial()`` and strided ones refused.
 ``MODE`` ``row`` (3 ranks): those tensors loaded into DTensors
 sharded otherwise on a 1-D mesh, each rank's local tensor checked against the same full values.
+``MODE`` ``tied_train`` and ``tied_resume``: the same with one weight in two layers
+(``get_model_state_dict`` gives two DTensor objects over its one local memory), saved once.
 ``MODE`` ``resume``: a fresh FSDP2 model and AdamW at this world size, their state dicts made
 as a real resume makes them (``get_model_state_dict``/``get_optimizer_state_dict``), loaded in
 place with ``zckpt.load_checkpoint(into=...)``, handed back with ``set_optimizer_state_dict``;
@@ -47,11 +49,20 @@ import zckpt
 from zckpt.dist import TorchComm
 
 
-def build(ws: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(ws: int, tied: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
+    mesh = init_device_mesh("cpu", (ws,))
+    if tied:  # one weight in two layers (as tied embeddings): one FSDP group, 4 rows at 3 ranks
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 4, bias=False), torch.nn.Tanh(), torch.nn.Linear(4, 4, bias=False)
+        )
+        model[2].weight = model[0].weight
+        fully_shard(model, mesh=mesh)
+        model.set_gradient_divide_factor(1.0)
+        model.set_force_sum_reduction_for_comms(True)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
     # 5 and 7 rows: uneven Shard(0) at 2 and 3 ranks; the 3-row layer leaves a rank empty at 4.
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 7))
-    mesh = init_device_mesh("cpu", (ws,))
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -179,9 +190,10 @@ def main() -> None:
             (grid if mode == "grid" else row)(work, ws)
             dist.barrier()
             return
-        model, opt = build(ws)
-        ckpt = os.path.join(work, "ckpt")
-        if mode == "train":
+        tied = mode.startswith("tied_")
+        model, opt = build(ws, tied)
+        ckpt = os.path.join(work, "ckpt_tied" if tied else "ckpt")
+        if mode in ("train", "tied_train"):
             step(model, opt, 0)
             state = {
                 "module": get_model_state_dict(model),
@@ -197,6 +209,8 @@ def main() -> None:
             }
             got = zckpt.load_checkpoint(ckpt, into=state)
             assert got.state["module"]["0.weight"] is state["module"]["0.weight"]
+            if tied:  # both names are the one parameter again
+                assert model[0].weight is model[2].weight
             set_optimizer_state_dict(model, opt, got.state["optimizer"])
             saved = full(got.state)
             losses = [step(model, opt, 1), step(model, opt, 2)]

@@ -72,3 +72,22 @@ def test_every_placement_on_a_2d_mesh_loads_into_other_placements(tmp_path: Path
     for tag in ("g", "g2"):  # g2: saved asynchronously, the blocks zeroed meanwhile
         state = zckpt.load_checkpoint(tmp_path / "grid", tag=tag).state
         assert_states_equal(state["model"], grid_values())
+
+
+def test_tied_weights_are_saved_once_and_resume_bitwise(tmp_path: Path) -> None:
+    """``get_model_state_dict`` of an FSDP2 model with one weight in two layers gives two
+    DTensor objects over one local memory: they were saved as two tensors. Saved at 2 ranks
+    (4 rows), resumed at 3 (one rank's shard empty)."""
+    spawn(tmp_path, 2, "tied_train")
+    spawn(tmp_path, 3, "tied_resume")
+    m = zckpt.open_checkpoint(tmp_path / "ckpt_tied").manifest
+    names = [m.skeleton.name(i) for i in range(len(m.skeleton.tensors))]
+    assert "module/0.weight" in names and "module/2.weight" not in names, names
+    saved = torch.load(tmp_path / "values_tied_train.pt")
+    assert torch.equal(saved["module"]["0.weight"], saved["module"]["2.weight"])
+    assert_states_equal(torch.load(tmp_path / "values_tied_resume.pt"), saved)
+    assert torch.load(tmp_path / "losses_tied_resume.pt") == torch.load(
+        tmp_path / "losses_tied_train.pt"
+    )
+    whole = zckpt.load_checkpoint(tmp_path / "ckpt_tied").state["module"]
+    assert whole["0.weight"] is whole["2.weight"]  # tied again in a plain load

@@ -284,6 +284,32 @@ def _check_tensor(t: torch.Tensor, path: Path) -> torch.Tensor:
     return t.detach()
 
 
+def _box_alias(x: Any) -> tuple[Any, ...]:
+    """Identity of a distributed tensor (DTensor): its global layout and its local memory.
+
+    Two DTensor objects over one local memory view with the same placements on the same mesh
+    are one tensor saved once: ``get_model_state_dict`` of an FSDP2 model with tied weights
+    gives such a pair. The decision must be the same on every rank (``store/_agreement.py``
+    fails a save whose ranks' skeletons differ), so memory decides only where this rank holds
+    storage for it: FSDP2 keeps a padded storage per parameter even for an empty local shard;
+    a local tensor without storage is its own object only."""
+    local = getattr(x, "_local_tensor", None)
+    if local is None or local.untyped_storage().nbytes() == 0:
+        return ("box", id(x))
+    return (
+        "box",
+        id(x.device_mesh),
+        tuple(str(p) for p in x.placements),
+        tuple(x.shape),
+        local.device,
+        local.untyped_storage().data_ptr(),
+        local.storage_offset(),
+        tuple(local.shape),
+        tuple(local.stride()),
+        local.dtype,
+    )
+
+
 def _alias_key(t: torch.Tensor) -> tuple[Any, ...] | None:
     """Identity of a tensor's exact memory view: equal keys are the same (tied) tensor."""
     if t.numel() == 0:
@@ -333,10 +359,7 @@ def flatten(state: Any) -> tuple[Skeleton, list[torch.Tensor]]:
     def walk(x: Any, path: Path) -> Any:
         if isinstance(x, torch.Tensor):
             t = _check_tensor(x, path)
-            # A distributed tensor (DTensor) has no storage of its own, and its local memory
-            # differs by rank (empty on some): only the same object is the same leaf, so that
-            # every rank flattens the state to the same skeleton.
-            alias = ("box", id(x)) if hasattr(x, "placements") else _alias_key(t)
+            alias = _box_alias(x) if hasattr(x, "placements") else _alias_key(t)
             if alias is not None:
                 if alias in seen:  # a tied tensor: stored once, both paths point at one leaf
                     return (TENSOR, seen[alias])

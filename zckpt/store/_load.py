@@ -290,7 +290,8 @@ class _Routes:
             self.paths[path] = d
             prior = self.read.get(n[1], SKIP)
             if box is not None or n[1] in self.boxes:
-                if prior is not SKIP and prior is not d:
+                same = box is not None and _same_block(self.boxes.get(n[1]), box)
+                if prior is not SKIP and prior is not d and not same:
                     raise LoadError(
                         f"into={format_path(path)}: {skel.name(n[1])} is tied to another path "
                         "with another destination; a distributed tensor's paths must name the "
@@ -336,6 +337,18 @@ class _Routes:
             kids = (self.route(v, (*path, i)) for i, v in enumerate(body))
             return (tag, tuple((VALUE, None) if v is None else v for v in kids))
         return node
+
+
+def _same_block(a: LocalBox | None, b: LocalBox) -> bool:
+    """Two destinations of a tied distributed tensor that are one block of one memory (an
+    FSDP2 model's tied weight: two DTensor objects over its local shard): one read fills both."""
+    return (
+        a is not None
+        and a.box == b.box
+        and a.shape == b.shape
+        and _same_memory(a.data, b.data)
+        and a.data.stride() == b.data.stride()
+    )
 
 
 def _same_memory(a: torch.Tensor, b: Any) -> bool:
