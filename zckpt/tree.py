@@ -296,24 +296,17 @@ def _box_alias(x: Any) -> tuple[Any, ...]:
     local = getattr(x, "_local_tensor", None)
     if local is None or local.untyped_storage().nbytes() == 0:
         return ("box", id(x))
-    return (
-        "box",
-        id(x.device_mesh),
-        tuple(str(p) for p in x.placements),
-        tuple(x.shape),
-        local.device,
-        local.untyped_storage().data_ptr(),
-        local.storage_offset(),
-        tuple(local.shape),
-        tuple(local.stride()),
-        local.dtype,
-    )
+    layout = (id(x.device_mesh), tuple(str(p) for p in x.placements), tuple(x.shape))
+    return ("box", *layout, *_view_key(local))
 
 
 def _alias_key(t: torch.Tensor) -> tuple[Any, ...] | None:
     """Identity of a tensor's exact memory view: equal keys are the same (tied) tensor."""
-    if t.numel() == 0:
-        return None
+    return None if t.numel() == 0 else _view_key(t)
+
+
+def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """A memory view's place: device, storage, offset, shape, strides and dtype."""
     return (
         t.device,
         t.untyped_storage().data_ptr(),
