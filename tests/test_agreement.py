@@ -20,6 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import zckpt
+from zckpt.store import AsyncSaver
 from zckpt.store._agreement import first_difference, structure
 from zckpt.testing import assert_states_equal, run_ranks
 from zckpt.tree import flatten
@@ -228,3 +229,24 @@ def test_ranks_that_loaded_different_checkpoints_all_raise(tmp_path: Path) -> No
     got = run_ranks(failing, 3)  # no rank waits for the one that failed
     assert all(isinstance(e, zckpt.LoadError) for e in got), got
     assert "rank 1: LoadError: rank 1's disk" in str(got[0]) and str(got[1]) == "rank 1's disk"
+
+
+def test_an_asynchronous_save_fails_the_same_way(tmp_path: Path) -> None:
+    """The check runs in the save's second half, which an asynchronous save runs in its
+    background thread: ``wait()`` raises it on every rank."""
+    zckpt.save_checkpoint(tmp_path, _state(1), zckpt.ZeroSpec(1, 3), tag="good")
+
+    def rank(comm: Any) -> Any:
+        state = _mutate(_state(2), "shape") if comm.rank == 1 else _state(2)
+        pending = zckpt.save_checkpoint(
+            tmp_path, state, zckpt.ZeroSpec(2, 3), comm=comm, tag="bad", async_=AsyncSaver()
+        )
+        try:
+            return pending.wait(timeout=60)
+        except zckpt.ZckptError as e:
+            return e
+
+    got = run_ranks(rank, 2)
+    assert all(isinstance(e, zckpt.SaveError) for e in got), got
+    assert all("tensor 'module/b' is float32 (4,) on rank 0" in str(e) for e in got), got
+    assert [c.tag for c in zckpt.list_tags(tmp_path)] == ["good"]
