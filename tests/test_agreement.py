@@ -250,3 +250,46 @@ def test_an_asynchronous_save_fails_the_same_way(tmp_path: Path) -> None:
     assert all(isinstance(e, zckpt.SaveError) for e in got), got
     assert all("tensor 'module/b' is float32 (4,) on rank 0" in str(e) for e in got), got
     assert [c.tag for c in zckpt.list_tags(tmp_path)] == ["good"]
+
+
+def _save_to(dirs: list[str], tag: str = "t") -> list[Any]:
+    def rank(comm: Any) -> Any:
+        try:
+            return zckpt.save_checkpoint(
+                dirs[comm.rank], _state(2), zckpt.ZeroSpec(len(dirs), 3), comm=comm, tag=tag
+            )
+        except zckpt.ZckptError as e:
+            return e
+
+    return run_ranks(rank, len(dirs))
+
+
+def test_a_rank_that_saved_elsewhere_fails_the_save(tmp_path: Path) -> None:
+    """Rank 1 wrote its blob under its own directory (a rank-dependent path, or a node-local
+    disk at the same path): rank 0 committed a manifest naming a file no load could find."""
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    zckpt.save_checkpoint(shared, _state(1), zckpt.ZeroSpec(1, 3), tag="good")
+    (own / "t").mkdir(parents=True)  # rank 1's write finds its directory
+    got = _save_to([str(shared), str(own)])
+    assert all(isinstance(e, zckpt.SaveError) for e in got), got
+    assert all("rank 1's file" in str(e) and "is not there as rank 0 lists" in str(e) for e in got)
+    assert [c.tag for c in zckpt.list_tags(shared)] == ["good"]
+    assert not (shared / "t").exists()
+    assert_states_equal(zckpt.load_checkpoint(shared, world_size=1).state, _state(1))
+
+
+def test_one_shared_directory_by_two_paths_is_one_directory(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    got = _save_to([str(tmp_path / "real"), str(tmp_path / "link")])
+    assert not any(isinstance(e, Exception) for e in got), got
+    assert_states_equal(zckpt.load_checkpoint(tmp_path / "real", world_size=1).state, _state(2))
+
+
+def test_ranks_that_name_other_urls_fail_the_save() -> None:
+    base = f"memory://agree-urls-{os.getpid()}"
+    zckpt.save_checkpoint(f"{base}/a", _state(1), zckpt.ZeroSpec(1, 3), tag="good")
+    got = _save_to([f"{base}/a", f"{base}/b"])
+    assert all(isinstance(e, zckpt.SaveError) for e in got), got
+    assert all("saved to different places: rank 0 wrote to" in str(e) for e in got), got
+    assert [c.tag for c in zckpt.list_tags(f"{base}/a")] == ["good"]

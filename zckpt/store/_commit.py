@@ -98,6 +98,9 @@ def _write_and_commit(p: PreparedSave) -> Saved:
             "errors": {str(k): v for k, v in errors.items()},
             "tensors": digest,
             "spec": None if p.skeleton is None else p.spec.to_dict(),
+            # where this rank wrote, compared on object stores (a local path may name one
+            # shared directory by several paths: rank 0 lists it instead, in _commit)
+            "dir": None if isinstance(p.storage, LocalStorage) else p.tag_dir,
         }
     )
     failed = {int(k): v for r in reports for k, v in r["errors"].items()}
@@ -128,8 +131,14 @@ def _check_agreement(p: PreparedSave, reports: list[dict[str, Any]]) -> None:
     rank takes the same branch; naming the tensor that differs takes one more exchange."""
     specs = [r["spec"] for r in reports]
     digests = [r["tensors"] for r in reports]
+    dirs = [r["dir"] for r in reports]
     what = spec_difference(specs)
-    if what is not None:
+    if len(set(dirs) - {None}) > 1:
+        odd = _odd(dirs)
+        first = next(r for r, d in enumerate(dirs) if d is not None)
+        what = f"rank {first} wrote to {dirs[first]}, rank {odd[0]} to {dirs[odd[0]]}"
+        why = f"the ranks saved to different places: {what}; every rank must pass the same save_dir"
+    elif what is not None:
         why = (
             f"the ranks were given different specs: {what}; every rank must pass the same ZeroSpec"
         )
@@ -158,6 +167,25 @@ def _odd(values: list[Any]) -> list[int]:
     """The ranks whose value is not the lowest given rank's (None: a rank that wrote nothing)."""
     base = next(v for v in values if v is not None)
     return [r for r, v in enumerate(values) if v is not None and v != base]
+
+
+def _not_seen(storage: Storage, tag_dir: str, files: list[FileRecord]) -> str | None:
+    """Why rank 0 cannot commit ``files``: some are not in ``tag_dir`` as rank 0 lists it (a
+    rank that saved to a directory of its own, or to a disk the other nodes do not share:
+    the manifest would name files no load finds); None when every one is there. One listing
+    (on an object store, a request per thousand objects)."""
+    there = set(storage.listdir(tag_dir))
+    gone = [f for f in files if f.name not in there]
+    if not gone:
+        return None
+    f = gone[0]
+    who = "the client state's file" if f.rank < 0 else f"rank {f.rank}'s file"
+    return (
+        f"{tag_dir}: {who} {f.name} is not there as rank 0 lists the directory ({len(gone)} "
+        f"of the {len(files)} files written are missing): every rank must save to one "
+        "directory that all of them share (one shared filesystem, or an object store); "
+        "nothing was committed"
+    )
 
 
 def _discard(p: PreparedSave) -> None:
@@ -209,6 +237,15 @@ def _commit(p: PreparedSave, reports: list[dict[str, Any]]) -> dict[str, Any]:
         except FormatError as e:
             _discard(p)
             return {"error": f"{e}; nothing was committed", "committed": False}
+    # On a local filesystem rank 0 lists the directory (another node's disk is not this one);
+    # on an object store a URL names one place for every rank (their tag_dirs were compared).
+    local = isinstance(storage, LocalStorage)
+    missing = (
+        _not_seen(storage, tag_dir, [*files, *([client] if client else [])]) if local else None
+    )
+    if missing:
+        _discard(p)
+        return {"error": missing, "committed": False}
     with contextlib.ExitStack() as held:
         beside: list[threading.Thread] = []
         held.callback(_join, beside)  # runs last: after the dir lock's release
