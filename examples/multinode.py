@@ -128,7 +128,7 @@ def store_watch(argv: Sequence[str]) -> int:
     """Answer the orchestrator's questions about the store, on stdin/stdout.
 
     Each ``check TAG`` line read is answered with ``state TAG {"blobs": [...], "world_size": N,
-    "committed": bool, "locked": bool, "latest": bool}`` (one listing of the prefix); ``done``
+    "committed": bool, "latest": bool}`` (one listing of the prefix); ``done``
     or the end of stdin ends it. Run in the store's namespace, so a look costs one request on
     the bridge and no process start."""
     endpoint, prefix = argv
@@ -145,7 +145,6 @@ def store_watch(argv: Sequence[str]) -> int:
             "blobs": blobs,
             "world_size": ws,
             "committed": MANIFEST in mine,
-            "locked": f".{tag}.zckpt-lock" in root,
             "latest": "latest" in root,
         }
         print("state", tag, json.dumps(state), flush=True)

@@ -23,15 +23,26 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgpack
 import xxhash
 
 from zckpt.tree import Skeleton
 
-__all__ = ["first_difference", "spec_difference", "structure", "structure_digest"]
+if TYPE_CHECKING:
+    from zckpt.spec import ZeroSpec
+
+__all__ = [
+    "Disagreement",
+    "disagreement",
+    "first_difference",
+    "report",
+    "spec_difference",
+    "structure",
+    "structure_digest",
+]
 
 Structure = list[tuple[str, str, tuple[int, ...]]]
 
@@ -52,7 +63,9 @@ def structure(skeleton: Skeleton) -> Structure:
 
 
 def structure_digest(skeleton: Skeleton) -> int:
-    """An xxh3_64 of :func:`structure`: equal on two ranks when their tensors agree.
+    """An xxh3_64 of every tensor leaf's path, dtype and shape: equal on two ranks when their
+    tensors agree. Of the raw paths, not the names :func:`structure` formats (a tenth of the
+    time on a skeleton of 46,080 tensors: 16 ms), so it can only be stricter than the names.
 
     Example:
         >>> import torch
@@ -63,12 +76,98 @@ def structure_digest(skeleton: Skeleton) -> int:
         >>> d(flatten({"w": torch.zeros(2)})[0]) == d(flatten({"v": torch.zeros(2)})[0])
         False
     """
-    packed = msgpack.packb([[n, d, list(s)] for n, d, s in structure(skeleton)])
+    metas = skeleton.tensors
+    packed = msgpack.packb(
+        [skeleton.paths, [m.dtype_name for m in metas], [m.shape for m in metas]],
+        use_bin_type=True,
+    )
     return int(xxhash.xxh3_64_intdigest(packed))
 
 
 def _show(entry: tuple[str, str, Sequence[int]]) -> str:
     return f"{entry[1]} {tuple(entry[2])}"
+
+
+def _given(values: Sequence[Any]) -> list[tuple[int, Any]]:
+    """``(rank, value)`` of the ranks that gave one (None: a rank that wrote nothing)."""
+    return [(r, v) for r, v in enumerate(values) if v is not None]
+
+
+def _odd(values: Sequence[Any]) -> list[int]:
+    """The ranks whose value is not the lowest given rank's."""
+    given = _given(values)
+    return [r for r, v in given if v != given[0][1]]
+
+
+def report(skeleton: Skeleton | None, spec: ZeroSpec, where: str | None) -> dict[str, Any]:
+    """This rank's part of a save's report that the ranks compare: a digest of its tensors,
+    its spec (both None for a rank that wrote nothing), and ``where`` it wrote (None where
+    paths are not compared: a local filesystem, on which rank 0 lists the tag directory).
+
+    Example:
+        >>> import torch, zckpt
+        >>> from zckpt.tree import flatten
+        >>> r = report(flatten({"w": torch.zeros(2)})[0], zckpt.ZeroSpec(2, 3), None)
+        >>> sorted(r), r["spec"]["stage"]
+        (['dir', 'spec', 'tensors'], 3)
+    """
+    return {
+        "tensors": None if skeleton is None else structure_digest(skeleton),
+        "spec": None if skeleton is None else spec.to_dict(),
+        "dir": where,
+    }
+
+
+class Disagreement(NamedTuple):
+    """Why a save is void (``why``), what differs (``what``, each odd rank's error text) and
+    the ranks that differ from the lowest one (``odd``)."""
+
+    why: str
+    what: str
+    odd: list[int]
+
+
+def disagreement(
+    reports: Sequence[dict[str, Any]], structures: Callable[[], Sequence[Structure | None]]
+) -> Disagreement | None:
+    """Why the ranks' :func:`report` values make the save void; None when they agree.
+    ``structures`` gathers every rank's :func:`structure` (an exchange, asked for only when
+    the digests differ). Every rank sees every report, so every rank reaches the same answer.
+
+    Example:
+        >>> a = {"tensors": 1, "spec": {"stage": 3}, "dir": None}
+        >>> disagreement([a, a], list) is None
+        True
+        >>> disagreement([a, dict(a, spec={"stage": 2})], list).odd
+        [1]
+    """
+    dirs = [r["dir"] for r in reports]
+    specs = [r["spec"] for r in reports]
+    digests = [r["tensors"] for r in reports]
+    if len(set(dirs) - {None}) > 1:
+        odd = _odd(dirs)
+        first = _given(dirs)[0][0]
+        what = f"rank {first} wrote to {dirs[first]}, rank {odd[0]} to {dirs[odd[0]]}"
+        why = f"the ranks saved to different places: {what}; every rank must pass the same save_dir"
+        return Disagreement(why, what, odd)
+    spec = spec_difference(specs)
+    if spec is not None:
+        why = (
+            f"the ranks were given different specs: {spec}; every rank must pass the same ZeroSpec"
+        )
+        return Disagreement(why, spec, _odd(specs))
+    if len(set(digests) - {None}) > 1:
+        what = first_difference(structures()) or "their tensors differ"
+        odd = _odd(digests)
+        ranks = ", ".join(map(str, odd[:8])) + (f" and {len(odd) - 8} more" if len(odd) > 8 else "")
+        who = f"ranks {ranks} differ" if len(odd) > 1 else f"rank {ranks} differs"
+        why = (
+            f"the ranks were given states with different tensors ({who} from rank "
+            f"{_given(digests)[0][0]}): {what}; every rank must save the same state structure "
+            "(its own shard of it)"
+        )
+        return Disagreement(why, what, odd)
+    return None
 
 
 def first_difference(structures: Sequence[Structure | None]) -> str | None:
@@ -82,7 +181,7 @@ def first_difference(structures: Sequence[Structure | None]) -> str | None:
         >>> first_difference([[w], [w, x]])
         "rank 1 has tensor 'x' (int64 ()), which rank 0 does not"
     """
-    given = [(r, s) for r, s in enumerate(structures) if s is not None]
+    given = _given(structures)
     if not given:
         return None
     r0, base = given[0]
@@ -116,7 +215,7 @@ def spec_difference(specs: Sequence[dict[str, Any] | None]) -> str | None:
         >>> spec_difference([a, None, a]) is None
         True
     """
-    given = [(r, s) for r, s in enumerate(specs) if s is not None]
+    given = _given(specs)
     for r, s in given[1:]:
         r0, base = given[0]
         for key in sorted(set(base) | set(s)):

@@ -17,12 +17,7 @@ from typing import Any
 
 import zckpt
 from zckpt.errors import FormatError, ZckptError
-from zckpt.store._agreement import (
-    first_difference,
-    spec_difference,
-    structure,
-    structure_digest,
-)
+from zckpt.store._agreement import disagreement, report, structure
 from zckpt.store._blobs import client_shard, plan_for, split_experts, write_blob
 from zckpt.store._layout import (
     MANIFEST,
@@ -91,16 +86,14 @@ def _write_and_commit(p: PreparedSave) -> Saved:
             records.append(rec.to_obj())
     except Exception as e:  # reported to every rank below, then raised as a SaveError
         errors[failing_rank], first_error = _failure_text(e), e
-    digest = None if p.skeleton is None else structure_digest(p.skeleton)
+    # where this rank wrote, compared on object stores (a local path may name one shared
+    # directory by several paths: rank 0 lists it instead, in _commit)
+    where = None if isinstance(storage, LocalStorage) else tag_dir
     reports = comm.all_gather(
         {
             "records": records,
             "errors": {str(k): v for k, v in errors.items()},
-            "tensors": digest,
-            "spec": None if p.skeleton is None else p.spec.to_dict(),
-            # where this rank wrote, compared on object stores (a local path may name one
-            # shared directory by several paths: rank 0 lists it instead, in _commit)
-            "dir": None if isinstance(p.storage, LocalStorage) else p.tag_dir,
+            **report(p.skeleton, p.spec, where),
         }
     )
     failed = {int(k): v for r in reports for k, v in r["errors"].items()}
@@ -127,46 +120,20 @@ def _write_and_commit(p: PreparedSave) -> Saved:
 
 def _check_agreement(p: PreparedSave, reports: list[dict[str, Any]]) -> None:
     """Raise a SaveError on every rank (rank 0 discarding the generation's files) when the
-    ranks' specs or tensors differ (``_agreement.py``). Every rank sees every report, so every
-    rank takes the same branch; naming the tensor that differs takes one more exchange."""
-    specs = [r["spec"] for r in reports]
-    digests = [r["tensors"] for r in reports]
-    dirs = [r["dir"] for r in reports]
-    what = spec_difference(specs)
-    if len(set(dirs) - {None}) > 1:
-        odd = _odd(dirs)
-        first = next(r for r, d in enumerate(dirs) if d is not None)
-        what = f"rank {first} wrote to {dirs[first]}, rank {odd[0]} to {dirs[odd[0]]}"
-        why = f"the ranks saved to different places: {what}; every rank must pass the same save_dir"
-    elif what is not None:
-        why = (
-            f"the ranks were given different specs: {what}; every rank must pass the same ZeroSpec"
-        )
-        odd = _odd(specs)
-    elif len(set(digests) - {None}) > 1:
-        mine = None if p.skeleton is None else structure(p.skeleton)
-        what = first_difference(p.comm.all_gather(mine)) or "their tensors differ"
-        odd = _odd(digests)
-        ranks = ", ".join(map(str, odd[:8])) + (f" and {len(odd) - 8} more" if len(odd) > 8 else "")
-        who = f"ranks {ranks} differ" if len(odd) > 1 else f"rank {ranks} differs"
-        base = next(r for r, d in enumerate(digests) if d is not None)
-        why = (
-            f"the ranks were given states with different tensors ({who} from rank {base}): "
-            f"{what}; every rank must save the same state structure (its own shard of it)"
-        )
-    else:
+    ranks' places, specs or tensors differ (``_agreement.py``)."""
+
+    def structures() -> list[Any]:  # only when the digests differ: names are not free
+        return p.comm.all_gather(None if p.skeleton is None else structure(p.skeleton))
+
+    found = disagreement(reports, structures)
+    if found is None:
         return
     if p.comm.rank == 0:
         _discard(p)
     raise SaveError(
-        f"saving {p.tag_dir} failed, nothing was committed: {why}", dict.fromkeys(odd, what)
+        f"saving {p.tag_dir} failed, nothing was committed: {found.why}",
+        dict.fromkeys(found.odd, found.what),
     )
-
-
-def _odd(values: list[Any]) -> list[int]:
-    """The ranks whose value is not the lowest given rank's (None: a rank that wrote nothing)."""
-    base = next(v for v in values if v is not None)
-    return [r for r, v in enumerate(values) if v is not None and v != base]
 
 
 def _not_seen(storage: Storage, tag_dir: str, files: list[FileRecord]) -> str | None:
